@@ -1,0 +1,441 @@
+//! The queue engine: named queues of tasks, leases with one timer for all of
+//! them, results, and the calls waiting for either.
+//!
+//! This module knows nothing of gRPC, protobuf or sockets (a test in
+//! `tests/architecture.rs` keeps it so): it speaks in [`NewTask`],
+//! [`LeasedTask`], [`TaskResult`] and [`BrokerError`], so that another front
+//! end or a durable store can be put behind the same API.
+//!
+//! Invariants:
+//! - Every held task is in exactly one state: pending (once in its queue's
+//!   line), leased (to exactly one lease), or finished (with a result).
+//! - All state sits behind one `std::sync::Mutex`, held only for short,
+//!   synchronous sections. No change spans an `.await`, so a call that is
+//!   cancelled at any point leaves the broker consistent.
+//! - A task handed to a waiting call is leased inside the lock; if that call
+//!   is gone, the task goes back to the head of its queue at once.
+//! - Lease and ttl deadlines live in one heap driven by one background task;
+//!   time is `tokio::time::Instant` (monotonic, and pausable in tests).
+
+mod error;
+mod state;
+#[cfg(test)]
+mod tests;
+mod types;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Notify, oneshot, watch};
+use tokio::time::Instant;
+
+pub use error::BrokerError;
+pub use state::{MAX_ATTEMPTS_LIMIT, MAX_HEADER_BYTES, MAX_HEADERS, MAX_IDEMPOTENCY_KEY};
+pub use types::{
+    DEFAULT_QUEUE, Held, LeaseId, LeaseRequest, LeasedTask, NewTask, Outcome, PutOutcome,
+    QueueName, QueueStats, Stats, TaskId, TaskResult, TaskState, WorkerId, WorkerInfo,
+};
+
+use state::{PutRefused, State};
+
+/// Limits and defaults of a broker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerConfig {
+    /// Most unfinished (pending and leased) tasks per queue.
+    pub queue_capacity: usize,
+    /// Largest payload, in bytes.
+    pub max_payload: usize,
+    /// Largest result output or failure message, in bytes.
+    pub max_result: usize,
+    /// Lease length when a request gives none.
+    pub default_lease: Duration,
+    /// Longest lease or extension granted.
+    pub max_lease: Duration,
+    /// Deliveries allowed when a task asks for 0.
+    pub default_max_attempts: u32,
+    /// How long finished results are held.
+    pub result_ttl: Duration,
+    /// Most finished results held; beyond it the oldest are dropped.
+    pub max_results: usize,
+    /// Silence after which a worker is reported not alive.
+    pub worker_timeout: Duration,
+    /// Most queues.
+    pub max_queues: usize,
+    /// Most calls waiting at once (for tasks or results).
+    pub max_waiters: usize,
+    /// Most workers tracked; silent idle ones are forgotten first.
+    pub max_workers: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 100_000,
+            max_payload: 4 * 1024 * 1024,
+            max_result: 4 * 1024 * 1024,
+            default_lease: Duration::from_secs(30),
+            max_lease: Duration::from_secs(3600),
+            default_max_attempts: 3,
+            result_ttl: Duration::from_secs(3600),
+            max_results: 100_000,
+            worker_timeout: Duration::from_secs(60),
+            max_queues: 10_000,
+            max_waiters: 100_000,
+            max_workers: 10_000,
+        }
+    }
+}
+
+/// A handle to the queue engine. Cheap to clone; all clones share one state.
+///
+/// Must be made inside a Tokio runtime: it starts one background task that
+/// fires lease and ttl deadlines. That task stops when the last handle is
+/// dropped.
+#[derive(Clone, Debug)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// A std mutex: no critical section awaits, and each is short.
+    state: Mutex<State>,
+    timer_wake: Arc<Notify>,
+    closed: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State").finish_non_exhaustive()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Lets the timer task see that the broker is gone and stop.
+        self.timer_wake.notify_one();
+    }
+}
+
+impl Broker {
+    /// Makes a broker and starts its timer task.
+    pub fn new(config: BrokerConfig) -> Self {
+        let timer_wake = Arc::new(Notify::new());
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State::new(config, timer_wake.clone())),
+            timer_wake: timer_wake.clone(),
+            closed: watch::Sender::new(false),
+        });
+        tokio::spawn(run_timer(Arc::downgrade(&inner), timer_wake));
+        Self { inner }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock would be a bug; the state is still
+        // the best there is, so keep serving rather than cascade the panic.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Stores a task, waiting up to `wait` for room while its queue is full.
+    ///
+    /// # Errors
+    /// Invalid input ([`BrokerError::InvalidQueueName`],
+    /// [`BrokerError::PayloadTooLarge`], [`BrokerError::InvalidArgument`]);
+    /// [`BrokerError::QueueFull`] when no room came in time;
+    /// [`BrokerError::LimitReached`] when a new queue would pass the limit;
+    /// [`BrokerError::ShuttingDown`] after [`Broker::close`].
+    pub async fn put(&self, mut task: NewTask, wait: Duration) -> Result<PutOutcome, BrokerError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let room = {
+                let mut state = self.state();
+                let now = Instant::now();
+                let room = match state.put(task, now) {
+                    Ok(outcome) => return Ok(outcome),
+                    Err(PutRefused::Error(error)) => return Err(error),
+                    Err(PutRefused::Full { error, .. }) if now >= deadline => return Err(error),
+                    Err(PutRefused::Full { task: back, room, .. }) => {
+                        task = back;
+                        room
+                    }
+                };
+                // Registered before the lock is released, so a task that
+                // finishes in between still wakes this call.
+                let mut notified = Box::pin(room.notified_owned());
+                notified.as_mut().enable();
+                notified
+            };
+            let _ = tokio::time::timeout_at(deadline, room).await;
+        }
+    }
+
+    /// Leases the oldest pending task of a queue, waiting up to `wait` for
+    /// one. `Ok(None)` means the wait ended with no task.
+    ///
+    /// If the returned future is dropped while waiting, it takes no task: a
+    /// task already handed to it goes back to the head of the queue.
+    ///
+    /// # Errors
+    /// [`BrokerError::LimitReached`] when too many calls wait already, or a
+    /// new queue would pass the queue limit.
+    pub async fn lease(
+        &self,
+        request: LeaseRequest,
+        wait: Duration,
+    ) -> Result<Option<LeasedTask>, BrokerError> {
+        let (tx, rx) = oneshot::channel();
+        let waiter = {
+            let mut state = self.state();
+            let now = Instant::now();
+            if let Some(task) =
+                state.lease_now(&request.queue, &request.worker, request.lease, now)?
+            {
+                return Ok(Some(task));
+            }
+            if state.is_closed() || wait.is_zero() {
+                return Ok(None);
+            }
+            state.add_task_waiter(&request.queue, request.worker, request.lease, tx)?
+        };
+        let mut guard = TaskWait {
+            broker: self,
+            queue: request.queue,
+            waiter,
+            rx,
+        };
+        if let Some(task) = self.wait(&mut guard.rx, wait).await {
+            return Ok(Some(task));
+        }
+        // The wait ended; a task handed over at the last instant is kept
+        // rather than given back.
+        Ok(guard.rx.try_recv().ok())
+    }
+
+    /// Waits for a value on `rx` until `wait` passes or the broker closes.
+    async fn wait<T>(&self, rx: &mut oneshot::Receiver<T>, wait: Duration) -> Option<T> {
+        let mut closed = self.inner.closed.subscribe();
+        tokio::select! {
+            value = rx => value.ok(),
+            () = tokio::time::sleep(wait) => None,
+            _ = closed.wait_for(|closed| *closed) => None,
+        }
+    }
+
+    /// Moves the expiry of the current lease of a task to now + `extend_by`
+    /// (`None`: the default lease), clamped to the maximum lease.
+    ///
+    /// # Errors
+    /// [`BrokerError::TaskNotFound`], [`BrokerError::TaskFinished`], or
+    /// [`BrokerError::StaleLease`] when `lease` is not the current lease.
+    pub fn extend(
+        &self,
+        lease: LeaseId,
+        extend_by: Option<Duration>,
+    ) -> Result<SystemTime, BrokerError> {
+        self.state().extend(lease, extend_by, Instant::now())
+    }
+
+    /// Records the outcome reported under `lease` and returns the task's
+    /// state afterwards.
+    ///
+    /// A success from any lease of the task is accepted (the first result
+    /// wins). A failure needs the current lease; with `retry` and attempts
+    /// left, the task goes back to the head of its queue. Repeating the
+    /// call that set the result returns its state again.
+    ///
+    /// # Errors
+    /// [`BrokerError::TaskNotFound`]; [`BrokerError::StaleLease`] for a
+    /// failure from a lease that is not current; [`BrokerError::ResultConflict`]
+    /// when the task already has a different result;
+    /// [`BrokerError::ResultTooLarge`].
+    pub fn complete(&self, lease: LeaseId, outcome: Outcome) -> Result<TaskState, BrokerError> {
+        self.state().complete(lease, outcome, Instant::now())
+    }
+
+    /// The result of a task, waiting up to `wait` while it is unfinished.
+    /// Not consumed: asking again gives the same result.
+    ///
+    /// # Errors
+    /// [`BrokerError::TaskNotFound`] for a task never stored or whose result
+    /// is no longer held.
+    pub async fn result(
+        &self,
+        task: TaskId,
+        wait: Duration,
+    ) -> Result<Option<TaskResult>, BrokerError> {
+        let (tx, rx) = oneshot::channel();
+        let waiter = {
+            let mut state = self.state();
+            if let Some(result) = state.result_of(task)? {
+                return Ok(Some(result));
+            }
+            if state.is_closed() || wait.is_zero() {
+                return Ok(None);
+            }
+            state.add_result_waiter(task, tx)?
+        };
+        let mut guard = ResultWait {
+            broker: self,
+            task,
+            waiter,
+            rx,
+        };
+        if let Some(result) = self.wait(&mut guard.rx, wait).await {
+            return Ok(Some(result));
+        }
+        Ok(guard.rx.try_recv().ok())
+    }
+
+    /// The next result of a queue in completion order, waiting up to `wait`
+    /// for one. Each result is handed out once; if the returned future is
+    /// dropped while waiting, a result handed to it goes back to the head.
+    ///
+    /// # Errors
+    /// [`BrokerError::LimitReached`] when too many calls wait already.
+    pub async fn next_result(
+        &self,
+        queue: QueueName,
+        wait: Duration,
+    ) -> Result<Option<TaskResult>, BrokerError> {
+        let (tx, rx) = oneshot::channel();
+        let waiter = {
+            let mut state = self.state();
+            if let Some(result) = state.next_result(&queue)? {
+                return Ok(Some(result));
+            }
+            if state.is_closed() || wait.is_zero() {
+                return Ok(None);
+            }
+            state.add_queue_result_waiter(&queue, tx)?
+        };
+        let mut guard = QueueResultWait {
+            broker: self,
+            queue,
+            waiter,
+            rx,
+        };
+        if let Some(result) = self.wait(&mut guard.rx, wait).await {
+            return Ok(Some(result));
+        }
+        Ok(guard.rx.try_recv().ok())
+    }
+
+    /// Counters of one queue (or all) and the known workers.
+    pub fn stats(&self, queue: Option<&QueueName>) -> Stats {
+        self.state().stats(queue, Instant::now())
+    }
+
+    /// How many unfinished tasks and results are held.
+    pub fn held(&self) -> Held {
+        self.state().held()
+    }
+
+    /// Starts draining: calls waiting for tasks, results or room are
+    /// answered at once, and no new waits begin. Reports still go in.
+    pub fn close(&self) {
+        let rooms = self.state().close();
+        self.inner.closed.send_replace(true);
+        for room in rooms {
+            room.notify_waiters();
+        }
+    }
+
+    /// A future that resolves once [`Broker::close`] has been called.
+    pub fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut closed = self.inner.closed.subscribe();
+        async move {
+            let _ = closed.wait_for(|closed| *closed).await;
+        }
+    }
+
+    #[cfg(test)]
+    fn check(&self) {
+        if let Err(problem) = self.state().check_consistency() {
+            panic!("broker inconsistent: {problem}");
+        }
+    }
+}
+
+/// A waiting `lease` call. Dropped with a task in hand (the call is gone),
+/// it gives the task back.
+struct TaskWait<'a> {
+    broker: &'a Broker,
+    queue: QueueName,
+    waiter: u64,
+    rx: oneshot::Receiver<LeasedTask>,
+}
+
+impl Drop for TaskWait<'_> {
+    fn drop(&mut self) {
+        // Closed first, so no task can arrive after the check below.
+        self.rx.close();
+        let mut state = self.broker.state();
+        state.remove_task_waiter(&self.queue, self.waiter);
+        if let Ok(task) = self.rx.try_recv() {
+            state.undo_lease(task.lease_id, Instant::now());
+        }
+    }
+}
+
+/// A waiting `result` call.
+struct ResultWait<'a> {
+    broker: &'a Broker,
+    task: TaskId,
+    waiter: u64,
+    rx: oneshot::Receiver<TaskResult>,
+}
+
+impl Drop for ResultWait<'_> {
+    fn drop(&mut self) {
+        self.broker
+            .state()
+            .remove_result_waiter(self.task, self.waiter);
+    }
+}
+
+/// A waiting `next_result` call. Dropped with a result in hand, it puts
+/// the result back at the head of the queue's results.
+struct QueueResultWait<'a> {
+    broker: &'a Broker,
+    queue: QueueName,
+    waiter: u64,
+    rx: oneshot::Receiver<TaskResult>,
+}
+
+impl Drop for QueueResultWait<'_> {
+    fn drop(&mut self) {
+        self.rx.close();
+        let mut state = self.broker.state();
+        state.remove_queue_result_waiter(&self.queue, self.waiter);
+        if let Ok(result) = self.rx.try_recv() {
+            state.unclaim(&result);
+        }
+    }
+}
+
+/// Fires lease and ttl deadlines and result retention, sleeping until the
+/// earliest one. One task for all deadlines: nothing runs per idle task.
+async fn run_timer(inner: Weak<Inner>, wake: Arc<Notify>) {
+    loop {
+        let next = {
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            let mut state = inner.state.lock().unwrap_or_else(PoisonError::into_inner);
+            state.fire_due(Instant::now())
+        };
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at) => {}
+                    () = wake.notified() => {}
+                }
+            }
+            None => wake.notified().await,
+        }
+    }
+}

@@ -1,0 +1,1127 @@
+//! The broker's state and every change to it. Everything here is synchronous
+//! and runs under the broker's one lock, so each change is whole: no change
+//! spans an `.await`, and a cancelled call leaves nothing half done.
+
+use std::cmp::Reverse;
+use std::collections::hash_map::Entry;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
+
+use super::{
+    BrokerConfig, BrokerError, Held, LeaseId, LeasedTask, NewTask, Outcome, PutOutcome,
+    QueueName, QueueStats, Stats, TaskId, TaskResult, TaskState, WorkerId, WorkerInfo,
+};
+
+/// Most headers a task may carry.
+pub const MAX_HEADERS: usize = 64;
+/// Most bytes of header keys and values a task may carry.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 256;
+/// Most deliveries a task may ask for.
+pub const MAX_ATTEMPTS_LIMIT: u32 = 1000;
+/// Pending tasks looked at from the head of a queue for `oldest_pending_age`.
+const OLDEST_SCAN: usize = 64;
+
+/// Turns the monotonic clock that times leases into wall-clock timestamps
+/// for clients. Lease timing never reads the wall clock.
+#[derive(Clone, Copy, Debug)]
+struct Clock {
+    instant: Instant,
+    system: SystemTime,
+}
+
+impl Clock {
+    fn now() -> Self {
+        Self {
+            instant: Instant::now(),
+            system: SystemTime::now(),
+        }
+    }
+
+    fn wall(&self, at: Instant) -> SystemTime {
+        match at.checked_duration_since(self.instant) {
+            Some(after) => self.system + after,
+            None => self.system - (self.instant - at),
+        }
+    }
+}
+
+/// A GetTask call waiting for a task.
+pub(super) struct TaskWaiter {
+    pub id: u64,
+    pub worker: WorkerId,
+    pub lease: Duration,
+    pub tx: oneshot::Sender<LeasedTask>,
+}
+
+/// A GetResult call waiting for a result.
+pub(super) struct ResultWaiter {
+    pub id: u64,
+    pub tx: oneshot::Sender<TaskResult>,
+}
+
+#[derive(Default)]
+struct QueueState {
+    /// Tasks in hand-out order. Entries of tasks that are no longer pending
+    /// (finished while waiting, say by ttl) are skipped when popped.
+    ready: VecDeque<TaskId>,
+    pending: u64,
+    leased: u64,
+    succeeded: u64,
+    failed: u64,
+    redelivered: u64,
+    results_evicted: u64,
+    task_waiters: VecDeque<TaskWaiter>,
+    result_waiters: VecDeque<ResultWaiter>,
+    /// Finished tasks whose result GetResult(queue) has not handed out, in
+    /// completion order. Entries of evicted results are skipped.
+    unclaimed: VecDeque<TaskId>,
+    results_unclaimed: u64,
+    idempotency: HashMap<String, TaskId>,
+    /// Woken whenever an unfinished task of this queue finishes.
+    room: Arc<Notify>,
+}
+
+impl QueueState {
+    fn unfinished(&self) -> u64 {
+        self.pending + self.leased
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Lease {
+    seq: u32,
+    expires_at: Instant,
+    worker: WorkerId,
+}
+
+#[derive(Debug)]
+struct Finished {
+    result: TaskResult,
+    /// The lease whose report finished the task; 0 when the server did.
+    by_lease: u32,
+    /// The report, to tell a repeated call from a different one.
+    outcome: Option<Outcome>,
+}
+
+#[derive(Debug)]
+enum Status {
+    Pending,
+    Leased(Lease),
+    Finished(Box<Finished>),
+}
+
+struct TaskEntry {
+    queue: QueueName,
+    payload: Bytes,
+    headers: HashMap<String, String>,
+    idempotency_key: Option<String>,
+    max_attempts: u32,
+    attempt: u32,
+    lease_seq: u32,
+    created_at: Instant,
+    expires_at: Option<Instant>,
+    status: Status,
+    /// Who held each lease: index `seq - 1`. Bounded by `max_attempts`
+    /// plus undelivered hand-offs.
+    holders: Vec<WorkerId>,
+    /// The last lease whose failure was retried, with its message, so that
+    /// the same report repeated is answered OK.
+    last_retry: Option<(u32, String)>,
+    result_waiters: Vec<ResultWaiter>,
+    unclaimed: bool,
+}
+
+impl TaskEntry {
+    fn expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKind {
+    /// The lease with this sequence number may have run out.
+    Lease(u32),
+    /// The task's ttl has run out.
+    Ttl,
+}
+
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct TimerEntry {
+    at: Instant,
+    task: TaskId,
+    kind: TimerKind,
+}
+
+struct WorkerRecord {
+    queue: Option<QueueName>,
+    last_seen: Instant,
+    in_flight: u32,
+}
+
+/// Why a put did not store a task.
+pub(super) enum PutRefused {
+    /// The queue is full: wait on `room`, then try again with `task`.
+    Full {
+        task: NewTask,
+        room: Arc<Notify>,
+        error: BrokerError,
+    },
+    /// Refused for good.
+    Error(BrokerError),
+}
+
+impl From<BrokerError> for PutRefused {
+    fn from(error: BrokerError) -> Self {
+        Self::Error(error)
+    }
+}
+
+pub(super) struct State {
+    config: BrokerConfig,
+    clock: Clock,
+    queues: HashMap<QueueName, QueueState>,
+    tasks: HashMap<TaskId, TaskEntry>,
+    /// Finished tasks in completion order, for retention by age and count.
+    finished: VecDeque<(Instant, TaskId)>,
+    /// Every lease and ttl deadline; stale entries are skipped when due.
+    timers: BinaryHeap<Reverse<TimerEntry>>,
+    /// Wakes the timer task when a deadline earlier than all others arrives.
+    timer_wake: Arc<Notify>,
+    workers: HashMap<WorkerId, WorkerRecord>,
+    next_waiter: u64,
+    waiters: usize,
+    closed: bool,
+}
+
+impl State {
+    pub fn new(config: BrokerConfig, timer_wake: Arc<Notify>) -> Self {
+        Self {
+            config,
+            clock: Clock::now(),
+            queues: HashMap::new(),
+            tasks: HashMap::new(),
+            finished: VecDeque::new(),
+            timers: BinaryHeap::new(),
+            timer_wake,
+            workers: HashMap::new(),
+            next_waiter: 0,
+            waiters: 0,
+            closed: false,
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Marks the broker closed and returns every queue's room signal, so
+    /// that calls waiting for room wake and see it.
+    pub fn close(&mut self) -> Vec<Arc<Notify>> {
+        self.closed = true;
+        self.queues.values().map(|q| q.room.clone()).collect()
+    }
+
+    pub fn held(&self) -> Held {
+        Held {
+            tasks: self.tasks.len() - self.finished.len(),
+            results: self.finished.len(),
+        }
+    }
+
+    fn queue_mut(&mut self, name: &QueueName) -> Result<&mut QueueState, BrokerError> {
+        let limit = self.config.max_queues;
+        let count = self.queues.len();
+        match self.queues.entry(name.clone()) {
+            Entry::Occupied(entry) => Ok(entry.into_mut()),
+            Entry::Vacant(_) if count >= limit => Err(BrokerError::LimitReached(format!(
+                "{limit} queues exist (server flag --max-queues); reuse an existing queue name"
+            ))),
+            Entry::Vacant(entry) => Ok(entry.insert(QueueState::default())),
+        }
+    }
+
+    /// Looks up a queue known to exist because a task refers to it.
+    fn queue_of(&mut self, name: &QueueName) -> &mut QueueState {
+        self.queues.entry(name.clone()).or_default()
+    }
+
+    fn schedule(&mut self, at: Instant, task: TaskId, kind: TimerKind) {
+        let earliest = self.timers.peek().is_none_or(|Reverse(top)| at < top.at);
+        self.timers.push(Reverse(TimerEntry { at, task, kind }));
+        if earliest {
+            self.timer_wake.notify_one();
+        }
+    }
+
+    fn touch_worker(&mut self, worker: &WorkerId, queue: Option<&QueueName>, now: Instant) {
+        if !self.workers.contains_key(worker) && self.workers.len() >= self.config.max_workers {
+            self.prune_workers(now);
+        }
+        let record = self
+            .workers
+            .entry(worker.clone())
+            .or_insert_with(|| WorkerRecord {
+                queue: None,
+                last_seen: now,
+                in_flight: 0,
+            });
+        record.last_seen = now;
+        if let Some(queue) = queue {
+            record.queue = Some(queue.clone());
+        }
+    }
+
+    /// Forgets workers that are silent and hold nothing.
+    fn prune_workers(&mut self, now: Instant) {
+        let timeout = self.config.worker_timeout;
+        self.workers
+            .retain(|_, w| w.in_flight > 0 || now.duration_since(w.last_seen) < timeout);
+    }
+
+    fn worker_in_flight(&mut self, worker: &WorkerId, delta: i32) {
+        if let Some(record) = self.workers.get_mut(worker) {
+            record.in_flight = record.in_flight.saturating_add_signed(delta);
+        }
+    }
+
+    fn clamp_lease(&self, lease: Option<Duration>) -> Duration {
+        lease
+            .filter(|d| !d.is_zero())
+            .unwrap_or(self.config.default_lease)
+            .min(self.config.max_lease)
+    }
+
+    // ---- Put ----
+
+    pub fn put(&mut self, task: NewTask, now: Instant) -> Result<PutOutcome, PutRefused> {
+        if self.closed {
+            return Err(BrokerError::ShuttingDown.into());
+        }
+        let queue_name = match &task.queue {
+            Some(q) => q.clone(),
+            None => QueueName::parse("")?,
+        };
+        self.validate(&task)?;
+        let capacity = self.config.queue_capacity;
+        let queue = self.queue_mut(&queue_name)?;
+        if let Some(key) = &task.idempotency_key {
+            if let Some(&task_id) = queue.idempotency.get(key) {
+                return Ok(PutOutcome {
+                    task_id,
+                    duplicate: true,
+                });
+            }
+        }
+        if queue.unfinished() >= capacity as u64 {
+            let room = queue.room.clone();
+            return Err(PutRefused::Full {
+                task,
+                room,
+                error: BrokerError::QueueFull {
+                    queue: queue_name,
+                    capacity,
+                },
+            });
+        }
+        let id = self.fresh_id();
+        let queue = self.queue_of(&queue_name);
+        if let Some(key) = &task.idempotency_key {
+            queue.idempotency.insert(key.clone(), id);
+        }
+        queue.ready.push_back(id);
+        queue.pending += 1;
+        let expires_at = task.ttl.map(|ttl| now + ttl);
+        let max_attempts = match task.max_attempts {
+            0 => self.config.default_max_attempts,
+            n => n,
+        };
+        self.tasks.insert(
+            id,
+            TaskEntry {
+                queue: queue_name.clone(),
+                payload: task.payload,
+                headers: task.headers,
+                idempotency_key: task.idempotency_key,
+                max_attempts,
+                attempt: 0,
+                lease_seq: 0,
+                created_at: now,
+                expires_at,
+                status: Status::Pending,
+                holders: Vec::new(),
+                last_retry: None,
+                result_waiters: Vec::new(),
+                unclaimed: false,
+            },
+        );
+        if let Some(at) = expires_at {
+            self.schedule(at, id, TimerKind::Ttl);
+        }
+        self.dispatch(&queue_name, now);
+        Ok(PutOutcome {
+            task_id: id,
+            duplicate: false,
+        })
+    }
+
+    fn fresh_id(&self) -> TaskId {
+        // UUIDv7 ids from one process do not repeat; the loop makes that a
+        // fact of this map rather than an assumption about the generator.
+        loop {
+            let id = TaskId::generate();
+            if !self.tasks.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    fn validate(&self, task: &NewTask) -> Result<(), BrokerError> {
+        let limit = self.config.max_payload;
+        if task.payload.len() > limit {
+            return Err(BrokerError::PayloadTooLarge {
+                size: task.payload.len(),
+                limit,
+            });
+        }
+        if task.max_attempts > MAX_ATTEMPTS_LIMIT {
+            return Err(BrokerError::InvalidArgument(format!(
+                "max_attempts is {}; the limit is {MAX_ATTEMPTS_LIMIT} (0 means the server default)",
+                task.max_attempts
+            )));
+        }
+        if task.headers.len() > MAX_HEADERS {
+            return Err(BrokerError::InvalidArgument(format!(
+                "{} headers; the limit is {MAX_HEADERS}",
+                task.headers.len()
+            )));
+        }
+        let header_bytes: usize = task.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if header_bytes > MAX_HEADER_BYTES {
+            return Err(BrokerError::InvalidArgument(format!(
+                "headers are {header_bytes} bytes; the limit is {MAX_HEADER_BYTES} bytes"
+            )));
+        }
+        if let Some(key) = &task.idempotency_key {
+            if key.len() > MAX_IDEMPOTENCY_KEY {
+                return Err(BrokerError::InvalidArgument(format!(
+                    "idempotency_key is {} bytes; the limit is {MAX_IDEMPOTENCY_KEY} bytes",
+                    key.len()
+                )));
+            }
+        }
+        if task.ttl.is_some_and(|ttl| ttl.is_zero()) {
+            return Err(BrokerError::InvalidArgument(
+                "ttl must be positive; leave it unset for no ttl".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    // ---- Lease ----
+
+    /// Leases the queue's next task to `worker` at once, if there is one.
+    pub fn lease_now(
+        &mut self,
+        queue: &QueueName,
+        worker: &WorkerId,
+        lease: Option<Duration>,
+        now: Instant,
+    ) -> Result<Option<LeasedTask>, BrokerError> {
+        self.queue_mut(queue)?;
+        self.touch_worker(worker, Some(queue), now);
+        if self.closed {
+            return Ok(None);
+        }
+        let lease = self.clamp_lease(lease);
+        Ok(self
+            .pop_ready(queue, now)
+            .map(|id| self.start_lease(id, worker, lease, now)))
+    }
+
+    /// Takes the next task that can be handed out from the head of a queue.
+    /// Tasks found past their ttl are failed on the way.
+    fn pop_ready(&mut self, queue_name: &QueueName, now: Instant) -> Option<TaskId> {
+        loop {
+            let id = self.queues.get_mut(queue_name)?.ready.pop_front()?;
+            let Some(entry) = self.tasks.get(&id) else {
+                continue;
+            };
+            if !matches!(entry.status, Status::Pending) {
+                continue;
+            }
+            if entry.expired(now) {
+                self.fail_expired(id, now);
+                continue;
+            }
+            return Some(id);
+        }
+    }
+
+    fn start_lease(
+        &mut self,
+        id: TaskId,
+        worker: &WorkerId,
+        lease: Duration,
+        now: Instant,
+    ) -> LeasedTask {
+        let expires_at = now + lease;
+        let entry = self.tasks.get_mut(&id).expect("popped task is held");
+        entry.attempt += 1;
+        entry.lease_seq += 1;
+        let seq = entry.lease_seq;
+        entry.holders.push(worker.clone());
+        entry.status = Status::Leased(Lease {
+            seq,
+            expires_at,
+            worker: worker.clone(),
+        });
+        let task = LeasedTask {
+            id,
+            queue: entry.queue.clone(),
+            payload: entry.payload.clone(),
+            headers: entry.headers.clone(),
+            attempt: entry.attempt,
+            max_attempts: entry.max_attempts,
+            lease_id: LeaseId { task: id, seq },
+            lease_expires_at: self.clock.wall(expires_at),
+            created_at: self.clock.wall(entry.created_at),
+            expires_at: entry.expires_at.map(|at| self.clock.wall(at)),
+        };
+        let queue = self.queue_of(&task.queue);
+        queue.pending -= 1;
+        queue.leased += 1;
+        self.worker_in_flight(worker, 1);
+        self.schedule(expires_at, id, TimerKind::Lease(seq));
+        task
+    }
+
+    /// Moves a leased task back to the head of its queue. Returns the
+    /// lease it had.
+    fn release(&mut self, id: TaskId) -> Option<Lease> {
+        let entry = self.tasks.get_mut(&id)?;
+        let Status::Leased(lease) = std::mem::replace(&mut entry.status, Status::Pending) else {
+            unreachable!("release is only called on a leased task");
+        };
+        let queue_name = entry.queue.clone();
+        let queue = self.queue_of(&queue_name);
+        queue.leased -= 1;
+        queue.pending += 1;
+        queue.ready.push_front(id);
+        self.worker_in_flight(&lease.worker, -1);
+        Some(lease)
+    }
+
+    /// Gives back a task that was leased to a call that can no longer be
+    /// answered: it never reached a worker, so the delivery does not count.
+    pub fn undo_lease(&mut self, lease: LeaseId, now: Instant) {
+        let current = self
+            .tasks
+            .get(&lease.task)
+            .is_some_and(|e| matches!(&e.status, Status::Leased(l) if l.seq == lease.seq));
+        if !current {
+            return;
+        }
+        self.release(lease.task);
+        let entry = self.tasks.get_mut(&lease.task).expect("just released");
+        entry.attempt -= 1;
+        let queue = entry.queue.clone();
+        self.dispatch(&queue, now);
+    }
+
+    /// Hands ready tasks of a queue to its waiting calls, inside the lock.
+    /// A waiter whose call is gone gets nothing; a task whose send fails
+    /// goes straight back to the head of the queue.
+    fn dispatch(&mut self, queue_name: &QueueName, now: Instant) {
+        loop {
+            let Some(queue) = self.queues.get_mut(queue_name) else {
+                return;
+            };
+            let Some(front) = queue.task_waiters.front() else {
+                return;
+            };
+            if front.tx.is_closed() {
+                queue.task_waiters.pop_front();
+                self.waiters -= 1;
+                continue;
+            }
+            let Some(id) = self.pop_ready(queue_name, now) else {
+                return;
+            };
+            let queue = self.queues.get_mut(queue_name).expect("queue exists");
+            let waiter = queue.task_waiters.pop_front().expect("front exists");
+            self.waiters -= 1;
+            let task = self.start_lease(id, &waiter.worker, waiter.lease, now);
+            let lease = task.lease_id;
+            if waiter.tx.send(task).is_err() {
+                self.undo_lease(lease, now);
+            }
+        }
+    }
+
+    fn next_waiter_id(&mut self) -> Result<u64, BrokerError> {
+        if self.waiters >= self.config.max_waiters {
+            return Err(BrokerError::LimitReached(format!(
+                "{} calls are already waiting (server flag --max-waiters); retry later",
+                self.config.max_waiters
+            )));
+        }
+        self.waiters += 1;
+        self.next_waiter += 1;
+        Ok(self.next_waiter)
+    }
+
+    pub fn add_task_waiter(
+        &mut self,
+        queue: &QueueName,
+        worker: WorkerId,
+        lease: Option<Duration>,
+        tx: oneshot::Sender<LeasedTask>,
+    ) -> Result<u64, BrokerError> {
+        let lease = self.clamp_lease(lease);
+        let id = self.next_waiter_id()?;
+        self.queue_of(queue).task_waiters.push_back(TaskWaiter {
+            id,
+            worker,
+            lease,
+            tx,
+        });
+        Ok(id)
+    }
+
+    pub fn remove_task_waiter(&mut self, queue: &QueueName, id: u64) {
+        if let Some(q) = self.queues.get_mut(queue) {
+            if let Some(pos) = q.task_waiters.iter().position(|w| w.id == id) {
+                q.task_waiters.remove(pos);
+                self.waiters -= 1;
+            }
+        }
+    }
+
+    // ---- Extend and complete ----
+
+    pub fn extend(
+        &mut self,
+        lease: LeaseId,
+        extend_by: Option<Duration>,
+        now: Instant,
+    ) -> Result<SystemTime, BrokerError> {
+        let by = self.clamp_lease(extend_by);
+        let entry = self
+            .tasks
+            .get_mut(&lease.task)
+            .ok_or_else(|| BrokerError::TaskNotFound(lease.task.to_string()))?;
+        let held = match &mut entry.status {
+            Status::Finished(_) => return Err(BrokerError::TaskFinished(lease.task)),
+            Status::Leased(current) if current.seq == lease.seq => current,
+            _ => return Err(BrokerError::stale(lease)),
+        };
+        let expires_at = now + by;
+        held.expires_at = expires_at;
+        let worker = held.worker.clone();
+        self.touch_worker(&worker, None, now);
+        self.schedule(expires_at, lease.task, TimerKind::Lease(lease.seq));
+        Ok(self.clock.wall(expires_at))
+    }
+
+    pub fn complete(
+        &mut self,
+        lease: LeaseId,
+        outcome: Outcome,
+        now: Instant,
+    ) -> Result<TaskState, BrokerError> {
+        let size = match &outcome {
+            Outcome::Success(output) => output.len(),
+            Outcome::Failure { message, .. } => message.len(),
+        };
+        if size > self.config.max_result {
+            return Err(BrokerError::ResultTooLarge {
+                size,
+                limit: self.config.max_result,
+            });
+        }
+        let entry = self
+            .tasks
+            .get(&lease.task)
+            .ok_or_else(|| BrokerError::TaskNotFound(lease.task.to_string()))?;
+        if lease.seq == 0 || lease.seq > entry.lease_seq {
+            return Err(BrokerError::stale(lease));
+        }
+        if let Status::Finished(done) = &entry.status {
+            return if done.by_lease == lease.seq && done.outcome.as_ref() == Some(&outcome) {
+                Ok(done.result.state)
+            } else {
+                Err(BrokerError::ResultConflict(lease.task))
+            };
+        }
+        let holder = entry.holders[lease.seq as usize - 1].clone();
+        let is_current = matches!(&entry.status, Status::Leased(l) if l.seq == lease.seq);
+        match outcome {
+            Outcome::Success(output) => {
+                self.touch_worker(&holder, None, now);
+                self.finish(
+                    lease.task,
+                    TaskState::Succeeded,
+                    output.clone(),
+                    String::new(),
+                    Some(holder),
+                    lease.seq,
+                    Some(Outcome::Success(output)),
+                    now,
+                );
+                Ok(TaskState::Succeeded)
+            }
+            Outcome::Failure { message, retry } => {
+                if entry
+                    .last_retry
+                    .as_ref()
+                    .is_some_and(|(seq, m)| *seq == lease.seq && *m == message)
+                {
+                    // The same retried failure again: a client retrying after
+                    // a lost answer. The task is already back in line.
+                    return Ok(state_of(&entry.status));
+                }
+                if !is_current {
+                    return Err(BrokerError::stale(lease));
+                }
+                let can_retry =
+                    retry && entry.attempt < entry.max_attempts && !entry.expired(now);
+                self.touch_worker(&holder, None, now);
+                if can_retry {
+                    self.release(lease.task);
+                    let entry = self.tasks.get_mut(&lease.task).expect("held");
+                    entry.last_retry = Some((lease.seq, message));
+                    let queue = entry.queue.clone();
+                    self.queue_of(&queue).redelivered += 1;
+                    self.dispatch(&queue, now);
+                    Ok(TaskState::Pending)
+                } else {
+                    let outcome = Outcome::Failure {
+                        message: message.clone(),
+                        retry,
+                    };
+                    self.finish(
+                        lease.task,
+                        TaskState::Failed,
+                        Bytes::new(),
+                        message,
+                        Some(holder),
+                        lease.seq,
+                        Some(outcome),
+                        now,
+                    );
+                    Ok(TaskState::Failed)
+                }
+            }
+        }
+    }
+
+    /// Ends a task: records its result, wakes whoever waits for it, and
+    /// frees its room in the queue.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &mut self,
+        id: TaskId,
+        state: TaskState,
+        output: Bytes,
+        error: String,
+        worker: Option<WorkerId>,
+        by_lease: u32,
+        outcome: Option<Outcome>,
+        now: Instant,
+    ) {
+        let Some(entry) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        let result = TaskResult {
+            task_id: id,
+            queue: entry.queue.clone(),
+            state,
+            output,
+            error,
+            attempts: entry.attempt,
+            worker,
+            created_at: self.clock.wall(entry.created_at),
+            finished_at: self.clock.wall(now),
+        };
+        let previous = std::mem::replace(
+            &mut entry.status,
+            Status::Finished(Box::new(Finished {
+                result: result.clone(),
+                by_lease,
+                outcome,
+            })),
+        );
+        // The input is no longer needed once there is a result.
+        entry.payload = Bytes::new();
+        entry.headers = HashMap::new();
+        let woken = entry.result_waiters.len();
+        for waiter in entry.result_waiters.drain(..) {
+            // A failed send means that caller left; nothing to give back.
+            let _ = waiter.tx.send(result.clone());
+        }
+        self.waiters -= woken;
+        let queue_name = entry.queue.clone();
+        if let Status::Leased(lease) = &previous {
+            self.worker_in_flight(&lease.worker, -1);
+        }
+        let queue = self.queues.entry(queue_name.clone()).or_default();
+        match previous {
+            Status::Pending => queue.pending -= 1,
+            Status::Leased(_) => queue.leased -= 1,
+            Status::Finished(_) => unreachable!("a task finishes once"),
+        }
+        match state {
+            TaskState::Succeeded => queue.succeeded += 1,
+            _ => queue.failed += 1,
+        }
+        queue.room.notify_waiters();
+        let mut unclaimed = true;
+        while let Some(waiter) = queue.result_waiters.pop_front() {
+            self.waiters -= 1;
+            if waiter.tx.send(result.clone()).is_ok() {
+                unclaimed = false;
+                break;
+            }
+        }
+        if unclaimed {
+            let queue = self.queue_of(&queue_name);
+            queue.unclaimed.push_back(id);
+            queue.results_unclaimed += 1;
+            self.tasks.get_mut(&id).expect("held").unclaimed = true;
+        }
+        self.finished.push_back((now, id));
+        self.evict_results(now);
+    }
+
+    fn fail_expired(&mut self, id: TaskId, now: Instant) {
+        let worker = self.tasks.get(&id).and_then(|e| e.holders.last().cloned());
+        self.finish(
+            id,
+            TaskState::Failed,
+            Bytes::new(),
+            "task expired: its ttl ran out before it finished".into(),
+            worker,
+            0,
+            None,
+            now,
+        );
+    }
+
+    /// Drops the oldest results beyond the count limit or the age limit.
+    fn evict_results(&mut self, now: Instant) {
+        while let Some(&(finished_at, id)) = self.finished.front() {
+            let too_many = self.finished.len() > self.config.max_results;
+            let too_old = now.duration_since(finished_at) >= self.config.result_ttl;
+            if !(too_many || too_old) {
+                return;
+            }
+            self.finished.pop_front();
+            let Some(entry) = self.tasks.remove(&id) else {
+                continue;
+            };
+            let queue = self.queue_of(&entry.queue);
+            if entry.unclaimed {
+                queue.results_unclaimed -= 1;
+                queue.results_evicted += 1;
+            }
+            if let Some(key) = &entry.idempotency_key {
+                if queue.idempotency.get(key) == Some(&id) {
+                    queue.idempotency.remove(key);
+                }
+            }
+        }
+    }
+
+    // ---- Results ----
+
+    /// The finished result of a task, or `Ok(None)` while it is unfinished.
+    pub fn result_of(&self, id: TaskId) -> Result<Option<TaskResult>, BrokerError> {
+        let entry = self
+            .tasks
+            .get(&id)
+            .ok_or_else(|| BrokerError::TaskNotFound(id.to_string()))?;
+        Ok(match &entry.status {
+            Status::Finished(done) => Some(done.result.clone()),
+            _ => None,
+        })
+    }
+
+    pub fn add_result_waiter(
+        &mut self,
+        id: TaskId,
+        tx: oneshot::Sender<TaskResult>,
+    ) -> Result<u64, BrokerError> {
+        let waiter_id = self.next_waiter_id()?;
+        let entry = self.tasks.get_mut(&id).expect("caller checked the task");
+        let before = entry.result_waiters.len();
+        entry.result_waiters.retain(|w| !w.tx.is_closed());
+        let gone = before - entry.result_waiters.len();
+        entry.result_waiters.push(ResultWaiter { id: waiter_id, tx });
+        self.waiters -= gone;
+        Ok(waiter_id)
+    }
+
+    pub fn remove_result_waiter(&mut self, id: TaskId, waiter: u64) {
+        if let Some(entry) = self.tasks.get_mut(&id) {
+            if let Some(pos) = entry.result_waiters.iter().position(|w| w.id == waiter) {
+                entry.result_waiters.swap_remove(pos);
+                self.waiters -= 1;
+            }
+        }
+    }
+
+    /// Hands out the queue's oldest unclaimed result, if there is one.
+    pub fn next_result(&mut self, queue_name: &QueueName) -> Result<Option<TaskResult>, BrokerError> {
+        self.queue_mut(queue_name)?;
+        loop {
+            let queue = self.queue_of(queue_name);
+            let Some(id) = queue.unclaimed.pop_front() else {
+                return Ok(None);
+            };
+            let Some(entry) = self.tasks.get_mut(&id) else {
+                continue;
+            };
+            if !entry.unclaimed {
+                continue;
+            }
+            entry.unclaimed = false;
+            let Status::Finished(done) = &entry.status else {
+                unreachable!("only finished tasks are unclaimed");
+            };
+            let result = done.result.clone();
+            self.queue_of(queue_name).results_unclaimed -= 1;
+            return Ok(Some(result));
+        }
+    }
+
+    /// Puts back a result that was handed to a call that can no longer be
+    /// answered, at the head of the line.
+    pub fn unclaim(&mut self, result: &TaskResult) {
+        let Some(entry) = self.tasks.get_mut(&result.task_id) else {
+            return;
+        };
+        if entry.unclaimed {
+            return;
+        }
+        entry.unclaimed = true;
+        let queue = self.queue_of(&result.queue);
+        queue.unclaimed.push_front(result.task_id);
+        queue.results_unclaimed += 1;
+    }
+
+    pub fn add_queue_result_waiter(
+        &mut self,
+        queue: &QueueName,
+        tx: oneshot::Sender<TaskResult>,
+    ) -> Result<u64, BrokerError> {
+        let id = self.next_waiter_id()?;
+        self.queue_of(queue)
+            .result_waiters
+            .push_back(ResultWaiter { id, tx });
+        Ok(id)
+    }
+
+    pub fn remove_queue_result_waiter(&mut self, queue: &QueueName, id: u64) {
+        if let Some(q) = self.queues.get_mut(queue) {
+            if let Some(pos) = q.result_waiters.iter().position(|w| w.id == id) {
+                q.result_waiters.remove(pos);
+                self.waiters -= 1;
+            }
+        }
+    }
+
+    // ---- Timers ----
+
+    /// Handles every lease and ttl deadline that is due and drops results
+    /// past their retention. Returns when to look again.
+    pub fn fire_due(&mut self, now: Instant) -> Option<Instant> {
+        while let Some(Reverse(top)) = self.timers.peek() {
+            if top.at > now {
+                break;
+            }
+            let Reverse(due) = self.timers.pop().expect("peeked");
+            match due.kind {
+                TimerKind::Lease(seq) => self.lease_due(due.task, seq, now),
+                TimerKind::Ttl => {
+                    let pending = self
+                        .tasks
+                        .get(&due.task)
+                        .is_some_and(|e| matches!(e.status, Status::Pending));
+                    if pending {
+                        self.fail_expired(due.task, now);
+                    }
+                }
+            }
+        }
+        self.evict_results(now);
+        let next_timer = self.timers.peek().map(|Reverse(t)| t.at);
+        let next_eviction = self
+            .finished
+            .front()
+            .map(|&(at, _)| at + self.config.result_ttl);
+        match (next_timer, next_eviction) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn lease_due(&mut self, id: TaskId, seq: u32, now: Instant) {
+        let Some(entry) = self.tasks.get(&id) else {
+            return;
+        };
+        let Status::Leased(lease) = &entry.status else {
+            return;
+        };
+        // An extended lease has a later entry of its own; this one is stale.
+        if lease.seq != seq || lease.expires_at > now {
+            return;
+        }
+        let worker = lease.worker.clone();
+        if entry.expired(now) {
+            self.fail_expired(id, now);
+        } else if entry.attempt >= entry.max_attempts {
+            let error = format!(
+                "lease expired on attempt {} of {}: worker {worker} reported no result in time",
+                entry.attempt, entry.max_attempts
+            );
+            self.finish(
+                id,
+                TaskState::Failed,
+                Bytes::new(),
+                error,
+                Some(worker),
+                0,
+                None,
+                now,
+            );
+        } else {
+            tracing::debug!(task_id = %id, worker_id = %worker, "lease expired; task requeued");
+            self.release(id);
+            let queue = self.tasks[&id].queue.clone();
+            self.queue_of(&queue).redelivered += 1;
+            self.dispatch(&queue, now);
+        }
+    }
+
+    // ---- Stats ----
+
+    pub fn stats(&mut self, only: Option<&QueueName>, now: Instant) -> Stats {
+        let mut queues: Vec<QueueStats> = self
+            .queues
+            .iter()
+            .filter(|(name, _)| only.is_none_or(|o| o == *name))
+            .map(|(name, q)| QueueStats {
+                queue: name.to_string(),
+                pending: q.pending,
+                leased: q.leased,
+                succeeded: q.succeeded,
+                failed: q.failed,
+                redelivered: q.redelivered,
+                oldest_pending_age: self.oldest_pending_age(q, now),
+                results_unclaimed: q.results_unclaimed,
+                results_evicted: q.results_evicted,
+            })
+            .collect();
+        if let (Some(name), true) = (only, queues.is_empty()) {
+            queues.push(QueueStats {
+                queue: name.to_string(),
+                ..QueueStats::default()
+            });
+        }
+        queues.sort_by(|a, b| a.queue.cmp(&b.queue));
+        self.prune_workers(now);
+        let timeout = self.config.worker_timeout;
+        let mut workers: Vec<WorkerInfo> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| only.is_none_or(|o| w.queue.as_ref() == Some(o)))
+            .map(|(id, w)| WorkerInfo {
+                worker: id.clone(),
+                queue: w.queue.clone(),
+                last_seen: self.clock.wall(w.last_seen),
+                in_flight: w.in_flight,
+                alive: now.duration_since(w.last_seen) < timeout,
+            })
+            .collect();
+        workers.sort_by(|a, b| a.worker.cmp(&b.worker));
+        Stats { queues, workers }
+    }
+
+    /// The age of the oldest of the first pending tasks in line. Retried
+    /// tasks go to the head, so the oldest task is among the first ones;
+    /// looking at a bounded number keeps stats cheap on long queues.
+    fn oldest_pending_age(&self, queue: &QueueState, now: Instant) -> Duration {
+        queue
+            .ready
+            .iter()
+            .filter_map(|id| self.tasks.get(id))
+            .filter(|e| matches!(e.status, Status::Pending))
+            .take(OLDEST_SCAN)
+            .map(|e| now.duration_since(e.created_at))
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// Checks the bookkeeping against the tasks themselves; used by tests
+    /// after every step. Returns what is wrong, if anything.
+    #[cfg(test)]
+    pub fn check_consistency(&self) -> Result<(), String> {
+        let mut counts: HashMap<&QueueName, (u64, u64)> = HashMap::new();
+        for (id, entry) in &self.tasks {
+            let c = counts.entry(&entry.queue).or_default();
+            match &entry.status {
+                Status::Pending => {
+                    c.0 += 1;
+                    let queue = &self.queues[&entry.queue];
+                    let n = queue.ready.iter().filter(|r| *r == id).count();
+                    if n != 1 {
+                        return Err(format!("pending task {id} is in its queue {n} times"));
+                    }
+                }
+                Status::Leased(_) => c.1 += 1,
+                Status::Finished(_) => {}
+            }
+        }
+        for (name, q) in &self.queues {
+            let (pending, leased) = counts.get(name).copied().unwrap_or_default();
+            if (q.pending, q.leased) != (pending, leased) {
+                return Err(format!(
+                    "queue {name}: counters say {}/{} pending/leased, tasks say {pending}/{leased}",
+                    q.pending, q.leased
+                ));
+            }
+        }
+        let waiting: usize = self
+            .queues
+            .values()
+            .map(|q| q.task_waiters.len() + q.result_waiters.len())
+            .sum::<usize>()
+            + self
+                .tasks
+                .values()
+                .map(|e| e.result_waiters.len())
+                .sum::<usize>();
+        if waiting != self.waiters {
+            return Err(format!(
+                "{waiting} waiters registered, counter says {}",
+                self.waiters
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn state_of(status: &Status) -> TaskState {
+    match status {
+        Status::Pending => TaskState::Pending,
+        Status::Leased(_) => TaskState::Leased,
+        Status::Finished(done) => done.result.state,
+    }
+}

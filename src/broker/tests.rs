@@ -1,0 +1,785 @@
+//! Engine tests on Tokio's paused clock: leases and deadlines in
+//! milliseconds of real time, with exact instants.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use super::*;
+
+const SEC: Duration = Duration::from_secs(1);
+
+fn broker() -> Broker {
+    Broker::new(BrokerConfig::default())
+}
+
+fn q(name: &str) -> QueueName {
+    QueueName::parse(name).unwrap()
+}
+
+fn task(queue: &str, payload: &str) -> NewTask {
+    NewTask {
+        queue: Some(q(queue)),
+        payload: Bytes::copy_from_slice(payload.as_bytes()),
+        ..NewTask::default()
+    }
+}
+
+fn req(queue: &str, worker: &str, lease: Duration) -> LeaseRequest {
+    LeaseRequest {
+        queue: q(queue),
+        worker: WorkerId::new(worker).unwrap(),
+        lease: Some(lease),
+    }
+}
+
+async fn put(b: &Broker, queue: &str, payload: &str) -> TaskId {
+    b.put(task(queue, payload), Duration::ZERO).await.unwrap().task_id
+}
+
+async fn take(b: &Broker, queue: &str, lease: Duration) -> LeasedTask {
+    b.lease(req(queue, "w1", lease), Duration::ZERO)
+        .await
+        .unwrap()
+        .expect("a task is ready")
+}
+
+fn ok(output: &str) -> Outcome {
+    Outcome::Success(Bytes::copy_from_slice(output.as_bytes()))
+}
+
+fn fail(message: &str, retry: bool) -> Outcome {
+    Outcome::Failure {
+        message: message.into(),
+        retry,
+    }
+}
+
+fn stats(b: &Broker, queue: &str) -> QueueStats {
+    b.stats(Some(&q(queue))).queues.remove(0)
+}
+
+#[tokio::test(start_paused = true)]
+async fn hands_out_tasks_in_fifo_order() {
+    let b = broker();
+    let ids = [
+        put(&b, "q", "a").await,
+        put(&b, "q", "b").await,
+        put(&b, "q", "c").await,
+    ];
+    for (id, payload) in ids.iter().zip(["a", "b", "c"]) {
+        let t = take(&b, "q", SEC).await;
+        assert_eq!((t.id, &t.payload[..], t.attempt), (*id, payload.as_bytes(), 1));
+    }
+    b.check();
+}
+
+#[tokio::test(start_paused = true)]
+async fn ids_sort_by_creation() {
+    let b = broker();
+    let mut ids = Vec::new();
+    for _ in 0..100 {
+        ids.push(put(&b, "q", "x").await);
+    }
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(ids, sorted);
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 100);
+}
+
+#[tokio::test(start_paused = true)]
+async fn queues_are_separate_and_empty_name_means_default() {
+    let b = broker();
+    put(&b, "a", "1").await;
+    let id = b.put(NewTask::default(), Duration::ZERO).await.unwrap().task_id;
+    assert!(b.lease(req("b", "w", SEC), Duration::ZERO).await.unwrap().is_none());
+    let t = take(&b, "", SEC).await;
+    assert_eq!((t.id, t.queue.as_str()), (id, "default"));
+    assert_eq!(take(&b, "a", SEC).await.payload, "1");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leased_task_goes_to_no_one_else() {
+    let b = broker();
+    put(&b, "q", "x").await;
+    take(&b, "q", 10 * SEC).await;
+    let started = Instant::now();
+    let none = b.lease(req("q", "w2", SEC), 2 * SEC).await.unwrap();
+    assert!(none.is_none());
+    assert_eq!(started.elapsed(), 2 * SEC, "the wait lasts exactly `wait`");
+    assert_eq!(stats(&b, "q").leased, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_call_gets_a_task_put_later() {
+    let b = broker();
+    let waiting = tokio::spawn({
+        let b = b.clone();
+        async move { b.lease(req("q", "w", SEC), 10 * SEC).await }
+    });
+    tokio::time::sleep(SEC).await;
+    let id = put(&b, "q", "late").await;
+    let got = waiting.await.unwrap().unwrap().unwrap();
+    assert_eq!(got.id, id);
+    assert_eq!(stats(&b, "q").leased, 1);
+    b.check();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_lease_redelivers_exactly_at_expiry_to_the_head() {
+    let b = broker();
+    let first = put(&b, "q", "first").await;
+    let t = take(&b, "q", 5 * SEC).await;
+    let second = put(&b, "q", "second").await;
+    // The second task is free now; the first comes back only at expiry.
+    assert_eq!(take(&b, "q", 60 * SEC).await.id, second);
+    let started = Instant::now();
+    let again = b.lease(req("q", "w2", SEC), 60 * SEC).await.unwrap().unwrap();
+    assert_eq!(again.id, first);
+    assert_eq!(again.attempt, 2);
+    assert_ne!(again.lease_id, t.lease_id);
+    // Leased at t=0 for 5s; this call started at t=0 too.
+    assert_eq!(started.elapsed(), 5 * SEC, "redelivered at expiry, not before");
+    assert_eq!(stats(&b, "q").redelivered, 1);
+    b.check();
+}
+
+#[tokio::test(start_paused = true)]
+async fn redelivery_goes_ahead_of_newer_tasks() {
+    let b = broker();
+    let first = put(&b, "q", "first").await;
+    take(&b, "q", SEC).await;
+    put(&b, "q", "second").await;
+    tokio::time::sleep(2 * SEC).await;
+    assert_eq!(take(&b, "q", SEC).await.id, first);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_last_lease_expiry_fails_the_task_visibly() {
+    let b = broker();
+    let mut t = task("q", "x");
+    t.max_attempts = 2;
+    let id = b.put(t, Duration::ZERO).await.unwrap().task_id;
+    take(&b, "q", SEC).await;
+    tokio::time::sleep(2 * SEC).await;
+    assert_eq!(take(&b, "q", SEC).await.attempt, 2);
+    let result = b.result(id, 10 * SEC).await.unwrap().unwrap();
+    assert_eq!(result.state, TaskState::Failed);
+    assert_eq!(result.attempts, 2);
+    assert!(result.error.contains("lease expired"), "{}", result.error);
+    assert_eq!(result.worker.unwrap().as_str(), "w1");
+    let s = stats(&b, "q");
+    assert_eq!((s.failed, s.pending, s.leased, s.redelivered), (1, 0, 0, 1));
+    b.check();
+}
+
+#[tokio::test(start_paused = true)]
+async fn zero_max_attempts_means_the_default_of_three() {
+    let b = broker();
+    put(&b, "q", "x").await;
+    assert_eq!(take(&b, "q", SEC).await.max_attempts, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn extend_moves_expiry_for_the_holder_only() {
+    let b = broker();
+    let id = put(&b, "q", "x").await;
+    let t = take(&b, "q", 2 * SEC).await;
+    tokio::time::sleep(SEC).await;
+    b.extend(t.lease_id, Some(5 * SEC)).unwrap();
+    // The old expiry (t=2s) passes without redelivery; the new one is t=6s.
+    let started = Instant::now();
+    let again = b.lease(req("q", "w2", SEC), 60 * SEC).await.unwrap().unwrap();
+    assert_eq!(started.elapsed(), 5 * SEC);
+    assert_eq!(again.attempt, 2);
+    // The first holder's lease is no longer current.
+    assert!(matches!(
+        b.extend(t.lease_id, None),
+        Err(BrokerError::StaleLease { .. })
+    ));
+    b.complete(again.lease_id, ok("done")).unwrap();
+    assert_eq!(
+        b.extend(again.lease_id, None),
+        Err(BrokerError::TaskFinished(id))
+    );
+    let unknown = LeaseId {
+        task: TaskId::generate(),
+        seq: 1,
+    };
+    assert!(matches!(
+        b.extend(unknown, None),
+        Err(BrokerError::TaskNotFound(_))
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn leases_are_clamped_to_the_maximum() {
+    let b = Broker::new(BrokerConfig {
+        max_lease: 10 * SEC,
+        default_lease: 3 * SEC,
+        ..BrokerConfig::default()
+    });
+    put(&b, "q", "x").await;
+    let now = std::time::SystemTime::now();
+    let t = take(&b, "q", 3600 * SEC).await;
+    let granted = t.lease_expires_at.duration_since(now).unwrap();
+    assert!(granted <= 10 * SEC + Duration::from_millis(50), "{granted:?}");
+    let extended = b.extend(t.lease_id, Some(3600 * SEC)).unwrap();
+    assert!(extended.duration_since(now).unwrap() <= 10 * SEC + Duration::from_millis(50));
+    // No lease given: the default.
+    put(&b, "q", "y").await;
+    let t = b
+        .lease(
+            LeaseRequest {
+                lease: None,
+                ..req("q", "w", SEC)
+            },
+            Duration::ZERO,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let granted = t.lease_expires_at.duration_since(now).unwrap();
+    assert!(granted >= 3 * SEC - Duration::from_millis(50) && granted <= 3 * SEC + Duration::from_millis(50));
+}
+
+#[tokio::test(start_paused = true)]
+async fn results_are_write_once() {
+    let b = broker();
+    let id = put(&b, "q", "x").await;
+    let t = take(&b, "q", SEC).await;
+    assert_eq!(b.complete(t.lease_id, ok("out")), Ok(TaskState::Succeeded));
+    // The same call again: a client retrying after a lost answer.
+    assert_eq!(b.complete(t.lease_id, ok("out")), Ok(TaskState::Succeeded));
+    assert_eq!(
+        b.complete(t.lease_id, ok("other")),
+        Err(BrokerError::ResultConflict(id))
+    );
+    assert_eq!(
+        b.complete(t.lease_id, fail("no", false)),
+        Err(BrokerError::ResultConflict(id))
+    );
+    let result = b.result(id, Duration::ZERO).await.unwrap().unwrap();
+    assert_eq!((&result.output[..], result.state), (&b"out"[..], TaskState::Succeeded));
+    assert_eq!(result.attempts, 1);
+    b.check();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_late_success_counts_but_a_late_failure_is_stale() {
+    let b = broker();
+    let id = put(&b, "q", "x").await;
+    let old = take(&b, "q", SEC).await;
+    tokio::time::sleep(2 * SEC).await;
+    let current = take(&b, "q", SEC).await;
+    assert_eq!(current.attempt, 2);
+    assert!(matches!(
+        b.complete(old.lease_id, fail("late", false)),
+        Err(BrokerError::StaleLease { .. })
+    ));
+    assert_eq!(b.complete(old.lease_id, ok("late")), Ok(TaskState::Succeeded));
+    let result = b.result(id, Duration::ZERO).await.unwrap().unwrap();
+    assert_eq!(result.worker.unwrap().as_str(), "w1");
+    // The current holder's report now conflicts.
+    assert_eq!(
+        b.complete(current.lease_id, ok("mine")),
+        Err(BrokerError::ResultConflict(id))
+    );
+    assert_eq!(stats(&b, "q").leased, 0);
+    b.check();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_never_issued_is_stale() {
+    let b = broker();
+    let id = put(&b, "q", "x").await;
+    take(&b, "q", SEC).await;
+    let forged = LeaseId { task: id, seq: 7 };
+    assert!(matches!(
+        b.complete(forged, ok("x")),
+        Err(BrokerError::StaleLease { .. })
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn retried_failures_go_to_the_front_until_attempts_run_out() {
+    let b = broker();
+    let mut t = task("q", "x");
+    t.max_attempts = 2;
+    let id = b.put(t, Duration::ZERO).await.unwrap().task_id;
+    put(&b, "q", "behind").await;
+    let first = take(&b, "q", SEC).await;
+    assert_eq!(b.complete(first.lease_id, fail("flaky", true)), Ok(TaskState::Pending));
+    // Repeating the same report is answered the same way and changes nothing.
+    assert_eq!(b.complete(first.lease_id, fail("flaky", true)), Ok(TaskState::Pending));
+    let second = take(&b, "q", SEC).await;
+    assert_eq!((second.id, second.attempt), (id, 2));
+    assert_eq!(b.complete(second.lease_id, fail("flaky", true)), Ok(TaskState::Failed));
+    let result = b.result(id, Duration::ZERO).await.unwrap().unwrap();
+    assert_eq!((result.state, result.error.as_str()), (TaskState::Failed, "flaky"));
+    let s = stats(&b, "q");
+    assert_eq!((s.failed, s.redelivered, s.pending), (1, 1, 1));
+    b.check();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_without_retry_is_final() {
+    let b = broker();
+    let id = put(&b, "q", "x").await;
+    let t = take(&b, "q", SEC).await;
+    assert_eq!(b.complete(t.lease_id, fail("bad input", false)), Ok(TaskState::Failed));
+    assert_eq!(
+        b.result(id, Duration::ZERO).await.unwrap().unwrap().error,
+        "bad input"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn idempotency_keys_deduplicate_per_queue_while_held() {
+    let b = Broker::new(BrokerConfig {
+        result_ttl: 10 * SEC,
+        ..BrokerConfig::default()
+    });
+    let keyed = |queue: &str| NewTask {
+        idempotency_key: Some("k1".into()),
+        ..task(queue, "x")
+    };
+    let first = b.put(keyed("q"), Duration::ZERO).await.unwrap();
+    let again = b.put(keyed("q"), Duration::ZERO).await.unwrap();
+    assert!(!first.duplicate);
+    assert_eq!((again.task_id, again.duplicate), (first.task_id, true));
+    assert_eq!(stats(&b, "q").pending, 1);
+    let other = b.put(keyed("other"), Duration::ZERO).await.unwrap();
+    assert!(!other.duplicate);
+    // Still a duplicate while the result is held...
+    let t = take(&b, "q", SEC).await;
+    b.complete(t.lease_id, ok("done")).unwrap();
+    assert!(b.put(keyed("q"), Duration::ZERO).await.unwrap().duplicate);
+    // ...and a new task once it is gone.
+    tokio::time::sleep(11 * SEC).await;
+    let later = b.put(keyed("q"), Duration::ZERO).await.unwrap();
+    assert!(!later.duplicate);
+    assert_ne!(later.task_id, first.task_id);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_refuses_or_waits_for_room() {
+    let b = Broker::new(BrokerConfig {
+        queue_capacity: 2,
+        ..BrokerConfig::default()
+    });
+    put(&b, "q", "1").await;
+    put(&b, "q", "2").await;
+    assert!(matches!(
+        b.put(task("q", "3"), Duration::ZERO).await,
+        Err(BrokerError::QueueFull { capacity: 2, .. })
+    ));
+    // A leased task still counts against capacity.
+    let t = take(&b, "q", 60 * SEC).await;
+    let started = Instant::now();
+    assert!(matches!(
+        b.put(task("q", "3"), 3 * SEC).await,
+        Err(BrokerError::QueueFull { .. })
+    ));
+    assert_eq!(started.elapsed(), 3 * SEC);
+    // Other queues are not affected.
+    put(&b, "other", "x").await;
+    // A waiting put goes in as soon as a task finishes.
+    let waiting = tokio::spawn({
+        let b = b.clone();
+        async move { b.put(task("q", "3"), 60 * SEC).await }
+    });
+    tokio::time::sleep(SEC).await;
+    assert!(!waiting.is_finished());
+    b.complete(t.lease_id, ok("done")).unwrap();
+    let stored = waiting.await.unwrap().unwrap();
+    assert!(!stored.duplicate);
+    assert_eq!(stats(&b, "q").pending, 2);
+    b.check();
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_tasks_are_refused_with_reasons() {
+    let b = Broker::new(BrokerConfig {
+        max_payload: 10,
+        ..BrokerConfig::default()
+    });
+    assert_eq!(
+        b.put(task("q", "01234567890"), Duration::ZERO).await,
+        Err(BrokerError::PayloadTooLarge { size: 11, limit: 10 })
+    );
+    let too_many = NewTask {
+        max_attempts: MAX_ATTEMPTS_LIMIT + 1,
+        ..task("q", "x")
+    };
+    assert!(matches!(
+        b.put(too_many, Duration::ZERO).await,
+        Err(BrokerError::InvalidArgument(_))
+    ));
+    let headers = (0..=MAX_HEADERS).map(|i| (i.to_string(), String::new())).collect();
+    let many_headers = NewTask {
+        headers,
+        ..task("q", "x")
+    };
+    assert!(matches!(
+        b.put(many_headers, Duration::ZERO).await,
+        Err(BrokerError::InvalidArgument(_))
+    ));
+    let big_header = NewTask {
+        headers: [("k".to_string(), "v".repeat(MAX_HEADER_BYTES))].into(),
+        ..task("q", "x")
+    };
+    assert!(matches!(
+        b.put(big_header, Duration::ZERO).await,
+        Err(BrokerError::InvalidArgument(_))
+    ));
+    assert_eq!(stats(&b, "q").pending, 0, "nothing stored");
+    for bad in ["", "a b", "ü", "a/b", &"x".repeat(129)] {
+        if !bad.is_empty() {
+            assert!(QueueName::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+    assert!(QueueName::parse(&"x".repeat(128)).is_ok());
+    assert!(QueueName::parse("A-z_0.9").is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pending_task_expires_at_its_ttl() {
+    let b = broker();
+    let with_ttl = NewTask {
+        ttl: Some(5 * SEC),
+        ..task("q", "x")
+    };
+    let id = b.put(with_ttl, Duration::ZERO).await.unwrap().task_id;
+    let started = Instant::now();
+    let result = b.result(id, 60 * SEC).await.unwrap().unwrap();
+    assert_eq!(started.elapsed(), 5 * SEC);
+    assert_eq!(result.state, TaskState::Failed);
+    assert!(result.error.contains("expired"), "{}", result.error);
+    assert_eq!(result.attempts, 0);
+    assert!(b.lease(req("q", "w", SEC), Duration::ZERO).await.unwrap().is_none());
+    b.check();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_past_its_ttl_is_not_redelivered() {
+    let b = broker();
+    let with_ttl = NewTask {
+        ttl: Some(3 * SEC),
+        ..task("q", "x")
+    };
+    let id = b.put(with_ttl, Duration::ZERO).await.unwrap().task_id;
+    let t = take(&b, "q", 10 * SEC).await;
+    assert!(t.expires_at.is_some());
+    // The ttl passes while leased; the lease's expiry then ends the task.
+    let result = b.result(id, 60 * SEC).await.unwrap().unwrap();
+    assert!(result.error.contains("expired"), "{}", result.error);
+    assert!(b.lease(req("q", "w", SEC), Duration::ZERO).await.unwrap().is_none());
+    // A retried failure after the ttl ends it too.
+    let with_ttl = NewTask {
+        ttl: Some(3 * SEC),
+        ..task("q", "y")
+    };
+    b.put(with_ttl, Duration::ZERO).await.unwrap();
+    let t = take(&b, "q", 10 * SEC).await;
+    tokio::time::sleep(4 * SEC).await;
+    assert_eq!(b.complete(t.lease_id, fail("try again", true)), Ok(TaskState::Failed));
+    b.check();
+}
+
+#[tokio::test(start_paused = true)]
+async fn results_by_id_wait_and_repeat() {
+    let b = broker();
+    let id = put(&b, "q", "x").await;
+    let waiting = tokio::spawn({
+        let b = b.clone();
+        async move { b.result(id, 60 * SEC).await }
+    });
+    let t = take(&b, "q", SEC).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    b.complete(t.lease_id, ok("42")).unwrap();
+    let result = waiting.await.unwrap().unwrap().unwrap();
+    assert_eq!(&result.output[..], b"42");
+    assert_eq!(b.result(id, Duration::ZERO).await.unwrap().unwrap(), result);
+    assert!(matches!(
+        b.result(TaskId::generate(), Duration::ZERO).await,
+        Err(BrokerError::TaskNotFound(_))
+    ));
+    // An unfinished task's wait ends empty at the deadline.
+    let other = put(&b, "q", "y").await;
+    assert_eq!(b.result(other, 2 * SEC).await.unwrap(), None);
+    b.check();
+}
+
+#[tokio::test(start_paused = true)]
+async fn queue_results_come_in_completion_order_once_each() {
+    let b = broker();
+    let a = put(&b, "q", "a").await;
+    let c = put(&b, "q", "c").await;
+    let ta = take(&b, "q", SEC).await;
+    let tc = take(&b, "q", SEC).await;
+    b.complete(tc.lease_id, ok("C")).unwrap();
+    b.complete(ta.lease_id, fail("A", false)).unwrap();
+    assert_eq!(stats(&b, "q").results_unclaimed, 2);
+    let first = b.next_result(q("q"), Duration::ZERO).await.unwrap().unwrap();
+    let second = b.next_result(q("q"), Duration::ZERO).await.unwrap().unwrap();
+    assert_eq!((first.task_id, second.task_id), (c, a));
+    assert_eq!(second.state, TaskState::Failed);
+    assert_eq!(b.next_result(q("q"), SEC).await.unwrap(), None);
+    // By id they are still there.
+    assert!(b.result(a, Duration::ZERO).await.unwrap().is_some());
+    // A waiting reader gets the next one as it finishes.
+    let waiting = tokio::spawn({
+        let b = b.clone();
+        async move { b.next_result(q("q"), 60 * SEC).await }
+    });
+    let id = put(&b, "q", "d").await;
+    let t = take(&b, "q", SEC).await;
+    tokio::time::sleep(SEC).await;
+    b.complete(t.lease_id, ok("D")).unwrap();
+    assert_eq!(waiting.await.unwrap().unwrap().unwrap().task_id, id);
+    assert_eq!(stats(&b, "q").results_unclaimed, 0);
+    b.check();
+}
+
+#[tokio::test(start_paused = true)]
+async fn results_are_dropped_by_age_and_by_count() {
+    let b = Broker::new(BrokerConfig {
+        result_ttl: 60 * SEC,
+        max_results: 2,
+        ..BrokerConfig::default()
+    });
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let id = put(&b, "q", &i.to_string()).await;
+        let t = take(&b, "q", SEC).await;
+        b.complete(t.lease_id, ok("r")).unwrap();
+        ids.push(id);
+    }
+    // The count bound dropped the oldest result.
+    assert!(matches!(
+        b.result(ids[0], Duration::ZERO).await,
+        Err(BrokerError::TaskNotFound(_))
+    ));
+    assert!(b.result(ids[1], Duration::ZERO).await.unwrap().is_some());
+    let s = stats(&b, "q");
+    assert_eq!((s.results_unclaimed, s.results_evicted), (2, 1));
+    assert_eq!(b.held().results, 2);
+    // The age bound drops the rest.
+    tokio::time::sleep(61 * SEC).await;
+    assert!(b.result(ids[2], Duration::ZERO).await.is_err());
+    assert_eq!(b.held().results, 0);
+    assert_eq!(b.next_result(q("q"), Duration::ZERO).await.unwrap(), None);
+    b.check();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_waiting_call_takes_no_task() {
+    let b = broker();
+    // Poll the lease future once (it registers as a waiter), then drop it.
+    {
+        let fut = b.lease(req("q", "w", SEC), 60 * SEC);
+        tokio::pin!(fut);
+        assert!(futures_poll_once(fut.as_mut()).await.is_none());
+    }
+    let id = put(&b, "q", "x").await;
+    assert_eq!(take(&b, "q", SEC).await.id, id);
+    b.check();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_handed_to_a_call_that_is_gone_goes_back_at_once() {
+    let b = broker();
+    let mut fut = Box::pin(b.lease(req("q", "gone", SEC), 60 * SEC));
+    assert!(futures_poll_once(fut.as_mut()).await.is_none());
+    // The put hands the task to the waiting call inside the lock...
+    let id = put(&b, "q", "x").await;
+    assert_eq!(stats(&b, "q").leased, 1);
+    // ...which is dropped before it returns: the task is back, first
+    // delivery not counted.
+    drop(fut);
+    let t = take(&b, "q", SEC).await;
+    assert_eq!((t.id, t.attempt), (id, 1));
+    b.check();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_result_handed_to_a_call_that_is_gone_goes_back() {
+    let b = broker();
+    let mut fut = Box::pin(b.next_result(q("q"), 60 * SEC));
+    assert!(futures_poll_once(fut.as_mut()).await.is_none());
+    let id = put(&b, "q", "x").await;
+    let t = take(&b, "q", SEC).await;
+    b.complete(t.lease_id, ok("r")).unwrap();
+    drop(fut);
+    let result = b.next_result(q("q"), Duration::ZERO).await.unwrap().unwrap();
+    assert_eq!(result.task_id, id);
+    b.check();
+}
+
+/// Every waiting call, polled k times and then dropped, for every k up to
+/// its completion, leaves the broker consistent and takes nothing with it.
+#[tokio::test(start_paused = true)]
+async fn every_waiting_call_is_cancellation_safe() {
+    for k in 0..4 {
+        let b = Broker::new(BrokerConfig {
+            queue_capacity: 1,
+            ..BrokerConfig::default()
+        });
+        // A task waiting for a result, and a full queue "q".
+        let unfinished = put(&b, "q", "x").await;
+
+        assert!(!poll_then_drop(k, b.lease(req("empty", "w", SEC), 10 * SEC)).await);
+        b.check();
+        let id = put(&b, "empty", "y").await;
+        let s = stats(&b, "empty");
+        assert_eq!((s.pending, s.leased), (1, 0), "k={k}: a dropped call took a task");
+
+        assert!(!poll_then_drop(k, b.put(task("q", "z"), 10 * SEC)).await);
+        b.check();
+        assert_eq!(stats(&b, "q").pending, 1, "k={k}: a dropped put stored a task");
+
+        assert!(!poll_then_drop(k, b.result(unfinished, 10 * SEC)).await);
+        b.check();
+
+        assert!(!poll_then_drop(k, b.next_result(q("empty"), 10 * SEC)).await);
+        b.check();
+        let t = take(&b, "empty", SEC).await;
+        assert_eq!(t.id, id);
+        b.complete(t.lease_id, ok("r")).unwrap();
+        assert_eq!(
+            stats(&b, "empty").results_unclaimed,
+            1,
+            "k={k}: a dropped call took a result"
+        );
+        b.check();
+    }
+}
+
+/// Polls `fut` up to k times, then drops it. True if it finished.
+async fn poll_then_drop<F: std::future::Future>(k: usize, fut: F) -> bool {
+    tokio::pin!(fut);
+    for _ in 0..k {
+        if futures_poll_once(fut.as_mut()).await.is_some() {
+            return true;
+        }
+    }
+    false
+}
+
+/// Polls a future once; `Some` if it finished.
+async fn futures_poll_once<F: std::future::Future>(
+    fut: std::pin::Pin<&mut F>,
+) -> Option<F::Output> {
+    let mut fut = Some(fut);
+    std::future::poll_fn(move |cx| {
+        let f = fut.take().expect("polled once");
+        std::task::Poll::Ready(match f.poll(cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
+}
+
+#[tokio::test(start_paused = true)]
+async fn closing_answers_waiting_calls_at_once() {
+    let b = broker();
+    let waiting = tokio::spawn({
+        let b = b.clone();
+        async move { b.lease(req("q", "w", SEC), 600 * SEC).await }
+    });
+    tokio::time::sleep(SEC).await;
+    let started = Instant::now();
+    b.close();
+    assert_eq!(waiting.await.unwrap().unwrap(), None);
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    assert_eq!(
+        b.put(task("q", "x"), Duration::ZERO).await,
+        Err(BrokerError::ShuttingDown)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn stats_report_workers_and_their_liveness() {
+    let b = Broker::new(BrokerConfig {
+        worker_timeout: 10 * SEC,
+        ..BrokerConfig::default()
+    });
+    put(&b, "q", "x").await;
+    let t = take(&b, "q", 60 * SEC).await;
+    let worker = &b.stats(None).workers[0];
+    assert_eq!((worker.worker.as_str(), worker.in_flight, worker.alive), ("w1", 1, true));
+    assert_eq!(worker.queue.as_ref().unwrap().as_str(), "q");
+    tokio::time::sleep(11 * SEC).await;
+    assert!(!b.stats(None).workers[0].alive);
+    b.extend(t.lease_id, None).unwrap();
+    assert!(b.stats(None).workers[0].alive, "an extension counts as a sign of life");
+    b.complete(t.lease_id, ok("r")).unwrap();
+    assert_eq!(b.stats(None).workers[0].in_flight, 0);
+    put(&b, "q", "y").await;
+    tokio::time::sleep(5 * SEC).await;
+    let s = stats(&b, "q");
+    assert_eq!(s.oldest_pending_age, 5 * SEC);
+    assert_eq!((s.succeeded, s.pending), (1, 1));
+    // An unknown queue reports zeros rather than an error.
+    assert_eq!(stats(&b, "nothing").pending, 0);
+}
+
+/// Many producers and consumers on a multi-threaded runtime: every task is
+/// completed exactly once and none is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_producers_and_consumers_complete_every_task_once() {
+    const PRODUCERS: usize = 4;
+    const CONSUMERS: usize = 4;
+    const PER_PRODUCER: usize = 500;
+    let b = broker();
+    let mut producers = Vec::new();
+    for p in 0..PRODUCERS {
+        let b = b.clone();
+        producers.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..PER_PRODUCER {
+                let t = task("q", &format!("{p}-{i}"));
+                ids.push(b.put(t, 10 * SEC).await.unwrap().task_id);
+            }
+            ids
+        }));
+    }
+    let completed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut consumers = Vec::new();
+    for c in 0..CONSUMERS {
+        let b = b.clone();
+        let completed = completed.clone();
+        consumers.push(tokio::spawn(async move {
+            let worker = format!("w{c}");
+            while let Some(t) = b
+                .lease(req("q", &worker, 30 * SEC), Duration::from_millis(200))
+                .await
+                .unwrap()
+            {
+                b.complete(t.lease_id, Outcome::Success(t.payload.clone()))
+                    .unwrap();
+                completed.lock().unwrap().push(t.id);
+            }
+        }));
+    }
+    let mut put_ids = HashSet::new();
+    for p in producers {
+        put_ids.extend(p.await.unwrap());
+    }
+    for c in consumers {
+        c.await.unwrap();
+    }
+    let completed = completed.lock().unwrap();
+    let unique: HashSet<_> = completed.iter().copied().collect();
+    assert_eq!(put_ids.len(), PRODUCERS * PER_PRODUCER);
+    assert_eq!(completed.len(), unique.len(), "a task completed twice");
+    assert_eq!(unique, put_ids, "a task was lost");
+    let s = stats(&b, "q");
+    assert_eq!((s.succeeded, s.pending, s.leased), ((PRODUCERS * PER_PRODUCER) as u64, 0, 0));
+    b.check();
+}

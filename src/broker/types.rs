@@ -1,0 +1,311 @@
+//! The engine's vocabulary: validated names, ids, and what goes in and out.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use uuid::Uuid;
+
+use super::BrokerError;
+
+/// The longest queue name accepted.
+pub const MAX_QUEUE_NAME: usize = 128;
+/// The name used when a request leaves the queue empty.
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// A validated queue name: 1 to 128 of `A-Z a-z 0-9 . _ -`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueName(Arc<str>);
+
+impl QueueName {
+    /// Parses a queue name; `""` means [`DEFAULT_QUEUE`].
+    ///
+    /// # Errors
+    /// [`BrokerError::InvalidQueueName`] for anything longer than 128 bytes or
+    /// containing a character outside `A-Z a-z 0-9 . _ -`.
+    pub fn parse(name: &str) -> Result<Self, BrokerError> {
+        if name.is_empty() {
+            return Ok(Self(Arc::from(DEFAULT_QUEUE)));
+        }
+        let valid = name.len() <= MAX_QUEUE_NAME
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if valid {
+            Ok(Self(Arc::from(name)))
+        } else {
+            Err(BrokerError::InvalidQueueName {
+                name: name.chars().take(MAX_QUEUE_NAME + 8).collect(),
+            })
+        }
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for QueueName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A task's id: a UUIDv7, unique and sortable by creation time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskId(Uuid);
+
+impl TaskId {
+    /// Makes a new id from the wall clock and a per-process counter.
+    pub(crate) fn generate() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    /// Parses the text form; `None` when it is not a task id.
+    pub fn parse(text: &str) -> Option<Self> {
+        Uuid::try_parse(text).ok().map(Self)
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+/// Names one lease of one task. The sequence number grows with every
+/// delivery of the task, so a lease id never repeats and an old holder is
+/// told apart from the current one (a fencing token).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LeaseId {
+    /// The task leased.
+    pub task: TaskId,
+    /// Which lease of the task, from 1.
+    pub seq: u32,
+}
+
+impl LeaseId {
+    /// Parses the text form `"<task id>/<seq>"`; `None` when malformed.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (task, seq) = text.rsplit_once('/')?;
+        let seq: u32 = seq.parse().ok()?;
+        (seq > 0).then_some(())?;
+        Some(Self {
+            task: TaskId::parse(task)?,
+            seq,
+        })
+    }
+}
+
+impl fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.task, self.seq)
+    }
+}
+
+/// Who took a task: the `worker_id` a worker gives.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkerId(Arc<str>);
+
+impl WorkerId {
+    /// The longest worker id accepted, in bytes.
+    pub const MAX_LEN: usize = 256;
+
+    /// Wraps a worker id.
+    ///
+    /// # Errors
+    /// [`BrokerError::InvalidArgument`] when it is longer than
+    /// [`WorkerId::MAX_LEN`] bytes.
+    pub fn new(id: &str) -> Result<Self, BrokerError> {
+        if id.len() > Self::MAX_LEN {
+            return Err(BrokerError::InvalidArgument(format!(
+                "worker_id is {} bytes; the limit is {} bytes",
+                id.len(),
+                Self::MAX_LEN
+            )));
+        }
+        Ok(Self(Arc::from(id)))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A task as a producer submits it.
+#[derive(Clone, Debug, Default)]
+pub struct NewTask {
+    /// Where it goes.
+    pub queue: Option<QueueName>,
+    /// Opaque input for the worker.
+    pub payload: Bytes,
+    /// Deduplicates repeated submissions while the first task is held.
+    pub idempotency_key: Option<String>,
+    /// Deliveries allowed; 0 means the broker's default.
+    pub max_attempts: u32,
+    /// Metadata handed to the worker.
+    pub headers: HashMap<String, String>,
+    /// Time to live from creation.
+    pub ttl: Option<Duration>,
+}
+
+/// What [`Broker::put`](super::Broker::put) did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PutOutcome {
+    /// The stored task's id, or the first task's id when `duplicate`.
+    pub task_id: TaskId,
+    /// True when the idempotency key matched a task already held.
+    pub duplicate: bool,
+}
+
+/// A request for work.
+#[derive(Clone, Debug)]
+pub struct LeaseRequest {
+    /// The queue to take from.
+    pub queue: QueueName,
+    /// Who asks.
+    pub worker: WorkerId,
+    /// Lease length; `None` uses the broker's default. Clamped to the maximum.
+    pub lease: Option<Duration>,
+}
+
+/// A task handed to a worker under a lease.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeasedTask {
+    /// The task.
+    pub id: TaskId,
+    /// Its queue.
+    pub queue: QueueName,
+    /// Its input.
+    pub payload: Bytes,
+    /// Its metadata.
+    pub headers: HashMap<String, String>,
+    /// Which delivery this is, from 1.
+    pub attempt: u32,
+    /// Deliveries allowed.
+    pub max_attempts: u32,
+    /// The lease the worker holds.
+    pub lease_id: LeaseId,
+    /// When the lease runs out.
+    pub lease_expires_at: SystemTime,
+    /// When the task was stored.
+    pub created_at: SystemTime,
+    /// When the task's ttl runs out, if it has one.
+    pub expires_at: Option<SystemTime>,
+}
+
+/// How a worker's run of a task ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// It worked; the output goes to the result.
+    Success(Bytes),
+    /// It failed.
+    Failure {
+        /// What went wrong.
+        message: String,
+        /// Whether to try again while attempts remain.
+        retry: bool,
+    },
+}
+
+/// Where a task is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskState {
+    /// Waiting to be handed out.
+    Pending,
+    /// Handed out under a lease.
+    Leased,
+    /// Finished with an output.
+    Succeeded,
+    /// Finished with an error.
+    Failed,
+}
+
+/// A finished task's result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskResult {
+    /// The task.
+    pub task_id: TaskId,
+    /// Its queue.
+    pub queue: QueueName,
+    /// [`TaskState::Succeeded`] or [`TaskState::Failed`].
+    pub state: TaskState,
+    /// The output, when it succeeded.
+    pub output: Bytes,
+    /// The error, when it failed.
+    pub error: String,
+    /// How many times the task was handed out.
+    pub attempts: u32,
+    /// The worker whose lease produced the result; `None` if never handed out.
+    pub worker: Option<WorkerId>,
+    /// When the task was stored.
+    pub created_at: SystemTime,
+    /// When it finished.
+    pub finished_at: SystemTime,
+}
+
+/// Counters of one queue.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// The queue.
+    pub queue: String,
+    /// Tasks waiting to be handed out.
+    pub pending: u64,
+    /// Tasks handed out and not finished.
+    pub leased: u64,
+    /// Tasks finished with success since start.
+    pub succeeded: u64,
+    /// Tasks finished with failure since start.
+    pub failed: u64,
+    /// Times a task went back to the queue for another attempt.
+    pub redelivered: u64,
+    /// How long the longest-waiting pending task has waited.
+    pub oldest_pending_age: Duration,
+    /// Results not yet handed out by queue.
+    pub results_unclaimed: u64,
+    /// Results dropped by retention before anyone read them by queue.
+    pub results_evicted: u64,
+}
+
+/// What the broker knows of one worker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerInfo {
+    /// The worker.
+    pub worker: WorkerId,
+    /// The queue it last asked for work on.
+    pub queue: Option<QueueName>,
+    /// When it last called.
+    pub last_seen: SystemTime,
+    /// Tasks currently leased to it.
+    pub in_flight: u32,
+    /// False once silent for the worker timeout.
+    pub alive: bool,
+}
+
+/// A snapshot of queues and workers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// One entry per queue, sorted by name.
+    pub queues: Vec<QueueStats>,
+    /// One entry per known worker, sorted by id.
+    pub workers: Vec<WorkerInfo>,
+}
+
+/// How much the broker holds, for the shutdown log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    /// Unfinished tasks (pending and leased).
+    pub tasks: usize,
+    /// Finished results still held.
+    pub results: usize,
+}

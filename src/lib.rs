@@ -1,0 +1,15 @@
+//! taskq: a task queue over gRPC, with leases, deadlines, token auth and
+//! health checks.
+//!
+//! The crate's parts, from the inside out:
+//! - [`broker`]: the queue engine. Plain Rust, no transport types.
+//! - [`pb`]: the generated `taskq.v1` messages and stubs.
+//! - [`rpc`]: the gRPC service, a thin layer from the wire onto the broker.
+//! - [`auth`]: bearer tokens, checked by an interceptor in constant time.
+//! - [`server`]: `run(config, listener, shutdown)`: health, drain, logging.
+//! - [`config`]: the command line and `TASKQ_*` environment, validated.
+//! - [`telemetry`]: the tracing subscriber, installed only by the binary.
+#![forbid(unsafe_code)]
+
+pub mod broker;
+pub mod pb;
