@@ -9,7 +9,14 @@
 //! - [`server`]: `run(config, listener, shutdown)`: health, drain, logging.
 //! - [`config`]: the command line and `TASKQ_*` environment, validated.
 //! - [`telemetry`]: the tracing subscriber, installed only by the binary.
+//! - [`cli`]: the subcommands of the `taskq` binary.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod broker;
+pub mod cli;
+pub mod config;
 pub mod pb;
+pub mod rpc;
+pub mod server;
+pub mod telemetry;

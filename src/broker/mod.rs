@@ -158,7 +158,9 @@ impl Broker {
                     Ok(outcome) => return Ok(outcome),
                     Err(PutRefused::Error(error)) => return Err(error),
                     Err(PutRefused::Full { error, .. }) if now >= deadline => return Err(error),
-                    Err(PutRefused::Full { task: back, room, .. }) => {
+                    Err(PutRefused::Full {
+                        task: back, room, ..
+                    }) => {
                         task = back;
                         room
                     }

@@ -13,8 +13,8 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use super::{
-    BrokerConfig, BrokerError, Held, LeaseId, LeasedTask, NewTask, Outcome, PutOutcome,
-    QueueName, QueueStats, Stats, TaskId, TaskResult, TaskState, WorkerId, WorkerInfo,
+    BrokerConfig, BrokerError, Held, LeaseId, LeasedTask, NewTask, Outcome, PutOutcome, QueueName,
+    QueueStats, Stats, TaskId, TaskResult, TaskState, WorkerId, WorkerInfo,
 };
 
 /// Most headers a task may carry.
@@ -690,8 +690,7 @@ impl State {
                 if !is_current {
                     return Err(BrokerError::stale(lease));
                 }
-                let can_retry =
-                    retry && entry.attempt < entry.max_attempts && !entry.expired(now);
+                let can_retry = retry && entry.attempt < entry.max_attempts && !entry.expired(now);
                 self.touch_worker(&holder, None, now);
                 if can_retry {
                     self.release(lease.task);
@@ -863,7 +862,9 @@ impl State {
         let before = entry.result_waiters.len();
         entry.result_waiters.retain(|w| !w.tx.is_closed());
         let gone = before - entry.result_waiters.len();
-        entry.result_waiters.push(ResultWaiter { id: waiter_id, tx });
+        entry
+            .result_waiters
+            .push(ResultWaiter { id: waiter_id, tx });
         self.waiters -= gone;
         Ok(waiter_id)
     }
@@ -878,7 +879,10 @@ impl State {
     }
 
     /// Hands out the queue's oldest unclaimed result, if there is one.
-    pub fn next_result(&mut self, queue_name: &QueueName) -> Result<Option<TaskResult>, BrokerError> {
+    pub fn next_result(
+        &mut self,
+        queue_name: &QueueName,
+    ) -> Result<Option<TaskResult>, BrokerError> {
         self.queue_mut(queue_name)?;
         loop {
             let queue = self.queue_of(queue_name);

@@ -37,7 +37,10 @@ fn req(queue: &str, worker: &str, lease: Duration) -> LeaseRequest {
 }
 
 async fn put(b: &Broker, queue: &str, payload: &str) -> TaskId {
-    b.put(task(queue, payload), Duration::ZERO).await.unwrap().task_id
+    b.put(task(queue, payload), Duration::ZERO)
+        .await
+        .unwrap()
+        .task_id
 }
 
 async fn take(b: &Broker, queue: &str, lease: Duration) -> LeasedTask {
@@ -72,7 +75,10 @@ async fn hands_out_tasks_in_fifo_order() {
     ];
     for (id, payload) in ids.iter().zip(["a", "b", "c"]) {
         let t = take(&b, "q", SEC).await;
-        assert_eq!((t.id, &t.payload[..], t.attempt), (*id, payload.as_bytes(), 1));
+        assert_eq!(
+            (t.id, &t.payload[..], t.attempt),
+            (*id, payload.as_bytes(), 1)
+        );
     }
     b.check();
 }
@@ -94,8 +100,17 @@ async fn ids_sort_by_creation() {
 async fn queues_are_separate_and_empty_name_means_default() {
     let b = broker();
     put(&b, "a", "1").await;
-    let id = b.put(NewTask::default(), Duration::ZERO).await.unwrap().task_id;
-    assert!(b.lease(req("b", "w", SEC), Duration::ZERO).await.unwrap().is_none());
+    let id = b
+        .put(NewTask::default(), Duration::ZERO)
+        .await
+        .unwrap()
+        .task_id;
+    assert!(
+        b.lease(req("b", "w", SEC), Duration::ZERO)
+            .await
+            .unwrap()
+            .is_none()
+    );
     let t = take(&b, "", SEC).await;
     assert_eq!((t.id, t.queue.as_str()), (id, "default"));
     assert_eq!(take(&b, "a", SEC).await.payload, "1");
@@ -137,12 +152,20 @@ async fn an_expired_lease_redelivers_exactly_at_expiry_to_the_head() {
     // The second task is free now; the first comes back only at expiry.
     assert_eq!(take(&b, "q", 60 * SEC).await.id, second);
     let started = Instant::now();
-    let again = b.lease(req("q", "w2", SEC), 60 * SEC).await.unwrap().unwrap();
+    let again = b
+        .lease(req("q", "w2", SEC), 60 * SEC)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(again.id, first);
     assert_eq!(again.attempt, 2);
     assert_ne!(again.lease_id, t.lease_id);
     // Leased at t=0 for 5s; this call started at t=0 too.
-    assert_eq!(started.elapsed(), 5 * SEC, "redelivered at expiry, not before");
+    assert_eq!(
+        started.elapsed(),
+        5 * SEC,
+        "redelivered at expiry, not before"
+    );
     assert_eq!(stats(&b, "q").redelivered, 1);
     b.check();
 }
@@ -192,7 +215,11 @@ async fn extend_moves_expiry_for_the_holder_only() {
     b.extend(t.lease_id, Some(5 * SEC)).unwrap();
     // The old expiry (t=2s) passes without redelivery; the new one is t=6s.
     let started = Instant::now();
-    let again = b.lease(req("q", "w2", SEC), 60 * SEC).await.unwrap().unwrap();
+    let again = b
+        .lease(req("q", "w2", SEC), 60 * SEC)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(started.elapsed(), 5 * SEC);
     assert_eq!(again.attempt, 2);
     // The first holder's lease is no longer current.
@@ -226,7 +253,10 @@ async fn leases_are_clamped_to_the_maximum() {
     let now = std::time::SystemTime::now();
     let t = take(&b, "q", 3600 * SEC).await;
     let granted = t.lease_expires_at.duration_since(now).unwrap();
-    assert!(granted <= 10 * SEC + Duration::from_millis(50), "{granted:?}");
+    assert!(
+        granted <= 10 * SEC + Duration::from_millis(50),
+        "{granted:?}"
+    );
     let extended = b.extend(t.lease_id, Some(3600 * SEC)).unwrap();
     assert!(extended.duration_since(now).unwrap() <= 10 * SEC + Duration::from_millis(50));
     // No lease given: the default.
@@ -243,7 +273,10 @@ async fn leases_are_clamped_to_the_maximum() {
         .unwrap()
         .unwrap();
     let granted = t.lease_expires_at.duration_since(now).unwrap();
-    assert!(granted >= 3 * SEC - Duration::from_millis(50) && granted <= 3 * SEC + Duration::from_millis(50));
+    assert!(
+        granted >= 3 * SEC - Duration::from_millis(50)
+            && granted <= 3 * SEC + Duration::from_millis(50)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -263,7 +296,10 @@ async fn results_are_write_once() {
         Err(BrokerError::ResultConflict(id))
     );
     let result = b.result(id, Duration::ZERO).await.unwrap().unwrap();
-    assert_eq!((&result.output[..], result.state), (&b"out"[..], TaskState::Succeeded));
+    assert_eq!(
+        (&result.output[..], result.state),
+        (&b"out"[..], TaskState::Succeeded)
+    );
     assert_eq!(result.attempts, 1);
     b.check();
 }
@@ -280,7 +316,10 @@ async fn a_late_success_counts_but_a_late_failure_is_stale() {
         b.complete(old.lease_id, fail("late", false)),
         Err(BrokerError::StaleLease { .. })
     ));
-    assert_eq!(b.complete(old.lease_id, ok("late")), Ok(TaskState::Succeeded));
+    assert_eq!(
+        b.complete(old.lease_id, ok("late")),
+        Ok(TaskState::Succeeded)
+    );
     let result = b.result(id, Duration::ZERO).await.unwrap().unwrap();
     assert_eq!(result.worker.unwrap().as_str(), "w1");
     // The current holder's report now conflicts.
@@ -312,14 +351,26 @@ async fn retried_failures_go_to_the_front_until_attempts_run_out() {
     let id = b.put(t, Duration::ZERO).await.unwrap().task_id;
     put(&b, "q", "behind").await;
     let first = take(&b, "q", SEC).await;
-    assert_eq!(b.complete(first.lease_id, fail("flaky", true)), Ok(TaskState::Pending));
+    assert_eq!(
+        b.complete(first.lease_id, fail("flaky", true)),
+        Ok(TaskState::Pending)
+    );
     // Repeating the same report is answered the same way and changes nothing.
-    assert_eq!(b.complete(first.lease_id, fail("flaky", true)), Ok(TaskState::Pending));
+    assert_eq!(
+        b.complete(first.lease_id, fail("flaky", true)),
+        Ok(TaskState::Pending)
+    );
     let second = take(&b, "q", SEC).await;
     assert_eq!((second.id, second.attempt), (id, 2));
-    assert_eq!(b.complete(second.lease_id, fail("flaky", true)), Ok(TaskState::Failed));
+    assert_eq!(
+        b.complete(second.lease_id, fail("flaky", true)),
+        Ok(TaskState::Failed)
+    );
     let result = b.result(id, Duration::ZERO).await.unwrap().unwrap();
-    assert_eq!((result.state, result.error.as_str()), (TaskState::Failed, "flaky"));
+    assert_eq!(
+        (result.state, result.error.as_str()),
+        (TaskState::Failed, "flaky")
+    );
     let s = stats(&b, "q");
     assert_eq!((s.failed, s.redelivered, s.pending), (1, 1, 1));
     b.check();
@@ -330,7 +381,10 @@ async fn a_failure_without_retry_is_final() {
     let b = broker();
     let id = put(&b, "q", "x").await;
     let t = take(&b, "q", SEC).await;
-    assert_eq!(b.complete(t.lease_id, fail("bad input", false)), Ok(TaskState::Failed));
+    assert_eq!(
+        b.complete(t.lease_id, fail("bad input", false)),
+        Ok(TaskState::Failed)
+    );
     assert_eq!(
         b.result(id, Duration::ZERO).await.unwrap().unwrap().error,
         "bad input"
@@ -409,7 +463,10 @@ async fn bad_tasks_are_refused_with_reasons() {
     });
     assert_eq!(
         b.put(task("q", "01234567890"), Duration::ZERO).await,
-        Err(BrokerError::PayloadTooLarge { size: 11, limit: 10 })
+        Err(BrokerError::PayloadTooLarge {
+            size: 11,
+            limit: 10
+        })
     );
     let too_many = NewTask {
         max_attempts: MAX_ATTEMPTS_LIMIT + 1,
@@ -419,7 +476,9 @@ async fn bad_tasks_are_refused_with_reasons() {
         b.put(too_many, Duration::ZERO).await,
         Err(BrokerError::InvalidArgument(_))
     ));
-    let headers = (0..=MAX_HEADERS).map(|i| (i.to_string(), String::new())).collect();
+    let headers = (0..=MAX_HEADERS)
+        .map(|i| (i.to_string(), String::new()))
+        .collect();
     let many_headers = NewTask {
         headers,
         ..task("q", "x")
@@ -460,7 +519,12 @@ async fn a_pending_task_expires_at_its_ttl() {
     assert_eq!(result.state, TaskState::Failed);
     assert!(result.error.contains("expired"), "{}", result.error);
     assert_eq!(result.attempts, 0);
-    assert!(b.lease(req("q", "w", SEC), Duration::ZERO).await.unwrap().is_none());
+    assert!(
+        b.lease(req("q", "w", SEC), Duration::ZERO)
+            .await
+            .unwrap()
+            .is_none()
+    );
     b.check();
 }
 
@@ -477,7 +541,12 @@ async fn a_task_past_its_ttl_is_not_redelivered() {
     // The ttl passes while leased; the lease's expiry then ends the task.
     let result = b.result(id, 60 * SEC).await.unwrap().unwrap();
     assert!(result.error.contains("expired"), "{}", result.error);
-    assert!(b.lease(req("q", "w", SEC), Duration::ZERO).await.unwrap().is_none());
+    assert!(
+        b.lease(req("q", "w", SEC), Duration::ZERO)
+            .await
+            .unwrap()
+            .is_none()
+    );
     // A retried failure after the ttl ends it too.
     let with_ttl = NewTask {
         ttl: Some(3 * SEC),
@@ -486,7 +555,10 @@ async fn a_task_past_its_ttl_is_not_redelivered() {
     b.put(with_ttl, Duration::ZERO).await.unwrap();
     let t = take(&b, "q", 10 * SEC).await;
     tokio::time::sleep(4 * SEC).await;
-    assert_eq!(b.complete(t.lease_id, fail("try again", true)), Ok(TaskState::Failed));
+    assert_eq!(
+        b.complete(t.lease_id, fail("try again", true)),
+        Ok(TaskState::Failed)
+    );
     b.check();
 }
 
@@ -524,8 +596,16 @@ async fn queue_results_come_in_completion_order_once_each() {
     b.complete(tc.lease_id, ok("C")).unwrap();
     b.complete(ta.lease_id, fail("A", false)).unwrap();
     assert_eq!(stats(&b, "q").results_unclaimed, 2);
-    let first = b.next_result(q("q"), Duration::ZERO).await.unwrap().unwrap();
-    let second = b.next_result(q("q"), Duration::ZERO).await.unwrap().unwrap();
+    let first = b
+        .next_result(q("q"), Duration::ZERO)
+        .await
+        .unwrap()
+        .unwrap();
+    let second = b
+        .next_result(q("q"), Duration::ZERO)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((first.task_id, second.task_id), (c, a));
     assert_eq!(second.state, TaskState::Failed);
     assert_eq!(b.next_result(q("q"), SEC).await.unwrap(), None);
@@ -615,7 +695,11 @@ async fn a_result_handed_to_a_call_that_is_gone_goes_back() {
     let t = take(&b, "q", SEC).await;
     b.complete(t.lease_id, ok("r")).unwrap();
     drop(fut);
-    let result = b.next_result(q("q"), Duration::ZERO).await.unwrap().unwrap();
+    let result = b
+        .next_result(q("q"), Duration::ZERO)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(result.task_id, id);
     b.check();
 }
@@ -636,11 +720,19 @@ async fn every_waiting_call_is_cancellation_safe() {
         b.check();
         let id = put(&b, "empty", "y").await;
         let s = stats(&b, "empty");
-        assert_eq!((s.pending, s.leased), (1, 0), "k={k}: a dropped call took a task");
+        assert_eq!(
+            (s.pending, s.leased),
+            (1, 0),
+            "k={k}: a dropped call took a task"
+        );
 
         assert!(!poll_then_drop(k, b.put(task("q", "z"), 10 * SEC)).await);
         b.check();
-        assert_eq!(stats(&b, "q").pending, 1, "k={k}: a dropped put stored a task");
+        assert_eq!(
+            stats(&b, "q").pending,
+            1,
+            "k={k}: a dropped put stored a task"
+        );
 
         assert!(!poll_then_drop(k, b.result(unfinished, 10 * SEC)).await);
         b.check();
@@ -712,12 +804,18 @@ async fn stats_report_workers_and_their_liveness() {
     put(&b, "q", "x").await;
     let t = take(&b, "q", 60 * SEC).await;
     let worker = &b.stats(None).workers[0];
-    assert_eq!((worker.worker.as_str(), worker.in_flight, worker.alive), ("w1", 1, true));
+    assert_eq!(
+        (worker.worker.as_str(), worker.in_flight, worker.alive),
+        ("w1", 1, true)
+    );
     assert_eq!(worker.queue.as_ref().unwrap().as_str(), "q");
     tokio::time::sleep(11 * SEC).await;
     assert!(!b.stats(None).workers[0].alive);
     b.extend(t.lease_id, None).unwrap();
-    assert!(b.stats(None).workers[0].alive, "an extension counts as a sign of life");
+    assert!(
+        b.stats(None).workers[0].alive,
+        "an extension counts as a sign of life"
+    );
     b.complete(t.lease_id, ok("r")).unwrap();
     assert_eq!(b.stats(None).workers[0].in_flight, 0);
     put(&b, "q", "y").await;
@@ -780,6 +878,9 @@ async fn many_producers_and_consumers_complete_every_task_once() {
     assert_eq!(completed.len(), unique.len(), "a task completed twice");
     assert_eq!(unique, put_ids, "a task was lost");
     let s = stats(&b, "q");
-    assert_eq!((s.succeeded, s.pending, s.leased), ((PRODUCERS * PER_PRODUCER) as u64, 0, 0));
+    assert_eq!(
+        (s.succeeded, s.pending, s.leased),
+        ((PRODUCERS * PER_PRODUCER) as u64, 0, 0)
+    );
     b.check();
 }

@@ -1,0 +1,374 @@
+//! The command line: every flag documented (the doc is `--help`), each with
+//! a `TASKQ_*` environment twin and a named default, validated before
+//! anything binds a port. A bad value exits 2 with a message naming the flag.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::auth::Tokens;
+use crate::broker::BrokerConfig;
+use crate::server::ServerConfig;
+
+/// taskq: a task queue over gRPC.
+///
+/// Producers put tasks on named queues, workers anywhere lease them, run
+/// them and report results, and producers read the results back. Leases
+/// make sure a crashed worker never loses a task.
+#[derive(Debug, Parser)]
+#[command(name = "taskq", version, propagate_version = true)]
+pub struct Cli {
+    /// Logging options, for every subcommand.
+    #[command(flatten)]
+    pub log: LogArgs,
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How logs are written (to stderr).
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Log filter in `RUST_LOG` syntax, e.g. `info` or `taskq=debug,warn`.
+    /// Falls back to `RUST_LOG`, then `info`.
+    #[arg(long = "log", env = "TASKQ_LOG", global = true, value_name = "FILTER")]
+    pub filter: Option<String>,
+    /// Log line format: `text` for people, `json` for log collectors.
+    #[arg(
+        long,
+        env = "TASKQ_LOG_FORMAT",
+        global = true,
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    pub log_format: LogFormat,
+}
+
+/// Log line formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One readable line per event.
+    Text,
+    /// One JSON object per event.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the taskq server.
+    Serve(ServeArgs),
+}
+
+/// `taskq serve`: the server's flags.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+AUTHENTICATION:
+  Tokens come from --token-file (one per line; blank lines and # comments
+  are skipped) or from TASKQ_TOKENS (comma-separated), never from a flag.
+  Clients send `authorization: Bearer <token>`. grpc.health.v1.Health needs
+  no token. Without tokens the server only listens on a loopback address,
+  unless --allow-unauthenticated is given.
+
+SIGNALS:
+  SIGTERM or Ctrl-C: health turns NOT_SERVING, waiting calls are answered at
+  once, new calls are refused, calls in progress get --shutdown-grace, then
+  the process exits 0. Tasks and results are held in memory only and are
+  dropped at exit.")]
+pub struct ServeArgs {
+    /// Address to listen on. Non-loopback addresses need tokens (or
+    /// --allow-unauthenticated).
+    #[arg(long, env = "TASKQ_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// File of accepted bearer tokens, one per line.
+    #[arg(long, env = "TASKQ_TOKEN_FILE", value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+
+    /// Serve without tokens on a non-loopback address. Anyone who can reach
+    /// the port can then read and write every queue.
+    #[arg(long, env = "TASKQ_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
+
+    /// Most unfinished (pending and leased) tasks per queue. A full queue
+    /// makes PutTask wait for room until its deadline, then
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TASKQ_QUEUE_CAPACITY", default_value = "100000", value_parser = positive_count)]
+    pub queue_capacity: usize,
+
+    /// Largest task payload; larger is INVALID_ARGUMENT. E.g. `4MiB`, `512KB`.
+    #[arg(long, env = "TASKQ_MAX_PAYLOAD", default_value = "4MiB", value_parser = parse_size)]
+    pub max_payload: u64,
+
+    /// Largest result output or failure message.
+    #[arg(long, env = "TASKQ_MAX_RESULT", default_value = "4MiB", value_parser = parse_size)]
+    pub max_result: u64,
+
+    /// Lease length when GetTask gives none.
+    #[arg(long, env = "TASKQ_DEFAULT_LEASE", default_value = "30s", value_parser = positive_duration)]
+    pub default_lease: Duration,
+
+    /// Longest lease or extension granted; longer requests are clamped.
+    #[arg(long, env = "TASKQ_MAX_LEASE", default_value = "1h", value_parser = positive_duration)]
+    pub max_lease: Duration,
+
+    /// Deliveries allowed for a task that asks for 0 (`max_attempts`).
+    #[arg(long, env = "TASKQ_DEFAULT_MAX_ATTEMPTS", default_value = "3",
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub default_max_attempts: u32,
+
+    /// Longest wait of GetTask, GetResult and PutTask (for room) when the
+    /// call has no gRPC deadline.
+    #[arg(long, env = "TASKQ_MAX_WAIT", default_value = "20s", value_parser = parse_duration)]
+    pub max_wait: Duration,
+
+    /// How long finished results are held.
+    #[arg(long, env = "TASKQ_RESULT_TTL", default_value = "1h", value_parser = positive_duration)]
+    pub result_ttl: Duration,
+
+    /// Most finished results held. At the bound the oldest result is dropped
+    /// (GetResult for it is then NOT_FOUND) and counted in the queue's
+    /// `results_evicted`.
+    #[arg(long, env = "TASKQ_MAX_RESULTS", default_value = "100000", value_parser = positive_count)]
+    pub max_results: usize,
+
+    /// Silence after which a worker is reported not alive.
+    #[arg(long, env = "TASKQ_WORKER_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
+    pub worker_timeout: Duration,
+
+    /// Most queues; a new queue past it is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TASKQ_MAX_QUEUES", default_value = "10000", value_parser = positive_count)]
+    pub max_queues: usize,
+
+    /// Most calls waiting at once (GetTask and GetResult); more is
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TASKQ_MAX_WAITERS", default_value = "100000", value_parser = positive_count)]
+    pub max_waiters: usize,
+
+    /// On SIGTERM, how long calls in progress may take before the server
+    /// stops anyway.
+    #[arg(long, env = "TASKQ_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// A configuration problem, naming the flag to fix.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {flag}: {message}")]
+pub struct ConfigError {
+    /// The flag (and its environment twin).
+    pub flag: &'static str,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(flag: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            flag,
+            message: message.into(),
+        }
+    }
+}
+
+/// Largest payload or result limit accepted: far above any sane value,
+/// below what a gRPC message can carry.
+const MAX_MESSAGE_LIMIT: u64 = 1 << 30;
+
+impl ServeArgs {
+    /// Checks the flags together and loads the tokens.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the flag at fault.
+    pub fn into_config(self) -> Result<ServerConfig, ConfigError> {
+        if self.default_lease > self.max_lease {
+            return Err(ConfigError::new(
+                "--default-lease (TASKQ_DEFAULT_LEASE)",
+                format!(
+                    "{} is longer than --max-lease {}",
+                    humantime::format_duration(self.default_lease),
+                    humantime::format_duration(self.max_lease)
+                ),
+            ));
+        }
+        for (flag, value) in [
+            ("--max-payload (TASKQ_MAX_PAYLOAD)", self.max_payload),
+            ("--max-result (TASKQ_MAX_RESULT)", self.max_result),
+        ] {
+            if value == 0 || value > MAX_MESSAGE_LIMIT {
+                return Err(ConfigError::new(flag, "must be between 1 byte and 1GiB"));
+            }
+        }
+        let tokens = self.load_tokens()?;
+        if tokens.is_empty() && !self.listen.ip().is_loopback() && !self.allow_unauthenticated {
+            return Err(ConfigError::new(
+                "--listen (TASKQ_LISTEN)",
+                format!(
+                    "{} is not a loopback address and no tokens are configured: set \
+                     --token-file or TASKQ_TOKENS, listen on 127.0.0.1, or pass \
+                     --allow-unauthenticated to accept anyone who can reach the port",
+                    self.listen
+                ),
+            ));
+        }
+        Ok(ServerConfig {
+            broker: BrokerConfig {
+                queue_capacity: self.queue_capacity,
+                max_payload: self.max_payload as usize,
+                max_result: self.max_result as usize,
+                default_lease: self.default_lease,
+                max_lease: self.max_lease,
+                default_max_attempts: self.default_max_attempts,
+                result_ttl: self.result_ttl,
+                max_results: self.max_results,
+                worker_timeout: self.worker_timeout,
+                max_queues: self.max_queues,
+                max_waiters: self.max_waiters,
+                ..BrokerConfig::default()
+            },
+            tokens,
+            max_wait: self.max_wait,
+            shutdown_grace: self.shutdown_grace,
+        })
+    }
+
+    fn load_tokens(&self) -> Result<Tokens, ConfigError> {
+        let from_env = std::env::var("TASKQ_TOKENS")
+            .ok()
+            .filter(|v| !v.trim().is_empty());
+        match (&self.token_file, from_env) {
+            (Some(_), Some(_)) => Err(ConfigError::new(
+                "--token-file (TASKQ_TOKEN_FILE)",
+                "both a token file and TASKQ_TOKENS are set; use one",
+            )),
+            (Some(path), None) => Tokens::from_file(path)
+                .map_err(|e| ConfigError::new("--token-file (TASKQ_TOKEN_FILE)", e.to_string())),
+            (None, Some(list)) => Tokens::from_list(&list, "TASKQ_TOKENS")
+                .map_err(|e| ConfigError::new("TASKQ_TOKENS", e.to_string())),
+            (None, None) => Ok(Tokens::none()),
+        }
+    }
+}
+
+/// Parses a duration like `30s`, `1h 30m` or `250ms`.
+///
+/// # Errors
+/// A message clap shows next to the flag.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{e}; write durations like 30s, 5m, 1h or 250ms"))
+}
+
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    let duration = parse_duration(text)?;
+    if duration.is_zero() {
+        return Err("must be longer than zero".into());
+    }
+    Ok(duration)
+}
+
+fn positive_count(text: &str) -> Result<usize, String> {
+    match text.trim().replace('_', "").parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e}: write a whole number like 100000")),
+    }
+}
+
+/// Parses a size like `4MiB`, `512KB`, `1048576` or `1 GiB`: decimal
+/// (`KB`, `MB`, `GB`) and binary (`KiB`, `MiB`, `GiB`) units, any case.
+///
+/// # Errors
+/// A message clap shows next to the flag.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size: write sizes like 4MiB, 512KB or 1048576"))?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?}: use B, KB, KiB, MB, MiB, GB or GiB"
+            ));
+        }
+    };
+    number
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes_read_like_people_write_them() {
+        assert_eq!(parse_size("4MiB"), Ok(4 * 1024 * 1024));
+        assert_eq!(parse_size("512KB"), Ok(512_000));
+        assert_eq!(parse_size("1 gib"), Ok(1 << 30));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("4 parsecs").is_err());
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("99999999999999999999GiB").is_err());
+    }
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        let mut argv = vec!["taskq", "serve"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Serve(args) => args,
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let config = serve(&[]).into_config().unwrap();
+        assert_eq!(config.broker, BrokerConfig::default());
+        assert_eq!(config.max_wait, Duration::from_secs(20));
+        assert_eq!(config.shutdown_grace, Duration::from_secs(10));
+        assert!(config.tokens.is_empty());
+    }
+
+    #[test]
+    fn bad_values_name_their_flag() {
+        let err = Cli::try_parse_from(["taskq", "serve", "--default-lease", "soon"]).unwrap_err();
+        assert!(err.to_string().contains("--default-lease"), "{err}");
+        assert_eq!(err.exit_code(), 2);
+        let err = serve(&["--default-lease", "2h"]).into_config().unwrap_err();
+        assert!(err.to_string().contains("--default-lease"), "{err}");
+        let err = Cli::try_parse_from(["taskq", "serve", "--queue-capacity", "0"]).unwrap_err();
+        assert!(err.to_string().contains("--queue-capacity"), "{err}");
+    }
+
+    #[test]
+    fn a_public_address_needs_tokens() {
+        let err = serve(&["--listen", "0.0.0.0:50051"])
+            .into_config()
+            .unwrap_err();
+        assert!(err.to_string().contains("--listen"), "{err}");
+        assert!(
+            serve(&["--listen", "0.0.0.0:50051", "--allow-unauthenticated"])
+                .into_config()
+                .is_ok()
+        );
+        assert!(serve(&["--listen", "[::1]:50051"]).into_config().is_ok());
+    }
+}

@@ -1,0 +1,160 @@
+//! Wire types to engine types and back. The only place that knows both.
+
+use std::time::{Duration, SystemTime};
+
+use tonic::Status;
+
+use crate::broker::{
+    BrokerError, LeaseId, LeasedTask, NewTask, Outcome, QueueName, QueueStats, Stats, TaskId,
+    TaskResult, TaskState, WorkerInfo,
+};
+use crate::pb;
+
+pub fn timestamp(at: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(at)
+}
+
+/// An optional wire duration; `None` when unset. Negative is invalid.
+pub fn duration(
+    field: &str,
+    value: Option<prost_types::Duration>,
+) -> Result<Option<Duration>, Status> {
+    value
+        .map(|d| {
+            Duration::try_from(d).map_err(|_| {
+                Status::invalid_argument(format!("{field} must be a non-negative duration"))
+            })
+        })
+        .transpose()
+}
+
+pub fn proto_duration(value: Duration) -> prost_types::Duration {
+    prost_types::Duration::try_from(value).unwrap_or(prost_types::Duration {
+        seconds: i64::MAX,
+        nanos: 0,
+    })
+}
+
+pub fn queue(name: &str) -> Result<QueueName, Status> {
+    Ok(QueueName::parse(name)?)
+}
+
+/// A task id from the wire. Empty is a malformed request; anything that is
+/// not one of our ids names no task.
+pub fn task_id(text: &str) -> Result<TaskId, Status> {
+    if text.is_empty() {
+        return Err(Status::invalid_argument("task_id is required"));
+    }
+    TaskId::parse(text).ok_or_else(|| BrokerError::TaskNotFound(text.into()).into())
+}
+
+/// A lease id from the wire, which must belong to `task`.
+pub fn lease_id(task: TaskId, text: &str) -> Result<LeaseId, Status> {
+    if text.is_empty() {
+        return Err(Status::invalid_argument(
+            "lease_id is required: pass the lease_id of the task as GetTask returned it",
+        ));
+    }
+    match LeaseId::parse(text) {
+        Some(lease) if lease.task == task => Ok(lease),
+        _ => Err(BrokerError::StaleLease {
+            task,
+            lease: text.into(),
+        }
+        .into()),
+    }
+}
+
+pub fn new_task(request: pb::PutTaskRequest) -> Result<NewTask, Status> {
+    Ok(NewTask {
+        queue: Some(queue(&request.queue)?),
+        payload: request.payload,
+        idempotency_key: Some(request.idempotency_key).filter(|k| !k.is_empty()),
+        max_attempts: request.max_attempts,
+        headers: request.headers,
+        ttl: duration("ttl", request.ttl)?,
+    })
+}
+
+pub fn outcome(outcome: Option<pb::put_result_request::Outcome>) -> Result<Outcome, Status> {
+    use pb::put_result_request::Outcome as Wire;
+    match outcome {
+        Some(Wire::Output(output)) => Ok(Outcome::Success(output)),
+        Some(Wire::Failure(failure)) => Ok(Outcome::Failure {
+            message: failure.message,
+            retry: failure.retry,
+        }),
+        None => Err(Status::invalid_argument(
+            "set exactly one outcome: output (success) or failure",
+        )),
+    }
+}
+
+pub fn task(task: LeasedTask) -> pb::Task {
+    pb::Task {
+        id: task.id.to_string(),
+        queue: task.queue.to_string(),
+        payload: task.payload,
+        headers: task.headers,
+        attempt: task.attempt,
+        max_attempts: task.max_attempts,
+        lease_id: task.lease_id.to_string(),
+        lease_expires_at: Some(timestamp(task.lease_expires_at)),
+        created_at: Some(timestamp(task.created_at)),
+        expires_at: task.expires_at.map(timestamp),
+    }
+}
+
+pub fn state(state: TaskState) -> pb::TaskState {
+    match state {
+        TaskState::Pending => pb::TaskState::Pending,
+        TaskState::Leased => pb::TaskState::Leased,
+        TaskState::Succeeded => pb::TaskState::Succeeded,
+        TaskState::Failed => pb::TaskState::Failed,
+    }
+}
+
+pub fn result(result: TaskResult) -> pb::Result {
+    pb::Result {
+        task_id: result.task_id.to_string(),
+        queue: result.queue.to_string(),
+        state: state(result.state).into(),
+        output: result.output,
+        error: result.error,
+        attempts: result.attempts,
+        worker_id: result.worker.map(|w| w.to_string()).unwrap_or_default(),
+        created_at: Some(timestamp(result.created_at)),
+        finished_at: Some(timestamp(result.finished_at)),
+    }
+}
+
+fn queue_stats(stats: QueueStats) -> pb::QueueStats {
+    pb::QueueStats {
+        queue: stats.queue,
+        pending: stats.pending,
+        leased: stats.leased,
+        succeeded: stats.succeeded,
+        failed: stats.failed,
+        redelivered: stats.redelivered,
+        oldest_pending_age: Some(proto_duration(stats.oldest_pending_age)),
+        results_unclaimed: stats.results_unclaimed,
+        results_evicted: stats.results_evicted,
+    }
+}
+
+fn worker_info(worker: WorkerInfo) -> pb::WorkerInfo {
+    pb::WorkerInfo {
+        worker_id: worker.worker.to_string(),
+        queue: worker.queue.map(|q| q.to_string()).unwrap_or_default(),
+        last_seen: Some(timestamp(worker.last_seen)),
+        in_flight: worker.in_flight,
+        alive: worker.alive,
+    }
+}
+
+pub fn stats(stats: Stats) -> pb::GetStatsResponse {
+    pb::GetStatsResponse {
+        queues: stats.queues.into_iter().map(queue_stats).collect(),
+        workers: stats.workers.into_iter().map(worker_info).collect(),
+    }
+}

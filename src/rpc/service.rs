@@ -1,0 +1,142 @@
+//! The `taskq.v1.TaskQueue` handlers: validate and convert, call the
+//! broker, convert back.
+
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use super::{convert, deadline};
+use crate::broker::{Broker, LeaseRequest, WorkerId};
+use crate::pb::{self, task_queue_server::TaskQueue};
+
+/// The gRPC service in front of a [`Broker`].
+#[derive(Clone, Debug)]
+pub struct TaskQueueService {
+    broker: Broker,
+    max_wait: Duration,
+}
+
+impl TaskQueueService {
+    /// A service over `broker`; blocking calls without a deadline wait at
+    /// most `max_wait`.
+    pub fn new(broker: Broker, max_wait: Duration) -> Self {
+        Self { broker, max_wait }
+    }
+
+    fn wait<T>(&self, request: &Request<T>) -> Duration {
+        deadline::wait_for(request.metadata(), self.max_wait)
+    }
+}
+
+/// The worker id a request names, or one made from the peer's address.
+fn worker_id<T>(request: &Request<T>, given: &str) -> Result<WorkerId, Status> {
+    if !given.is_empty() {
+        return Ok(WorkerId::new(given)?);
+    }
+    let peer = request
+        .remote_addr()
+        .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+    Ok(WorkerId::new(&format!("anonymous@{peer}"))?)
+}
+
+#[tonic::async_trait]
+impl TaskQueue for TaskQueueService {
+    async fn put_task(
+        &self,
+        request: Request<pb::PutTaskRequest>,
+    ) -> Result<Response<pb::PutTaskResponse>, Status> {
+        let wait = self.wait(&request);
+        let task = convert::new_task(request.into_inner())?;
+        let outcome = self.broker.put(task, wait).await?;
+        Ok(Response::new(pb::PutTaskResponse {
+            task_id: outcome.task_id.to_string(),
+            duplicate: outcome.duplicate,
+        }))
+    }
+
+    async fn get_task(
+        &self,
+        request: Request<pb::GetTaskRequest>,
+    ) -> Result<Response<pb::GetTaskResponse>, Status> {
+        let wait = self.wait(&request);
+        let worker = worker_id(&request, &request.get_ref().worker_id)?;
+        let body = request.into_inner();
+        let lease = LeaseRequest {
+            queue: convert::queue(&body.queue)?,
+            worker,
+            lease: convert::duration("lease", body.lease)?,
+        };
+        let task = self.broker.lease(lease, wait).await?;
+        Ok(Response::new(pb::GetTaskResponse {
+            task: task.map(convert::task),
+        }))
+    }
+
+    async fn extend_lease(
+        &self,
+        request: Request<pb::ExtendLeaseRequest>,
+    ) -> Result<Response<pb::ExtendLeaseResponse>, Status> {
+        let body = request.into_inner();
+        let task = convert::task_id(&body.task_id)?;
+        let lease = convert::lease_id(task, &body.lease_id)?;
+        let extend_by = convert::duration("extend_by", body.extend_by)?;
+        let expires_at = self.broker.extend(lease, extend_by)?;
+        Ok(Response::new(pb::ExtendLeaseResponse {
+            lease_expires_at: Some(convert::timestamp(expires_at)),
+        }))
+    }
+
+    async fn put_result(
+        &self,
+        request: Request<pb::PutResultRequest>,
+    ) -> Result<Response<pb::PutResultResponse>, Status> {
+        let body = request.into_inner();
+        let task = convert::task_id(&body.task_id)?;
+        let lease = convert::lease_id(task, &body.lease_id)?;
+        let outcome = convert::outcome(body.outcome)?;
+        let state = self.broker.complete(lease, outcome)?;
+        Ok(Response::new(pb::PutResultResponse {
+            state: convert::state(state).into(),
+        }))
+    }
+
+    async fn get_result(
+        &self,
+        request: Request<pb::GetResultRequest>,
+    ) -> Result<Response<pb::GetResultResponse>, Status> {
+        use pb::get_result_request::Target;
+        let wait = self.wait(&request);
+        let result = match request.into_inner().target {
+            Some(Target::TaskId(id)) => {
+                let task = convert::task_id(&id)?;
+                self.broker.result(task, wait).await?
+            }
+            Some(Target::Queue(queue)) => {
+                let queue = convert::queue(&queue)?;
+                self.broker.next_result(queue, wait).await?
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "set a target: task_id (that task's result) or queue (the next result)",
+                ));
+            }
+        };
+        Ok(Response::new(pb::GetResultResponse {
+            result: result.map(convert::result),
+        }))
+    }
+
+    async fn get_stats(
+        &self,
+        request: Request<pb::GetStatsRequest>,
+    ) -> Result<Response<pb::GetStatsResponse>, Status> {
+        let name = request.into_inner().queue;
+        let queue = if name.is_empty() {
+            None
+        } else {
+            Some(convert::queue(&name)?)
+        };
+        let stats = self.broker.stats(queue.as_ref());
+        Ok(Response::new(convert::stats(stats)))
+    }
+}

@@ -1,0 +1,149 @@
+//! Runs the server on a bound listener until a shutdown signal, then
+//! drains: health NOT_SERVING, waiting calls answered, new calls refused,
+//! calls in progress given a grace period.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::auth::{TokenAuth, Tokens};
+use crate::broker::{Broker, BrokerConfig};
+use crate::pb::task_queue_server::{SERVICE_NAME, TaskQueueServer};
+use crate::rpc::TaskQueueService;
+
+/// Everything the server needs, validated.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Limits and defaults of the queue engine.
+    pub broker: BrokerConfig,
+    /// Accepted bearer tokens; empty means no authentication.
+    pub tokens: Tokens,
+    /// Longest wait of a blocking call without a deadline.
+    pub max_wait: Duration,
+    /// How long calls in progress may take after a shutdown signal.
+    pub shutdown_grace: Duration,
+}
+
+impl ServerConfig {
+    /// A configuration with the engine's defaults and no tokens.
+    pub fn new(broker: BrokerConfig) -> Self {
+        Self {
+            broker,
+            tokens: Tokens::none(),
+            max_wait: Duration::from_secs(20),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+
+    /// The gRPC decode limit: above the payload limit plus room for the
+    /// other fields, so an oversized payload gets the clear
+    /// INVALID_ARGUMENT of the broker, not a transport error.
+    fn decode_limit(&self) -> usize {
+        self.broker.max_payload.max(self.broker.max_result) + 1024 * 1024
+    }
+}
+
+/// Why the server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The transport failed.
+    #[error("transport error: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The server task panicked or was cancelled.
+    #[error("server task ended abnormally: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// HTTP/2 keepalive: finds peers that vanished without closing (a
+/// partitioned worker holding a long-poll) so their calls are dropped and
+/// what they held goes back.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `taskq.v1.TaskQueue` and `grpc.health.v1.Health` on `listener`
+/// until `shutdown` resolves, then drains and returns.
+///
+/// # Errors
+/// A [`ServerError`] when the transport fails.
+pub async fn run(
+    config: ServerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let broker = Broker::new(config.broker.clone());
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let queue_service =
+        TaskQueueServer::new(TaskQueueService::new(broker.clone(), config.max_wait))
+            .max_decoding_message_size(config.decode_limit());
+    let queue_service =
+        InterceptedService::new(queue_service, TokenAuth::new(config.tokens.clone()));
+
+    let addr = listener.local_addr().ok();
+    let incoming = TcpListenerStream::new(listener).map(|stream| {
+        let stream = stream?;
+        // Small request/answer messages: do not wait to fill a segment.
+        stream.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(stream)
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serve = Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .add_service(health_service)
+        .add_service(queue_service)
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = stopped.await;
+        });
+    let mut serving = tokio::spawn(serve);
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+        .await;
+    tracing::info!(
+        addr = ?addr,
+        auth = if config.tokens.is_empty() { "none" } else { "bearer tokens" },
+        tokens = config.tokens.len(),
+        "taskq serving"
+    );
+
+    tokio::select! {
+        () = shutdown => {}
+        ended = &mut serving => {
+            tracing::error!("server stopped before a shutdown signal");
+            return ended?.map_err(ServerError::from);
+        }
+    }
+
+    tracing::info!(grace = ?config.shutdown_grace, "shutdown signal: draining");
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+    broker.close();
+    let _ = stop.send(());
+    let result = match tokio::time::timeout(config.shutdown_grace, &mut serving).await {
+        Ok(ended) => ended?.map_err(ServerError::from),
+        Err(_) => {
+            tracing::warn!(
+                grace = ?config.shutdown_grace,
+                "calls still running after the grace period; stopping anyway"
+            );
+            serving.abort();
+            Ok(())
+        }
+    };
+    let held = broker.held();
+    tracing::info!(
+        tasks = held.tasks,
+        results = held.results,
+        "taskq stopped; held tasks and results were in memory only and are dropped"
+    );
+    result
+}
