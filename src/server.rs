@@ -55,6 +55,9 @@ pub enum ServerError {
     /// The transport failed.
     #[error("transport error: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The listener could not report its address.
+    #[error("listener error: {0}")]
+    Io(#[from] std::io::Error),
     /// The server task panicked or was cancelled.
     #[error("server task ended abnormally: {0}")]
     Join(#[from] tokio::task::JoinError),
@@ -84,7 +87,7 @@ pub async fn run(
     let queue_service =
         InterceptedService::new(queue_service, TokenAuth::new(config.tokens.clone()));
 
-    let addr = listener.local_addr().ok();
+    let addr = listener.local_addr()?;
     let incoming = TcpListenerStream::new(listener).map(|stream| {
         let stream = stream?;
         // Small request/answer messages: do not wait to fill a segment.
@@ -100,12 +103,14 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stopped.await;
         });
-    let mut serving = tokio::spawn(serve);
+    // Ready before the first connection is accepted: a probe never sees
+    // the service as unknown.
     health
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
         .await;
+    let mut serving = tokio::spawn(serve);
     tracing::info!(
-        addr = ?addr,
+        %addr,
         auth = if config.tokens.is_empty() { "none" } else { "bearer tokens" },
         tokens = config.tokens.len(),
         "taskq serving"

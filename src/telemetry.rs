@@ -1,6 +1,8 @@
 //! Installs the tracing subscriber. Called once, from `main` only: the
 //! library emits events and never decides where they go.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{ConfigError, LogArgs, LogFormat};
@@ -23,7 +25,8 @@ pub fn init(args: &LogArgs) -> Result<(), ConfigError> {
     })?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match args.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

@@ -1031,6 +1031,7 @@ impl State {
                 oldest_pending_age: self.oldest_pending_age(q, now),
                 results_unclaimed: q.results_unclaimed,
                 results_evicted: q.results_evicted,
+                waiting_workers: q.task_waiters.len() as u64,
             })
             .collect();
         if let (Some(name), true) = (only, queues.is_empty()) {

@@ -275,6 +275,8 @@ pub struct QueueStats {
     pub results_unclaimed: u64,
     /// Results dropped by retention before anyone read them by queue.
     pub results_evicted: u64,
+    /// GetTask calls waiting on this queue.
+    pub waiting_workers: u64,
 }
 
 /// What the broker knows of one worker.

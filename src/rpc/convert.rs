@@ -139,6 +139,7 @@ fn queue_stats(stats: QueueStats) -> pb::QueueStats {
         oldest_pending_age: Some(proto_duration(stats.oldest_pending_age)),
         results_unclaimed: stats.results_unclaimed,
         results_evicted: stats.results_evicted,
+        waiting_workers: stats.waiting_workers,
     }
 }
 

@@ -1,0 +1,101 @@
+//! A real server on 127.0.0.1:0 for integration tests, with clients.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use taskq::broker::BrokerConfig;
+use taskq::pb::task_queue_client::TaskQueueClient;
+use taskq::server::{self, ServerConfig, ServerError};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+pub type Client = TaskQueueClient<Channel>;
+pub type AuthClient = TaskQueueClient<
+    InterceptedService<
+        Channel,
+        Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send + Sync>,
+    >,
+>;
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    handle: JoinHandle<Result<(), ServerError>>,
+}
+
+impl TestServer {
+    pub async fn spawn() -> Self {
+        Self::with_config(ServerConfig::new(BrokerConfig::default())).await
+    }
+
+    pub async fn with_broker(broker: BrokerConfig) -> Self {
+        Self::with_config(ServerConfig::new(broker)).await
+    }
+
+    pub async fn with_config(config: ServerConfig) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(server::run(config, listener, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            stop: Some(stop),
+            handle,
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn client(&self) -> Client {
+        TaskQueueClient::new(self.channel().await)
+    }
+
+    pub async fn client_with_token(&self, token: &str) -> AuthClient {
+        let value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+        let add_token: Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send + Sync> =
+            Box::new(move |mut request: Request<()>| {
+                request
+                    .metadata_mut()
+                    .insert("authorization", value.clone());
+                Ok(request)
+            });
+        TaskQueueClient::with_interceptor(self.channel().await, add_token)
+    }
+
+    /// Sends the shutdown signal without waiting for the server to stop.
+    pub fn signal_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Stops the server and joins it, so its errors and panics fail the test.
+    pub async fn shutdown(mut self) {
+        self.signal_shutdown();
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("server stops within 30s")
+            .expect("server task did not panic")
+            .expect("server ran without error");
+    }
+}
+
+/// A request with a gRPC deadline.
+pub fn with_deadline<T>(message: T, timeout: Duration) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
