@@ -161,7 +161,7 @@ impl Broker {
                     Err(PutRefused::Full {
                         task: back, room, ..
                     }) => {
-                        task = back;
+                        task = *back;
                         room
                     }
                 };

@@ -169,7 +169,7 @@ struct WorkerRecord {
 pub(super) enum PutRefused {
     /// The queue is full: wait on `room`, then try again with `task`.
     Full {
-        task: NewTask,
+        task: Box<NewTask>,
         room: Arc<Notify>,
         error: BrokerError,
     },
@@ -322,7 +322,7 @@ impl State {
         if queue.unfinished() >= capacity as u64 {
             let room = queue.room.clone();
             return Err(PutRefused::Full {
-                task,
+                task: Box::new(task),
                 room,
                 error: BrokerError::QueueFull {
                     queue: queue_name,

@@ -15,12 +15,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
 pub type Client = TaskQueueClient<Channel>;
-pub type AuthClient = TaskQueueClient<
-    InterceptedService<
-        Channel,
-        Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send + Sync>,
-    >,
->;
+type AddToken = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send + Sync>;
+pub type AuthClient = TaskQueueClient<InterceptedService<Channel, AddToken>>;
 
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -65,13 +61,12 @@ impl TestServer {
 
     pub async fn client_with_token(&self, token: &str) -> AuthClient {
         let value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
-        let add_token: Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send + Sync> =
-            Box::new(move |mut request: Request<()>| {
-                request
-                    .metadata_mut()
-                    .insert("authorization", value.clone());
-                Ok(request)
-            });
+        let add_token: AddToken = Box::new(move |mut request: Request<()>| {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+            Ok(request)
+        });
         TaskQueueClient::with_interceptor(self.channel().await, add_token)
     }
 

@@ -1,0 +1,122 @@
+//! The `taskq` binary as an operator runs it: exit codes, messages, signals.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use taskq::pb::{self, task_queue_client::TaskQueueClient};
+
+fn taskq() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_taskq"));
+    command.env_remove("TASKQ_TOKENS").env_remove("RUST_LOG");
+    command
+}
+
+fn run_serve(args: &[&str]) -> (i32, String) {
+    let output = taskq().arg("serve").args(args).output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_public_address_without_tokens_exits_2_naming_the_flag() {
+    let (code, stderr) = run_serve(&["--listen", "0.0.0.0:0"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("--listen") && stderr.contains("--allow-unauthenticated"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bad_values_exit_2_naming_the_flag() {
+    let (code, stderr) = run_serve(&["--default-lease", "soon"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--default-lease"), "{stderr}");
+    let (code, stderr) = run_serve(&["--max-payload", "4 parsecs"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--max-payload"), "{stderr}");
+    let (code, stderr) = run_serve(&["--token-file", "/nonexistent/taskq-tokens"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("--token-file") && stderr.contains("/nonexistent/taskq-tokens"),
+        "{stderr}"
+    );
+    let output = taskq()
+        .args(["serve", "--log", "taskq=loud"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--log"));
+}
+
+#[test]
+fn environment_twins_are_read() {
+    let output = taskq()
+        .args(["serve"])
+        .env("TASKQ_DEFAULT_LEASE", "never")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--default-lease"));
+}
+
+/// SIGTERM: the server drains, logs what it held, and exits 0.
+#[test]
+fn sigterm_drains_and_exits_0() {
+    let mut child = taskq()
+        .args(["serve", "--listen", "127.0.0.1:0", "--shutdown-grace", "5s"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (lines_tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let wait = Duration::from_secs(30);
+    let serving = lines.recv_timeout(wait).expect("a start line");
+    assert!(serving.contains("taskq serving"), "{serving}");
+    let addr = serving
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("addr="))
+        .expect("the start line names the address")
+        .to_string();
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client = TaskQueueClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        client
+            .put_task(pb::PutTaskRequest::default())
+            .await
+            .unwrap();
+    });
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut rest = Vec::new();
+    while let Ok(line) = lines.recv_timeout(wait) {
+        rest.push(line);
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{rest:#?}");
+    let rest = rest.join("\n");
+    assert!(rest.contains("draining"), "{rest}");
+    assert!(
+        rest.contains("taskq stopped") && rest.contains("tasks=1"),
+        "{rest}"
+    );
+}
