@@ -82,3 +82,30 @@ async fn after_shutdown_new_calls_are_refused() {
         .await;
     assert!(connect.is_err(), "the listener is closed");
 }
+
+/// A call that never finishes (a client that opened a PutTask and never
+/// sent its message) cannot hold the server past `--shutdown-grace`.
+#[tokio::test]
+async fn a_stuck_call_is_cut_off_after_the_grace_period() {
+    let config = taskq::server::ServerConfig {
+        shutdown_grace: Duration::from_millis(300),
+        ..taskq::server::ServerConfig::new(taskq::broker::BrokerConfig::default())
+    };
+    let server = TestServer::with_config(config).await;
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (mut h2, mut connection) = h2::client::handshake(tcp).await.unwrap();
+    let mut ping = connection.ping_pong().unwrap();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::post(format!("http://{}/taskq.v1.TaskQueue/PutTask", server.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    // The request's headers go out with no end of stream: the body never comes.
+    let (_response, _body) = h2.send_request(request, false).unwrap();
+    // Frames are handled in order: once the ping is answered, the server
+    // has the open stream.
+    ping.ping(h2::Ping::opaque()).await.unwrap();
+    server.shutdown().await;
+    connection.abort();
+}
