@@ -60,6 +60,23 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the taskq server.
     Serve(ServeArgs),
+    /// Run a program (or a built-in handler) on the tasks of a queue.
+    Worker(crate::cli::worker::WorkerArgs),
+    /// Put a task on a queue; print its id, or wait for its result.
+    Put(crate::cli::put::PutArgs),
+    /// Print a task's result (the output; exit 1 if it failed).
+    Result(crate::cli::result::ResultArgs),
+    /// Read the results of a queue in completion order, each once.
+    Results(crate::cli::result::ResultsArgs),
+    /// Show queues and workers.
+    Stats(crate::cli::stats::StatsArgs),
+    /// Exit 0 when the server is SERVING (for health checks).
+    Health(crate::cli::health::HealthArgs),
+    /// Show the whole system on this machine: a server, two workers and a
+    /// master that puts 10 numbers and prints their squares.
+    Demo(crate::cli::demo::DemoArgs),
+    /// Measure throughput and latency of the full task round trip.
+    Bench(crate::cli::bench::BenchArgs),
 }
 
 /// `taskq serve`: the server's flags.
@@ -335,6 +352,7 @@ mod tests {
         argv.extend_from_slice(args);
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Serve(args) => args,
+            other => panic!("parsed {other:?}"),
         }
     }
 

@@ -9,14 +9,19 @@
 //! - [`server`]: `run(config, listener, shutdown)`: health, drain, logging.
 //! - [`config`]: the command line and `TASKQ_*` environment, validated.
 //! - [`telemetry`]: the tracing subscriber, installed only by the binary.
+//! - [`client`]: a typed client with deadlines on every call.
+//! - [`worker`]: the worker runtime: leases kept alive, reconnects, drain.
 //! - [`cli`]: the subcommands of the `taskq` binary.
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod broker;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod pb;
 pub mod rpc;
 pub mod server;
+pub mod shutdown;
 pub mod telemetry;
+pub mod worker;

@@ -8,7 +8,11 @@ use taskq::cli;
 use taskq::config::{Cli, Command};
 
 fn main() -> ExitCode {
-    let args = Cli::parse();
+    let mut args = Cli::parse();
+    if matches!(args.command, Command::Demo(_) | Command::Bench(_)) && args.log.filter.is_none() {
+        // Their output is the point; keep routine logs out of it.
+        args.log.filter = Some("warn".into());
+    }
     if let Err(error) = taskq::telemetry::init(&args.log) {
         return cli::config_error(error);
     }
@@ -22,6 +26,14 @@ fn main() -> ExitCode {
     runtime.block_on(async {
         match args.command {
             Command::Serve(serve) => cli::serve::run(serve).await,
+            Command::Worker(worker) => cli::worker::run(worker).await,
+            Command::Put(put) => cli::put::run(put).await,
+            Command::Result(result) => cli::result::run_one(result).await,
+            Command::Results(results) => cli::result::run_queue(results).await,
+            Command::Stats(stats) => cli::stats::run(stats).await,
+            Command::Health(health) => cli::health::run(health).await,
+            Command::Demo(demo) => cli::demo::run(demo).await,
+            Command::Bench(bench) => cli::bench::run(bench).await,
         }
     })
 }

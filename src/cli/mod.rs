@@ -1,7 +1,15 @@
 //! The subcommands of the `taskq` binary, one file each. Each is thin:
 //! it turns flags into library calls and results into output.
 
+pub mod bench;
+pub mod connect;
+pub mod demo;
+pub mod health;
+pub mod put;
+pub mod result;
 pub mod serve;
+pub mod stats;
+pub mod worker;
 
 use std::process::ExitCode;
 

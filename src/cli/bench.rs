@@ -1,0 +1,323 @@
+//! `taskq bench`: a bounded load generator that measures the full round
+//! trip of a task (put → get → result → result read by the producer), next
+//! to a baseline of plain unary calls on the same server in the same run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Args;
+use hdrhistogram::Histogram;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::connect::ClientArgs;
+use super::{EXIT_FAILURE, config_error};
+use crate::broker::BrokerConfig;
+use crate::client::Client;
+use crate::config::parse_duration;
+use crate::server::{self, ServerConfig};
+use crate::worker::{Worker, builtin};
+
+/// `taskq bench` flags.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// A running server to load; without it an embedded server is started
+    /// on a free loopback port (sharing this machine's cores).
+    #[arg(long, env = "TASKQ_SERVER")]
+    pub server: Option<String>,
+    /// File holding the bearer token, for a server that needs one.
+    #[arg(long, env = "TASKQ_TOKEN_FILE", value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+    /// Tasks in all.
+    #[arg(long, default_value = "20000", value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub tasks: u64,
+    /// Producers, each putting its share of tasks one after another and
+    /// reading each result back.
+    #[arg(long, default_value = "16", value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub producers: u64,
+    /// Workers, each with its own connection.
+    #[arg(long, default_value = "4", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub workers: u64,
+    /// Tasks each worker runs at once.
+    #[arg(long, default_value = "16", value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub concurrency: u64,
+    /// Payload size of each task.
+    #[arg(long, default_value = "64")]
+    pub payload_bytes: usize,
+    /// Give up after this long in all.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Figures of one measured phase.
+#[derive(Debug)]
+struct Phase {
+    count: u64,
+    errors: u64,
+    elapsed: Duration,
+    latency: Histogram<u64>,
+}
+
+impl Phase {
+    fn rate(&self) -> f64 {
+        self.count as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn ms(&self, quantile: f64) -> f64 {
+        self.latency.value_at_quantile(quantile) as f64 / 1000.0
+    }
+
+    fn to_json(&self, unit: &str) -> serde_json::Value {
+        json!({
+            "count": self.count,
+            "errors": self.errors,
+            "seconds": self.elapsed.as_secs_f64(),
+            format!("{unit}_per_second"): self.rate(),
+            "latency_ms": {
+                "p50": self.ms(0.50), "p90": self.ms(0.90), "p99": self.ms(0.99),
+                "max": self.latency.max() as f64 / 1000.0,
+            },
+        })
+    }
+
+    fn line(&self, label: &str, unit: &str) -> String {
+        format!(
+            "{label:<44} {:>10.0} {unit}/s   p50 {:>7.2} ms   p90 {:>7.2} ms   p99 {:>7.2} ms   max {:>7.2} ms{}",
+            self.rate(),
+            self.ms(0.50),
+            self.ms(0.90),
+            self.ms(0.99),
+            self.latency.max() as f64 / 1000.0,
+            if self.errors > 0 {
+                format!("   ({} errors)", self.errors)
+            } else {
+                String::new()
+            }
+        )
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+}
+
+fn micros(since: Instant) -> u64 {
+    (since.elapsed().as_micros() as u64).max(1)
+}
+
+/// Runs the benchmark and prints its figures.
+pub async fn run(args: BenchArgs) -> ExitCode {
+    let client_args = ClientArgs {
+        server: args.server.clone().unwrap_or_default(),
+        token_file: args.token_file.clone(),
+        connect_timeout: Duration::from_secs(5),
+        timeout: Duration::from_secs(30),
+    };
+    let options = match client_args.options() {
+        Ok(options) => options,
+        Err(error) => return config_error(error),
+    };
+    let mut embedded = None;
+    let address = match &args.server {
+        Some(address) => address.clone(),
+        None => {
+            let listener = match TcpListener::bind("127.0.0.1:0").await {
+                Ok(listener) => listener,
+                Err(error) => {
+                    eprintln!("taskq bench: cannot bind a loopback port: {error}");
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+            };
+            let address = format!("http://{}", listener.local_addr().expect("bound"));
+            let (stop, stopped) = oneshot::channel::<()>();
+            let server = tokio::spawn(server::run(
+                ServerConfig::new(BrokerConfig::default()),
+                listener,
+                async {
+                    let _ = stopped.await;
+                },
+            ));
+            embedded = Some((stop, server));
+            address
+        }
+    };
+    let outcome = tokio::time::timeout(args.timeout, measure(&args, &address, options)).await;
+    if let Some((stop, server)) = embedded {
+        let _ = stop.send(());
+        let _ = server.await;
+    }
+    let (baseline, round_trip) = match outcome {
+        Ok(Ok(phases)) => phases,
+        Ok(Err(error)) => {
+            eprintln!("taskq bench: {error}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+        Err(_) => {
+            eprintln!(
+                "taskq bench: not finished within --timeout {}; fewer tasks or a longer timeout",
+                humantime::format_duration(args.timeout)
+            );
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let target = if args.server.is_some() {
+        "running server"
+    } else {
+        "embedded server"
+    };
+    if args.json {
+        let report = json!({
+            "tasks": args.tasks, "producers": args.producers, "workers": args.workers,
+            "concurrency": args.concurrency, "payload_bytes": args.payload_bytes,
+            "server": target,
+            "baseline_unary": baseline.to_json("calls"),
+            "round_trip": round_trip.to_json("tasks"),
+        });
+        println!("{report}");
+    } else {
+        println!(
+            "taskq bench: {} tasks, {} producers, {} workers x {} in flight, {}-byte payloads, {target}",
+            args.tasks, args.producers, args.workers, args.concurrency, args.payload_bytes
+        );
+        println!(
+            "{}",
+            baseline.line(
+                &format!("baseline: unary GetStats, {} callers", args.producers),
+                "calls"
+            )
+        );
+        println!(
+            "{}",
+            round_trip.line("round trip: put → get → result → read", "tasks")
+        );
+        println!(
+            "a task costs 4 unary calls: the baseline allows at most {:.0} tasks/s",
+            baseline.rate() / 4.0
+        );
+    }
+    if round_trip.errors > 0 {
+        ExitCode::from(EXIT_FAILURE)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+async fn measure(
+    args: &BenchArgs,
+    address: &str,
+    options: crate::client::ClientOptions,
+) -> Result<(Phase, Phase), crate::client::ClientError> {
+    let mut producers = Vec::new();
+    for _ in 0..args.producers {
+        producers.push(Client::connect(address, options.clone()).await?);
+    }
+    let baseline = baseline(&producers, args.tasks.min(20_000)).await;
+
+    let queue = format!("bench-{}", std::process::id());
+    let mut workers = Vec::new();
+    for i in 0..args.workers {
+        let client = Client::connect(address, options.clone()).await?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let run = Worker::builder(client)
+            .queue(queue.clone())
+            .concurrency(args.concurrency as usize)
+            .worker_id(format!("bench-worker-{i}"))
+            .poll_wait(Duration::from_secs(1))
+            .run_until(|task| async move { builtin::echo(&task) }, async {
+                let _ = stopped.await;
+            });
+        workers.push((stop, tokio::spawn(run)));
+    }
+
+    let payload = Bytes::from(vec![b'x'; args.payload_bytes]);
+    let started = Instant::now();
+    let mut running = Vec::new();
+    for (i, client) in producers.into_iter().enumerate() {
+        let share =
+            args.tasks / args.producers + u64::from((i as u64) < args.tasks % args.producers);
+        let queue = queue.clone();
+        let payload = payload.clone();
+        running.push(tokio::spawn(async move {
+            let mut latency = histogram();
+            let mut errors = 0;
+            for _ in 0..share {
+                let t0 = Instant::now();
+                let done = async {
+                    let put = client.put(&queue, payload.clone()).await?;
+                    client.result(&put.task_id, Duration::from_secs(30)).await
+                };
+                match done.await {
+                    Ok(Some(_)) => {
+                        let _ = latency.record(micros(t0));
+                    }
+                    _ => errors += 1,
+                }
+            }
+            (latency, errors)
+        }));
+    }
+    let mut latency = histogram();
+    let mut errors = 0;
+    for producer in running {
+        let (h, e) = producer.await.expect("a producer panicked");
+        latency.add(&h).expect("same bounds");
+        errors += e;
+    }
+    let elapsed = started.elapsed();
+    for (stop, worker) in workers {
+        let _ = stop.send(());
+        let _ = worker.await;
+    }
+    let round_trip = Phase {
+        count: latency.len(),
+        errors,
+        elapsed,
+        latency,
+    };
+    Ok((baseline, round_trip))
+}
+
+/// Plain unary calls (GetStats of one queue) from every producer
+/// connection at once: the transport's ceiling on this machine.
+async fn baseline(clients: &[Client], calls: u64) -> Phase {
+    let per_client = (calls / clients.len() as u64).max(1);
+    let started = Instant::now();
+    let mut running = Vec::new();
+    for client in clients {
+        let client = client.clone();
+        running.push(tokio::spawn(async move {
+            let mut latency = histogram();
+            let mut errors = 0;
+            for _ in 0..per_client {
+                let t0 = Instant::now();
+                match client.stats("bench-baseline").await {
+                    Ok(_) => {
+                        let _ = latency.record(micros(t0));
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            (latency, errors)
+        }));
+    }
+    let mut latency = histogram();
+    let mut errors = 0;
+    for run in running {
+        let (h, e) = run.await.expect("a caller panicked");
+        latency.add(&h).expect("same bounds");
+        errors += e;
+    }
+    Phase {
+        count: latency.len(),
+        errors,
+        elapsed: started.elapsed(),
+        latency,
+    }
+}

@@ -1,0 +1,84 @@
+//! The flags every client command shares: where the server is, the token,
+//! and timeouts.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{EXIT_FAILURE, config_error};
+use crate::client::{Client, ClientOptions, DEFAULT_SERVER};
+use crate::config::{ConfigError, parse_duration};
+
+/// How to reach the server.
+#[derive(Clone, Debug, Args)]
+pub struct ClientArgs {
+    /// Server address, e.g. http://127.0.0.1:50051 or host:port.
+    #[arg(long, env = "TASKQ_SERVER", default_value = DEFAULT_SERVER)]
+    pub server: String,
+
+    /// File holding the bearer token (its first line that is not blank or a
+    /// # comment). The token can also come from TASKQ_TOKEN.
+    #[arg(long, env = "TASKQ_TOKEN_FILE", value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+
+    /// Longest time to connect.
+    #[arg(long, env = "TASKQ_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Deadline of each call that does not wait for work (and of a put's
+    /// wait for room in a full queue).
+    #[arg(long, env = "TASKQ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+impl ClientArgs {
+    /// The client options, with the token loaded.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming `--token-file` or `TASKQ_TOKEN`.
+    pub fn options(&self) -> Result<ClientOptions, ConfigError> {
+        let token = match &self.token_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                    flag: "--token-file (TASKQ_TOKEN_FILE)",
+                    message: format!("cannot read {}: {e}", path.display()),
+                })?;
+                let token = text
+                    .lines()
+                    .map(str::trim)
+                    .find(|l| !l.is_empty() && !l.starts_with('#'))
+                    .ok_or_else(|| ConfigError {
+                        flag: "--token-file (TASKQ_TOKEN_FILE)",
+                        message: format!("{} holds no token", path.display()),
+                    })?;
+                Some(token.to_string())
+            }
+            None => std::env::var("TASKQ_TOKEN")
+                .ok()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty()),
+        };
+        Ok(ClientOptions {
+            token,
+            connect_timeout: self.connect_timeout,
+            call_timeout: self.timeout,
+        })
+    }
+
+    /// Connects now; on failure prints why and returns the exit code.
+    pub async fn connect(&self) -> Result<Client, ExitCode> {
+        let options = self.options().map_err(config_error)?;
+        Client::connect(&self.server, options).await.map_err(|e| {
+            eprintln!("taskq: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        })
+    }
+
+    /// A client that connects on first use and reconnects after outages.
+    pub fn connect_lazy(&self) -> Result<Client, ExitCode> {
+        let options = self.options().map_err(config_error)?;
+        Client::connect_lazy(&self.server, options).map_err(config_error)
+    }
+}

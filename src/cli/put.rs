@@ -1,0 +1,133 @@
+//! `taskq put`: store a task; print its id, or wait for and print its result.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Args;
+
+use super::connect::ClientArgs;
+use super::result::print_result;
+use super::{EXIT_FAILURE, config_error};
+use crate::config::{ConfigError, parse_duration};
+use crate::pb;
+
+/// `taskq put` flags.
+#[derive(Debug, Args)]
+pub struct PutArgs {
+    /// How to reach the server.
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The queue ("" = default).
+    #[arg(long, env = "TASKQ_QUEUE", default_value = "")]
+    pub queue: String,
+    /// The payload, as text. Without --data or --file, stdin is read.
+    #[arg(long, conflicts_with = "file")]
+    pub data: Option<String>,
+    /// Read the payload from this file.
+    #[arg(long, value_name = "PATH")]
+    pub file: Option<PathBuf>,
+    /// Idempotency key: while the first task with it is held, putting again
+    /// returns the first task's id.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Deliveries allowed (0: the server's default).
+    #[arg(long, default_value = "0")]
+    pub max_attempts: u32,
+    /// A header for the worker, as name=value. Repeatable.
+    #[arg(long = "header", value_name = "NAME=VALUE", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
+    /// Time to live: the task fails if not finished by then.
+    #[arg(long, value_parser = parse_duration)]
+    pub ttl: Option<Duration>,
+    /// Wait this long for the result and print it instead of the id (the id
+    /// goes to stderr).
+    #[arg(long, value_parser = parse_duration)]
+    pub wait: Option<Duration>,
+}
+
+fn parse_header(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("{text:?} is not NAME=VALUE"))
+}
+
+impl PutArgs {
+    fn payload(&self) -> Result<Bytes, ConfigError> {
+        if let Some(data) = &self.data {
+            return Ok(Bytes::from(data.clone()));
+        }
+        if let Some(path) = &self.file {
+            return std::fs::read(path)
+                .map(Bytes::from)
+                .map_err(|e| ConfigError {
+                    flag: "--file",
+                    message: format!("cannot read {}: {e}", path.display()),
+                });
+        }
+        let mut buffer = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut buffer)
+            .map_err(|e| ConfigError {
+                flag: "--data",
+                message: format!("no --data or --file, and stdin cannot be read: {e}"),
+            })?;
+        Ok(Bytes::from(buffer))
+    }
+}
+
+/// Puts the task and prints its id (or its result, with `--wait`).
+pub async fn run(args: PutArgs) -> ExitCode {
+    let payload = match args.payload() {
+        Ok(payload) => payload,
+        Err(error) => return config_error(error),
+    };
+    let client = match args.client.connect().await {
+        Ok(client) => client,
+        Err(code) => return code,
+    };
+    let request = pb::PutTaskRequest {
+        queue: args.queue.clone(),
+        payload,
+        idempotency_key: args.key.clone().unwrap_or_default(),
+        max_attempts: args.max_attempts,
+        headers: args.headers.iter().cloned().collect::<HashMap<_, _>>(),
+        ttl: args
+            .ttl
+            .and_then(|t| prost_types::Duration::try_from(t).ok()),
+    };
+    let put = match client.put_task(request).await {
+        Ok(put) => put,
+        Err(error) => {
+            eprintln!("taskq: {error}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let Some(wait) = args.wait else {
+        println!("{}", put.task_id);
+        if put.duplicate {
+            eprintln!("taskq: duplicate key; this is the first task's id");
+        }
+        return ExitCode::SUCCESS;
+    };
+    eprintln!("task {}", put.task_id);
+    match client.result(&put.task_id, wait).await {
+        Ok(Some(result)) => print_result(&result, false),
+        Ok(None) => {
+            eprintln!(
+                "taskq: no result within {}; the task goes on: taskq result {} --wait 1m",
+                humantime::format_duration(wait),
+                put.task_id
+            );
+            ExitCode::from(EXIT_FAILURE)
+        }
+        Err(error) => {
+            eprintln!("taskq: {error}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! `taskq worker`: run a program or a built-in handler on a queue's tasks.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use super::connect::ClientArgs;
+use super::{EXIT_FAILURE, config_error};
+use crate::config::{ConfigError, parse_duration};
+use crate::worker::exec::ExecHandler;
+use crate::worker::{Worker, builtin, default_worker_id};
+
+/// `taskq worker` flags.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+EXAMPLES:
+  taskq worker --queue squares --builtin square
+  taskq worker --queue thumbs --exec 'convert - -resize 64x64 png:-'
+  taskq worker --queue py -- python3 -c 'import sys; print(int(sys.stdin.read())**2)'
+
+A program gets the payload on stdin; exit 0 means success with stdout as
+the output; any other exit is a failure (retried while attempts remain)
+with the tail of stderr as its message. It runs directly, never through a
+shell. Its environment has TASKQ_TASK_ID, TASKQ_ATTEMPT, TASKQ_MAX_ATTEMPTS,
+TASKQ_QUEUE, TASKQ_EXPIRES_AT (if the task has a ttl) and
+TASKQ_HEADER_<NAME> for each header.")]
+pub struct WorkerArgs {
+    /// How to reach the server.
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The queue to work on ("" = default).
+    #[arg(long, env = "TASKQ_QUEUE", default_value = "")]
+    pub queue: String,
+    /// Tasks run at once.
+    #[arg(long, env = "TASKQ_CONCURRENCY", default_value = "1",
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub concurrency: u32,
+    /// Lease asked for each task; kept alive while the task runs.
+    #[arg(long, env = "TASKQ_LEASE", default_value = "30s", value_parser = parse_duration)]
+    pub lease: Duration,
+    /// The id shown in stats and results (default: host name and pid).
+    #[arg(long, env = "TASKQ_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Command line of a program to run per task, split into words as a
+    /// shell would (but never run by one).
+    #[arg(long, conflicts_with_all = ["builtin", "command"])]
+    pub exec: Option<String>,
+    /// A built-in handler instead of a program.
+    #[arg(long, value_enum, conflicts_with = "command")]
+    pub builtin: Option<Builtin>,
+    /// Kill a program that runs longer than this and fail the task.
+    #[arg(long, env = "TASKQ_TASK_TIMEOUT", value_parser = parse_duration)]
+    pub task_timeout: Option<Duration>,
+    /// On SIGTERM or Ctrl-C, how long running tasks may take to finish.
+    #[arg(long, env = "TASKQ_WORKER_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    /// The program and its arguments, after `--`.
+    #[arg(last = true, value_name = "PROGRAM ARGS")]
+    pub command: Vec<String>,
+}
+
+/// Built-in handlers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Builtin {
+    /// The square of a decimal integer (the seed's computation).
+    Square,
+    /// The payload, unchanged.
+    Echo,
+    /// Sleep for the payload's duration (`250ms`, `2s`), then echo it.
+    Sleep,
+}
+
+/// Whether `program` can be started: a path to a file, or a name found on
+/// `PATH`.
+fn find_program(program: &str) -> bool {
+    if program.contains('/') {
+        return Path::new(program).is_file();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+fn exec_handler(args: &WorkerArgs) -> Result<Option<ExecHandler>, ConfigError> {
+    let handler = match (&args.exec, args.command.is_empty()) {
+        (Some(line), _) => ExecHandler::from_command_line(line, args.task_timeout),
+        (None, false) => ExecHandler::from_words(args.command.clone(), args.task_timeout),
+        (None, true) => return Ok(None),
+    }
+    .map_err(|e| ConfigError {
+        flag: "--exec",
+        message: e.to_string(),
+    })?;
+    if !find_program(handler.program()) {
+        return Err(ConfigError {
+            flag: "--exec",
+            message: format!(
+                "program {:?} not found (not a file, not on PATH)",
+                handler.program()
+            ),
+        });
+    }
+    Ok(Some(handler))
+}
+
+/// Runs the worker until SIGTERM or Ctrl-C.
+pub async fn run(args: WorkerArgs) -> ExitCode {
+    let exec = match exec_handler(&args) {
+        Ok(exec) => exec,
+        Err(error) => return config_error(error),
+    };
+    if exec.is_none() && args.builtin.is_none() {
+        return config_error(ConfigError {
+            flag: "--exec",
+            message: "say what to run: --exec 'PROGRAM ARGS', --builtin NAME, or -- PROGRAM ARGS"
+                .into(),
+        });
+    }
+    let client = match args.client.connect_lazy() {
+        Ok(client) => client,
+        Err(code) => return code,
+    };
+    let worker = Worker::builder(client)
+        .queue(args.queue.clone())
+        .concurrency(args.concurrency as usize)
+        .lease(args.lease)
+        .worker_id(args.worker_id.clone().unwrap_or_else(default_worker_id))
+        .shutdown_grace(args.shutdown_grace);
+    let outcome = match (exec, args.builtin) {
+        (Some(exec), _) => {
+            let exec = Arc::new(exec);
+            worker
+                .run(move |task| {
+                    let exec = exec.clone();
+                    async move { exec.run(task).await }
+                })
+                .await
+        }
+        (None, Some(Builtin::Square)) => {
+            worker
+                .run(|task| async move { builtin::square(&task.payload) })
+                .await
+        }
+        (None, Some(Builtin::Echo)) => worker.run(|task| async move { builtin::echo(&task) }).await,
+        (None, Some(Builtin::Sleep)) => worker.run(builtin::sleep).await,
+        (None, None) => unreachable!("checked above"),
+    };
+    match outcome {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("taskq: {error}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}

@@ -1,0 +1,423 @@
+//! A typed client for the `taskq.v1.TaskQueue` service.
+//!
+//! Every call carries a gRPC deadline: the call timeout for quick calls, the
+//! wait itself for blocking ones (the server answers a little before it).
+//! Errors keep the gRPC status code, so callers can tell "retry later"
+//! (UNAVAILABLE) from "fix the request" (INVALID_ARGUMENT).
+//!
+//! This module does not depend on the engine or the server.
+//!
+//! # Examples
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use taskq::client::{Client, ClientOptions};
+//!
+//! # async fn demo() -> Result<(), taskq::client::ClientError> {
+//! let client = Client::connect("http://127.0.0.1:50051", ClientOptions::default()).await?;
+//! let put = client.put("squares", b"12".to_vec()).await?;
+//! if let Some(result) = client.result(&put.task_id, Duration::from_secs(10)).await? {
+//!     println!("{}", String::from_utf8_lossy(&result.output));
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::pb::{self, get_result_request::Target, task_queue_client::TaskQueueClient};
+
+/// The server address used when none is given.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
+
+/// How to reach the server.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Bearer token sent with every call, if the server needs one.
+    pub token: Option<String>,
+    /// Longest time to set up a connection.
+    pub connect_timeout: Duration,
+    /// Deadline of calls that do not block (and of PutTask's wait for room).
+    pub call_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            token: None,
+            connect_timeout: Duration::from_secs(5),
+            call_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What went wrong talking to the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server address does not parse.
+    #[error("invalid server address {address:?}: {reason}; write it like http://127.0.0.1:50051")]
+    InvalidAddress {
+        /// The address given.
+        address: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// The token cannot be sent in a header.
+    #[error("the token has characters that cannot be sent in a gRPC header")]
+    InvalidToken,
+    /// No connection could be made.
+    #[error("cannot connect to {address}: {source}; is the server running and reachable?")]
+    Connect {
+        /// The address.
+        address: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+    /// The server (or the transport) answered with an error status.
+    #[error("{}: {}", code_name(*.code), .message)]
+    Rpc {
+        /// The gRPC status code.
+        code: Code,
+        /// The status message.
+        message: String,
+    },
+}
+
+fn code_name(code: Code) -> String {
+    format!("{code:?}")
+        .chars()
+        .enumerate()
+        .flat_map(|(i, c)| {
+            let sep = (i > 0 && c.is_uppercase()).then_some('_');
+            sep.into_iter()
+                .chain(std::iter::once(c.to_ascii_uppercase()))
+        })
+        .collect()
+}
+
+impl From<Status> for ClientError {
+    fn from(status: Status) -> Self {
+        Self::Rpc {
+            code: status.code(),
+            message: status.message().to_string(),
+        }
+    }
+}
+
+impl ClientError {
+    /// The gRPC status code, for errors the server or transport returned.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            Self::Rpc { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// True when retrying later may work: the server is unreachable,
+    /// restarting or overloaded.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Connect { .. } => true,
+            Self::Rpc { code, .. } => matches!(
+                code,
+                Code::Unavailable
+                    | Code::DeadlineExceeded
+                    | Code::ResourceExhausted
+                    | Code::Unknown
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone, Debug)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A connection to a taskq server. Cheap to clone; clones share the
+/// connection, which reconnects by itself after the server comes back.
+#[derive(Clone, Debug)]
+pub struct Client {
+    queue: TaskQueueClient<InterceptedService<Channel, BearerToken>>,
+    health: HealthClient<Channel>,
+    call_timeout: Duration,
+}
+
+fn endpoint(address: &str, options: &ClientOptions) -> Result<Endpoint, ClientError> {
+    let url = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    let invalid = |reason: String| ClientError::InvalidAddress {
+        address: address.to_string(),
+        reason,
+    };
+    Ok(Endpoint::from_shared(url)
+        .map_err(|e| invalid(e.to_string()))?
+        .connect_timeout(options.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10)))
+}
+
+impl Client {
+    /// Connects to `address` (`http://host:port`, or `host:port`) now, so
+    /// that a wrong address or a stopped server is reported at once.
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidAddress`], [`ClientError::InvalidToken`], or
+    /// [`ClientError::Connect`] when the server cannot be reached.
+    pub async fn connect(address: &str, options: ClientOptions) -> Result<Self, ClientError> {
+        let channel = endpoint(address, &options)?
+            .connect()
+            .await
+            .map_err(|source| ClientError::Connect {
+                address: address.to_string(),
+                source,
+            })?;
+        Self::with_channel(channel, &options)
+    }
+
+    /// Makes a client that connects on its first call, and again after each
+    /// lost connection: for workers that start before the server or outlive
+    /// its restarts.
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidAddress`] or [`ClientError::InvalidToken`].
+    pub fn connect_lazy(address: &str, options: ClientOptions) -> Result<Self, ClientError> {
+        let channel = endpoint(address, &options)?.connect_lazy();
+        Self::with_channel(channel, &options)
+    }
+
+    fn with_channel(channel: Channel, options: &ClientOptions) -> Result<Self, ClientError> {
+        let token = options
+            .token
+            .as_ref()
+            .map(|t| format!("Bearer {t}").parse::<MetadataValue<Ascii>>())
+            .transpose()
+            .map_err(|_| ClientError::InvalidToken)?;
+        Ok(Self {
+            queue: TaskQueueClient::with_interceptor(channel.clone(), BearerToken(token)),
+            health: HealthClient::new(channel),
+            call_timeout: options.call_timeout,
+        })
+    }
+
+    fn request<T>(&self, message: T, timeout: Duration) -> Request<T> {
+        let mut request = Request::new(message);
+        request.set_timeout(timeout);
+        request
+    }
+
+    /// Stores a task with every field of the request; waits for room in a
+    /// full queue until the call timeout.
+    ///
+    /// # Errors
+    /// The server's status, e.g. INVALID_ARGUMENT or RESOURCE_EXHAUSTED.
+    pub async fn put_task(
+        &self,
+        request: pb::PutTaskRequest,
+    ) -> Result<pb::PutTaskResponse, ClientError> {
+        let request = self.request(request, self.call_timeout);
+        Ok(self.queue.clone().put_task(request).await?.into_inner())
+    }
+
+    /// Stores a task with just a queue and a payload.
+    ///
+    /// # Errors
+    /// As [`Client::put_task`].
+    pub async fn put(
+        &self,
+        queue: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<pb::PutTaskResponse, ClientError> {
+        self.put_task(pb::PutTaskRequest {
+            queue: queue.into(),
+            payload: payload.into(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Leases the next task of a queue, waiting up to `wait`; `None` when
+    /// none came.
+    ///
+    /// # Errors
+    /// The server's status.
+    pub async fn get_task(
+        &self,
+        request: pb::GetTaskRequest,
+        wait: Duration,
+    ) -> Result<Option<pb::Task>, ClientError> {
+        let request = self.request(request, wait);
+        Ok(self
+            .queue
+            .clone()
+            .get_task(request)
+            .await?
+            .into_inner()
+            .task)
+    }
+
+    /// Moves the lease's expiry to now + `extend_by`.
+    ///
+    /// # Errors
+    /// ABORTED when the lease is no longer current, FAILED_PRECONDITION
+    /// when the task is finished, NOT_FOUND for an unknown task.
+    pub async fn extend_lease(
+        &self,
+        task: &pb::Task,
+        extend_by: Duration,
+    ) -> Result<pb::ExtendLeaseResponse, ClientError> {
+        let message = pb::ExtendLeaseRequest {
+            task_id: task.id.clone(),
+            lease_id: task.lease_id.clone(),
+            extend_by: prost_types::Duration::try_from(extend_by).ok(),
+        };
+        let request = self.request(message, self.call_timeout);
+        Ok(self.queue.clone().extend_lease(request).await?.into_inner())
+    }
+
+    /// Reports a task's outcome; returns the task's state afterwards.
+    ///
+    /// # Errors
+    /// ABORTED (failure from a lease no longer current), ALREADY_EXISTS (a
+    /// different result exists), NOT_FOUND, INVALID_ARGUMENT.
+    pub async fn put_result(
+        &self,
+        task: &pb::Task,
+        outcome: pb::put_result_request::Outcome,
+    ) -> Result<pb::TaskState, ClientError> {
+        let message = pb::PutResultRequest {
+            task_id: task.id.clone(),
+            lease_id: task.lease_id.clone(),
+            outcome: Some(outcome),
+        };
+        let request = self.request(message, self.call_timeout);
+        let response = self.queue.clone().put_result(request).await?.into_inner();
+        Ok(response.state())
+    }
+
+    /// A task's result, waiting up to `wait` for it; `None` when it is not
+    /// finished by then.
+    ///
+    /// # Errors
+    /// NOT_FOUND for an unknown task.
+    pub async fn result(
+        &self,
+        task_id: &str,
+        wait: Duration,
+    ) -> Result<Option<pb::Result>, ClientError> {
+        self.get_result(Target::TaskId(task_id.into()), wait).await
+    }
+
+    /// The next result of a queue in completion order (each handed out
+    /// once), waiting up to `wait`.
+    ///
+    /// # Errors
+    /// The server's status.
+    pub async fn next_result(
+        &self,
+        queue: &str,
+        wait: Duration,
+    ) -> Result<Option<pb::Result>, ClientError> {
+        self.get_result(Target::Queue(queue.into()), wait).await
+    }
+
+    async fn get_result(
+        &self,
+        target: Target,
+        wait: Duration,
+    ) -> Result<Option<pb::Result>, ClientError> {
+        let message = pb::GetResultRequest {
+            target: Some(target),
+        };
+        let request = self.request(message, wait);
+        Ok(self
+            .queue
+            .clone()
+            .get_result(request)
+            .await?
+            .into_inner()
+            .result)
+    }
+
+    /// Queue counters and workers; `queue` `""` means all queues.
+    ///
+    /// # Errors
+    /// The server's status.
+    pub async fn stats(&self, queue: &str) -> Result<pb::GetStatsResponse, ClientError> {
+        let message = pb::GetStatsRequest {
+            queue: queue.into(),
+        };
+        let request = self.request(message, self.call_timeout);
+        Ok(self.queue.clone().get_stats(request).await?.into_inner())
+    }
+
+    /// The server's health for `service` (`""`: the server as a whole).
+    /// Needs no token.
+    ///
+    /// # Errors
+    /// NOT_FOUND for a service the server does not know; transport errors.
+    pub async fn health(&self, service: &str) -> Result<ServingStatus, ClientError> {
+        let message = tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        };
+        let request = self.request(message, self.call_timeout);
+        let response = self.health.clone().check(request).await?.into_inner();
+        Ok(response.status())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_read_like_the_grpc_names() {
+        assert_eq!(code_name(Code::ResourceExhausted), "RESOURCE_EXHAUSTED");
+        assert_eq!(code_name(Code::Unauthenticated), "UNAUTHENTICATED");
+        let error = ClientError::from(Status::not_found("no task x"));
+        assert_eq!(error.to_string(), "NOT_FOUND: no task x");
+        assert_eq!(error.code(), Some(Code::NotFound));
+        assert!(!error.is_transient());
+        assert!(ClientError::from(Status::unavailable("down")).is_transient());
+    }
+
+    #[test]
+    fn addresses_without_a_scheme_get_http() {
+        let options = ClientOptions::default();
+        assert_eq!(
+            endpoint("127.0.0.1:1", &options)
+                .unwrap()
+                .uri()
+                .scheme_str(),
+            Some("http")
+        );
+        assert!(matches!(
+            endpoint("http://[bad", &options),
+            Err(ClientError::InvalidAddress { .. })
+        ));
+    }
+}
