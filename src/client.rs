@@ -230,6 +230,13 @@ impl Client {
         request
     }
 
+    /// The deadline of a call that waits up to `wait` (capped by its
+    /// `max_wait` field): the wait plus the call timeout for the answer to
+    /// travel.
+    fn waiting_request<T>(&self, message: T, wait: Duration) -> Request<T> {
+        self.request(message, wait.saturating_add(self.call_timeout))
+    }
+
     /// Stores a task with every field of the request; waits for room in a
     /// full queue until the call timeout.
     ///
@@ -267,10 +274,11 @@ impl Client {
     /// The server's status.
     pub async fn get_task(
         &self,
-        request: pb::GetTaskRequest,
+        mut request: pb::GetTaskRequest,
         wait: Duration,
     ) -> Result<Option<pb::Task>, ClientError> {
-        let request = self.request(request, wait);
+        request.max_wait = prost_types::Duration::try_from(wait).ok();
+        let request = self.waiting_request(request, wait);
         Ok(self
             .queue
             .clone()
@@ -352,8 +360,9 @@ impl Client {
     ) -> Result<Option<pb::Result>, ClientError> {
         let message = pb::GetResultRequest {
             target: Some(target),
+            max_wait: prost_types::Duration::try_from(wait).ok(),
         };
-        let request = self.request(message, wait);
+        let request = self.waiting_request(message, wait);
         Ok(self
             .queue
             .clone()

@@ -27,6 +27,7 @@ fn get_req(queue: &str, worker: &str, lease: Duration) -> pb::GetTaskRequest {
         queue: queue.into(),
         worker_id: worker.into(),
         lease: Some(lease.try_into().unwrap()),
+        max_wait: None,
     }
 }
 
@@ -70,12 +71,14 @@ fn failure(task: &pb::Task, message: &str, retry: bool) -> pb::PutResultRequest 
 fn by_id(id: &str) -> pb::GetResultRequest {
     pb::GetResultRequest {
         target: Some(Target::TaskId(id.into())),
+        max_wait: None,
     }
 }
 
 fn by_queue(queue: &str) -> pb::GetResultRequest {
     pb::GetResultRequest {
         target: Some(Target::Queue(queue.into())),
+        max_wait: None,
     }
 }
 
@@ -189,7 +192,7 @@ async fn invalid_arguments_are_refused_and_store_nothing() {
         Code::InvalidArgument
     );
 
-    let no_target = pb::GetResultRequest { target: None };
+    let no_target = pb::GetResultRequest::default();
     assert_eq!(
         client.get_result(no_target).await.unwrap_err().code(),
         Code::InvalidArgument
@@ -471,6 +474,38 @@ async fn until_waiting(client: &mut Client, queue: &str, n: u64) {
         tokio::task::yield_now().await;
     }
     panic!("queue {queue} never had {n} waiting calls");
+}
+
+/// `max_wait` caps the wait below the deadline; zero answers at once.
+#[tokio::test]
+async fn max_wait_caps_the_wait() {
+    let server = TestServer::spawn().await;
+    let mut client = server.client().await;
+    let started = std::time::Instant::now();
+    let request = pb::GetTaskRequest {
+        max_wait: Some(Duration::ZERO.try_into().unwrap()),
+        ..get_req("idle", "w", LONG)
+    };
+    let empty = client
+        .get_task(with_deadline(request, Duration::from_secs(60)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(empty.task.is_none());
+    // Answered at once, not after most of the 60s deadline.
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let negative = pb::GetTaskRequest {
+        max_wait: Some(prost_types::Duration {
+            seconds: -1,
+            nanos: 0,
+        }),
+        ..get_req("idle", "w", LONG)
+    };
+    assert_eq!(
+        client.get_task(negative).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    server.shutdown().await;
 }
 
 /// A GetTask abandoned by its client stops waiting at once and takes no

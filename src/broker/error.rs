@@ -77,7 +77,13 @@ impl BrokerError {
     pub(crate) fn stale(lease: LeaseId) -> Self {
         Self::StaleLease {
             task: lease.task,
-            lease: lease.to_string(),
+            // Sequence 0 is never issued: it stands for a lease id that was
+            // malformed or named another task.
+            lease: if lease.seq == 0 {
+                "given".into()
+            } else {
+                lease.to_string()
+            },
         }
     }
 }

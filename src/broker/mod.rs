@@ -149,7 +149,7 @@ impl Broker {
     /// [`BrokerError::LimitReached`] when a new queue would pass the limit;
     /// [`BrokerError::ShuttingDown`] after [`Broker::close`].
     pub async fn put(&self, mut task: NewTask, wait: Duration) -> Result<PutOutcome, BrokerError> {
-        let deadline = Instant::now() + wait;
+        let deadline = far_deadline(wait);
         loop {
             let room = {
                 let mut state = self.state();
@@ -355,11 +355,23 @@ impl Broker {
     }
 
     #[cfg(test)]
+    fn footprint(&self) -> (usize, usize, usize) {
+        self.state().footprint()
+    }
+
+    #[cfg(test)]
     fn check(&self) {
         if let Err(problem) = self.state().check_consistency() {
             panic!("broker inconsistent: {problem}");
         }
     }
+}
+
+/// Now + `wait`, or a day from now for waits past any sane deadline.
+fn far_deadline(wait: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(wait)
+        .unwrap_or_else(|| now + Duration::from_secs(24 * 3600))
 }
 
 /// A waiting `lease` call. Dropped with a task in hand (the call is gone),

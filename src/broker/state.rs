@@ -25,8 +25,13 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 pub const MAX_IDEMPOTENCY_KEY: usize = 256;
 /// Most deliveries a task may ask for.
 pub const MAX_ATTEMPTS_LIMIT: u32 = 1000;
-/// Pending tasks looked at from the head of a queue for `oldest_pending_age`.
+/// Longest ttl accepted: a year. Keeps deadline arithmetic far from overflow.
+pub const MAX_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
+/// Entries looked at from the head of a queue for `oldest_pending_age`.
 const OLDEST_SCAN: usize = 64;
+/// Slack before a structure with skipped (stale) entries is compacted: it is
+/// rebuilt once it holds more than twice its live entries plus this.
+const COMPACT_SLACK: usize = 1024;
 
 /// Turns the monotonic clock that times leases into wall-clock timestamps
 /// for clients. Lease timing never reads the wall clock.
@@ -45,10 +50,11 @@ impl Clock {
     }
 
     fn wall(&self, at: Instant) -> SystemTime {
-        match at.checked_duration_since(self.instant) {
-            Some(after) => self.system + after,
-            None => self.system - (self.instant - at),
-        }
+        let wall = match at.checked_duration_since(self.instant) {
+            Some(after) => self.system.checked_add(after),
+            None => self.system.checked_sub(self.instant - at),
+        };
+        wall.unwrap_or(self.system)
     }
 }
 
@@ -98,6 +104,10 @@ impl QueueState {
 struct Lease {
     seq: u32,
     expires_at: Instant,
+    /// When this lease's one timer entry fires; an extension only adds an
+    /// entry when it moves the expiry earlier, so the heap holds one live
+    /// entry per lease however often it is extended.
+    scheduled: Instant,
     worker: WorkerId,
 }
 
@@ -253,6 +263,9 @@ impl State {
     }
 
     fn schedule(&mut self, at: Instant, task: TaskId, kind: TimerKind) {
+        if self.timers.len() > 2 * self.tasks.len() + COMPACT_SLACK {
+            self.compact_timers();
+        }
         let earliest = self.timers.peek().is_none_or(|Reverse(top)| at < top.at);
         self.timers.push(Reverse(TimerEntry { at, task, kind }));
         if earliest {
@@ -260,9 +273,31 @@ impl State {
         }
     }
 
+    /// Drops timer entries that can no longer do anything: those of tasks
+    /// finished or gone, and lease entries of leases no longer current.
+    fn compact_timers(&mut self) {
+        let tasks = &self.tasks;
+        self.timers.retain(|Reverse(entry)| {
+            tasks
+                .get(&entry.task)
+                .is_some_and(|e| match (&e.status, entry.kind) {
+                    (Status::Leased(l), TimerKind::Lease(seq)) => {
+                        l.seq == seq && l.scheduled == entry.at
+                    }
+                    (Status::Finished(_), _) => false,
+                    (_, TimerKind::Ttl) => true,
+                    (Status::Pending, TimerKind::Lease(_)) => false,
+                })
+        });
+    }
+
     fn touch_worker(&mut self, worker: &WorkerId, queue: Option<&QueueName>, now: Instant) {
         if !self.workers.contains_key(worker) && self.workers.len() >= self.config.max_workers {
             self.prune_workers(now);
+            if self.workers.len() >= self.config.max_workers {
+                // Tracking is best effort past the limit; the work is not.
+                return;
+            }
         }
         let record = self
             .workers
@@ -331,9 +366,19 @@ impl State {
             });
         }
         let id = self.fresh_id();
-        let queue = self.queue_of(&queue_name);
+        let queue = self.queues.entry(queue_name.clone()).or_default();
         if let Some(key) = &task.idempotency_key {
             queue.idempotency.insert(key.clone(), id);
+        }
+        if queue.ready.len() > 2 * queue.pending as usize + COMPACT_SLACK {
+            // Entries of tasks that expired while pending are skipped when
+            // popped; a queue nobody takes from must still not keep them.
+            let tasks = &self.tasks;
+            queue.ready.retain(|id| {
+                tasks
+                    .get(id)
+                    .is_some_and(|e| matches!(e.status, Status::Pending))
+            });
         }
         queue.ready.push_back(id);
         queue.pending += 1;
@@ -416,9 +461,9 @@ impl State {
                 )));
             }
         }
-        if task.ttl.is_some_and(|ttl| ttl.is_zero()) {
+        if task.ttl.is_some_and(|ttl| ttl.is_zero() || ttl > MAX_TTL) {
             return Err(BrokerError::InvalidArgument(
-                "ttl must be positive; leave it unset for no ttl".into(),
+                "ttl must be positive and at most 366 days; leave it unset for no ttl".into(),
             ));
         }
         Ok(())
@@ -480,6 +525,7 @@ impl State {
         entry.status = Status::Leased(Lease {
             seq,
             expires_at,
+            scheduled: expires_at,
             worker: worker.clone(),
         });
         let task = LeasedTask {
@@ -497,6 +543,8 @@ impl State {
         let queue = self.queue_of(&task.queue);
         queue.pending -= 1;
         queue.leased += 1;
+        // A worker whose wait outlived its record is recorded again here.
+        self.touch_worker(worker, Some(&task.queue), now);
         self.worker_in_flight(worker, 1);
         self.schedule(expires_at, id, TimerKind::Lease(seq));
         task
@@ -531,6 +579,11 @@ impl State {
         self.release(lease.task);
         let entry = self.tasks.get_mut(&lease.task).expect("just released");
         entry.attempt -= 1;
+        if entry.expired(now) {
+            // Its ttl ran out while it sat with the call that is gone.
+            self.fail_expired(lease.task, now);
+            return;
+        }
         let queue = entry.queue.clone();
         self.dispatch(&queue, now);
     }
@@ -619,14 +672,27 @@ impl State {
             .ok_or_else(|| BrokerError::TaskNotFound(lease.task.to_string()))?;
         let held = match &mut entry.status {
             Status::Finished(_) => return Err(BrokerError::TaskFinished(lease.task)),
-            Status::Leased(current) if current.seq == lease.seq => current,
+            // A lease past its expiry is lost even if the timer has not
+            // handed the task on yet.
+            Status::Leased(current) if current.seq == lease.seq && current.expires_at > now => {
+                current
+            }
             _ => return Err(BrokerError::stale(lease)),
         };
         let expires_at = now + by;
         held.expires_at = expires_at;
+        // A later expiry is found by the entry already in the heap, which
+        // re-arms itself when it fires early; only an earlier one needs a
+        // new entry.
+        let earlier = expires_at < held.scheduled;
+        if earlier {
+            held.scheduled = expires_at;
+        }
         let worker = held.worker.clone();
         self.touch_worker(&worker, None, now);
-        self.schedule(expires_at, lease.task, TimerKind::Lease(lease.seq));
+        if earlier {
+            self.schedule(expires_at, lease.task, TimerKind::Lease(lease.seq));
+        }
         Ok(self.clock.wall(expires_at))
     }
 
@@ -650,8 +716,12 @@ impl State {
             .tasks
             .get(&lease.task)
             .ok_or_else(|| BrokerError::TaskNotFound(lease.task.to_string()))?;
-        if lease.seq == 0 || lease.seq > entry.lease_seq {
-            return Err(BrokerError::stale(lease));
+        let repeated_retry = matches!(&outcome, Outcome::Failure { message, retry: true }
+            if entry.last_retry.as_ref().is_some_and(|(seq, m)| *seq == lease.seq && m == message));
+        if repeated_retry {
+            // The same retried failure again: a client retrying after a lost
+            // answer. The task went back in line then; nothing changes now.
+            return Ok(state_of(&entry.status));
         }
         if let Status::Finished(done) = &entry.status {
             return if done.by_lease == lease.seq && done.outcome.as_ref() == Some(&outcome) {
@@ -660,8 +730,12 @@ impl State {
                 Err(BrokerError::ResultConflict(lease.task))
             };
         }
+        if lease.seq == 0 || lease.seq > entry.lease_seq {
+            return Err(BrokerError::stale(lease));
+        }
         let holder = entry.holders[lease.seq as usize - 1].clone();
-        let is_current = matches!(&entry.status, Status::Leased(l) if l.seq == lease.seq);
+        let is_current = matches!(&entry.status,
+            Status::Leased(l) if l.seq == lease.seq && l.expires_at > now);
         match outcome {
             Outcome::Success(output) => {
                 self.touch_worker(&holder, None, now);
@@ -678,15 +752,6 @@ impl State {
                 Ok(TaskState::Succeeded)
             }
             Outcome::Failure { message, retry } => {
-                if entry
-                    .last_retry
-                    .as_ref()
-                    .is_some_and(|(seq, m)| *seq == lease.seq && *m == message)
-                {
-                    // The same retried failure again: a client retrying after
-                    // a lost answer. The task is already back in line.
-                    return Ok(state_of(&entry.status));
-                }
                 if !is_current {
                     return Err(BrokerError::stale(lease));
                 }
@@ -781,22 +846,45 @@ impl State {
             _ => queue.failed += 1,
         }
         queue.room.notify_waiters();
-        let mut unclaimed = true;
-        while let Some(waiter) = queue.result_waiters.pop_front() {
-            self.waiters -= 1;
-            if waiter.tx.send(result.clone()).is_ok() {
-                unclaimed = false;
-                break;
-            }
-        }
-        if unclaimed {
-            let queue = self.queue_of(&queue_name);
-            queue.unclaimed.push_back(id);
-            queue.results_unclaimed += 1;
-            self.tasks.get_mut(&id).expect("held").unclaimed = true;
+        // In line behind results not yet handed out, so that readers by
+        // queue get them in completion order.
+        queue.unclaimed.push_back(id);
+        queue.results_unclaimed += 1;
+        self.tasks.get_mut(&id).expect("held").unclaimed = true;
+        self.dispatch_results(&queue_name);
+        if self.finished.is_empty() {
+            // The timer may sleep past this result's retention otherwise.
+            self.timer_wake.notify_one();
         }
         self.finished.push_back((now, id));
         self.evict_results(now);
+    }
+
+    /// Hands unclaimed results of a queue to its waiting GetResult(queue)
+    /// calls, oldest first, inside the lock.
+    fn dispatch_results(&mut self, queue_name: &QueueName) {
+        loop {
+            let Some(queue) = self.queues.get_mut(queue_name) else {
+                return;
+            };
+            let Some(front) = queue.result_waiters.front() else {
+                return;
+            };
+            if front.tx.is_closed() {
+                queue.result_waiters.pop_front();
+                self.waiters -= 1;
+                continue;
+            }
+            let Some(result) = self.take_unclaimed(queue_name) else {
+                return;
+            };
+            let queue = self.queues.get_mut(queue_name).expect("queue exists");
+            let waiter = queue.result_waiters.pop_front().expect("front exists");
+            self.waiters -= 1;
+            if let Err(result) = waiter.tx.send(result) {
+                self.return_unclaimed(&result);
+            }
+        }
     }
 
     fn fail_expired(&mut self, id: TaskId, now: Instant) {
@@ -829,6 +917,11 @@ impl State {
             if entry.unclaimed {
                 queue.results_unclaimed -= 1;
                 queue.results_evicted += 1;
+                // Evictions go in completion order, so the entry is usually
+                // at the head; anything else is swept by compaction.
+                if queue.unclaimed.front() == Some(&id) {
+                    queue.unclaimed.pop_front();
+                }
             }
             if let Some(key) = &entry.idempotency_key {
                 if queue.idempotency.get(key) == Some(&id) {
@@ -884,11 +977,22 @@ impl State {
         queue_name: &QueueName,
     ) -> Result<Option<TaskResult>, BrokerError> {
         self.queue_mut(queue_name)?;
+        Ok(self.take_unclaimed(queue_name))
+    }
+
+    /// Takes the oldest unclaimed result of a queue, skipping entries of
+    /// results evicted meanwhile.
+    fn take_unclaimed(&mut self, queue_name: &QueueName) -> Option<TaskResult> {
+        let queue = self.queues.get_mut(queue_name)?;
+        if queue.unclaimed.len() > 2 * queue.results_unclaimed as usize + COMPACT_SLACK {
+            let tasks = &self.tasks;
+            queue
+                .unclaimed
+                .retain(|id| tasks.get(id).is_some_and(|e| e.unclaimed));
+        }
         loop {
             let queue = self.queue_of(queue_name);
-            let Some(id) = queue.unclaimed.pop_front() else {
-                return Ok(None);
-            };
+            let id = queue.unclaimed.pop_front()?;
             let Some(entry) = self.tasks.get_mut(&id) else {
                 continue;
             };
@@ -901,13 +1005,19 @@ impl State {
             };
             let result = done.result.clone();
             self.queue_of(queue_name).results_unclaimed -= 1;
-            return Ok(Some(result));
+            return Some(result);
         }
     }
 
     /// Puts back a result that was handed to a call that can no longer be
-    /// answered, at the head of the line.
+    /// answered, at the head of the line, and offers it to the next
+    /// waiting reader.
     pub fn unclaim(&mut self, result: &TaskResult) {
+        self.return_unclaimed(result);
+        self.dispatch_results(&result.queue);
+    }
+
+    fn return_unclaimed(&mut self, result: &TaskResult) {
         let Some(entry) = self.tasks.get_mut(&result.task_id) else {
             return;
         };
@@ -952,7 +1062,7 @@ impl State {
             }
             let Reverse(due) = self.timers.pop().expect("peeked");
             match due.kind {
-                TimerKind::Lease(seq) => self.lease_due(due.task, seq, now),
+                TimerKind::Lease(seq) => self.lease_due(due.task, seq, due.at, now),
                 TimerKind::Ttl => {
                     let pending = self
                         .tasks
@@ -976,18 +1086,27 @@ impl State {
         }
     }
 
-    fn lease_due(&mut self, id: TaskId, seq: u32, now: Instant) {
-        let Some(entry) = self.tasks.get(&id) else {
+    fn lease_due(&mut self, id: TaskId, seq: u32, at: Instant, now: Instant) {
+        let Some(entry) = self.tasks.get_mut(&id) else {
             return;
         };
-        let Status::Leased(lease) = &entry.status else {
+        let Status::Leased(lease) = &mut entry.status else {
             return;
         };
-        // An extended lease has a later entry of its own; this one is stale.
-        if lease.seq != seq || lease.expires_at > now {
+        if lease.seq != seq || lease.scheduled != at {
+            // An entry of an earlier lease, or one replaced by an earlier
+            // expiry: stale.
+            return;
+        }
+        if lease.expires_at > now {
+            // Extended since this entry was made: re-arm it for the new expiry.
+            let expires_at = lease.expires_at;
+            lease.scheduled = expires_at;
+            self.schedule(expires_at, id, TimerKind::Lease(seq));
             return;
         }
         let worker = lease.worker.clone();
+        let entry = &self.tasks[&id];
         if entry.expired(now) {
             self.fail_expired(id, now);
         } else if entry.attempt >= entry.max_attempts {
@@ -1066,12 +1185,23 @@ impl State {
         queue
             .ready
             .iter()
+            .take(OLDEST_SCAN)
             .filter_map(|id| self.tasks.get(id))
             .filter(|e| matches!(e.status, Status::Pending))
-            .take(OLDEST_SCAN)
             .map(|e| now.duration_since(e.created_at))
             .max()
             .unwrap_or_default()
+    }
+
+    /// Sizes of the structures that may hold skipped entries: timer heap,
+    /// and the ready and unclaimed lines of all queues together.
+    #[cfg(test)]
+    pub fn footprint(&self) -> (usize, usize, usize) {
+        (
+            self.timers.len(),
+            self.queues.values().map(|q| q.ready.len()).sum(),
+            self.queues.values().map(|q| q.unclaimed.len()).sum(),
+        )
     }
 
     /// Checks the bookkeeping against the tasks themselves; used by tests

@@ -884,3 +884,211 @@ async fn many_producers_and_consumers_complete_every_task_once() {
     );
     b.check();
 }
+
+// ---- Regression tests from review: each guards one bug found there. ----
+
+/// A ttl near the largest a Duration holds once overflowed `now + ttl`
+/// under the lock, leaving counters and the idempotency map broken.
+#[tokio::test(start_paused = true)]
+async fn an_enormous_ttl_is_refused_not_a_panic() {
+    let b = broker();
+    let huge = NewTask {
+        ttl: Some(Duration::from_secs(i64::MAX as u64)),
+        idempotency_key: Some("k".into()),
+        ..task("q", "x")
+    };
+    assert!(matches!(
+        b.put(huge, Duration::ZERO).await,
+        Err(BrokerError::InvalidArgument(_))
+    ));
+    let s = stats(&b, "q");
+    assert_eq!(s.pending, 0);
+    let again = NewTask {
+        idempotency_key: Some("k".into()),
+        ..task("q", "x")
+    };
+    assert!(!b.put(again, Duration::ZERO).await.unwrap().duplicate);
+    b.check();
+}
+
+/// Every extension used to push a heap entry that stayed until its time.
+#[tokio::test(start_paused = true)]
+async fn extending_often_keeps_one_timer_entry() {
+    let b = broker();
+    put(&b, "q", "x").await;
+    let t = take(&b, "q", 10 * SEC).await;
+    for _ in 0..10_000 {
+        b.extend(t.lease_id, Some(10 * SEC)).unwrap();
+        tokio::time::advance(Duration::from_millis(1)).await;
+    }
+    assert!(b.footprint().0 <= 2, "timer heap: {}", b.footprint().0);
+    // The extended lease still expires, exactly 10s after the last extension.
+    let started = Instant::now();
+    let again = b
+        .lease(req("q", "w2", SEC), 60 * SEC)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.attempt, 2);
+    assert_eq!(started.elapsed(), 10 * SEC - Duration::from_millis(1));
+}
+
+/// A lease shortened by an extension expires at the shorter time.
+#[tokio::test(start_paused = true)]
+async fn an_extension_can_shorten_a_lease() {
+    let b = broker();
+    put(&b, "q", "x").await;
+    let t = take(&b, "q", 60 * SEC).await;
+    b.extend(t.lease_id, Some(2 * SEC)).unwrap();
+    let started = Instant::now();
+    b.lease(req("q", "w2", SEC), 60 * SEC)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(started.elapsed(), 2 * SEC);
+}
+
+/// Results evicted without ever being read by queue left their ids in the
+/// queue's line for good; expired pending tasks did the same in `ready`,
+/// and finished tasks' ttl entries in the timer heap.
+#[tokio::test(start_paused = true)]
+async fn skipped_entries_do_not_pile_up() {
+    let b = Broker::new(BrokerConfig {
+        max_results: 10,
+        ..BrokerConfig::default()
+    });
+    for _ in 0..5000 {
+        let with_ttl = NewTask {
+            ttl: Some(3600 * SEC),
+            ..task("done", "x")
+        };
+        b.put(with_ttl, Duration::ZERO).await.unwrap();
+        let t = take(&b, "done", SEC).await;
+        b.complete(t.lease_id, ok("r")).unwrap();
+    }
+    for _ in 0..5000 {
+        let with_ttl = NewTask {
+            ttl: Some(Duration::from_millis(1)),
+            ..task("nobody", "x")
+        };
+        b.put(with_ttl, Duration::ZERO).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let (timers, ready, unclaimed) = b.footprint();
+    assert!(timers < 3000, "timer heap: {timers}");
+    assert!(ready < 3000, "ready lines: {ready}");
+    assert!(unclaimed < 3000, "unclaimed lines: {unclaimed}");
+    assert_eq!(stats(&b, "nobody").failed, 5000);
+    b.check();
+}
+
+/// A result put back by a cancelled reader used to wait for the next
+/// completion instead of going to the reader already waiting.
+#[tokio::test(start_paused = true)]
+async fn a_returned_result_goes_to_the_next_waiting_reader() {
+    let b = broker();
+    let mut first = Box::pin(b.next_result(q("q"), 60 * SEC));
+    assert!(futures_poll_once(first.as_mut()).await.is_none());
+    let second = tokio::spawn({
+        let b = b.clone();
+        async move { b.next_result(q("q"), 60 * SEC).await }
+    });
+    tokio::task::yield_now().await;
+    let id = put(&b, "q", "x").await;
+    let t = take(&b, "q", SEC).await;
+    b.complete(t.lease_id, ok("r")).unwrap();
+    drop(first);
+    let started = Instant::now();
+    let got = second.await.unwrap().unwrap().unwrap();
+    assert_eq!(got.task_id, id);
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    b.check();
+}
+
+/// A retried failure repeated after the task finished elsewhere used to be
+/// ALREADY_EXISTS; it is the same call, so OK.
+#[tokio::test(start_paused = true)]
+async fn a_repeated_retry_is_ok_even_after_the_task_finished() {
+    let b = broker();
+    put(&b, "q", "x").await;
+    let first = take(&b, "q", SEC).await;
+    assert_eq!(
+        b.complete(first.lease_id, fail("flaky", true)),
+        Ok(TaskState::Pending)
+    );
+    let second = take(&b, "q", SEC).await;
+    b.complete(second.lease_id, ok("done")).unwrap();
+    assert_eq!(
+        b.complete(first.lease_id, fail("flaky", true)),
+        Ok(TaskState::Succeeded)
+    );
+    assert!(matches!(
+        b.complete(first.lease_id, fail("other", true)),
+        Err(BrokerError::ResultConflict(_))
+    ));
+}
+
+/// A malformed lease id (sequence 0) on a finished or unknown task gets
+/// the task's answer, not ABORTED.
+#[tokio::test(start_paused = true)]
+async fn a_malformed_lease_gets_the_tasks_answer() {
+    let b = broker();
+    let id = put(&b, "q", "x").await;
+    let bad = LeaseId { task: id, seq: 0 };
+    assert!(matches!(
+        b.complete(bad, ok("r")),
+        Err(BrokerError::StaleLease { .. })
+    ));
+    let t = take(&b, "q", SEC).await;
+    b.complete(t.lease_id, ok("r")).unwrap();
+    assert_eq!(
+        b.complete(bad, ok("r")),
+        Err(BrokerError::ResultConflict(id))
+    );
+    assert_eq!(b.extend(bad, None), Err(BrokerError::TaskFinished(id)));
+    let unknown = LeaseId {
+        task: TaskId::generate(),
+        seq: 0,
+    };
+    assert!(matches!(
+        b.complete(unknown, ok("r")),
+        Err(BrokerError::TaskNotFound(_))
+    ));
+}
+
+/// A task whose ttl ran out while it sat with a call that is gone used to
+/// go back to the queue with no timer left to fail it.
+#[tokio::test(start_paused = true)]
+async fn a_task_given_back_after_its_ttl_fails() {
+    let b = broker();
+    let mut gone = Box::pin(b.lease(req("q", "gone", 60 * SEC), 60 * SEC));
+    assert!(futures_poll_once(gone.as_mut()).await.is_none());
+    let with_ttl = NewTask {
+        ttl: Some(SEC),
+        ..task("q", "x")
+    };
+    let id = b.put(with_ttl, Duration::ZERO).await.unwrap().task_id;
+    tokio::time::advance(2 * SEC).await;
+    drop(gone);
+    let result = b
+        .result(id, Duration::ZERO)
+        .await
+        .unwrap()
+        .expect("finished");
+    assert!(result.error.contains("expired"), "{}", result.error);
+    assert_eq!(stats(&b, "q").pending, 0);
+    b.check();
+}
+
+/// A lease past its expiry cannot be extended even before the timer runs.
+#[tokio::test(start_paused = true)]
+async fn an_expired_lease_cannot_be_extended() {
+    let b = broker();
+    put(&b, "q", "x").await;
+    let t = take(&b, "q", SEC).await;
+    tokio::time::advance(SEC).await;
+    assert!(matches!(
+        b.extend(t.lease_id, None),
+        Err(BrokerError::StaleLease { .. })
+    ));
+}

@@ -48,21 +48,19 @@ pub fn task_id(text: &str) -> Result<TaskId, Status> {
     TaskId::parse(text).ok_or_else(|| BrokerError::TaskNotFound(text.into()).into())
 }
 
-/// A lease id from the wire, which must belong to `task`.
+/// A lease id from the wire. One that is malformed or names another task
+/// becomes sequence 0, which is never issued: the broker then answers
+/// NOT_FOUND, FAILED_PRECONDITION or ALREADY_EXISTS for the task as it
+/// would for any lease, and ABORTED otherwise.
 pub fn lease_id(task: TaskId, text: &str) -> Result<LeaseId, Status> {
     if text.is_empty() {
         return Err(Status::invalid_argument(
             "lease_id is required: pass the lease_id of the task as GetTask returned it",
         ));
     }
-    match LeaseId::parse(text) {
-        Some(lease) if lease.task == task => Ok(lease),
-        _ => Err(BrokerError::StaleLease {
-            task,
-            lease: text.into(),
-        }
-        .into()),
-    }
+    Ok(LeaseId::parse(text)
+        .filter(|lease| lease.task == task)
+        .unwrap_or(LeaseId { task, seq: 0 }))
 }
 
 pub fn new_task(request: pb::PutTaskRequest) -> Result<NewTask, Status> {

@@ -26,6 +26,19 @@ impl TaskQueueService {
     fn wait<T>(&self, request: &Request<T>) -> Duration {
         deadline::wait_for(request.metadata(), self.max_wait)
     }
+
+    /// The wait of a call that may cap it with a `max_wait` field.
+    fn capped_wait<T>(
+        &self,
+        request: &Request<T>,
+        cap: Option<prost_types::Duration>,
+    ) -> Result<Duration, Status> {
+        let wait = self.wait(request);
+        Ok(match convert::duration("max_wait", cap)? {
+            Some(cap) => wait.min(cap),
+            None => wait,
+        })
+    }
 }
 
 /// The worker id a request names, or one made from the peer's address.
@@ -58,7 +71,7 @@ impl TaskQueue for TaskQueueService {
         &self,
         request: Request<pb::GetTaskRequest>,
     ) -> Result<Response<pb::GetTaskResponse>, Status> {
-        let wait = self.wait(&request);
+        let wait = self.capped_wait(&request, request.get_ref().max_wait)?;
         let worker = worker_id(&request, &request.get_ref().worker_id)?;
         let body = request.into_inner();
         let lease = LeaseRequest {
@@ -105,7 +118,7 @@ impl TaskQueue for TaskQueueService {
         request: Request<pb::GetResultRequest>,
     ) -> Result<Response<pb::GetResultResponse>, Status> {
         use pb::get_result_request::Target;
-        let wait = self.wait(&request);
+        let wait = self.capped_wait(&request, request.get_ref().max_wait)?;
         let result = match request.into_inner().target {
             Some(Target::TaskId(id)) => {
                 let task = convert::task_id(&id)?;

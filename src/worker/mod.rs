@@ -238,6 +238,7 @@ impl WorkerBuilder {
                 queue: self.queue.clone(),
                 worker_id: self.worker_id.clone(),
                 lease: prost_types::Duration::try_from(self.lease).ok(),
+                max_wait: None,
             };
             // Dropping a waiting GetTask is safe: the server gives back a
             // task it handed to a call that is gone.

@@ -34,7 +34,12 @@ impl TestServer {
     }
 
     pub async fn with_config(config: ServerConfig) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::at("127.0.0.1:0".parse().unwrap(), config).await
+    }
+
+    /// A server on a given address: used to restart one where it was.
+    pub async fn at(addr: SocketAddr, config: ServerConfig) -> Self {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(server::run(config, listener, async {
@@ -86,6 +91,37 @@ impl TestServer {
             .expect("server task did not panic")
             .expect("server ran without error");
     }
+
+    /// The library client (`taskq::client`) for this server.
+    pub async fn taskq_client(&self) -> taskq::client::Client {
+        taskq::client::Client::connect(
+            &format!("http://{}", self.addr),
+            taskq::client::ClientOptions::default(),
+        )
+        .await
+        .unwrap()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// Polls `check` until it holds. Bounded: at most 2,000 tries, 5 ms apart
+/// (10 s), for conditions that only a real process or socket can bring
+/// about.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..2000 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("timed out waiting for: {what}");
 }
 
 /// A request with a gRPC deadline.
