@@ -24,11 +24,10 @@ fn taskq() -> Command {
 async fn run(server: &TestServer, args: &[&str]) -> Output {
     let mut command = taskq();
     command.args(args).env("TASKQ_SERVER", server.url());
-    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+    tokio::time::timeout(Duration::from_secs(60), command.output())
         .await
         .expect("the command finishes within 60s")
-        .unwrap();
-    output
+        .unwrap()
 }
 
 fn stdout(output: &Output) -> String {
