@@ -56,3 +56,20 @@ fn the_library_never_installs_a_subscriber() {
         );
     }
 }
+
+/// The client library and the worker runtime speak only `taskq.v1`: no
+/// engine, no server.
+#[test]
+fn clients_know_only_the_contract() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = sources(&src.join("worker"));
+    files.push((
+        "src/client.rs".into(),
+        std::fs::read_to_string(src.join("client.rs")).unwrap(),
+    ));
+    for (path, text) in files {
+        for forbidden in ["crate::broker", "crate::rpc", "crate::server", "crate::auth"] {
+            assert!(!text.contains(forbidden), "{path} uses {forbidden}");
+        }
+    }
+}

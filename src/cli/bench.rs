@@ -148,13 +148,23 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             address
         }
     };
-    let outcome = tokio::time::timeout(args.timeout, measure(&args, &address, options)).await;
+    let outcome = tokio::time::timeout(args.timeout, async {
+        let phases = measure(&args, &address, options.clone()).await?;
+        // Memory is read from this process: only meaningful when the
+        // server is embedded.
+        let memory = match embedded {
+            Some(_) => Some(held_memory(&args, &address, options).await?),
+            None => None,
+        };
+        Ok::<_, crate::client::ClientError>((phases, memory))
+    })
+    .await;
     if let Some((stop, server)) = embedded {
         let _ = stop.send(());
         let _ = server.await;
     }
-    let (baseline, round_trip) = match outcome {
-        Ok(Ok(phases)) => phases,
+    let ((baseline, round_trip), memory) = match outcome {
+        Ok(Ok(figures)) => figures,
         Ok(Err(error)) => {
             eprintln!("taskq bench: {error}");
             return ExitCode::from(EXIT_FAILURE);
@@ -179,6 +189,8 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             "server": target,
             "baseline_unary": baseline.to_json("calls"),
             "round_trip": round_trip.to_json("tasks"),
+            "held_bytes_per_task": memory.map(|m| m.bytes_per_task()),
+            "held_tasks_measured": memory.map(|m| m.tasks),
         });
         println!("{report}");
     } else {
@@ -201,6 +213,15 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             "a task costs 4 unary calls: the baseline allows at most {:.0} tasks/s",
             baseline.rate() / 4.0
         );
+        if let Some(memory) = memory {
+            println!(
+                "memory: {:.0} bytes per held task ({}-byte payload; resident set grew {} KiB for {} pending tasks)",
+                memory.bytes_per_task(),
+                args.payload_bytes,
+                memory.grown / 1024,
+                memory.tasks
+            );
+        }
     }
     if round_trip.errors > 0 {
         ExitCode::from(EXIT_FAILURE)
@@ -282,6 +303,50 @@ async fn measure(
         latency,
     };
     Ok((baseline, round_trip))
+}
+
+/// How much the resident set grew while tasks were held.
+#[derive(Clone, Copy, Debug)]
+struct Memory {
+    tasks: u64,
+    grown: u64,
+}
+
+impl Memory {
+    fn bytes_per_task(&self) -> f64 {
+        self.grown as f64 / self.tasks.max(1) as f64
+    }
+}
+
+/// This process's resident set size, from `/proc/self/status` (Linux).
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Puts up to 100,000 tasks that nobody takes and measures how much the
+/// process grew per task; they are dropped with the embedded server. The
+/// figure includes allocator slack, so it is an upper bound.
+async fn held_memory(
+    args: &BenchArgs,
+    address: &str,
+    options: crate::client::ClientOptions,
+) -> Result<Memory, crate::client::ClientError> {
+    let tasks = args.tasks.min(100_000);
+    let client = Client::connect(address, options).await?;
+    let payload = Bytes::from(vec![b'x'; args.payload_bytes]);
+    let queue = format!("bench-held-{}", std::process::id());
+    let before = resident_bytes().unwrap_or(0);
+    for _ in 0..tasks {
+        client.put(&queue, payload.clone()).await?;
+    }
+    let after = resident_bytes().unwrap_or(0);
+    Ok(Memory {
+        tasks,
+        grown: after.saturating_sub(before),
+    })
 }
 
 /// Plain unary calls (GetStats of one queue) from every producer
