@@ -68,7 +68,12 @@ fn clients_know_only_the_contract() {
         std::fs::read_to_string(src.join("client.rs")).unwrap(),
     ));
     for (path, text) in files {
-        for forbidden in ["crate::broker", "crate::rpc", "crate::server", "crate::auth"] {
+        for forbidden in [
+            "crate::broker",
+            "crate::rpc",
+            "crate::server",
+            "crate::auth",
+        ] {
             assert!(!text.contains(forbidden), "{path} uses {forbidden}");
         }
     }

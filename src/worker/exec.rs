@@ -219,6 +219,22 @@ mod tests {
         assert!(failure.message.contains("timed out"), "{}", failure.message);
     }
 
+    #[tokio::test]
+    async fn a_program_still_running_at_the_tasks_expiry_is_stopped() {
+        let handler = ExecHandler::from_command_line("sleep 30", None).unwrap();
+        let expires = SystemTime::now() + Duration::from_millis(150);
+        let task = pb::Task {
+            expires_at: Some(prost_types::Timestamp::from(expires)),
+            ..task(b"")
+        };
+        let failure = handler.run(task).await.unwrap_err();
+        assert!(failure.message.contains("expired"), "{}", failure.message);
+        assert!(
+            !failure.retry,
+            "an expired task is not worth another attempt"
+        );
+    }
+
     #[test]
     fn command_lines_split_like_a_shell_without_one() {
         let handler = ExecHandler::from_command_line(r#"python3 -c "print(1)""#, None).unwrap();
