@@ -29,12 +29,13 @@ use bytes::Bytes;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Request, Status};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::pb::{self, get_result_request::Target, task_queue_client::TaskQueueClient};
+use crate::tls::ClientTls;
 
 /// The server address used when none is given.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
@@ -48,6 +49,9 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Deadline of calls that do not block (and of PutTask's wait for room).
     pub call_timeout: Duration,
+    /// TLS: when set, the connection uses `https` and checks the server's
+    /// certificate against the given CA.
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for ClientOptions {
@@ -56,6 +60,7 @@ impl Default for ClientOptions {
             token: None,
             connect_timeout: Duration::from_secs(5),
             call_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -71,6 +76,9 @@ pub enum ClientError {
         /// Why it is invalid.
         reason: String,
     },
+    /// The TLS settings cannot be used.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The token cannot be sent in a header.
     #[error("the token has characters that cannot be sent in a gRPC header")]
     InvalidToken,
@@ -164,21 +172,41 @@ pub struct Client {
 }
 
 fn endpoint(address: &str, options: &ClientOptions) -> Result<Endpoint, ClientError> {
-    let url = if address.contains("://") {
-        address.to_string()
+    let scheme = if options.tls.is_some() {
+        "https"
     } else {
-        format!("http://{address}")
+        "http"
+    };
+    let url = match address.split_once("://") {
+        Some((_, rest)) => format!("{scheme}://{rest}"),
+        None => format!("{scheme}://{address}"),
     };
     let invalid = |reason: String| ClientError::InvalidAddress {
         address: address.to_string(),
         reason,
     };
-    Ok(Endpoint::from_shared(url)
+    let mut endpoint = Endpoint::from_shared(url)
         .map_err(|e| invalid(e.to_string()))?
         .connect_timeout(options.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    if let Some(tls) = &options.tls {
+        let mut config = ClientTlsConfig::new();
+        if let Some(ca) = &tls.ca {
+            config = config.ca_certificate(Certificate::from_pem(ca));
+        }
+        if let Some(domain) = &tls.domain {
+            config = config.domain_name(domain.clone());
+        }
+        if let Some(identity) = &tls.identity {
+            config = config.identity(Identity::from_pem(&identity.cert, &identity.key));
+        }
+        endpoint = endpoint
+            .tls_config(config)
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+    }
+    Ok(endpoint)
 }
 
 impl Client {

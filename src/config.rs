@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::auth::Tokens;
 use crate::broker::BrokerConfig;
 use crate::server::ServerConfig;
+use crate::tls::{Identity, ServerTls, read_certificates};
 
 /// taskq: a task queue over gRPC.
 ///
@@ -168,6 +169,34 @@ pub struct ServeArgs {
     /// stops anyway.
     #[arg(long, env = "TASKQ_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// PEM certificate chain (leaf first): serve TLS. Needs --tls-key.
+    #[arg(
+        long,
+        env = "TASKQ_TLS_CERT",
+        value_name = "PATH",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long,
+        env = "TASKQ_TLS_KEY",
+        value_name = "PATH",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificates: require clients to present a certificate that
+    /// chains to one of them (mutual TLS). Needs --tls-cert.
+    #[arg(
+        long,
+        env = "TASKQ_TLS_CLIENT_CA",
+        value_name = "PATH",
+        requires = "tls_cert"
+    )]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// A configuration problem, naming the flag to fix.
@@ -247,7 +276,32 @@ impl ServeArgs {
             tokens,
             max_wait: self.max_wait,
             shutdown_grace: self.shutdown_grace,
+            tls: self.load_tls()?,
         })
+    }
+
+    fn load_tls(&self) -> Result<Option<ServerTls>, ConfigError> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let identity = Identity::load(cert, key).map_err(|e| {
+            ConfigError::new(
+                "--tls-cert/--tls-key (TASKQ_TLS_CERT/TASKQ_TLS_KEY)",
+                e.to_string(),
+            )
+        })?;
+        let client_ca = self
+            .tls_client_ca
+            .as_deref()
+            .map(read_certificates)
+            .transpose()
+            .map_err(|e| {
+                ConfigError::new("--tls-client-ca (TASKQ_TLS_CLIENT_CA)", e.to_string())
+            })?;
+        Ok(Some(ServerTls {
+            identity,
+            client_ca,
+        }))
     }
 
     fn load_tokens(&self) -> Result<Tokens, ConfigError> {

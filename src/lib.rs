@@ -9,6 +9,7 @@
 //! - [`server`]: `run(config, listener, shutdown)`: health, drain, logging.
 //! - [`config`]: the command line and `TASKQ_*` environment, validated.
 //! - [`telemetry`]: the tracing subscriber, installed only by the binary.
+//! - [`tls`]: certificates and keys, loaded and checked before start.
 //! - [`client`]: a typed client with deadlines on every call.
 //! - [`worker`]: the worker runtime: leases kept alive, reconnects, drain.
 //! - [`cli`]: the subcommands of the `taskq` binary.
@@ -24,4 +25,5 @@ pub mod rpc;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 pub mod worker;

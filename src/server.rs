@@ -9,13 +9,14 @@ use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::auth::{TokenAuth, Tokens};
 use crate::broker::{Broker, BrokerConfig};
 use crate::pb::task_queue_server::{SERVICE_NAME, TaskQueueServer};
 use crate::rpc::TaskQueueService;
+use crate::tls::ServerTls;
 
 /// Everything the server needs, validated.
 #[derive(Clone, Debug)]
@@ -28,6 +29,8 @@ pub struct ServerConfig {
     pub max_wait: Duration,
     /// How long calls in progress may take after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// TLS, when the server speaks it.
+    pub tls: Option<ServerTls>,
 }
 
 impl ServerConfig {
@@ -38,6 +41,7 @@ impl ServerConfig {
             tokens: Tokens::none(),
             max_wait: Duration::from_secs(20),
             shutdown_grace: Duration::from_secs(10),
+            tls: None,
         }
     }
 
@@ -55,6 +59,9 @@ pub enum ServerError {
     /// The transport failed.
     #[error("transport error: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not be built from the descriptors.
+    #[error("reflection: {0}")]
+    Reflection(tonic_reflection::server::Error),
     /// The listener could not report its address.
     #[error("listener error: {0}")]
     Io(#[from] std::io::Error),
@@ -84,8 +91,19 @@ pub async fn run(
     let queue_service =
         TaskQueueServer::new(TaskQueueService::new(broker.clone(), config.max_wait))
             .max_decoding_message_size(config.decode_limit());
-    let queue_service =
-        InterceptedService::new(queue_service, TokenAuth::new(config.tokens.clone()));
+    let auth = TokenAuth::new(config.tokens.clone());
+    let queue_service = InterceptedService::new(queue_service, auth.clone());
+    // Reflection lets grpcurl, Postman and evans list and call the service
+    // without the proto file; like the queue, it needs a token.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().map_err(ServerError::Reflection)?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(ServerError::Reflection)?;
 
     let addr = listener.local_addr()?;
     let incoming = TcpListenerStream::new(listener).map(|stream| {
@@ -95,11 +113,22 @@ pub async fn run(
         Ok::<_, std::io::Error>(stream)
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serve = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = &config.tls {
+        let mut tls_config = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&tls.identity.cert, &tls.identity.key));
+        if let Some(ca) = &tls.client_ca {
+            tls_config = tls_config.client_ca_root(Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(tls_config)?;
+    }
+    let serve = builder
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(health_service)
         .add_service(queue_service)
+        .add_service(InterceptedService::new(reflection_v1, auth.clone()))
+        .add_service(InterceptedService::new(reflection_v1alpha, auth))
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stopped.await;
         });
@@ -112,6 +141,11 @@ pub async fn run(
     tracing::info!(
         %addr,
         auth = if config.tokens.is_empty() { "none" } else { "bearer tokens" },
+        tls = match &config.tls {
+            None => "off",
+            Some(ServerTls { client_ca: None, .. }) => "on",
+            Some(_) => "mutual",
+        },
         tokens = config.tokens.len(),
         "taskq serving"
     );

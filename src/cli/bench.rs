@@ -119,6 +119,10 @@ pub async fn run(args: BenchArgs) -> ExitCode {
         token_file: args.token_file.clone(),
         connect_timeout: Duration::from_secs(5),
         timeout: Duration::from_secs(30),
+        tls_ca: None,
+        tls_domain: None,
+        tls_client_cert: None,
+        tls_client_key: None,
     };
     let options = match client_args.options() {
         Ok(options) => options,

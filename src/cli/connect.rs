@@ -10,6 +10,7 @@ use clap::Args;
 use super::{EXIT_FAILURE, config_error};
 use crate::client::{Client, ClientOptions, DEFAULT_SERVER};
 use crate::config::{ConfigError, parse_duration};
+use crate::tls::{ClientTls, Identity, read_certificates};
 
 /// How to reach the server.
 #[derive(Clone, Debug, Args)]
@@ -31,6 +32,29 @@ pub struct ClientArgs {
     /// wait for room in a full queue).
     #[arg(long, env = "TASKQ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub timeout: Duration,
+
+    /// PEM CA certificate(s) to trust: connect with TLS and check the
+    /// server's certificate against them.
+    #[arg(long, env = "TASKQ_TLS_CA", value_name = "PATH")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Name to check the server's certificate against (default: the host of
+    /// --server).
+    #[arg(long, env = "TASKQ_TLS_DOMAIN", requires = "tls_ca")]
+    pub tls_domain: Option<String>,
+
+    /// PEM client certificate, for servers that require mutual TLS.
+    #[arg(long, env = "TASKQ_TLS_CLIENT_CERT", value_name = "PATH", requires_all = ["tls_client_key", "tls_ca"])]
+    pub tls_client_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-client-cert.
+    #[arg(
+        long,
+        env = "TASKQ_TLS_CLIENT_KEY",
+        value_name = "PATH",
+        requires = "tls_client_cert"
+    )]
+    pub tls_client_key: Option<PathBuf>,
 }
 
 impl ClientArgs {
@@ -64,7 +88,32 @@ impl ClientArgs {
             token,
             connect_timeout: self.connect_timeout,
             call_timeout: self.timeout,
+            tls: self.tls()?,
         })
+    }
+
+    fn tls(&self) -> Result<Option<ClientTls>, ConfigError> {
+        let Some(ca_path) = &self.tls_ca else {
+            return Ok(None);
+        };
+        let ca = read_certificates(ca_path).map_err(|e| ConfigError {
+            flag: "--tls-ca (TASKQ_TLS_CA)",
+            message: e.to_string(),
+        })?;
+        let identity = match (&self.tls_client_cert, &self.tls_client_key) {
+            (Some(cert), Some(key)) => {
+                Some(Identity::load(cert, key).map_err(|e| ConfigError {
+                    flag: "--tls-client-cert/--tls-client-key",
+                    message: e.to_string(),
+                })?)
+            }
+            _ => None,
+        };
+        Ok(Some(ClientTls {
+            ca: Some(ca),
+            domain: self.tls_domain.clone(),
+            identity,
+        }))
     }
 
     /// Connects now; on failure prints why and returns the exit code.
