@@ -165,6 +165,10 @@ pub struct ServeArgs {
     #[arg(long, env = "TASKQ_MAX_WAITERS", default_value = "100000", value_parser = positive_count)]
     pub max_waiters: usize,
 
+    /// Most tasks in one PutTasks call (and task ids in one WatchResults).
+    #[arg(long, env = "TASKQ_MAX_BATCH", default_value = "1000", value_parser = positive_count)]
+    pub max_batch: usize,
+
     /// On SIGTERM, how long calls in progress may take before the server
     /// stops anyway.
     #[arg(long, env = "TASKQ_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
@@ -277,6 +281,7 @@ impl ServeArgs {
             max_wait: self.max_wait,
             shutdown_grace: self.shutdown_grace,
             tls: self.load_tls()?,
+            max_batch: self.max_batch,
         })
     }
 

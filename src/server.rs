@@ -31,6 +31,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// TLS, when the server speaks it.
     pub tls: Option<ServerTls>,
+    /// Most tasks in one PutTasks (and ids in one WatchResults).
+    pub max_batch: usize,
 }
 
 impl ServerConfig {
@@ -42,6 +44,7 @@ impl ServerConfig {
             max_wait: Duration::from_secs(20),
             shutdown_grace: Duration::from_secs(10),
             tls: None,
+            max_batch: crate::rpc::service::DEFAULT_MAX_BATCH,
         }
     }
 
@@ -88,9 +91,10 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let broker = Broker::new(config.broker.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
-    let queue_service =
-        TaskQueueServer::new(TaskQueueService::new(broker.clone(), config.max_wait))
-            .max_decoding_message_size(config.decode_limit());
+    let queue_service = TaskQueueServer::new(
+        TaskQueueService::new(broker.clone(), config.max_wait).with_max_batch(config.max_batch),
+    )
+    .max_decoding_message_size(config.decode_limit());
     let auth = TokenAuth::new(config.tokens.clone());
     let queue_service = InterceptedService::new(queue_service, auth.clone());
     // Reflection lets grpcurl, Postman and evans list and call the service

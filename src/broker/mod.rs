@@ -27,7 +27,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{Notify, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 pub use error::BrokerError;
@@ -173,6 +173,63 @@ impl Broker {
             };
             let _ = tokio::time::timeout_at(deadline, room).await;
         }
+    }
+
+    /// Stores many tasks under one lock. Each is validated and stored on
+    /// its own: the answer has one outcome per task, in order. A task whose
+    /// queue is full is refused at once ([`BrokerError::QueueFull`]); batches
+    /// do not wait for room.
+    pub fn put_many(&self, tasks: Vec<NewTask>) -> Vec<Result<PutOutcome, BrokerError>> {
+        let mut state = self.state();
+        let now = Instant::now();
+        tasks
+            .into_iter()
+            .map(|task| match state.put(task, now) {
+                Ok(outcome) => Ok(outcome),
+                Err(PutRefused::Error(error) | PutRefused::Full { error, .. }) => Err(error),
+            })
+            .collect()
+    }
+
+    /// Opens a worker stream on `request.queue`: tasks arrive on the
+    /// returned [`Subscription`] while fewer than its window are
+    /// outstanding. Dropping the subscription ends the stream and sends
+    /// every task still leased through it back to its queue at once.
+    ///
+    /// # Errors
+    /// [`BrokerError::LimitReached`] when too many calls and streams wait.
+    pub fn subscribe(
+        &self,
+        request: LeaseRequest,
+        window: u32,
+    ) -> Result<Subscription, BrokerError> {
+        let (tx, deliveries) = mpsc::unbounded_channel();
+        let id = self.state().open_stream(
+            &request.queue,
+            request.worker,
+            request.lease,
+            window,
+            tx,
+            Instant::now(),
+        )?;
+        Ok(Subscription {
+            broker: self.clone(),
+            id,
+            deliveries,
+        })
+    }
+
+    /// The result of a task if it is finished, without waiting.
+    ///
+    /// # Errors
+    /// [`BrokerError::TaskNotFound`] for a task not held.
+    pub fn result_now(&self, task: TaskId) -> Result<Option<TaskResult>, BrokerError> {
+        self.state().result_of(task)
+    }
+
+    /// True once [`Broker::close`] has been called.
+    pub fn is_closed(&self) -> bool {
+        *self.inner.closed.borrow()
     }
 
     /// Leases the oldest pending task of a queue, waiting up to `wait` for
@@ -372,6 +429,50 @@ fn far_deadline(wait: Duration) -> Instant {
     let now = Instant::now();
     now.checked_add(wait)
         .unwrap_or_else(|| now + Duration::from_secs(24 * 3600))
+}
+
+/// A worker stream's end in the broker: tasks leased to it arrive on
+/// [`Subscription::next`]. Dropped, it closes the stream: tasks it received
+/// but never handed on go back as undelivered; tasks it handed on go back
+/// at once, their delivery counted.
+#[derive(Debug)]
+pub struct Subscription {
+    broker: Broker,
+    id: u64,
+    deliveries: mpsc::UnboundedReceiver<LeasedTask>,
+}
+
+impl Subscription {
+    /// The next task for this stream; waits while the window is full or the
+    /// queue empty. Cancel-safe: a task is never lost by dropping this
+    /// future.
+    pub async fn next(&mut self) -> Option<LeasedTask> {
+        self.deliveries.recv().await
+    }
+
+    /// Changes how many tasks may be outstanding; 0 pauses delivery.
+    pub fn set_window(&self, window: u32) {
+        self.broker
+            .state()
+            .set_window(self.id, window, Instant::now());
+    }
+
+    /// How many tasks are leased through this stream now.
+    pub fn outstanding(&self) -> usize {
+        self.broker.state().stream_outstanding(self.id)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.deliveries.close();
+        let mut state = self.broker.state();
+        let now = Instant::now();
+        while let Ok(task) = self.deliveries.try_recv() {
+            state.undo_lease(task.lease_id, now);
+        }
+        state.close_stream(self.id, now);
+    }
 }
 
 /// A waiting `lease` call. Dropped with a task in hand (the call is gone),

@@ -4,12 +4,12 @@
 
 use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::{
@@ -72,6 +72,23 @@ pub(super) struct ResultWaiter {
     pub tx: oneshot::Sender<TaskResult>,
 }
 
+/// A worker stream: a waiter that may hold up to `window` tasks at once.
+/// Its tasks' leases are tied to it: when it closes they go back at once.
+pub(super) struct StreamConsumer {
+    queue: QueueName,
+    worker: WorkerId,
+    lease: Duration,
+    window: u32,
+    outstanding: HashSet<TaskId>,
+    tx: mpsc::UnboundedSender<LeasedTask>,
+}
+
+/// Who gets the next task of a queue.
+enum Taker {
+    Waiter,
+    Stream(u64),
+}
+
 #[derive(Default)]
 struct QueueState {
     /// Tasks in hand-out order. Entries of tasks that are no longer pending
@@ -84,6 +101,8 @@ struct QueueState {
     redelivered: u64,
     results_evicted: u64,
     task_waiters: VecDeque<TaskWaiter>,
+    /// Worker streams on this queue, in round-robin order.
+    streams: VecDeque<u64>,
     result_waiters: VecDeque<ResultWaiter>,
     /// Finished tasks whose result GetResult(queue) has not handed out, in
     /// completion order. Entries of evicted results are skipped.
@@ -109,6 +128,8 @@ struct Lease {
     /// entry per lease however often it is extended.
     scheduled: Instant,
     worker: WorkerId,
+    /// The worker stream it was leased through, if any.
+    stream: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -205,6 +226,7 @@ pub(super) struct State {
     /// Wakes the timer task when a deadline earlier than all others arrives.
     timer_wake: Arc<Notify>,
     workers: HashMap<WorkerId, WorkerRecord>,
+    streams: HashMap<u64, StreamConsumer>,
     next_waiter: u64,
     waiters: usize,
     closed: bool,
@@ -221,6 +243,7 @@ impl State {
             timers: BinaryHeap::new(),
             timer_wake,
             workers: HashMap::new(),
+            streams: HashMap::new(),
             next_waiter: 0,
             waiters: 0,
             closed: false,
@@ -487,7 +510,7 @@ impl State {
         let lease = self.clamp_lease(lease);
         Ok(self
             .pop_ready(queue, now)
-            .map(|id| self.start_lease(id, worker, lease, now)))
+            .map(|id| self.start_lease(id, worker, lease, None, now)))
     }
 
     /// Takes the next task that can be handed out from the head of a queue.
@@ -514,6 +537,7 @@ impl State {
         id: TaskId,
         worker: &WorkerId,
         lease: Duration,
+        stream: Option<u64>,
         now: Instant,
     ) -> LeasedTask {
         let expires_at = now + lease;
@@ -527,6 +551,7 @@ impl State {
             expires_at,
             scheduled: expires_at,
             worker: worker.clone(),
+            stream,
         });
         let task = LeasedTask {
             id,
@@ -546,8 +571,19 @@ impl State {
         // A worker whose wait outlived its record is recorded again here.
         self.touch_worker(worker, Some(&task.queue), now);
         self.worker_in_flight(worker, 1);
+        if let Some(consumer) = stream.and_then(|sid| self.streams.get_mut(&sid)) {
+            consumer.outstanding.insert(id);
+        }
         self.schedule(expires_at, id, TimerKind::Lease(seq));
         task
+    }
+
+    /// A lease taken through a stream has ended: the stream has room for
+    /// one more task.
+    fn stream_slot_freed(&mut self, lease: &Lease, id: TaskId) {
+        if let Some(consumer) = lease.stream.and_then(|sid| self.streams.get_mut(&sid)) {
+            consumer.outstanding.remove(&id);
+        }
     }
 
     /// Moves a leased task back to the head of its queue. Returns the
@@ -563,6 +599,7 @@ impl State {
         queue.pending += 1;
         queue.ready.push_front(id);
         self.worker_in_flight(&lease.worker, -1);
+        self.stream_slot_freed(&lease, id);
         Some(lease)
     }
 
@@ -588,34 +625,137 @@ impl State {
         self.dispatch(&queue, now);
     }
 
-    /// Hands ready tasks of a queue to its waiting calls, inside the lock.
-    /// A waiter whose call is gone gets nothing; a task whose send fails
-    /// goes straight back to the head of the queue.
+    /// Hands ready tasks of a queue to its waiting calls and worker
+    /// streams, inside the lock. Waiting calls come first (they wait with a
+    /// deadline); streams with room take turns. A taker that is gone gets
+    /// nothing; a task whose send fails goes straight back to the head.
     fn dispatch(&mut self, queue_name: &QueueName, now: Instant) {
-        loop {
-            let Some(queue) = self.queues.get_mut(queue_name) else {
-                return;
-            };
-            let Some(front) = queue.task_waiters.front() else {
-                return;
-            };
-            if front.tx.is_closed() {
-                queue.task_waiters.pop_front();
-                self.waiters -= 1;
-                continue;
-            }
+        while let Some(taker) = self.next_taker(queue_name) {
             let Some(id) = self.pop_ready(queue_name, now) else {
                 return;
             };
-            let queue = self.queues.get_mut(queue_name).expect("queue exists");
-            let waiter = queue.task_waiters.pop_front().expect("front exists");
-            self.waiters -= 1;
-            let task = self.start_lease(id, &waiter.worker, waiter.lease, now);
-            let lease = task.lease_id;
-            if waiter.tx.send(task).is_err() {
-                self.undo_lease(lease, now);
+            match taker {
+                Taker::Waiter => {
+                    let queue = self.queues.get_mut(queue_name).expect("queue exists");
+                    let waiter = queue.task_waiters.pop_front().expect("front exists");
+                    self.waiters -= 1;
+                    let task = self.start_lease(id, &waiter.worker, waiter.lease, None, now);
+                    let lease = task.lease_id;
+                    if waiter.tx.send(task).is_err() {
+                        self.undo_lease(lease, now);
+                    }
+                }
+                Taker::Stream(sid) => {
+                    let consumer = &self.streams[&sid];
+                    let (worker, lease, tx) =
+                        (consumer.worker.clone(), consumer.lease, consumer.tx.clone());
+                    let task = self.start_lease(id, &worker, lease, Some(sid), now);
+                    let lease = task.lease_id;
+                    if tx.send(task).is_err() {
+                        self.undo_lease(lease, now);
+                        self.close_stream(sid, now);
+                    }
+                }
             }
         }
+    }
+
+    /// The next taker of a queue's tasks: the first live waiting call, else
+    /// the next stream (round robin) with room in its window.
+    fn next_taker(&mut self, queue_name: &QueueName) -> Option<Taker> {
+        let queue = self.queues.get_mut(queue_name)?;
+        while let Some(front) = queue.task_waiters.front() {
+            if !front.tx.is_closed() {
+                return Some(Taker::Waiter);
+            }
+            queue.task_waiters.pop_front();
+            self.waiters -= 1;
+        }
+        for _ in 0..queue.streams.len() {
+            let sid = queue.streams.pop_front()?;
+            queue.streams.push_back(sid);
+            let consumer = &self.streams[&sid];
+            // A stream whose handler is gone is skipped; its guard closes it.
+            if !consumer.tx.is_closed()
+                && (consumer.outstanding.len() as u64) < u64::from(consumer.window)
+            {
+                return Some(Taker::Stream(sid));
+            }
+        }
+        None
+    }
+
+    // ---- Worker streams ----
+
+    /// Registers a worker stream on a queue and hands it what is ready.
+    pub fn open_stream(
+        &mut self,
+        queue: &QueueName,
+        worker: WorkerId,
+        lease: Option<Duration>,
+        window: u32,
+        tx: mpsc::UnboundedSender<LeasedTask>,
+        now: Instant,
+    ) -> Result<u64, BrokerError> {
+        self.queue_mut(queue)?;
+        let id = self.next_waiter_id()?;
+        self.touch_worker(&worker, Some(queue), now);
+        let lease = self.clamp_lease(lease);
+        self.streams.insert(
+            id,
+            StreamConsumer {
+                queue: queue.clone(),
+                worker,
+                lease,
+                window,
+                outstanding: HashSet::new(),
+                tx,
+            },
+        );
+        self.queue_of(queue).streams.push_back(id);
+        if !self.closed {
+            self.dispatch(queue, now);
+        }
+        Ok(id)
+    }
+
+    /// Changes a stream's window; 0 pauses it.
+    pub fn set_window(&mut self, stream: u64, window: u32, now: Instant) {
+        let Some(consumer) = self.streams.get_mut(&stream) else {
+            return;
+        };
+        consumer.window = window;
+        let queue = consumer.queue.clone();
+        if !self.closed {
+            self.dispatch(&queue, now);
+        }
+    }
+
+    /// The tasks a stream holds, for its worker's bookkeeping.
+    pub fn stream_outstanding(&self, stream: u64) -> usize {
+        self.streams.get(&stream).map_or(0, |c| c.outstanding.len())
+    }
+
+    /// Ends a worker stream: every task still leased through it goes back
+    /// to the head of its queue at once (or fails, out of attempts or ttl),
+    /// as if its lease had run out now.
+    pub fn close_stream(&mut self, stream: u64, now: Instant) {
+        let Some(consumer) = self.streams.remove(&stream) else {
+            return;
+        };
+        self.waiters -= 1;
+        if let Some(queue) = self.queues.get_mut(&consumer.queue) {
+            queue.streams.retain(|sid| *sid != stream);
+        }
+        for id in consumer.outstanding {
+            let through_this_stream = self.tasks.get(&id).is_some_and(
+                |e| matches!(&e.status, Status::Leased(l) if l.stream == Some(stream)),
+            );
+            if through_this_stream {
+                self.lease_lost(id, now);
+            }
+        }
+        self.dispatch(&consumer.queue, now);
     }
 
     fn next_waiter_id(&mut self) -> Result<u64, BrokerError> {
@@ -832,9 +972,14 @@ impl State {
         }
         self.waiters -= woken;
         let queue_name = entry.queue.clone();
-        if let Status::Leased(lease) = &previous {
-            self.worker_in_flight(&lease.worker, -1);
-        }
+        let freed_stream = match &previous {
+            Status::Leased(lease) => {
+                self.worker_in_flight(&lease.worker, -1);
+                self.stream_slot_freed(lease, id);
+                lease.stream.is_some()
+            }
+            _ => false,
+        };
         let queue = self.queues.entry(queue_name.clone()).or_default();
         match previous {
             Status::Pending => queue.pending -= 1,
@@ -858,6 +1003,9 @@ impl State {
         }
         self.finished.push_back((now, id));
         self.evict_results(now);
+        if freed_stream && !self.closed {
+            self.dispatch(&queue_name, now);
+        }
     }
 
     /// Hands unclaimed results of a queue to its waiting GetResult(queue)
@@ -1105,8 +1253,18 @@ impl State {
             self.schedule(expires_at, id, TimerKind::Lease(seq));
             return;
         }
-        let worker = lease.worker.clone();
+        self.lease_lost(id, now);
+    }
+
+    /// A leased task's lease is over (expired, or its stream closed): back
+    /// to the head of the queue for another attempt, or FAILED when it has
+    /// used its attempts or its ttl.
+    fn lease_lost(&mut self, id: TaskId, now: Instant) {
         let entry = &self.tasks[&id];
+        let Status::Leased(lease) = &entry.status else {
+            return;
+        };
+        let worker = lease.worker.clone();
         if entry.expired(now) {
             self.fail_expired(id, now);
         } else if entry.attempt >= entry.max_attempts {
@@ -1242,7 +1400,8 @@ impl State {
                 .tasks
                 .values()
                 .map(|e| e.result_waiters.len())
-                .sum::<usize>();
+                .sum::<usize>()
+            + self.streams.len();
         if waiting != self.waiters {
             return Err(format!(
                 "{waiting} waiters registered, counter says {}",

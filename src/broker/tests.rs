@@ -1092,3 +1092,141 @@ async fn an_expired_lease_cannot_be_extended() {
         Err(BrokerError::StaleLease { .. })
     ));
 }
+
+// ---- Worker streams and batches ----
+
+async fn next_now(sub: &mut Subscription) -> Option<LeasedTask> {
+    tokio::time::timeout(Duration::from_millis(1), sub.next())
+        .await
+        .ok()
+        .flatten()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_holds_at_most_its_window() {
+    let b = broker();
+    let mut sub = b.subscribe(req("q", "s1", 60 * SEC), 2).unwrap();
+    for i in 0..5 {
+        put(&b, "q", &i.to_string()).await;
+    }
+    let first = next_now(&mut sub).await.unwrap();
+    let second = next_now(&mut sub).await.unwrap();
+    assert_eq!(
+        (&first.payload[..], &second.payload[..]),
+        (&b"0"[..], &b"1"[..])
+    );
+    assert!(
+        next_now(&mut sub).await.is_none(),
+        "no third task while two are out"
+    );
+    assert_eq!(sub.outstanding(), 2);
+    // Any outcome frees a slot.
+    b.complete(first.lease_id, fail("no", false)).unwrap();
+    assert_eq!(&next_now(&mut sub).await.unwrap().payload[..], b"2");
+    assert!(next_now(&mut sub).await.is_none());
+    b.check();
+}
+
+#[tokio::test(start_paused = true)]
+async fn window_zero_pauses_and_a_new_window_resumes() {
+    let b = broker();
+    let mut sub = b.subscribe(req("q", "s1", 60 * SEC), 0).unwrap();
+    put(&b, "q", "x").await;
+    assert!(next_now(&mut sub).await.is_none());
+    sub.set_window(1);
+    assert!(next_now(&mut sub).await.is_some());
+    sub.set_window(0);
+    put(&b, "q", "y").await;
+    assert!(next_now(&mut sub).await.is_none());
+    assert_eq!(stats(&b, "q").pending, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_closed_stream_gives_its_tasks_back_at_once() {
+    let b = broker();
+    let mut sub = b.subscribe(req("q", "s1", 3600 * SEC), 3).unwrap();
+    let a = put(&b, "q", "a").await;
+    put(&b, "q", "b").await;
+    // Two delivered to the stream's handler; one more queued for it unread.
+    let got_a = next_now(&mut sub).await.unwrap();
+    assert_eq!(got_a.id, a);
+    put(&b, "later", "x").await;
+    drop(sub);
+    // At once, not after the hour-long lease: "a" was handed on (its
+    // delivery counts), "b" was never read from the stream (it does not).
+    let again = take(&b, "q", SEC).await;
+    let next = take(&b, "q", SEC).await;
+    assert_eq!((again.id, again.attempt), (a, 2));
+    assert_eq!(next.attempt, 1);
+    assert_eq!(stats(&b, "q").redelivered, 1);
+    b.check();
+}
+
+#[tokio::test(start_paused = true)]
+async fn streams_take_turns_and_waiting_calls_go_first() {
+    let b = broker();
+    let mut fast = b.subscribe(req("q", "fast", 60 * SEC), 10).unwrap();
+    let mut slow = b.subscribe(req("q", "slow", 60 * SEC), 1).unwrap();
+    for i in 0..4 {
+        put(&b, "q", &i.to_string()).await;
+    }
+    let mut fast_got = 0;
+    while next_now(&mut fast).await.is_some() {
+        fast_got += 1;
+    }
+    assert!(
+        next_now(&mut slow).await.is_some(),
+        "the slow stream is not starved"
+    );
+    assert_eq!(fast_got, 3);
+    // A waiting GetTask is served before the streams.
+    let waiting = tokio::spawn({
+        let b = b.clone();
+        async move { b.lease(req("q", "unary", SEC), 10 * SEC).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let id = put(&b, "q", "for the waiting call").await;
+    assert_eq!(waiting.await.unwrap().unwrap().unwrap().id, id);
+    b.check();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_stream_lease_frees_its_slot() {
+    let b = broker();
+    let mut sub = b.subscribe(req("q", "s1", SEC), 1).unwrap();
+    put(&b, "q", "a").await;
+    put(&b, "q", "b").await;
+    let first = next_now(&mut sub).await.unwrap();
+    tokio::time::sleep(2 * SEC).await;
+    // The expired task went back to the head and came round again.
+    let again = next_now(&mut sub).await.unwrap();
+    assert_eq!((again.id, again.attempt), (first.id, 2));
+    b.check();
+}
+
+#[tokio::test(start_paused = true)]
+async fn put_many_keeps_order_and_per_item_errors() {
+    let b = Broker::new(BrokerConfig {
+        queue_capacity: 2,
+        max_payload: 4,
+        ..BrokerConfig::default()
+    });
+    let outcomes = b.put_many(vec![
+        task("q", "a"),
+        task("q", "too long"),
+        task("q", "b"),
+        task("q", "c"),
+        task("other", "d"),
+    ]);
+    assert!(outcomes[0].is_ok());
+    assert!(matches!(
+        outcomes[1],
+        Err(BrokerError::PayloadTooLarge { .. })
+    ));
+    assert!(outcomes[2].is_ok());
+    assert!(matches!(outcomes[3], Err(BrokerError::QueueFull { .. })));
+    assert!(outcomes[4].is_ok());
+    assert_eq!(take(&b, "q", SEC).await.payload, "a");
+    assert_eq!(take(&b, "q", SEC).await.payload, "b");
+    b.check();
+}

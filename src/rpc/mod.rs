@@ -5,11 +5,13 @@
 //! - `convert`: wire types to engine types and back, in one place.
 //! - `status`: engine errors to gRPC status codes, one table.
 //! - `deadline`: how long a blocking call may wait, from `grpc-timeout`.
+//! - `streams`: PutTasks, StreamTasks and WatchResults.
 
 mod convert;
 mod deadline;
 pub mod service;
 mod status;
+mod streams;
 
 pub use deadline::{answer_margin, grpc_timeout};
 pub use service::TaskQueueService;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::{convert, deadline};
+use super::{convert, deadline, streams};
 use crate::broker::{Broker, LeaseRequest, WorkerId};
 use crate::pb::{self, task_queue_server::TaskQueue};
 
@@ -14,13 +14,25 @@ use crate::pb::{self, task_queue_server::TaskQueue};
 pub struct TaskQueueService {
     broker: Broker,
     max_wait: Duration,
+    max_batch: usize,
 }
 
 impl TaskQueueService {
     /// A service over `broker`; blocking calls without a deadline wait at
     /// most `max_wait`.
     pub fn new(broker: Broker, max_wait: Duration) -> Self {
-        Self { broker, max_wait }
+        Self {
+            broker,
+            max_wait,
+            max_batch: DEFAULT_MAX_BATCH,
+        }
+    }
+
+    /// Sets the most tasks (or task ids) one PutTasks (or WatchResults)
+    /// may carry.
+    pub fn with_max_batch(mut self, max_batch: usize) -> Self {
+        self.max_batch = max_batch.max(1);
+        self
     }
 
     fn wait<T>(&self, request: &Request<T>) -> Duration {
@@ -40,6 +52,9 @@ impl TaskQueueService {
         })
     }
 }
+
+/// Default of `--max-batch`.
+pub const DEFAULT_MAX_BATCH: usize = 1000;
 
 /// The worker id a request names, or one made from the peer's address.
 fn worker_id<T>(request: &Request<T>, given: &str) -> Result<WorkerId, Status> {
@@ -137,6 +152,42 @@ impl TaskQueue for TaskQueueService {
         Ok(Response::new(pb::GetResultResponse {
             result: result.map(convert::result),
         }))
+    }
+
+    async fn put_tasks(
+        &self,
+        request: Request<pb::PutTasksRequest>,
+    ) -> Result<Response<pb::PutTasksResponse>, Status> {
+        let response = streams::put_tasks(&self.broker, request.into_inner(), self.max_batch)?;
+        Ok(Response::new(response))
+    }
+
+    type StreamTasksStream = streams::ServerMessages;
+
+    async fn stream_tasks(
+        &self,
+        request: Request<tonic::Streaming<pb::WorkerMessage>>,
+    ) -> Result<Response<Self::StreamTasksStream>, Status> {
+        let peer = request.remote_addr();
+        let default_worker = move || {
+            format!(
+                "anonymous@{}",
+                peer.map_or_else(|| "unknown".into(), |a| a.to_string())
+            )
+        };
+        let stream =
+            streams::stream_tasks(&self.broker, request.into_inner(), default_worker).await?;
+        Ok(Response::new(stream))
+    }
+
+    type WatchResultsStream = streams::Results;
+
+    async fn watch_results(
+        &self,
+        request: Request<pb::WatchResultsRequest>,
+    ) -> Result<Response<Self::WatchResultsStream>, Status> {
+        let stream = streams::watch_results(&self.broker, request.into_inner(), self.max_batch)?;
+        Ok(Response::new(stream))
     }
 
     async fn get_stats(

@@ -1,0 +1,363 @@
+//! The streaming and batch calls: PutTasks, StreamTasks, WatchResults.
+//! Like the unary handlers, they convert, call the broker, and convert
+//! back; each open stream is served by one task that ends with it.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Status, Streaming};
+
+use super::convert;
+use crate::broker::{Broker, LeaseRequest, Subscription, TaskId, WorkerId};
+use crate::pb::{self, server_message::Msg as Out, worker_message::Msg as In};
+
+/// Largest window a stream may ask for.
+pub const MAX_IN_FLIGHT: u32 = 10_000;
+/// Messages buffered toward a client before the server stops reading from
+/// it: enough to keep a busy stream moving, small enough to bound memory.
+const OUTBOUND_BUFFER: usize = 256;
+/// One wait of a watch; it is renewed until the result comes or the client
+/// leaves.
+const WATCH_WAIT: Duration = Duration::from_secs(3600);
+
+pub type ServerMessages = ReceiverStream<Result<pb::ServerMessage, Status>>;
+pub type Results = ReceiverStream<Result<pb::Result, Status>>;
+
+pub fn item_error(status: &Status) -> pb::ItemError {
+    pb::ItemError {
+        code: status.code() as i32,
+        message: status.message().to_string(),
+    }
+}
+
+fn shutting_down() -> Status {
+    Status::unavailable("the server is shutting down: reconnect and go on")
+}
+
+/// PutTasks: every task validated and stored on its own, under one lock.
+pub fn put_tasks(
+    broker: &Broker,
+    request: pb::PutTasksRequest,
+    max_batch: usize,
+) -> Result<pb::PutTasksResponse, Status> {
+    if request.tasks.len() > max_batch {
+        return Err(Status::invalid_argument(format!(
+            "{} tasks in one PutTasks; the limit is {max_batch} (server flag --max-batch): split the batch",
+            request.tasks.len()
+        )));
+    }
+    // Tasks that fail conversion keep their place with their error.
+    let mut slots = Vec::with_capacity(request.tasks.len());
+    let mut valid = Vec::with_capacity(request.tasks.len());
+    for task in request.tasks {
+        match convert::new_task(task) {
+            Ok(task) => {
+                slots.push(None);
+                valid.push(task);
+            }
+            Err(status) => slots.push(Some(status)),
+        }
+    }
+    let mut stored = broker.put_many(valid).into_iter();
+    let outcomes = slots
+        .into_iter()
+        .map(|slot| {
+            let result = match slot {
+                Some(status) => Err(status),
+                None => stored
+                    .next()
+                    .expect("one outcome per valid task")
+                    .map_err(Status::from),
+            };
+            pb::PutTaskOutcome {
+                outcome: Some(match result {
+                    Ok(put) => pb::put_task_outcome::Outcome::Ok(pb::PutTaskResponse {
+                        task_id: put.task_id.to_string(),
+                        duplicate: put.duplicate,
+                    }),
+                    Err(status) => pb::put_task_outcome::Outcome::Error(item_error(&status)),
+                }),
+            }
+        })
+        .collect();
+    Ok(pb::PutTasksResponse { outcomes })
+}
+
+/// StreamTasks: reads the subscribe message, opens the broker stream, and
+/// serves it from a task of its own until either side ends it.
+pub async fn stream_tasks(
+    broker: &Broker,
+    mut inbound: Streaming<pb::WorkerMessage>,
+    default_worker: impl FnOnce() -> String,
+) -> Result<ServerMessages, Status> {
+    let first = inbound
+        .message()
+        .await?
+        .ok_or_else(|| Status::invalid_argument("the stream ended before its subscribe message"))?;
+    let Some(In::Subscribe(subscribe)) = first.msg else {
+        return Err(Status::invalid_argument(
+            "the first message of StreamTasks must be subscribe",
+        ));
+    };
+    if subscribe.max_in_flight > MAX_IN_FLIGHT {
+        return Err(Status::invalid_argument(format!(
+            "max_in_flight is {}; the limit is {MAX_IN_FLIGHT}",
+            subscribe.max_in_flight
+        )));
+    }
+    let worker = if subscribe.worker_id.is_empty() {
+        default_worker()
+    } else {
+        subscribe.worker_id
+    };
+    let request = LeaseRequest {
+        queue: convert::queue(&subscribe.queue)?,
+        worker: WorkerId::new(&worker)?,
+        lease: convert::duration("lease", subscribe.lease)?,
+    };
+    let subscription = broker.subscribe(request, subscribe.max_in_flight)?;
+    let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
+    tokio::spawn(serve_stream(broker.clone(), subscription, inbound, tx));
+    Ok(ReceiverStream::new(rx))
+}
+
+async fn serve_stream(
+    broker: Broker,
+    mut subscription: Subscription,
+    mut inbound: Streaming<pb::WorkerMessage>,
+    tx: mpsc::Sender<Result<pb::ServerMessage, Status>>,
+) {
+    let closed = broker.closed();
+    tokio::pin!(closed);
+    let mut draining = false;
+    loop {
+        if draining && subscription.outstanding() == 0 {
+            // Everything this stream held is reported: let the worker go and
+            // reconnect elsewhere.
+            let _ = tx.send(Err(shutting_down())).await;
+            break;
+        }
+        tokio::select! {
+            task = subscription.next() => {
+                let Some(task) = task else { break };
+                let message = pb::ServerMessage { msg: Some(Out::Task(convert::task(task))) };
+                if tx.send(Ok(message)).await.is_err() {
+                    break;
+                }
+            }
+            message = inbound.message() => {
+                let message = match message {
+                    Ok(Some(message)) => message,
+                    // The worker closed its side, or the stream broke.
+                    Ok(None) | Err(_) => break,
+                };
+                match handle(&broker, &subscription, message) {
+                    Ok(Some(reply)) => {
+                        if tx.send(Ok(reply)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                }
+            }
+            () = &mut closed, if !draining => {
+                // Draining: no new tasks; results still go in.
+                draining = true;
+                subscription.set_window(0);
+            }
+            () = tx.closed() => break,
+        }
+    }
+    // Dropping the subscription sends what the stream still holds back to
+    // its queue at once.
+    drop(subscription);
+}
+
+/// One message from a worker: a result or an extension answered with its
+/// ack, or a new window.
+fn handle(
+    broker: &Broker,
+    subscription: &Subscription,
+    message: pb::WorkerMessage,
+) -> Result<Option<pb::ServerMessage>, Status> {
+    match message.msg {
+        Some(In::Result(request)) => {
+            let task_id = request.task_id.clone();
+            let answer = (|| {
+                let task = convert::task_id(&request.task_id)?;
+                let lease = convert::lease_id(task, &request.lease_id)?;
+                let outcome = convert::outcome(request.outcome)?;
+                Ok::<_, Status>(broker.complete(lease, outcome)?)
+            })();
+            let ack = match answer {
+                Ok(state) => pb::ResultAck {
+                    task_id,
+                    state: convert::state(state).into(),
+                    error: None,
+                },
+                Err(status) => pb::ResultAck {
+                    task_id,
+                    state: pb::TaskState::Unspecified.into(),
+                    error: Some(item_error(&status)),
+                },
+            };
+            Ok(Some(pb::ServerMessage {
+                msg: Some(Out::ResultAck(ack)),
+            }))
+        }
+        Some(In::Extend(request)) => {
+            let task_id = request.task_id.clone();
+            let answer = (|| {
+                let task = convert::task_id(&request.task_id)?;
+                let lease = convert::lease_id(task, &request.lease_id)?;
+                let by = convert::duration("extend_by", request.extend_by)?;
+                Ok::<_, Status>(broker.extend(lease, by)?)
+            })();
+            let ack = match answer {
+                Ok(at) => pb::ExtendAck {
+                    task_id,
+                    lease_expires_at: Some(convert::timestamp(at)),
+                    error: None,
+                },
+                Err(status) => pb::ExtendAck {
+                    task_id,
+                    lease_expires_at: None,
+                    error: Some(item_error(&status)),
+                },
+            };
+            Ok(Some(pb::ServerMessage {
+                msg: Some(Out::ExtendAck(ack)),
+            }))
+        }
+        Some(In::Window(window)) => {
+            if window.max_in_flight > MAX_IN_FLIGHT {
+                return Err(Status::invalid_argument(format!(
+                    "max_in_flight is {}; the limit is {MAX_IN_FLIGHT}",
+                    window.max_in_flight
+                )));
+            }
+            subscription.set_window(window.max_in_flight);
+            Ok(None)
+        }
+        Some(In::Subscribe(_)) => Err(Status::invalid_argument(
+            "subscribe may only be the first message of a stream",
+        )),
+        None => Err(Status::invalid_argument(
+            "a WorkerMessage must set one of subscribe, result, extend or window",
+        )),
+    }
+}
+
+/// WatchResults: the queue's results as they finish, or the listed tasks'
+/// results as each exists.
+pub fn watch_results(
+    broker: &Broker,
+    request: pb::WatchResultsRequest,
+    max_batch: usize,
+) -> Result<Results, Status> {
+    use pb::watch_results_request::Target;
+    let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
+    match request.target {
+        Some(Target::Queue(queue)) => {
+            let queue = convert::queue(&queue)?;
+            tokio::spawn(watch_queue(broker.clone(), queue, tx));
+        }
+        Some(Target::TaskIds(list)) => {
+            if list.ids.len() > max_batch {
+                return Err(Status::invalid_argument(format!(
+                    "{} task ids; the limit is {max_batch} (server flag --max-batch)",
+                    list.ids.len()
+                )));
+            }
+            // Every id is checked before anything is sent.
+            let mut ids = Vec::with_capacity(list.ids.len());
+            for text in &list.ids {
+                let id = convert::task_id(text)?;
+                broker.result_now(id)?;
+                ids.push(id);
+            }
+            tokio::spawn(watch_tasks(broker.clone(), ids, tx));
+        }
+        None => {
+            return Err(Status::invalid_argument(
+                "set a target: queue (its results as they finish) or task_ids",
+            ));
+        }
+    }
+    Ok(ReceiverStream::new(rx))
+}
+
+async fn watch_queue(
+    broker: Broker,
+    queue: crate::broker::QueueName,
+    tx: mpsc::Sender<Result<pb::Result, Status>>,
+) {
+    loop {
+        // A slot first: a result is taken only when it can be sent.
+        let Ok(permit) = tx.reserve().await else {
+            return;
+        };
+        if broker.is_closed() {
+            permit.send(Err(shutting_down()));
+            return;
+        }
+        tokio::select! {
+            result = broker.next_result(queue.clone(), WATCH_WAIT) => match result {
+                Ok(Some(result)) => permit.send(Ok(convert::result(result))),
+                Ok(None) => {}
+                Err(error) => {
+                    permit.send(Err(error.into()));
+                    return;
+                }
+            },
+            // The client left: the pending wait is dropped, and a result
+            // handed to it goes back to the queue.
+            () = tx.closed() => return,
+        }
+    }
+}
+
+async fn watch_tasks(
+    broker: Broker,
+    ids: Vec<TaskId>,
+    tx: mpsc::Sender<Result<pb::Result, Status>>,
+) {
+    let mut waits = JoinSet::new();
+    for id in ids {
+        let broker = broker.clone();
+        waits.spawn(async move {
+            loop {
+                match broker.result(id, WATCH_WAIT).await {
+                    Ok(Some(result)) => return Ok(result),
+                    Ok(None) if broker.is_closed() => return Err(shutting_down()),
+                    Ok(None) => {}
+                    Err(error) => return Err(Status::from(error)),
+                }
+            }
+        });
+    }
+    loop {
+        tokio::select! {
+            done = waits.join_next() => {
+                let Some(done) = done else { return };
+                let message = match done {
+                    Ok(Ok(result)) => Ok(convert::result(result)),
+                    Ok(Err(status)) => Err(status),
+                    Err(_) => Err(Status::new(Code::Internal, "a watch failed; see the server log")),
+                };
+                let last = message.is_err();
+                if tx.send(message).await.is_err() || last {
+                    return;
+                }
+            }
+            // Dropping the set cancels the remaining waits.
+            () = tx.closed() => return,
+        }
+    }
+}
