@@ -1,0 +1,461 @@
+//! PutTasks, StreamTasks and WatchResults over real gRPC.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Client, TestServer};
+use taskq::broker::BrokerConfig;
+use taskq::pb::{self, server_message::Msg as Out, worker_message::Msg as In};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Streaming};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn task_req(queue: &str, payload: &str) -> pb::PutTaskRequest {
+    pb::PutTaskRequest {
+        queue: queue.into(),
+        payload: Bytes::copy_from_slice(payload.as_bytes()),
+        ..Default::default()
+    }
+}
+
+async fn put_many(client: &mut Client, queue: &str, n: usize) -> Vec<String> {
+    let tasks = (0..n).map(|i| task_req(queue, &i.to_string())).collect();
+    let response = client
+        .put_tasks(pb::PutTasksRequest { tasks })
+        .await
+        .unwrap()
+        .into_inner();
+    response
+        .outcomes
+        .into_iter()
+        .map(|o| match o.outcome {
+            Some(pb::put_task_outcome::Outcome::Ok(ok)) => ok.task_id,
+            other => panic!("not stored: {other:?}"),
+        })
+        .collect()
+}
+
+/// A worker's side of StreamTasks: a sender of messages and the server's
+/// replies.
+struct WorkerStream {
+    tx: mpsc::Sender<pb::WorkerMessage>,
+    rx: Streaming<pb::ServerMessage>,
+}
+
+impl WorkerStream {
+    async fn open(client: &mut Client, queue: &str, worker: &str, window: u32) -> Self {
+        let (tx, outbound) = mpsc::channel(64);
+        tx.send(subscribe(queue, worker, window)).await.unwrap();
+        let rx = client
+            .stream_tasks(ReceiverStream::new(outbound))
+            .await
+            .unwrap()
+            .into_inner();
+        Self { tx, rx }
+    }
+
+    async fn send(&self, msg: In) {
+        self.tx
+            .send(pb::WorkerMessage { msg: Some(msg) })
+            .await
+            .unwrap();
+    }
+
+    async fn next(&mut self) -> Out {
+        tokio::time::timeout(WAIT, self.rx.next())
+            .await
+            .expect("a message within 10s")
+            .expect("the stream is open")
+            .expect("not an error")
+            .msg
+            .unwrap()
+    }
+
+    async fn task(&mut self) -> pb::Task {
+        match self.next().await {
+            Out::Task(task) => task,
+            other => panic!("expected a task, got {other:?}"),
+        }
+    }
+
+    async fn finish(&self, task: &pb::Task, output: &str) {
+        self.send(In::Result(pb::PutResultRequest {
+            task_id: task.id.clone(),
+            lease_id: task.lease_id.clone(),
+            outcome: Some(pb::put_result_request::Outcome::Output(
+                Bytes::copy_from_slice(output.as_bytes()),
+            )),
+        }))
+        .await;
+    }
+}
+
+fn subscribe(queue: &str, worker: &str, window: u32) -> pb::WorkerMessage {
+    pb::WorkerMessage {
+        msg: Some(In::Subscribe(pb::Subscribe {
+            queue: queue.into(),
+            worker_id: worker.into(),
+            lease: Some(Duration::from_secs(60).try_into().unwrap()),
+            max_in_flight: window,
+        })),
+    }
+}
+
+async fn stats(client: &mut Client, queue: &str) -> pb::QueueStats {
+    client
+        .get_stats(pb::GetStatsRequest {
+            queue: queue.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .queues
+        .remove(0)
+}
+
+#[tokio::test]
+async fn put_tasks_keeps_order_and_reports_each_error() {
+    let server = TestServer::with_broker(BrokerConfig {
+        max_payload: 8,
+        ..BrokerConfig::default()
+    })
+    .await;
+    let mut client = server.client().await;
+    let tasks = vec![
+        task_req("q", "first"),
+        task_req("bad name", "x"),
+        task_req("q", "far too long"),
+        task_req("q", "last"),
+    ];
+    let outcomes = client
+        .put_tasks(pb::PutTasksRequest { tasks })
+        .await
+        .unwrap()
+        .into_inner()
+        .outcomes;
+    use pb::put_task_outcome::Outcome;
+    assert!(matches!(outcomes[0].outcome, Some(Outcome::Ok(_))));
+    assert!(
+        matches!(&outcomes[1].outcome, Some(Outcome::Error(e)) if e.code == Code::InvalidArgument as i32)
+    );
+    assert!(
+        matches!(&outcomes[2].outcome, Some(Outcome::Error(e)) if e.code == Code::InvalidArgument as i32)
+    );
+    assert!(matches!(outcomes[3].outcome, Some(Outcome::Ok(_))));
+    assert_eq!(stats(&mut client, "q").await.pending, 2);
+    let too_many = (0..1001).map(|_| task_req("q", "x")).collect();
+    let status = client
+        .put_tasks(pb::PutTasksRequest { tasks: too_many })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("--max-batch"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        stats(&mut client, "q").await.pending,
+        2,
+        "nothing of the refused batch stored"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_first_message_must_be_subscribe() {
+    let server = TestServer::spawn().await;
+    let mut client = server.client().await;
+    let (tx, outbound) = mpsc::channel(1);
+    tx.send(pb::WorkerMessage {
+        msg: Some(In::Window(pb::SetMaxInFlight { max_in_flight: 1 })),
+    })
+    .await
+    .unwrap();
+    let status = client
+        .stream_tasks(ReceiverStream::new(outbound))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    server.shutdown().await;
+}
+
+/// Never more than `max_in_flight` outstanding; each result frees a slot;
+/// acks come in order; window 0 pauses and a new window resumes.
+#[tokio::test]
+async fn flow_control_results_and_extensions() {
+    let server = TestServer::spawn().await;
+    let mut client = server.client().await;
+    put_many(&mut client, "q", 6).await;
+    let mut worker = WorkerStream::open(&mut client, "q", "w1", 2).await;
+    let first = worker.task().await;
+    let second = worker.task().await;
+    assert_eq!(
+        stats(&mut client, "q").await.leased,
+        2,
+        "two out, four held back"
+    );
+
+    worker
+        .send(In::Extend(pb::ExtendLeaseRequest {
+            task_id: first.id.clone(),
+            lease_id: first.lease_id.clone(),
+            extend_by: Some(Duration::from_secs(120).try_into().unwrap()),
+        }))
+        .await;
+    match worker.next().await {
+        Out::ExtendAck(ack) => {
+            assert_eq!(ack.task_id, first.id);
+            assert!(ack.error.is_none() && ack.lease_expires_at.is_some());
+        }
+        other => panic!("{other:?}"),
+    }
+    worker.finish(&first, "done").await;
+    // The ack comes first, then the next task into the freed slot.
+    match worker.next().await {
+        Out::ResultAck(ack) => {
+            assert_eq!(
+                (ack.task_id.as_str(), ack.state()),
+                (first.id.as_str(), pb::TaskState::Succeeded)
+            );
+            assert!(ack.error.is_none());
+        }
+        other => panic!("{other:?}"),
+    }
+    let third = worker.task().await;
+    // An error is an ItemError in the ack, and the stream stays open.
+    worker.finish(&first, "different").await;
+    match worker.next().await {
+        Out::ResultAck(ack) => {
+            assert_eq!(ack.error.unwrap().code, Code::AlreadyExists as i32);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Pause: results still go in, no new tasks come.
+    worker
+        .send(In::Window(pb::SetMaxInFlight { max_in_flight: 0 }))
+        .await;
+    worker.finish(&second, "2").await;
+    worker.finish(&third, "3").await;
+    for _ in 0..2 {
+        assert!(matches!(worker.next().await, Out::ResultAck(_)));
+    }
+    let s = stats(&mut client, "q").await;
+    assert_eq!((s.leased, s.pending, s.succeeded), (0, 3, 3));
+    worker
+        .send(In::Window(pb::SetMaxInFlight { max_in_flight: 3 }))
+        .await;
+    let mut got = HashSet::new();
+    for _ in 0..3 {
+        got.insert(worker.task().await.id);
+    }
+    assert_eq!(got.len(), 3);
+    // A stream still holding tasks would keep the drain waiting for its
+    // grace period.
+    drop(worker);
+    server.shutdown().await;
+}
+
+/// A stream that breaks gives its tasks back at once, not after the lease.
+#[tokio::test]
+async fn a_broken_stream_requeues_its_tasks_at_once() {
+    let server = TestServer::spawn().await;
+    let mut client = server.client().await;
+    let ids = put_many(&mut client, "q", 2).await;
+    let mut doomed = WorkerStream::open(&mut client, "q", "doomed", 2).await;
+    let a = doomed.task().await;
+    let b = doomed.task().await;
+    drop(doomed);
+    // The lease is 60s; a 10s deadline only passes if the tasks came back
+    // when the stream broke.
+    let mut other = server.client().await;
+    let mut back = Vec::new();
+    for _ in 0..2 {
+        let task = other
+            .get_task(common::with_deadline(
+                pb::GetTaskRequest {
+                    queue: "q".into(),
+                    ..Default::default()
+                },
+                WAIT,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+            .expect("given back at once");
+        assert_eq!(task.attempt, 2);
+        back.push(task.id);
+    }
+    back.sort();
+    let mut expected = vec![a.id, b.id];
+    expected.sort();
+    assert_eq!(back, expected);
+    assert_eq!(ids.len(), 2);
+    server.shutdown().await;
+}
+
+/// A slow worker with a full window does not hold up others.
+#[tokio::test]
+async fn a_slow_worker_does_not_starve_others() {
+    let server = TestServer::spawn().await;
+    let mut client = server.client().await;
+    let mut slow = WorkerStream::open(&mut client, "q", "slow", 1).await;
+    let mut fast = WorkerStream::open(&mut client, "q", "fast", 4).await;
+    put_many(&mut client, "q", 5).await;
+    let _held = slow.task().await;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        tasks.push(fast.task().await);
+    }
+    for task in &tasks {
+        fast.finish(task, "ok").await;
+    }
+    for _ in 0..4 {
+        assert!(matches!(fast.next().await, Out::ResultAck(_)));
+    }
+    assert_eq!(stats(&mut client, "q").await.succeeded, 4);
+    drop((slow, fast));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn watch_results_by_queue_delivers_each_result_once() {
+    let server = TestServer::spawn().await;
+    let mut client = server.client().await;
+    let watch = |target| pb::WatchResultsRequest {
+        target: Some(target),
+    };
+    let mut watcher = client
+        .watch_results(watch(pb::watch_results_request::Target::Queue("q".into())))
+        .await
+        .unwrap()
+        .into_inner();
+    let ids = put_many(&mut client, "q", 5).await;
+    let mut worker = WorkerStream::open(&mut client, "q", "w", 5).await;
+    for _ in 0..5 {
+        let task = worker.task().await;
+        worker.finish(&task, "r").await;
+    }
+    let mut seen = HashSet::new();
+    for _ in 0..5 {
+        let result = tokio::time::timeout(WAIT, watcher.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(seen.insert(result.task_id));
+    }
+    assert_eq!(seen, ids.iter().cloned().collect());
+    // Handed out once: GetResult(queue) finds nothing left.
+    let left = client
+        .get_result(common::with_deadline(
+            pb::GetResultRequest {
+                target: Some(pb::get_result_request::Target::Queue("q".into())),
+                max_wait: Some(Duration::ZERO.try_into().unwrap()),
+            },
+            WAIT,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(left.result.is_none());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn watch_results_by_ids_ends_after_the_last_and_refuses_unknown_ids() {
+    let server = TestServer::spawn().await;
+    let mut client = server.client().await;
+    let ids = put_many(&mut client, "q", 3).await;
+    let target = |ids: Vec<String>| pb::WatchResultsRequest {
+        target: Some(pb::watch_results_request::Target::TaskIds(pb::TaskIds {
+            ids,
+        })),
+    };
+    let mut unknown = ids.clone();
+    unknown.push("01890a5d-ac96-774b-bcce-b302099a8057".into());
+    let status = client.watch_results(target(unknown)).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+
+    let mut worker = WorkerStream::open(&mut client, "q", "w", 3).await;
+    let first = worker.task().await;
+    let others = [worker.task().await, worker.task().await];
+    worker.finish(&first, "early").await;
+    assert!(matches!(worker.next().await, Out::ResultAck(_)));
+    let mut watcher = client
+        .watch_results(target(ids.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    // The finished one comes at once.
+    let early = tokio::time::timeout(WAIT, watcher.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(early.task_id, first.id);
+    for task in &others {
+        worker.finish(task, "late").await;
+    }
+    let mut rest = HashSet::new();
+    for _ in 0..2 {
+        rest.insert(
+            tokio::time::timeout(WAIT, watcher.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap()
+                .task_id,
+        );
+    }
+    assert_eq!(rest.len(), 2);
+    assert!(
+        tokio::time::timeout(WAIT, watcher.next())
+            .await
+            .unwrap()
+            .is_none(),
+        "ends after the last"
+    );
+    server.shutdown().await;
+}
+
+/// During a drain a stream gets no new task, its results still go in, and
+/// once it holds nothing the server ends it with UNAVAILABLE, so the drain
+/// does not wait for the grace period.
+#[tokio::test]
+async fn a_draining_server_lets_streams_report_then_ends_them() {
+    let config = taskq::server::ServerConfig {
+        // Longer than TestServer::shutdown waits: only the drain itself
+        // can let the server stop in time.
+        shutdown_grace: Duration::from_secs(60),
+        ..taskq::server::ServerConfig::new(BrokerConfig::default())
+    };
+    let mut server = TestServer::with_config(config).await;
+    let mut client = server.client().await;
+    // One task only: whether the drain starts before or after the result,
+    // the stream then holds nothing and no other task can reach it.
+    put_many(&mut client, "q", 1).await;
+    let mut worker = WorkerStream::open(&mut client, "q", "w", 1).await;
+    let task = worker.task().await;
+    server.signal_shutdown();
+    worker.finish(&task, "done").await;
+    match worker.next().await {
+        Out::ResultAck(ack) => assert!(ack.error.is_none(), "{ack:?}"),
+        other => panic!("{other:?}"),
+    }
+    let end = tokio::time::timeout(WAIT, worker.rx.next()).await.unwrap();
+    match end {
+        Some(Err(status)) => assert_eq!(status.code(), Code::Unavailable),
+        other => panic!("expected UNAVAILABLE, got {other:?}"),
+    }
+    drop(worker);
+    drop(client);
+    server.shutdown().await;
+}
