@@ -162,6 +162,23 @@ impl Interceptor for BearerToken {
     }
 }
 
+/// Messages buffered toward the server on a worker stream.
+const STREAM_BUFFER: usize = 256;
+
+/// The sending half of a worker stream.
+#[derive(Clone, Debug)]
+pub struct WorkerSender(tokio::sync::mpsc::Sender<pb::WorkerMessage>);
+
+impl WorkerSender {
+    /// Sends one message; `false` when the stream has ended.
+    pub async fn send(&self, msg: pb::worker_message::Msg) -> bool {
+        self.0
+            .send(pb::WorkerMessage { msg: Some(msg) })
+            .await
+            .is_ok()
+    }
+}
+
 /// A connection to a taskq server. Cheap to clone; clones share the
 /// connection, which reconnects by itself after the server comes back.
 #[derive(Clone, Debug)]
@@ -398,6 +415,74 @@ impl Client {
             .await?
             .into_inner()
             .result)
+    }
+
+    /// Stores many tasks in one call; one outcome per task, in order.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT for a batch over the server's `--max-batch`; errors
+    /// of single tasks are in their outcomes.
+    pub async fn put_tasks(
+        &self,
+        tasks: Vec<pb::PutTaskRequest>,
+    ) -> Result<Vec<pb::PutTaskOutcome>, ClientError> {
+        let request = self.request(pb::PutTasksRequest { tasks }, self.call_timeout);
+        Ok(self
+            .queue
+            .clone()
+            .put_tasks(request)
+            .await?
+            .into_inner()
+            .outcomes)
+    }
+
+    /// Opens a worker stream (StreamTasks) with its subscribe message.
+    /// Send results, extensions and windows on the returned sender; read
+    /// tasks and acks from the returned stream. Dropping the sender ends
+    /// the stream, and the server gives back every task still leased
+    /// through it.
+    ///
+    /// # Errors
+    /// The server's status for the subscribe message.
+    pub async fn stream_tasks(
+        &self,
+        subscribe: pb::Subscribe,
+    ) -> Result<(WorkerSender, tonic::Streaming<pb::ServerMessage>), ClientError> {
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+        let first = pb::WorkerMessage {
+            msg: Some(pb::worker_message::Msg::Subscribe(subscribe)),
+        };
+        tx.send(first)
+            .await
+            .expect("the receiver is held just below");
+        let inbound = self
+            .queue
+            .clone()
+            .stream_tasks(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok((WorkerSender(tx), inbound))
+    }
+
+    /// Results as a stream: a queue's as they finish (each handed out
+    /// once), or the listed tasks' as each exists (the stream ends after
+    /// the last).
+    ///
+    /// # Errors
+    /// NOT_FOUND for an unknown task id, before any result.
+    pub async fn watch_results(
+        &self,
+        target: pb::watch_results_request::Target,
+    ) -> Result<tonic::Streaming<pb::Result>, ClientError> {
+        let request = pb::WatchResultsRequest {
+            target: Some(target),
+        };
+        Ok(self
+            .queue
+            .clone()
+            .watch_results(request)
+            .await?
+            .into_inner())
     }
 
     /// Queue counters and workers; `queue` `""` means all queues.

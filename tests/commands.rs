@@ -421,3 +421,49 @@ async fn the_seed_examples_run_against_a_server() {
     );
     server.shutdown().await;
 }
+
+/// `put --lines` batches a file's lines with PutTasks; a unary-mode worker
+/// runs them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_lines_batches_and_a_unary_worker_runs_them() {
+    let server = TestServer::spawn().await;
+    let path = std::env::temp_dir().join(format!("taskq-lines-{}", std::process::id()));
+    std::fs::write(&path, b"1\n2\n\n3\r\n").unwrap();
+    let put = run(
+        &server,
+        &[
+            "put",
+            "--queue",
+            "lines",
+            "--lines",
+            "--file",
+            path.to_str().unwrap(),
+        ],
+    )
+    .await;
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(put.status.code(), Some(0), "{}", stderr(&put));
+    assert_eq!(stdout(&put).lines().count(), 3, "one id per non-empty line");
+    let unary = worker(
+        &server,
+        "lines",
+        &["--builtin", "square", "--mode", "unary"],
+    );
+    let results = run(
+        &server,
+        &[
+            "results", "--queue", "lines", "--count", "3", "--wait", "10s",
+        ],
+    )
+    .await;
+    assert_eq!(results.status.code(), Some(0), "{}", stderr(&results));
+    let mut squares: Vec<String> = stdout(&results)
+        .lines()
+        .map(|l| l.rsplit('\t').next().unwrap().to_string())
+        .collect();
+    squares.sort();
+    assert_eq!(squares, ["1", "4", "9"]);
+    let (code, log) = terminate(unary).await;
+    assert_eq!(code, Some(0), "{log}");
+    server.shutdown().await;
+}

@@ -13,14 +13,18 @@ use taskq::client::{Client, ClientOptions};
 use taskq::pb;
 use taskq::server::ServerConfig;
 use taskq::worker::exec::ExecHandler;
-use taskq::worker::{Worker, WorkerReport, builtin};
+use taskq::worker::{Mode, Worker, WorkerReport, builtin};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// Every behaviour holds on both paths of the worker runtime.
+const MODES: [Mode; 2] = [Mode::Stream, Mode::Unary];
+
 /// A worker running `handler` in the background until `stop` is sent.
 fn spawn_worker<F, Fut>(
+    mode: Mode,
     client: Client,
     queue: &str,
     lease: Duration,
@@ -32,6 +36,7 @@ where
 {
     let (stop, stopped) = oneshot::channel::<()>();
     let run = Worker::builder(client)
+        .mode(mode)
         .queue(queue)
         .lease(lease)
         .worker_id("test-worker")
@@ -76,240 +81,268 @@ async fn put(client: &Client, queue: &str, payload: &[u8], max_attempts: u32) ->
 
 #[tokio::test]
 async fn an_exec_worker_passes_payloads_byte_for_byte() {
-    let server = TestServer::spawn().await;
-    let client = server.taskq_client().await;
-    let payload = b"$(touch /tmp/pwned) `id`; rm -rf / | cat && echo \"'\\ \n\x00\xfe";
-    let id = put(&client, "q", payload, 0).await;
-    let (stop, worker) = spawn_worker(
-        client.clone(),
-        "q",
-        Duration::from_secs(30),
-        exec("cat", None),
-    );
-    let result = client.result(&id, WAIT).await.unwrap().expect("a result");
-    assert_eq!(result.state(), pb::TaskState::Succeeded);
-    assert_eq!(&result.output[..], &payload[..]);
-    assert!(!std::path::Path::new("/tmp/pwned").exists());
-    stop.send(()).unwrap();
-    assert_eq!(worker.await.unwrap().succeeded, 1);
-    server.shutdown().await;
+    for mode in MODES {
+        let server = TestServer::spawn().await;
+        let client = server.taskq_client().await;
+        let payload = b"$(touch /tmp/pwned) `id`; rm -rf / | cat && echo \"'\\ \n\x00\xfe";
+        let id = put(&client, "q", payload, 0).await;
+        let (stop, worker) = spawn_worker(
+            mode,
+            client.clone(),
+            "q",
+            Duration::from_secs(30),
+            exec("cat", None),
+        );
+        let result = client.result(&id, WAIT).await.unwrap().expect("a result");
+        assert_eq!(result.state(), pb::TaskState::Succeeded);
+        assert_eq!(&result.output[..], &payload[..]);
+        assert!(!std::path::Path::new("/tmp/pwned").exists());
+        stop.send(()).unwrap();
+        assert_eq!(worker.await.unwrap().succeeded, 1);
+        server.shutdown().await;
+    }
 }
 
 #[tokio::test]
 async fn a_failing_program_is_retried_then_succeeds() {
-    let server = TestServer::spawn().await;
-    let client = server.taskq_client().await;
-    let id = put(&client, "q", b"7", 3).await;
-    let line =
-        r#"sh -c 'if [ "$TASKQ_ATTEMPT" = 1 ]; then echo first try fails >&2; exit 3; fi; cat'"#;
-    let (stop, worker) = spawn_worker(
-        client.clone(),
-        "q",
-        Duration::from_secs(30),
-        exec(line, None),
-    );
-    let result = client.result(&id, WAIT).await.unwrap().expect("a result");
-    assert_eq!(
-        (result.state(), result.attempts),
-        (pb::TaskState::Succeeded, 2)
-    );
-    assert_eq!(&result.output[..], b"7");
-    stop.send(()).unwrap();
-    let report = worker.await.unwrap();
-    assert_eq!((report.failed, report.succeeded), (1, 1));
-    server.shutdown().await;
+    for mode in MODES {
+        let server = TestServer::spawn().await;
+        let client = server.taskq_client().await;
+        let id = put(&client, "q", b"7", 3).await;
+        let line = r#"sh -c 'if [ "$TASKQ_ATTEMPT" = 1 ]; then echo first try fails >&2; exit 3; fi; cat'"#;
+        let (stop, worker) = spawn_worker(
+            mode,
+            client.clone(),
+            "q",
+            Duration::from_secs(30),
+            exec(line, None),
+        );
+        let result = client.result(&id, WAIT).await.unwrap().expect("a result");
+        assert_eq!(
+            (result.state(), result.attempts),
+            (pb::TaskState::Succeeded, 2)
+        );
+        assert_eq!(&result.output[..], b"7");
+        stop.send(()).unwrap();
+        let report = worker.await.unwrap();
+        assert_eq!((report.failed, report.succeeded), (1, 1));
+        server.shutdown().await;
+    }
 }
 
 #[tokio::test]
 async fn a_program_over_its_timeout_is_killed_and_fails_the_task() {
-    let server = TestServer::spawn().await;
-    let client = server.taskq_client().await;
-    let id = put(&client, "q", b"", 1).await;
-    let handler = exec("sleep 30", Some(Duration::from_millis(200)));
-    let (stop, worker) = spawn_worker(client.clone(), "q", Duration::from_secs(30), handler);
-    let result = client.result(&id, WAIT).await.unwrap().expect("a result");
-    assert_eq!(result.state(), pb::TaskState::Failed);
-    assert!(result.error.contains("timed out"), "{}", result.error);
-    stop.send(()).unwrap();
-    worker.await.unwrap();
-    server.shutdown().await;
+    for mode in MODES {
+        let server = TestServer::spawn().await;
+        let client = server.taskq_client().await;
+        let id = put(&client, "q", b"", 1).await;
+        let handler = exec("sleep 30", Some(Duration::from_millis(200)));
+        let (stop, worker) =
+            spawn_worker(mode, client.clone(), "q", Duration::from_secs(30), handler);
+        let result = client.result(&id, WAIT).await.unwrap().expect("a result");
+        assert_eq!(result.state(), pb::TaskState::Failed);
+        assert!(result.error.contains("timed out"), "{}", result.error);
+        stop.send(()).unwrap();
+        worker.await.unwrap();
+        server.shutdown().await;
+    }
 }
 
 /// A task that runs three times longer than its lease is not redelivered:
 /// the worker extends the lease while it runs.
 #[tokio::test]
 async fn lease_extension_keeps_a_long_task() {
-    let server = TestServer::spawn().await;
-    let client = server.taskq_client().await;
-    let id = put(&client, "q", b"900ms", 1).await;
-    let (stop, worker) = spawn_worker(
-        client.clone(),
-        "q",
-        Duration::from_millis(300),
-        builtin::sleep,
-    );
-    let result = client.result(&id, WAIT).await.unwrap().expect("a result");
-    assert_eq!(
-        (result.state(), result.attempts),
-        (pb::TaskState::Succeeded, 1)
-    );
-    let stats = client.stats("q").await.unwrap();
-    assert_eq!(stats.queues[0].redelivered, 0);
-    stop.send(()).unwrap();
-    worker.await.unwrap();
-    server.shutdown().await;
+    for mode in MODES {
+        let server = TestServer::spawn().await;
+        let client = server.taskq_client().await;
+        let id = put(&client, "q", b"900ms", 1).await;
+        let (stop, worker) = spawn_worker(
+            mode,
+            client.clone(),
+            "q",
+            Duration::from_millis(300),
+            builtin::sleep,
+        );
+        let result = client.result(&id, WAIT).await.unwrap().expect("a result");
+        assert_eq!(
+            (result.state(), result.attempts),
+            (pb::TaskState::Succeeded, 1)
+        );
+        let stats = client.stats("q").await.unwrap();
+        assert_eq!(stats.queues[0].redelivered, 0);
+        stop.send(()).unwrap();
+        worker.await.unwrap();
+        server.shutdown().await;
+    }
 }
 
 /// A worker process killed with SIGKILL mid-task: its task is handed to
 /// another worker when the lease runs out, and finished there.
 #[tokio::test]
 async fn a_killed_workers_task_is_finished_elsewhere() {
-    let server = TestServer::spawn().await;
-    let client = server.taskq_client().await;
-    let id = put(&client, "q", b"5", 3).await;
-    let mut doomed = Command::new(env!("CARGO_BIN_EXE_taskq"))
-        .args([
-            "worker",
-            "--server",
-            &server.url(),
-            "--queue",
+    for mode in MODES {
+        let server = TestServer::spawn().await;
+        let client = server.taskq_client().await;
+        let id = put(&client, "q", b"5", 3).await;
+        let mut doomed = Command::new(env!("CARGO_BIN_EXE_taskq"))
+            .args([
+                "worker",
+                "--server",
+                &server.url(),
+                "--queue",
+                "q",
+                "--lease",
+                "500ms",
+            ])
+            .args(["--worker-id", "doomed", "--exec", "sleep 5"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        eventually("the doomed worker holds the task", || async {
+            client.stats("q").await.unwrap().queues[0].leased == 1
+        })
+        .await;
+        doomed.kill().unwrap();
+        doomed.wait().unwrap();
+        let (stop, worker) = spawn_worker(
+            mode,
+            client.clone(),
             "q",
-            "--lease",
-            "500ms",
-        ])
-        .args(["--worker-id", "doomed", "--exec", "sleep 5"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    eventually("the doomed worker holds the task", || async {
-        client.stats("q").await.unwrap().queues[0].leased == 1
-    })
-    .await;
-    doomed.kill().unwrap();
-    doomed.wait().unwrap();
-    let (stop, worker) = spawn_worker(
-        client.clone(),
-        "q",
-        Duration::from_secs(30),
-        |task| async move { builtin::square(&task.payload) },
-    );
-    let result = client.result(&id, WAIT).await.unwrap().expect("a result");
-    assert_eq!(result.state(), pb::TaskState::Succeeded);
-    assert_eq!((&result.output[..], result.attempts), (&b"25"[..], 2));
-    assert_eq!(result.worker_id, "test-worker");
-    stop.send(()).unwrap();
-    worker.await.unwrap();
-    server.shutdown().await;
+            Duration::from_secs(30),
+            |task| async move { builtin::square(&task.payload) },
+        );
+        let result = client.result(&id, WAIT).await.unwrap().expect("a result");
+        assert_eq!(result.state(), pb::TaskState::Succeeded);
+        assert_eq!((&result.output[..], result.attempts), (&b"25"[..], 2));
+        assert_eq!(result.worker_id, "test-worker");
+        stop.send(()).unwrap();
+        worker.await.unwrap();
+        server.shutdown().await;
+    }
 }
 
 /// The server stops and starts again on the same address under a running
 /// worker: the worker reconnects and goes on.
 #[tokio::test]
 async fn a_worker_survives_a_server_restart() {
-    let server = TestServer::spawn().await;
-    let addr = server.addr;
-    let url = server.url();
-    let worker_client = Client::connect_lazy(&url, ClientOptions::default()).unwrap();
-    let (stop, worker) = spawn_worker(
-        worker_client,
-        "q",
-        Duration::from_secs(30),
-        |task| async move { builtin::square(&task.payload) },
-    );
-    let client = server.taskq_client().await;
-    let id = put(&client, "q", b"3", 0).await;
-    assert_eq!(
-        &client.result(&id, WAIT).await.unwrap().unwrap().output[..],
-        b"9"
-    );
-    server.shutdown().await;
+    for mode in MODES {
+        let server = TestServer::spawn().await;
+        let addr = server.addr;
+        let url = server.url();
+        let worker_client = Client::connect_lazy(&url, ClientOptions::default()).unwrap();
+        let (stop, worker) = spawn_worker(
+            mode,
+            worker_client,
+            "q",
+            Duration::from_secs(30),
+            |task| async move { builtin::square(&task.payload) },
+        );
+        let client = server.taskq_client().await;
+        let id = put(&client, "q", b"3", 0).await;
+        assert_eq!(
+            &client.result(&id, WAIT).await.unwrap().unwrap().output[..],
+            b"9"
+        );
+        server.shutdown().await;
 
-    let server = TestServer::at(addr, ServerConfig::new(BrokerConfig::default())).await;
-    let client = server.taskq_client().await;
-    let id = put(&client, "q", b"4", 0).await;
-    let result = client
-        .result(&id, WAIT)
-        .await
-        .unwrap()
-        .expect("the worker came back");
-    assert_eq!(&result.output[..], b"16");
-    stop.send(()).unwrap();
-    assert_eq!(worker.await.unwrap().succeeded, 2);
-    server.shutdown().await;
+        let server = TestServer::at(addr, ServerConfig::new(BrokerConfig::default())).await;
+        let client = server.taskq_client().await;
+        let id = put(&client, "q", b"4", 0).await;
+        let result = client
+            .result(&id, WAIT)
+            .await
+            .unwrap()
+            .expect("the worker came back");
+        assert_eq!(&result.output[..], b"16");
+        stop.send(()).unwrap();
+        assert_eq!(worker.await.unwrap().succeeded, 2);
+        server.shutdown().await;
+    }
 }
 
 /// On shutdown a worker takes no new task, finishes the running one and
 /// reports it.
 #[tokio::test]
 async fn a_stopping_worker_finishes_its_task() {
-    let server = TestServer::spawn().await;
-    let client = server.taskq_client().await;
-    let id = put(&client, "q", b"400ms", 0).await;
-    let later = put(&client, "q", b"1ms", 0).await;
-    let (stop, worker) = spawn_worker(client.clone(), "q", Duration::from_secs(30), builtin::sleep);
-    eventually("the worker holds the first task", || async {
-        client.stats("q").await.unwrap().queues[0].leased == 1
-    })
-    .await;
-    stop.send(()).unwrap();
-    let report = worker.await.unwrap();
-    assert_eq!(report.succeeded, 1);
-    let result = client
-        .result(&id, Duration::ZERO)
-        .await
-        .unwrap()
-        .expect("reported before exit");
-    assert_eq!(result.state(), pb::TaskState::Succeeded);
-    assert!(
-        client
-            .result(&later, Duration::ZERO)
+    for mode in MODES {
+        let server = TestServer::spawn().await;
+        let client = server.taskq_client().await;
+        let id = put(&client, "q", b"400ms", 0).await;
+        let later = put(&client, "q", b"1ms", 0).await;
+        let (stop, worker) = spawn_worker(
+            mode,
+            client.clone(),
+            "q",
+            Duration::from_secs(30),
+            builtin::sleep,
+        );
+        eventually("the worker holds the first task", || async {
+            client.stats("q").await.unwrap().queues[0].leased == 1
+        })
+        .await;
+        stop.send(()).unwrap();
+        let report = worker.await.unwrap();
+        assert_eq!(report.succeeded, 1);
+        let result = client
+            .result(&id, Duration::ZERO)
             .await
             .unwrap()
-            .is_none(),
-        "no new task taken"
-    );
-    server.shutdown().await;
+            .expect("reported before exit");
+        assert_eq!(result.state(), pb::TaskState::Succeeded);
+        assert!(
+            client
+                .result(&later, Duration::ZERO)
+                .await
+                .unwrap()
+                .is_none(),
+            "no new task taken"
+        );
+        server.shutdown().await;
+    }
 }
 
 /// A task still running when the grace period ends goes back to the queue
 /// at once, not after its lease.
 #[tokio::test]
 async fn a_task_past_the_grace_period_goes_back_at_once() {
-    let server = TestServer::spawn().await;
-    let client = server.taskq_client().await;
-    let id = put(&client, "q", b"60s", 3).await;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let run = Worker::builder(client.clone())
-        .queue("q")
-        .lease(Duration::from_secs(600))
-        .shutdown_grace(Duration::from_millis(100))
-        .run_until(builtin::sleep, async {
-            let _ = stopped.await;
-        });
-    let worker = tokio::spawn(run);
-    eventually("the worker holds the task", || async {
-        client.stats("q").await.unwrap().queues[0].leased == 1
-    })
-    .await;
-    stop.send(()).unwrap();
-    let report = worker.await.unwrap().unwrap();
-    assert_eq!(report.failed, 1);
-    let stats = client.stats("q").await.unwrap();
-    assert_eq!((stats.queues[0].pending, stats.queues[0].leased), (1, 0));
-    let task = client
-        .get_task(
-            pb::GetTaskRequest {
-                queue: "q".into(),
-                ..Default::default()
-            },
-            WAIT,
-        )
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!((task.id, task.attempt), (id, 2));
-    server.shutdown().await;
+    for mode in MODES {
+        let server = TestServer::spawn().await;
+        let client = server.taskq_client().await;
+        let id = put(&client, "q", b"60s", 3).await;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let run = Worker::builder(client.clone())
+            .mode(mode)
+            .queue("q")
+            .lease(Duration::from_secs(600))
+            .shutdown_grace(Duration::from_millis(100))
+            .run_until(builtin::sleep, async {
+                let _ = stopped.await;
+            });
+        let worker = tokio::spawn(run);
+        eventually("the worker holds the task", || async {
+            client.stats("q").await.unwrap().queues[0].leased == 1
+        })
+        .await;
+        stop.send(()).unwrap();
+        let report = worker.await.unwrap().unwrap();
+        assert_eq!(report.interrupted, 1, "{mode:?}");
+        let stats = client.stats("q").await.unwrap();
+        assert_eq!((stats.queues[0].pending, stats.queues[0].leased), (1, 0));
+        let task = client
+            .get_task(
+                pb::GetTaskRequest {
+                    queue: "q".into(),
+                    ..Default::default()
+                },
+                WAIT,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((task.id, task.attempt), (id, 2));
+        server.shutdown().await;
+    }
 }
 
 /// A wrong token stops the worker with an error instead of retrying forever.

@@ -45,9 +45,16 @@ pub struct PutArgs {
     pub ttl: Option<Duration>,
     /// Wait this long for the result and print it instead of the id (the id
     /// goes to stderr).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_duration, conflicts_with = "lines")]
     pub wait: Option<Duration>,
+    /// One task per line of the input (stdin or --file), put in batches
+    /// with PutTasks; prints one id per line, in order.
+    #[arg(long, conflicts_with = "data")]
+    pub lines: bool,
 }
+
+/// Tasks per PutTasks call of `--lines` (the server's default --max-batch).
+const LINES_BATCH: usize = 1000;
 
 fn parse_header(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
@@ -90,6 +97,9 @@ pub async fn run(args: PutArgs) -> ExitCode {
         Ok(client) => client,
         Err(code) => return code,
     };
+    if args.lines {
+        return put_lines(&client, &args, &payload).await;
+    }
     let request = pb::PutTaskRequest {
         queue: args.queue.clone(),
         payload,
@@ -129,5 +139,59 @@ pub async fn run(args: PutArgs) -> ExitCode {
             eprintln!("taskq: {error}");
             ExitCode::from(EXIT_FAILURE)
         }
+    }
+}
+
+/// `--lines`: every non-empty line a task, in batches; exit 1 if any was
+/// refused (its error goes to stderr, its line number with it).
+async fn put_lines(client: &crate::client::Client, args: &PutArgs, input: &[u8]) -> ExitCode {
+    let template = pb::PutTaskRequest {
+        queue: args.queue.clone(),
+        max_attempts: args.max_attempts,
+        headers: args.headers.iter().cloned().collect::<HashMap<_, _>>(),
+        ttl: args
+            .ttl
+            .and_then(|t| prost_types::Duration::try_from(t).ok()),
+        ..Default::default()
+    };
+    let lines: Vec<(usize, &[u8])> = input
+        .split(|b| *b == b'\n')
+        .enumerate()
+        .map(|(i, line)| (i + 1, line.strip_suffix(b"\r").unwrap_or(line)))
+        .filter(|(_, line)| !line.is_empty())
+        .collect();
+    let mut refused = 0;
+    for batch in lines.chunks(LINES_BATCH) {
+        let tasks = batch
+            .iter()
+            .map(|(_, line)| pb::PutTaskRequest {
+                payload: Bytes::copy_from_slice(line),
+                ..template.clone()
+            })
+            .collect();
+        let outcomes = match client.put_tasks(tasks).await {
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                eprintln!("taskq: {error}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        };
+        for ((number, _), outcome) in batch.iter().zip(outcomes) {
+            match outcome.outcome {
+                Some(pb::put_task_outcome::Outcome::Ok(ok)) => println!("{}", ok.task_id),
+                Some(pb::put_task_outcome::Outcome::Error(error)) => {
+                    refused += 1;
+                    println!();
+                    eprintln!("taskq: line {number}: {}", error.message);
+                }
+                None => refused += 1,
+            }
+        }
+    }
+    if refused > 0 {
+        eprintln!("taskq: {refused} of {} tasks refused", lines.len());
+        ExitCode::from(EXIT_FAILURE)
+    } else {
+        ExitCode::SUCCESS
     }
 }

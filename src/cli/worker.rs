@@ -11,7 +11,7 @@ use super::connect::ClientArgs;
 use super::{EXIT_FAILURE, config_error};
 use crate::config::{ConfigError, parse_duration};
 use crate::worker::exec::ExecHandler;
-use crate::worker::{Worker, builtin, default_worker_id};
+use crate::worker::{Mode, Worker, builtin, default_worker_id};
 
 /// `taskq worker` flags.
 #[derive(Debug, Args)]
@@ -57,9 +57,32 @@ pub struct WorkerArgs {
     /// On SIGTERM or Ctrl-C, how long running tasks may take to finish.
     #[arg(long, env = "TASKQ_WORKER_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// `stream`: one StreamTasks stream (tasks pushed with flow control);
+    /// `unary`: GetTask/PutResult calls, for proxies without bidirectional
+    /// streams.
+    #[arg(long, env = "TASKQ_WORKER_MODE", value_enum, default_value_t = WorkerMode::Stream)]
+    pub mode: WorkerMode,
     /// The program and its arguments, after `--`.
     #[arg(last = true, value_name = "PROGRAM ARGS")]
     pub command: Vec<String>,
+}
+
+/// How the worker talks to the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WorkerMode {
+    /// StreamTasks.
+    Stream,
+    /// GetTask, ExtendLease, PutResult.
+    Unary,
+}
+
+impl From<WorkerMode> for Mode {
+    fn from(mode: WorkerMode) -> Self {
+        match mode {
+            WorkerMode::Stream => Mode::Stream,
+            WorkerMode::Unary => Mode::Unary,
+        }
+    }
 }
 
 /// Built-in handlers.
@@ -123,6 +146,7 @@ pub async fn run(args: WorkerArgs) -> ExitCode {
         Err(code) => return code,
     };
     let worker = Worker::builder(client)
+        .mode(args.mode.into())
         .queue(args.queue.clone())
         .concurrency(args.concurrency as usize)
         .lease(args.lease)

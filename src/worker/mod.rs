@@ -42,6 +42,7 @@
 
 pub mod builtin;
 pub mod exec;
+mod stream;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -102,6 +103,9 @@ pub struct WorkerReport {
     pub failed: u64,
     /// Tasks whose lease was lost, or whose report could not be delivered.
     pub abandoned: u64,
+    /// Tasks still running when the shutdown grace ran out, handed back to
+    /// the queue unfinished.
+    pub interrupted: u64,
 }
 
 /// Entry point of the worker runtime.
@@ -119,8 +123,21 @@ impl Worker {
             worker_id: default_worker_id(),
             shutdown_grace: Duration::from_secs(30),
             poll_wait: Duration::from_secs(20),
+            mode: Mode::Stream,
         }
     }
+}
+
+/// How a worker talks to the server.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// One StreamTasks stream: tasks pushed with flow control, results and
+    /// extensions on the same stream. The default: far fewer round trips.
+    #[default]
+    Stream,
+    /// GetTask, ExtendLease and PutResult calls: for servers without
+    /// StreamTasks, or proxies that do not pass bidirectional streams.
+    Unary,
 }
 
 /// A worker id from the host name and the process id.
@@ -144,6 +161,7 @@ pub struct WorkerBuilder {
     worker_id: String,
     shutdown_grace: Duration,
     poll_wait: Duration,
+    mode: Mode,
 }
 
 impl WorkerBuilder {
@@ -174,6 +192,12 @@ impl WorkerBuilder {
     /// Time running tasks get to finish after a shutdown signal.
     pub fn shutdown_grace(mut self, grace: Duration) -> Self {
         self.shutdown_grace = grace;
+        self
+    }
+
+    /// Stream (default) or unary calls.
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
         self
     }
 
@@ -209,6 +233,40 @@ impl WorkerBuilder {
         F: Fn(pb::Task) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = HandlerResult> + Send + 'static,
     {
+        tracing::info!(
+            worker_id = %self.worker_id,
+            queue = %self.queue,
+            concurrency = self.concurrency,
+            mode = ?self.mode,
+            "worker started"
+        );
+        let outcome = match self.mode {
+            Mode::Stream => stream::run(self, Arc::new(handler), shutdown).await,
+            Mode::Unary => self.run_unary(handler, shutdown).await,
+        };
+        if let Ok(report) = &outcome {
+            tracing::info!(
+                succeeded = report.succeeded,
+                failed = report.failed,
+                abandoned = report.abandoned,
+                interrupted = report.interrupted,
+                "worker stopped"
+            );
+        }
+        outcome
+    }
+
+    /// The unary loop: GetTask when a slot is free, ExtendLease and
+    /// PutResult per task.
+    async fn run_unary<F, Fut>(
+        self,
+        handler: F,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<WorkerReport, WorkerError>
+    where
+        F: Fn(pb::Task) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
         let handler = Arc::new(handler);
         let ctx = Arc::new(self.clone());
         let slots = Arc::new(Semaphore::new(self.concurrency));
@@ -218,12 +276,6 @@ impl WorkerBuilder {
         let mut backoff = Backoff::default();
         let mut outage: Option<Instant> = None;
         let mut refused = None;
-        tracing::info!(
-            worker_id = %self.worker_id,
-            queue = %self.queue,
-            concurrency = self.concurrency,
-            "worker started"
-        );
         tokio::pin!(shutdown);
         loop {
             while let Some(done) = running.try_join_next() {
@@ -303,12 +355,6 @@ impl WorkerBuilder {
                 tally(&mut report, done);
             }
         }
-        tracing::info!(
-            succeeded = report.succeeded,
-            failed = report.failed,
-            abandoned = report.abandoned,
-            "worker stopped"
-        );
         match refused {
             Some(error) => Err(WorkerError::Refused(error)),
             None => Ok(report),
@@ -321,6 +367,7 @@ enum Ran {
     Succeeded,
     Failed,
     Abandoned,
+    Interrupted,
 }
 
 fn tally(report: &mut WorkerReport, done: Result<Ran, tokio::task::JoinError>) {
@@ -328,6 +375,7 @@ fn tally(report: &mut WorkerReport, done: Result<Ran, tokio::task::JoinError>) {
         Ok(Ran::Succeeded) => report.succeeded += 1,
         Ok(Ran::Failed) => report.failed += 1,
         Ok(Ran::Abandoned) => report.abandoned += 1,
+        Ok(Ran::Interrupted) => report.interrupted += 1,
         Err(error) => {
             tracing::error!(%error, "a task runner panicked; its task comes back when its lease expires");
             report.abandoned += 1;
@@ -350,18 +398,25 @@ where
     tracing::debug!(task_id = %task.id, attempt = task.attempt, "task started");
     let work = handler(task.clone());
     let outcome = tokio::select! {
-        result = work => match result {
+        result = work => Some(match result {
             Ok(output) => Outcome::Output(output),
             Err(failure) => Outcome::Failure(pb::Failure { message: failure.message, retry: failure.retry }),
-        },
+        }),
         lost = keep_lease(&ctx, &task) => {
             tracing::warn!(task_id = %task.id, error = %lost, "lease lost; dropping the task, another worker has it");
             return Ran::Abandoned;
         }
-        _ = interrupted.wait_for(|stop| *stop) => Outcome::Failure(pb::Failure {
+        _ = interrupted.wait_for(|stop| *stop) => None,
+    };
+    let Some(outcome) = outcome else {
+        let outcome = Outcome::Failure(pb::Failure {
             message: "the worker stopped before the task finished".into(),
             retry: true,
-        }),
+        });
+        return match report(&ctx, &task, outcome).await {
+            Ran::Failed => Ran::Interrupted,
+            other => other,
+        };
     };
     report(&ctx, &task, outcome).await
 }

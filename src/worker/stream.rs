@@ -1,0 +1,272 @@
+//! The worker runtime over one StreamTasks stream: the server pushes tasks
+//! while fewer than `concurrency` are out, results and lease extensions go
+//! back on the same stream. A broken stream is reopened with backoff; the
+//! server has already given back the tasks it held.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::Instant;
+use tonic::Code;
+
+use super::{Backoff, HandlerResult, WorkerBuilder, WorkerError, WorkerReport};
+use crate::client::{ClientError, WorkerSender};
+use crate::pb::{
+    self, put_result_request::Outcome, server_message::Msg as Out, worker_message::Msg as In,
+};
+
+/// How one stream ended.
+enum StreamEnd {
+    /// Shutdown asked for and the drain is done.
+    Shutdown,
+    /// The stream broke or the server ended it; open another.
+    Broken(String),
+    /// The server refused the worker for good.
+    Refused(ClientError),
+}
+
+/// Runs the stream loop until `shutdown` resolves.
+pub(super) async fn run<F, Fut>(
+    ctx: WorkerBuilder,
+    handler: Arc<F>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<WorkerReport, WorkerError>
+where
+    F: Fn(pb::Task) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    tokio::pin!(shutdown);
+    let mut report = WorkerReport::default();
+    let mut backoff = Backoff::default();
+    let mut outage: Option<Instant> = None;
+    loop {
+        let subscribe = pb::Subscribe {
+            queue: ctx.queue.clone(),
+            worker_id: ctx.worker_id.clone(),
+            lease: prost_types::Duration::try_from(ctx.lease).ok(),
+            max_in_flight: u32::try_from(ctx.concurrency).unwrap_or(u32::MAX),
+        };
+        let opened = tokio::select! {
+            biased;
+            () = &mut shutdown => return Ok(report),
+            opened = ctx.client.stream_tasks(subscribe) => opened,
+        };
+        let end = match opened {
+            Ok((tx, inbound)) => {
+                if let Some(since) = outage.take() {
+                    tracing::info!(after = ?since.elapsed(), "server reachable again");
+                }
+                backoff.reset();
+                serve(&ctx, &handler, tx, inbound, shutdown.as_mut(), &mut report).await
+            }
+            Err(error) if error.is_transient() => StreamEnd::Broken(error.to_string()),
+            Err(error) => StreamEnd::Refused(error),
+        };
+        match end {
+            StreamEnd::Shutdown => return Ok(report),
+            StreamEnd::Refused(error) => {
+                tracing::error!(%error, "the server refused the worker; stopping");
+                return Err(WorkerError::Refused(error));
+            }
+            StreamEnd::Broken(error) => {
+                if outage.is_none() {
+                    tracing::warn!(%error, "server unavailable; retrying with backoff");
+                    outage = Some(Instant::now());
+                }
+                let delay = backoff.next_delay();
+                tokio::select! {
+                    () = &mut shutdown => return Ok(report),
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+fn refused(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unauthenticated
+            | Code::PermissionDenied
+            | Code::InvalidArgument
+            | Code::Unimplemented
+    )
+}
+
+/// Serves one open stream until it breaks or the shutdown drain is done.
+async fn serve<F, Fut>(
+    ctx: &WorkerBuilder,
+    handler: &Arc<F>,
+    tx: WorkerSender,
+    mut inbound: tonic::Streaming<pb::ServerMessage>,
+    mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+    report: &mut WorkerReport,
+) -> StreamEnd
+where
+    F: Fn(pb::Task) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    let mut running: JoinSet<(pb::Task, HandlerResult)> = JoinSet::new();
+    // Each running task, by id, to stop it when its lease is lost.
+    let mut handles: HashMap<String, AbortHandle> = HashMap::new();
+    let mut tasks_by_runner: HashMap<tokio::task::Id, pb::Task> = HashMap::new();
+    let mut grace_ends: Option<Instant> = None;
+    loop {
+        if grace_ends.is_some() && running.is_empty() {
+            break;
+        }
+        tokio::select! {
+            () = &mut shutdown, if grace_ends.is_none() => {
+                tracing::info!(running = running.len(), grace = ?ctx.shutdown_grace, "stopping: letting running tasks finish");
+                grace_ends = Some(Instant::now() + ctx.shutdown_grace);
+                // No new tasks; results still go in.
+                tx.send(In::Window(pb::SetMaxInFlight { max_in_flight: 0 })).await;
+            }
+            message = inbound.message() => match message {
+                Ok(Some(pb::ServerMessage { msg: Some(msg) })) => match msg {
+                    Out::Task(task) => {
+                        let id = task.id.clone();
+                        let work = run_one(handler.clone(), task.clone(), tx.clone(), ctx.lease);
+                        let handle = running.spawn(work);
+                        tasks_by_runner.insert(handle.id(), task);
+                        handles.insert(id, handle);
+                    }
+                    Out::ResultAck(ack) => tally(report, &ack),
+                    Out::ExtendAck(ack) => {
+                        if let Some(error) = ack.error {
+                            // The lease is gone: another worker has the task.
+                            if let Some(handle) = handles.remove(&ack.task_id) {
+                                handle.abort();
+                            }
+                            report.abandoned += 1;
+                            tracing::warn!(task_id = %ack.task_id, error = %error.message, "lease lost; dropping the task");
+                        }
+                    }
+                },
+                Ok(Some(_)) => {}
+                Ok(None) => return end(grace_ends.is_some(), "the server closed the stream".into()),
+                Err(status) if refused(&status) => return StreamEnd::Refused(status.into()),
+                Err(status) => return end(grace_ends.is_some(), ClientError::from(status).to_string()),
+            },
+            Some(done) = running.join_next_with_id(), if !running.is_empty() => {
+                let (task, result) = match done {
+                    Ok((runner, (task, result))) => {
+                        tasks_by_runner.remove(&runner);
+                        (task, result)
+                    }
+                    Err(error) if error.is_cancelled() => {
+                        tasks_by_runner.remove(&error.id());
+                        continue;
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "a task handler panicked");
+                        let Some(task) = tasks_by_runner.remove(&error.id()) else { continue };
+                        (task, Err(super::TaskFailure::retryable("the task handler panicked")))
+                    }
+                };
+                handles.remove(&task.id);
+                let outcome = match result {
+                    Ok(output) => Outcome::Output(output),
+                    Err(failure) => Outcome::Failure(pb::Failure { message: failure.message, retry: failure.retry }),
+                };
+                let sent = tx.send(In::Result(pb::PutResultRequest {
+                    task_id: task.id,
+                    lease_id: task.lease_id,
+                    outcome: Some(outcome),
+                })).await;
+                if !sent {
+                    return end(grace_ends.is_some(), "the stream closed".into());
+                }
+            }
+            () = sleep_until(grace_ends), if grace_ends.is_some() => {
+                tracing::warn!(running = running.len(), "grace period over; the server takes back unfinished tasks");
+                report.interrupted += running.len() as u64;
+                running.abort_all();
+                break;
+            }
+        }
+    }
+    // Closing our side ends the stream: the server acknowledges what it
+    // has, gives back anything unfinished, and closes its side.
+    drop(tx);
+    let acks = async {
+        while let Ok(Some(message)) = inbound.message().await {
+            if let Some(Out::ResultAck(ack)) = message.msg {
+                tally(report, &ack);
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), acks).await;
+    StreamEnd::Shutdown
+}
+
+fn end(draining: bool, why: String) -> StreamEnd {
+    if draining {
+        StreamEnd::Shutdown
+    } else {
+        StreamEnd::Broken(why)
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn tally(report: &mut WorkerReport, ack: &pb::ResultAck) {
+    match (&ack.error, ack.state()) {
+        (Some(error), _) => {
+            tracing::warn!(task_id = %ack.task_id, error = %error.message, "result not accepted");
+            report.abandoned += 1;
+        }
+        (None, pb::TaskState::Succeeded) => report.succeeded += 1,
+        (None, _) => report.failed += 1,
+    }
+}
+
+/// Runs the handler while extending the task's lease on the stream at a
+/// third of its length.
+async fn run_one<F, Fut>(
+    handler: Arc<F>,
+    task: pb::Task,
+    tx: WorkerSender,
+    lease: Duration,
+) -> (pb::Task, HandlerResult)
+where
+    F: Fn(pb::Task) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    let granted = task
+        .lease_expires_at
+        .and_then(|at| SystemTime::try_from(at).ok())
+        .and_then(|at| at.duration_since(SystemTime::now()).ok())
+        .unwrap_or(lease)
+        .min(lease);
+    let keep_alive = async {
+        let mut every = (granted / 3).max(Duration::from_millis(10));
+        loop {
+            tokio::time::sleep(every).await;
+            let extend = pb::ExtendLeaseRequest {
+                task_id: task.id.clone(),
+                lease_id: task.lease_id.clone(),
+                extend_by: prost_types::Duration::try_from(lease).ok(),
+            };
+            if !tx.send(In::Extend(extend)).await {
+                // The stream is gone; the server already took the task back.
+                std::future::pending::<()>().await;
+            }
+            every = (lease / 3).max(Duration::from_millis(10));
+        }
+    };
+    let work = handler(task.clone());
+    let result = tokio::select! {
+        result = work => result,
+        () = keep_alive => unreachable!("the lease keeper never returns"),
+    };
+    (task, result)
+}
