@@ -219,12 +219,17 @@ impl Broker {
         })
     }
 
-    /// The result of a task if it is finished, without waiting.
+    /// Watches many tasks: each result arrives on the returned receiver as
+    /// soon as it exists (at once for finished tasks), in completion order.
+    /// Not consumed. Dropping the receiver ends the watch.
     ///
     /// # Errors
-    /// [`BrokerError::TaskNotFound`] for a task not held.
-    pub fn result_now(&self, task: TaskId) -> Result<Option<TaskResult>, BrokerError> {
-        self.state().result_of(task)
+    /// [`BrokerError::TaskNotFound`] for an id not held, before anything is
+    /// watched; [`BrokerError::LimitReached`] past `max_waiters`.
+    pub fn watch(&self, ids: &[TaskId]) -> Result<mpsc::UnboundedReceiver<TaskResult>, BrokerError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.state().watch_tasks(ids, &tx)?;
+        Ok(rx)
     }
 
     /// True once [`Broker::close`] has been called.

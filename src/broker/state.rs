@@ -166,6 +166,8 @@ struct TaskEntry {
     /// the same report repeated is answered OK.
     last_retry: Option<(u32, String)>,
     result_waiters: Vec<ResultWaiter>,
+    /// WatchResults streams waiting for this task's result.
+    watchers: Vec<mpsc::UnboundedSender<TaskResult>>,
     unclaimed: bool,
 }
 
@@ -426,6 +428,7 @@ impl State {
                 holders: Vec::new(),
                 last_retry: None,
                 result_waiters: Vec::new(),
+                watchers: Vec::new(),
                 unclaimed: false,
             },
         );
@@ -970,7 +973,12 @@ impl State {
             // A failed send means that caller left; nothing to give back.
             let _ = waiter.tx.send(result.clone());
         }
-        self.waiters -= woken;
+        let watched = entry.watchers.len();
+        for watcher in entry.watchers.drain(..) {
+            // A failed send means that stream ended; nothing to give back.
+            let _ = watcher.send(result.clone());
+        }
+        self.waiters -= woken + watched;
         let queue_name = entry.queue.clone();
         let freed_stream = match &previous {
             Status::Leased(lease) => {
@@ -1108,6 +1116,37 @@ impl State {
             .push(ResultWaiter { id: waiter_id, tx });
         self.waiters -= gone;
         Ok(waiter_id)
+    }
+
+    /// Sends each task's result to `tx` as soon as it exists: at once for
+    /// finished tasks, else when they finish. Every id is checked first.
+    pub fn watch_tasks(
+        &mut self,
+        ids: &[TaskId],
+        tx: &mpsc::UnboundedSender<TaskResult>,
+    ) -> Result<(), BrokerError> {
+        if let Some(unknown) = ids.iter().find(|id| !self.tasks.contains_key(id)) {
+            return Err(BrokerError::TaskNotFound(unknown.to_string()));
+        }
+        if self.waiters + ids.len() > self.config.max_waiters {
+            return Err(BrokerError::LimitReached(format!(
+                "{} calls are already waiting (server flag --max-waiters); retry later",
+                self.config.max_waiters
+            )));
+        }
+        for id in ids {
+            let entry = self.tasks.get_mut(id).expect("checked above");
+            if let Status::Finished(done) = &entry.status {
+                let _ = tx.send(done.result.clone());
+                continue;
+            }
+            let before = entry.watchers.len();
+            entry.watchers.retain(|w| !w.is_closed());
+            let gone = before - entry.watchers.len();
+            entry.watchers.push(tx.clone());
+            self.waiters = self.waiters + 1 - gone;
+        }
+        Ok(())
     }
 
     pub fn remove_result_waiter(&mut self, id: TaskId, waiter: u64) {
@@ -1399,7 +1438,7 @@ impl State {
             + self
                 .tasks
                 .values()
-                .map(|e| e.result_waiters.len())
+                .map(|e| e.result_waiters.len() + e.watchers.len())
                 .sum::<usize>()
             + self.streams.len();
         if waiting != self.waiters {

@@ -1230,3 +1230,31 @@ async fn put_many_keeps_order_and_per_item_errors() {
     assert_eq!(take(&b, "q", SEC).await.payload, "b");
     b.check();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_watch_gets_each_result_once_as_it_exists() {
+    let b = broker();
+    let done = put(&b, "q", "a").await;
+    let later = put(&b, "q", "b").await;
+    let t = take(&b, "q", SEC).await;
+    b.complete(t.lease_id, ok("A")).unwrap();
+    assert!(matches!(
+        b.watch(&[done, TaskId::generate()]),
+        Err(BrokerError::TaskNotFound(_))
+    ));
+    b.check();
+    let mut watch = b.watch(&[done, later]).unwrap();
+    assert_eq!(watch.recv().await.unwrap().task_id, done, "finished: at once");
+    let t = take(&b, "q", SEC).await;
+    b.complete(t.lease_id, ok("B")).unwrap();
+    assert_eq!(watch.recv().await.unwrap().task_id, later);
+    // Not consumed: the results are still there by id.
+    assert!(b.result(later, Duration::ZERO).await.unwrap().is_some());
+    b.check();
+    // A dropped watch leaves nothing behind once its tasks finish.
+    let pending = put(&b, "q", "c").await;
+    drop(b.watch(&[pending]).unwrap());
+    let t = take(&b, "q", SEC).await;
+    b.complete(t.lease_id, ok("C")).unwrap();
+    b.check();
+}

@@ -5,12 +5,11 @@
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Status, Streaming};
+use tonic::{Status, Streaming};
 
 use super::convert;
-use crate::broker::{Broker, LeaseRequest, Subscription, TaskId, WorkerId};
+use crate::broker::{Broker, LeaseRequest, Subscription, WorkerId};
 use crate::pb::{self, server_message::Msg as Out, worker_message::Msg as In};
 
 /// Largest window a stream may ask for.
@@ -275,14 +274,14 @@ pub fn watch_results(
                     list.ids.len()
                 )));
             }
+            let ids = list
+                .ids
+                .iter()
+                .map(|text| convert::task_id(text))
+                .collect::<Result<Vec<_>, _>>()?;
             // Every id is checked before anything is sent.
-            let mut ids = Vec::with_capacity(list.ids.len());
-            for text in &list.ids {
-                let id = convert::task_id(text)?;
-                broker.result_now(id)?;
-                ids.push(id);
-            }
-            tokio::spawn(watch_tasks(broker.clone(), ids, tx));
+            let results = broker.watch(&ids)?;
+            tokio::spawn(watch_tasks(broker.clone(), results, ids.len(), tx));
         }
         None => {
             return Err(Status::invalid_argument(
@@ -325,38 +324,25 @@ async fn watch_queue(
 
 async fn watch_tasks(
     broker: Broker,
-    ids: Vec<TaskId>,
+    mut results: mpsc::UnboundedReceiver<crate::broker::TaskResult>,
+    mut remaining: usize,
     tx: mpsc::Sender<Result<pb::Result, Status>>,
 ) {
-    let mut waits = JoinSet::new();
-    for id in ids {
-        let broker = broker.clone();
-        waits.spawn(async move {
-            loop {
-                match broker.result(id, WATCH_WAIT).await {
-                    Ok(Some(result)) => return Ok(result),
-                    Ok(None) if broker.is_closed() => return Err(shutting_down()),
-                    Ok(None) => {}
-                    Err(error) => return Err(Status::from(error)),
-                }
-            }
-        });
-    }
-    loop {
+    let closed = broker.closed();
+    tokio::pin!(closed);
+    while remaining > 0 {
         tokio::select! {
-            done = waits.join_next() => {
-                let Some(done) = done else { return };
-                let message = match done {
-                    Ok(Ok(result)) => Ok(convert::result(result)),
-                    Ok(Err(status)) => Err(status),
-                    Err(_) => Err(Status::new(Code::Internal, "a watch failed; see the server log")),
-                };
-                let last = message.is_err();
-                if tx.send(message).await.is_err() || last {
+            result = results.recv() => {
+                let Some(result) = result else { return };
+                remaining -= 1;
+                if tx.send(Ok(convert::result(result))).await.is_err() {
                     return;
                 }
             }
-            // Dropping the set cancels the remaining waits.
+            () = &mut closed => {
+                let _ = tx.send(Err(shutting_down())).await;
+                return;
+            }
             () = tx.closed() => return,
         }
     }
