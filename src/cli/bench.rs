@@ -20,7 +20,7 @@ use crate::broker::BrokerConfig;
 use crate::client::Client;
 use crate::config::parse_duration;
 use crate::server::{self, ServerConfig};
-use crate::worker::{Worker, builtin};
+use crate::worker::{Mode, Worker, builtin};
 
 /// `taskq bench` flags.
 #[derive(Debug, Args)]
@@ -54,6 +54,26 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// `stream`: producers use PutTasks and WatchResults, workers
+    /// StreamTasks; `unary`: PutTask, GetResult, and unary workers.
+    #[arg(long, value_enum, default_value_t = BenchMode::Stream)]
+    pub mode: BenchMode,
+    /// Tasks per PutTasks call of each producer (stream mode).
+    #[arg(long, default_value = "64", value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub batch: u64,
+    /// After the round trip, put this many tasks nobody takes and report
+    /// the memory per pending task (embedded server only; 0 skips).
+    #[arg(long, default_value = "100000", value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    pub fill: u64,
+}
+
+/// What `taskq bench` drives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchMode {
+    /// PutTasks + WatchResults producers, StreamTasks workers.
+    Stream,
+    /// PutTask + GetResult producers, unary workers.
+    Unary,
 }
 
 /// Figures of one measured phase.
@@ -157,8 +177,8 @@ pub async fn run(args: BenchArgs) -> ExitCode {
         // Memory is read from this process: only meaningful when the
         // server is embedded.
         let memory = match embedded {
-            Some(_) => Some(held_memory(&args, &address, options).await?),
-            None => None,
+            Some(_) if args.fill > 0 => Some(held_memory(&args, &address, options).await?),
+            _ => None,
         };
         Ok::<_, crate::client::ClientError>((phases, memory))
     })
@@ -191,6 +211,8 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             "tasks": args.tasks, "producers": args.producers, "workers": args.workers,
             "concurrency": args.concurrency, "payload_bytes": args.payload_bytes,
             "server": target,
+            "mode": format!("{:?}", args.mode).to_lowercase(),
+            "batch": args.batch,
             "baseline_unary": baseline.to_json("calls"),
             "round_trip": round_trip.to_json("tasks"),
             "held_bytes_per_task": memory.map(|m| m.bytes_per_task()),
@@ -198,9 +220,19 @@ pub async fn run(args: BenchArgs) -> ExitCode {
         });
         println!("{report}");
     } else {
+        let batches = if args.mode == BenchMode::Stream {
+            format!(" (batches of {})", args.batch)
+        } else {
+            String::new()
+        };
         println!(
-            "taskq bench: {} tasks, {} producers, {} workers x {} in flight, {}-byte payloads, {target}",
-            args.tasks, args.producers, args.workers, args.concurrency, args.payload_bytes
+            "taskq bench ({:?} mode): {} tasks, {} producers{batches}, {} workers x {} in flight, {}-byte payloads, {target}",
+            args.mode,
+            args.tasks,
+            args.producers,
+            args.workers,
+            args.concurrency,
+            args.payload_bytes
         );
         println!(
             "{}",
@@ -213,13 +245,15 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             "{}",
             round_trip.line("round trip: put → get → result → read", "tasks")
         );
-        println!(
-            "a task costs 4 unary calls: the baseline allows at most {:.0} tasks/s",
-            baseline.rate() / 4.0
-        );
+        if args.mode == BenchMode::Unary {
+            println!(
+                "a task costs 4 unary calls: the baseline allows at most {:.0} tasks/s",
+                baseline.rate() / 4.0
+            );
+        }
         if let Some(memory) = memory {
             println!(
-                "memory: {:.0} bytes per held task ({}-byte payload; resident set grew {} KiB for {} pending tasks)",
+                "memory: {:.0} bytes per pending task ({}-byte payload; resident set grew {} KiB for {} pending tasks)",
                 memory.bytes_per_task(),
                 args.payload_bytes,
                 memory.grown / 1024,
@@ -251,6 +285,10 @@ async fn measure(
         let client = Client::connect(address, options.clone()).await?;
         let (stop, stopped) = oneshot::channel::<()>();
         let run = Worker::builder(client)
+            .mode(match args.mode {
+                BenchMode::Stream => Mode::Stream,
+                BenchMode::Unary => Mode::Unary,
+            })
             .queue(queue.clone())
             .concurrency(args.concurrency as usize)
             .worker_id(format!("bench-worker-{i}"))
@@ -269,6 +307,12 @@ async fn measure(
             args.tasks / args.producers + u64::from((i as u64) < args.tasks % args.producers);
         let queue = queue.clone();
         let payload = payload.clone();
+        if args.mode == BenchMode::Stream {
+            running.push(tokio::spawn(produce_batches(
+                client, queue, payload, share, args.batch,
+            )));
+            continue;
+        }
         running.push(tokio::spawn(async move {
             let mut latency = histogram();
             let mut errors = 0;
@@ -309,6 +353,55 @@ async fn measure(
     Ok((baseline, round_trip))
 }
 
+/// A stream-mode producer: batches of `batch` tasks with PutTasks, each
+/// batch's results read with one WatchResults; a task's latency runs from
+/// its batch's put to its result.
+async fn produce_batches(
+    client: Client,
+    queue: String,
+    payload: Bytes,
+    share: u64,
+    batch: u64,
+) -> (Histogram<u64>, u64) {
+    let mut latency = histogram();
+    let mut errors = 0;
+    let mut left = share;
+    while left > 0 {
+        let n = left.min(batch);
+        left -= n;
+        let t0 = Instant::now();
+        let tasks = (0..n)
+            .map(|_| crate::pb::PutTaskRequest {
+                queue: queue.clone(),
+                payload: payload.clone(),
+                ..Default::default()
+            })
+            .collect();
+        let ids: Vec<String> = match client.put_tasks(tasks).await {
+            Ok(outcomes) => outcomes
+                .into_iter()
+                .filter_map(|o| match o.outcome {
+                    Some(crate::pb::put_task_outcome::Outcome::Ok(ok)) => Some(ok.task_id),
+                    _ => None,
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        errors += n - ids.len() as u64;
+        let expected = ids.len() as u64;
+        let mut got = 0;
+        let target = crate::pb::watch_results_request::Target::TaskIds(crate::pb::TaskIds { ids });
+        if let Ok(mut results) = client.watch_results(target).await {
+            while let Ok(Some(_)) = results.message().await {
+                let _ = latency.record(micros(t0));
+                got += 1;
+            }
+        }
+        errors += expected - got;
+    }
+    (latency, errors)
+}
+
 /// How much the resident set grew while tasks were held.
 #[derive(Clone, Copy, Debug)]
 struct Memory {
@@ -338,13 +431,23 @@ async fn held_memory(
     address: &str,
     options: crate::client::ClientOptions,
 ) -> Result<Memory, crate::client::ClientError> {
-    let tasks = args.tasks.min(100_000);
+    let tasks = args.fill;
     let client = Client::connect(address, options).await?;
     let payload = Bytes::from(vec![b'x'; args.payload_bytes]);
     let queue = format!("bench-held-{}", std::process::id());
     let before = resident_bytes().unwrap_or(0);
-    for _ in 0..tasks {
-        client.put(&queue, payload.clone()).await?;
+    let mut left = tasks;
+    while left > 0 {
+        let n = left.min(1000);
+        left -= n;
+        let batch = (0..n)
+            .map(|_| crate::pb::PutTaskRequest {
+                queue: queue.clone(),
+                payload: payload.clone(),
+                ..Default::default()
+            })
+            .collect();
+        client.put_tasks(batch).await?;
     }
     let after = resident_bytes().unwrap_or(0);
     Ok(Memory {
