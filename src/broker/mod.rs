@@ -226,7 +226,10 @@ impl Broker {
     /// # Errors
     /// [`BrokerError::TaskNotFound`] for an id not held, before anything is
     /// watched; [`BrokerError::LimitReached`] past `max_waiters`.
-    pub fn watch(&self, ids: &[TaskId]) -> Result<mpsc::UnboundedReceiver<TaskResult>, BrokerError> {
+    pub fn watch(
+        &self,
+        ids: &[TaskId],
+    ) -> Result<mpsc::UnboundedReceiver<TaskResult>, BrokerError> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.state().watch_tasks(ids, &tx)?;
         Ok(rx)

@@ -1244,7 +1244,11 @@ async fn a_watch_gets_each_result_once_as_it_exists() {
     ));
     b.check();
     let mut watch = b.watch(&[done, later]).unwrap();
-    assert_eq!(watch.recv().await.unwrap().task_id, done, "finished: at once");
+    assert_eq!(
+        watch.recv().await.unwrap().task_id,
+        done,
+        "finished: at once"
+    );
     let t = take(&b, "q", SEC).await;
     b.complete(t.lease_id, ok("B")).unwrap();
     assert_eq!(watch.recv().await.unwrap().task_id, later);
