@@ -142,38 +142,55 @@ struct Finished {
 }
 
 #[derive(Debug)]
+/// Boxed variants keep a pending task small: most of a queue's tasks are
+/// pending.
 enum Status {
     Pending,
-    Leased(Lease),
+    Leased(Box<Lease>),
     Finished(Box<Finished>),
 }
 
-struct TaskEntry {
-    queue: QueueName,
-    payload: Bytes,
+/// Fields most tasks never use, out of line so that a pending task stays
+/// small (bench: bytes per pending task).
+#[derive(Default)]
+struct Extras {
     headers: HashMap<String, String>,
     idempotency_key: Option<String>,
-    max_attempts: u32,
-    attempt: u32,
-    lease_seq: u32,
-    created_at: Instant,
-    expires_at: Option<Instant>,
-    status: Status,
-    /// Who held each lease: index `seq - 1`. Bounded by `max_attempts`
-    /// plus undelivered hand-offs.
-    holders: Vec<WorkerId>,
     /// The last lease whose failure was retried, with its message, so that
     /// the same report repeated is answered OK.
     last_retry: Option<(u32, String)>,
     result_waiters: Vec<ResultWaiter>,
     /// WatchResults streams waiting for this task's result.
     watchers: Vec<mpsc::UnboundedSender<TaskResult>>,
+    /// Who held each lease: index `seq - 1`. Here rather than inline: only
+    /// tasks that were handed out need it.
+    holders: Vec<WorkerId>,
+}
+
+struct TaskEntry {
+    queue: QueueName,
+    payload: Bytes,
+    max_attempts: u32,
+    attempt: u32,
+    lease_seq: u32,
+    created_at: Instant,
+    expires_at: Option<Instant>,
+    status: Status,
+    extras: Option<Box<Extras>>,
     unclaimed: bool,
 }
 
 impl TaskEntry {
     fn expired(&self, now: Instant) -> bool {
         self.expires_at.is_some_and(|at| at <= now)
+    }
+
+    fn extras_mut(&mut self) -> &mut Extras {
+        self.extras.get_or_insert_with(Box::default)
+    }
+
+    fn idempotency_key(&self) -> Option<&String> {
+        self.extras.as_ref()?.idempotency_key.as_ref()
     }
 }
 
@@ -220,7 +237,9 @@ pub(super) struct State {
     config: BrokerConfig,
     clock: Clock,
     queues: HashMap<QueueName, QueueState>,
-    tasks: HashMap<TaskId, TaskEntry>,
+    /// Boxed: the map's buckets then cost a pointer, not a whole entry, at
+    /// its load factor.
+    tasks: HashMap<TaskId, Box<TaskEntry>>,
     /// Finished tasks in completion order, for retention by age and count.
     finished: VecDeque<(Instant, TaskId)>,
     /// Every lease and ttl deadline; stale entries are skipped when due.
@@ -412,25 +431,27 @@ impl State {
             0 => self.config.default_max_attempts,
             n => n,
         };
-        self.tasks.insert(
-            id,
-            TaskEntry {
-                queue: queue_name.clone(),
-                payload: task.payload,
+        let extras = (!task.headers.is_empty() || task.idempotency_key.is_some()).then(|| {
+            Box::new(Extras {
                 headers: task.headers,
                 idempotency_key: task.idempotency_key,
+                ..Extras::default()
+            })
+        });
+        self.tasks.insert(
+            id,
+            Box::new(TaskEntry {
+                queue: queue_name.clone(),
+                payload: task.payload,
                 max_attempts,
                 attempt: 0,
                 lease_seq: 0,
                 created_at: now,
                 expires_at,
                 status: Status::Pending,
-                holders: Vec::new(),
-                last_retry: None,
-                result_waiters: Vec::new(),
-                watchers: Vec::new(),
+                extras,
                 unclaimed: false,
-            },
+            }),
         );
         if let Some(at) = expires_at {
             self.schedule(at, id, TimerKind::Ttl);
@@ -548,19 +569,23 @@ impl State {
         entry.attempt += 1;
         entry.lease_seq += 1;
         let seq = entry.lease_seq;
-        entry.holders.push(worker.clone());
-        entry.status = Status::Leased(Lease {
+        entry.extras_mut().holders.push(worker.clone());
+        entry.status = Status::Leased(Box::new(Lease {
             seq,
             expires_at,
             scheduled: expires_at,
             worker: worker.clone(),
             stream,
-        });
+        }));
         let task = LeasedTask {
             id,
             queue: entry.queue.clone(),
             payload: entry.payload.clone(),
-            headers: entry.headers.clone(),
+            headers: entry
+                .extras
+                .as_ref()
+                .map(|x| x.headers.clone())
+                .unwrap_or_default(),
             attempt: entry.attempt,
             max_attempts: entry.max_attempts,
             lease_id: LeaseId { task: id, seq },
@@ -591,7 +616,7 @@ impl State {
 
     /// Moves a leased task back to the head of its queue. Returns the
     /// lease it had.
-    fn release(&mut self, id: TaskId) -> Option<Lease> {
+    fn release(&mut self, id: TaskId) -> Option<Box<Lease>> {
         let entry = self.tasks.get_mut(&id)?;
         let Status::Leased(lease) = std::mem::replace(&mut entry.status, Status::Pending) else {
             unreachable!("release is only called on a leased task");
@@ -860,7 +885,8 @@ impl State {
             .get(&lease.task)
             .ok_or_else(|| BrokerError::TaskNotFound(lease.task.to_string()))?;
         let repeated_retry = matches!(&outcome, Outcome::Failure { message, retry: true }
-            if entry.last_retry.as_ref().is_some_and(|(seq, m)| *seq == lease.seq && m == message));
+            if entry.extras.as_ref().and_then(|x| x.last_retry.as_ref())
+                .is_some_and(|(seq, m)| *seq == lease.seq && m == message));
         if repeated_retry {
             // The same retried failure again: a client retrying after a lost
             // answer. The task went back in line then; nothing changes now.
@@ -876,7 +902,12 @@ impl State {
         if lease.seq == 0 || lease.seq > entry.lease_seq {
             return Err(BrokerError::stale(lease));
         }
-        let holder = entry.holders[lease.seq as usize - 1].clone();
+        let holder = entry
+            .extras
+            .as_ref()
+            .and_then(|x| x.holders.get(lease.seq as usize - 1))
+            .cloned()
+            .expect("every issued lease has its holder");
         let is_current = matches!(&entry.status,
             Status::Leased(l) if l.seq == lease.seq && l.expires_at > now);
         match outcome {
@@ -903,7 +934,7 @@ impl State {
                 if can_retry {
                     self.release(lease.task);
                     let entry = self.tasks.get_mut(&lease.task).expect("held");
-                    entry.last_retry = Some((lease.seq, message));
+                    entry.extras_mut().last_retry = Some((lease.seq, message));
                     let queue = entry.queue.clone();
                     self.queue_of(&queue).redelivered += 1;
                     self.dispatch(&queue, now);
@@ -967,17 +998,23 @@ impl State {
         );
         // The input is no longer needed once there is a result.
         entry.payload = Bytes::new();
-        entry.headers = HashMap::new();
-        let woken = entry.result_waiters.len();
-        for waiter in entry.result_waiters.drain(..) {
-            // A failed send means that caller left; nothing to give back.
-            let _ = waiter.tx.send(result.clone());
-        }
-        let watched = entry.watchers.len();
-        for watcher in entry.watchers.drain(..) {
-            // A failed send means that stream ended; nothing to give back.
-            let _ = watcher.send(result.clone());
-        }
+        // Whoever waits for this result gets it now. A failed send means
+        // that caller or stream left; nothing to give back.
+        let (woken, watched) = match entry.extras.as_mut() {
+            Some(extras) => {
+                extras.headers = HashMap::new();
+                let woken = extras.result_waiters.len();
+                for waiter in extras.result_waiters.drain(..) {
+                    let _ = waiter.tx.send(result.clone());
+                }
+                let watched = extras.watchers.len();
+                for watcher in extras.watchers.drain(..) {
+                    let _ = watcher.send(result.clone());
+                }
+                (woken, watched)
+            }
+            None => (0, 0),
+        };
         self.waiters -= woken + watched;
         let queue_name = entry.queue.clone();
         let freed_stream = match &previous {
@@ -1044,7 +1081,10 @@ impl State {
     }
 
     fn fail_expired(&mut self, id: TaskId, now: Instant) {
-        let worker = self.tasks.get(&id).and_then(|e| e.holders.last().cloned());
+        let worker = self
+            .tasks
+            .get(&id)
+            .and_then(|e| e.extras.as_ref()?.holders.last().cloned());
         self.finish(
             id,
             TaskState::Failed,
@@ -1079,7 +1119,7 @@ impl State {
                     queue.unclaimed.pop_front();
                 }
             }
-            if let Some(key) = &entry.idempotency_key {
+            if let Some(key) = entry.idempotency_key() {
                 if queue.idempotency.get(key) == Some(&id) {
                     queue.idempotency.remove(key);
                 }
@@ -1108,10 +1148,11 @@ impl State {
     ) -> Result<u64, BrokerError> {
         let waiter_id = self.next_waiter_id()?;
         let entry = self.tasks.get_mut(&id).expect("caller checked the task");
-        let before = entry.result_waiters.len();
-        entry.result_waiters.retain(|w| !w.tx.is_closed());
-        let gone = before - entry.result_waiters.len();
-        entry
+        let extras = entry.extras_mut();
+        let before = extras.result_waiters.len();
+        extras.result_waiters.retain(|w| !w.tx.is_closed());
+        let gone = before - extras.result_waiters.len();
+        extras
             .result_waiters
             .push(ResultWaiter { id: waiter_id, tx });
         self.waiters -= gone;
@@ -1140,19 +1181,20 @@ impl State {
                 let _ = tx.send(done.result.clone());
                 continue;
             }
-            let before = entry.watchers.len();
-            entry.watchers.retain(|w| !w.is_closed());
-            let gone = before - entry.watchers.len();
-            entry.watchers.push(tx.clone());
+            let extras = entry.extras_mut();
+            let before = extras.watchers.len();
+            extras.watchers.retain(|w| !w.is_closed());
+            let gone = before - extras.watchers.len();
+            extras.watchers.push(tx.clone());
             self.waiters = self.waiters + 1 - gone;
         }
         Ok(())
     }
 
     pub fn remove_result_waiter(&mut self, id: TaskId, waiter: u64) {
-        if let Some(entry) = self.tasks.get_mut(&id) {
-            if let Some(pos) = entry.result_waiters.iter().position(|w| w.id == waiter) {
-                entry.result_waiters.swap_remove(pos);
+        if let Some(extras) = self.tasks.get_mut(&id).and_then(|e| e.extras.as_mut()) {
+            if let Some(pos) = extras.result_waiters.iter().position(|w| w.id == waiter) {
+                extras.result_waiters.swap_remove(pos);
                 self.waiters -= 1;
             }
         }
@@ -1438,7 +1480,8 @@ impl State {
             + self
                 .tasks
                 .values()
-                .map(|e| e.result_waiters.len() + e.watchers.len())
+                .filter_map(|e| e.extras.as_ref())
+                .map(|x| x.result_waiters.len() + x.watchers.len())
                 .sum::<usize>()
             + self.streams.len();
         if waiting != self.waiters {

@@ -161,13 +161,16 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             };
             let address = format!("http://{}", listener.local_addr().expect("bound"));
             let (stop, stopped) = oneshot::channel::<()>();
-            let server = tokio::spawn(server::run(
-                ServerConfig::new(BrokerConfig::default()),
-                listener,
-                async {
-                    let _ = stopped.await;
-                },
-            ));
+            // Room for the --fill tasks, which nobody takes.
+            let broker = BrokerConfig {
+                queue_capacity: BrokerConfig::default()
+                    .queue_capacity
+                    .max(args.fill as usize),
+                ..BrokerConfig::default()
+            };
+            let server = tokio::spawn(server::run(ServerConfig::new(broker), listener, async {
+                let _ = stopped.await;
+            }));
             embedded = Some((stop, server));
             address
         }
@@ -437,6 +440,7 @@ async fn held_memory(
     let queue = format!("bench-held-{}", std::process::id());
     let before = resident_bytes().unwrap_or(0);
     let mut left = tasks;
+    let mut stored = 0;
     while left > 0 {
         let n = left.min(1000);
         left -= n;
@@ -447,11 +451,16 @@ async fn held_memory(
                 ..Default::default()
             })
             .collect();
-        client.put_tasks(batch).await?;
+        stored += client
+            .put_tasks(batch)
+            .await?
+            .iter()
+            .filter(|o| matches!(o.outcome, Some(crate::pb::put_task_outcome::Outcome::Ok(_))))
+            .count() as u64;
     }
     let after = resident_bytes().unwrap_or(0);
     Ok(Memory {
-        tasks,
+        tasks: stored,
         grown: after.saturating_sub(before),
     })
 }
