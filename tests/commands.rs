@@ -467,3 +467,45 @@ async fn put_lines_batches_and_a_unary_worker_runs_them() {
     assert_eq!(code, Some(0), "{log}");
     server.shutdown().await;
 }
+
+/// `taskq bench` runs in both modes and its counts add up. Its speed is
+/// not checked here: figures are for bench/README.md, not for assertions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_runs_and_its_counts_add_up() {
+    for mode in ["stream", "unary"] {
+        let output = tokio::time::timeout(
+            Duration::from_secs(120),
+            taskq()
+                .args([
+                    "bench",
+                    "--mode",
+                    mode,
+                    "--tasks",
+                    "200",
+                    "--producers",
+                    "2",
+                ])
+                .args([
+                    "--workers",
+                    "1",
+                    "--concurrency",
+                    "4",
+                    "--batch",
+                    "16",
+                    "--fill",
+                    "100",
+                    "--json",
+                ])
+                .output(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(output.status.code(), Some(0), "{mode}: {}", stderr(&output));
+        let report: serde_json::Value = serde_json::from_str(stdout(&output).trim()).unwrap();
+        assert_eq!(report["round_trip"]["count"], 200, "{mode}: {report}");
+        assert_eq!(report["round_trip"]["errors"], 0, "{mode}: {report}");
+        assert_eq!(report["held_tasks_measured"], 100, "{mode}: {report}");
+        assert!(report["baseline_unary"]["count"].as_u64().unwrap() > 0);
+    }
+}
