@@ -18,6 +18,8 @@
 //!   time is `tokio::time::Instant` (monotonic, and pausable in tests).
 
 mod error;
+#[cfg(test)]
+mod model_tests;
 mod state;
 #[cfg(test)]
 mod tests;
