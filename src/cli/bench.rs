@@ -335,13 +335,7 @@ async fn measure(
             (latency, errors)
         }));
     }
-    let mut latency = histogram();
-    let mut errors = 0;
-    for producer in running {
-        let (h, e) = producer.await.expect("a producer panicked");
-        latency.add(&h).expect("same bounds");
-        errors += e;
-    }
+    let (latency, errors) = merge(running).await;
     let elapsed = started.elapsed();
     for (stop, worker) in workers {
         let _ = stop.send(());
@@ -373,14 +367,7 @@ async fn produce_batches(
         let n = left.min(batch);
         left -= n;
         let t0 = Instant::now();
-        let tasks = (0..n)
-            .map(|_| crate::pb::PutTaskRequest {
-                queue: queue.clone(),
-                payload: payload.clone(),
-                ..Default::default()
-            })
-            .collect();
-        let ids: Vec<String> = match client.put_tasks(tasks).await {
+        let ids: Vec<String> = match client.put_tasks(batch_of(&queue, &payload, n)).await {
             Ok(outcomes) => outcomes
                 .into_iter()
                 .filter_map(|o| match o.outcome {
@@ -401,6 +388,31 @@ async fn produce_batches(
             }
         }
         errors += expected - got;
+    }
+    (latency, errors)
+}
+
+/// `n` tasks with the same queue and payload, for PutTasks.
+fn batch_of(queue: &str, payload: &Bytes, n: u64) -> Vec<crate::pb::PutTaskRequest> {
+    (0..n)
+        .map(|_| crate::pb::PutTaskRequest {
+            queue: queue.to_string(),
+            payload: payload.clone(),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// Joins the load loops and merges their latencies and error counts.
+async fn merge(
+    loops: Vec<tokio::task::JoinHandle<(Histogram<u64>, u64)>>,
+) -> (Histogram<u64>, u64) {
+    let mut latency = histogram();
+    let mut errors = 0;
+    for handle in loops {
+        let (h, e) = handle.await.expect("a load loop panicked");
+        latency.add(&h).expect("same bounds");
+        errors += e;
     }
     (latency, errors)
 }
@@ -444,15 +456,8 @@ async fn held_memory(
     while left > 0 {
         let n = left.min(1000);
         left -= n;
-        let batch = (0..n)
-            .map(|_| crate::pb::PutTaskRequest {
-                queue: queue.clone(),
-                payload: payload.clone(),
-                ..Default::default()
-            })
-            .collect();
         stored += client
-            .put_tasks(batch)
+            .put_tasks(batch_of(&queue, &payload, n))
             .await?
             .iter()
             .filter(|o| matches!(o.outcome, Some(crate::pb::put_task_outcome::Outcome::Ok(_))))
@@ -488,13 +493,7 @@ async fn baseline(clients: &[Client], calls: u64) -> Phase {
             (latency, errors)
         }));
     }
-    let mut latency = histogram();
-    let mut errors = 0;
-    for run in running {
-        let (h, e) = run.await.expect("a caller panicked");
-        latency.add(&h).expect("same bounds");
-        errors += e;
-    }
+    let (latency, errors) = merge(running).await;
     Phase {
         count: latency.len(),
         errors,
