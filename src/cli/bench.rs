@@ -32,6 +32,12 @@ pub struct BenchArgs {
     /// File holding the bearer token, for a server that needs one.
     #[arg(long, env = "TASKQ_TOKEN_FILE", value_name = "PATH")]
     pub token_file: Option<PathBuf>,
+    /// PEM CA certificate(s) of a running server that speaks TLS.
+    #[arg(long, env = "TASKQ_TLS_CA", value_name = "PATH", requires = "server")]
+    pub tls_ca: Option<PathBuf>,
+    /// Name to check the server's certificate against.
+    #[arg(long, env = "TASKQ_TLS_DOMAIN", requires = "tls_ca")]
+    pub tls_domain: Option<String>,
     /// Tasks in all.
     #[arg(long, default_value = "20000", value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub tasks: u64,
@@ -139,8 +145,8 @@ pub async fn run(args: BenchArgs) -> ExitCode {
         token_file: args.token_file.clone(),
         connect_timeout: Duration::from_secs(5),
         timeout: Duration::from_secs(30),
-        tls_ca: None,
-        tls_domain: None,
+        tls_ca: args.tls_ca.clone(),
+        tls_domain: args.tls_domain.clone(),
         tls_client_cert: None,
         tls_client_key: None,
     };
