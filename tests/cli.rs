@@ -120,3 +120,62 @@ fn sigterm_drains_and_exits_0() {
         "{rest}"
     );
 }
+
+/// The in-memory contract, as documented: a server killed with SIGKILL
+/// loses what it held; a new one on the same address starts empty and
+/// answers NOT_FOUND for the old ids, rather than anything made up.
+#[test]
+fn a_killed_server_restarts_empty_as_documented() {
+    let start = |listen: &str| {
+        let mut child = taskq()
+            .args(["serve", "--listen", listen])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let serving = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find(|l| l.contains("taskq serving"))
+            .expect("a start line");
+        let addr = serving
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("addr="))
+            .unwrap()
+            .to_string();
+        // Keep reading so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        (child, addr)
+    };
+    let (mut first, addr) = start("127.0.0.1:0");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let id = runtime.block_on(async {
+        let mut client = TaskQueueClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        client
+            .put_task(pb::PutTaskRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .task_id
+    });
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let (mut second, _) = start(&addr);
+    let code = runtime.block_on(async {
+        let mut client = TaskQueueClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let request = pb::GetResultRequest {
+            target: Some(pb::get_result_request::Target::TaskId(id)),
+            max_wait: None,
+        };
+        client.get_result(request).await.unwrap_err().code()
+    });
+    assert_eq!(code, tonic::Code::NotFound);
+    second.kill().unwrap();
+    second.wait().unwrap();
+}
