@@ -162,20 +162,21 @@ impl Interceptor for BearerToken {
     }
 }
 
-/// Messages buffered toward the server on a worker stream.
-const STREAM_BUFFER: usize = 256;
+/// Largest message a client accepts: well above any task or result a
+/// server may send (its limits are 4 MiB by default, 1 GiB at most), so a
+/// big but valid task never breaks a stream.
+const MAX_DECODE: usize = 1 << 30;
 
-/// The sending half of a worker stream.
+/// The sending half of a worker stream. Sends never wait: what a worker
+/// sends is bounded by the tasks it holds, and a sender that waited while
+/// the server waited for it to read would deadlock both.
 #[derive(Clone, Debug)]
-pub struct WorkerSender(tokio::sync::mpsc::Sender<pb::WorkerMessage>);
+pub struct WorkerSender(tokio::sync::mpsc::UnboundedSender<pb::WorkerMessage>);
 
 impl WorkerSender {
     /// Sends one message; `false` when the stream has ended.
-    pub async fn send(&self, msg: pb::worker_message::Msg) -> bool {
-        self.0
-            .send(pb::WorkerMessage { msg: Some(msg) })
-            .await
-            .is_ok()
+    pub fn send(&self, msg: pb::worker_message::Msg) -> bool {
+        self.0.send(pb::WorkerMessage { msg: Some(msg) }).is_ok()
     }
 }
 
@@ -263,7 +264,8 @@ impl Client {
             .transpose()
             .map_err(|_| ClientError::InvalidToken)?;
         Ok(Self {
-            queue: TaskQueueClient::with_interceptor(channel.clone(), BearerToken(token)),
+            queue: TaskQueueClient::with_interceptor(channel.clone(), BearerToken(token))
+                .max_decoding_message_size(MAX_DECODE),
             health: HealthClient::new(channel),
             call_timeout: options.call_timeout,
         })
@@ -448,17 +450,15 @@ impl Client {
         &self,
         subscribe: pb::Subscribe,
     ) -> Result<(WorkerSender, tonic::Streaming<pb::ServerMessage>), ClientError> {
-        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let first = pb::WorkerMessage {
             msg: Some(pb::worker_message::Msg::Subscribe(subscribe)),
         };
-        tx.send(first)
-            .await
-            .expect("the receiver is held just below");
+        tx.send(first).expect("the receiver is held just below");
         let inbound = self
             .queue
             .clone()
-            .stream_tasks(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .stream_tasks(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
             .await?
             .into_inner();
         Ok((WorkerSender(tx), inbound))

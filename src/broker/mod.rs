@@ -223,18 +223,20 @@ impl Broker {
 
     /// Watches many tasks: each result arrives on the returned receiver as
     /// soon as it exists (at once for finished tasks), in completion order.
-    /// Not consumed. Dropping the receiver ends the watch.
+    /// Not consumed. Dropping the [`Watch`] ends it.
     ///
     /// # Errors
     /// [`BrokerError::TaskNotFound`] for an id not held, before anything is
     /// watched; [`BrokerError::LimitReached`] past `max_waiters`.
-    pub fn watch(
-        &self,
-        ids: &[TaskId],
-    ) -> Result<mpsc::UnboundedReceiver<TaskResult>, BrokerError> {
+    pub fn watch(&self, ids: &[TaskId]) -> Result<Watch, BrokerError> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.state().watch_tasks(ids, &tx)?;
-        Ok(rx)
+        Ok(Watch {
+            broker: self.clone(),
+            ids: ids.to_vec(),
+            tx,
+            rx,
+        })
     }
 
     /// True once [`Broker::close`] has been called.
@@ -455,9 +457,23 @@ pub struct Subscription {
 impl Subscription {
     /// The next task for this stream; waits while the window is full or the
     /// queue empty. Cancel-safe: a task is never lost by dropping this
-    /// future.
+    /// future. A task whose lease ended while it waited here (it expired,
+    /// or a result came by another way) is skipped: it is no longer this
+    /// stream's.
     pub async fn next(&mut self) -> Option<LeasedTask> {
-        self.deliveries.recv().await
+        loop {
+            let task = self.deliveries.recv().await?;
+            if self.broker.state().leased_through(task.lease_id, self.id) {
+                return Some(task);
+            }
+        }
+    }
+
+    /// Gives back a task taken from [`Subscription::next`] that could not
+    /// be sent on: it goes back to the head of its queue, its delivery not
+    /// counted.
+    pub fn give_back(&self, lease: LeaseId) {
+        self.broker.state().undo_lease(lease, Instant::now());
     }
 
     /// Changes how many tasks may be outstanding; 0 pauses delivery.
@@ -482,6 +498,29 @@ impl Drop for Subscription {
             state.undo_lease(task.lease_id, now);
         }
         state.close_stream(self.id, now);
+    }
+}
+
+/// A watch on tasks' results: each arrives once, as soon as it exists.
+/// Dropped, it unregisters from the tasks still unfinished.
+#[derive(Debug)]
+pub struct Watch {
+    broker: Broker,
+    ids: Vec<TaskId>,
+    tx: mpsc::UnboundedSender<TaskResult>,
+    rx: mpsc::UnboundedReceiver<TaskResult>,
+}
+
+impl Watch {
+    /// The next result, in completion order.
+    pub async fn recv(&mut self) -> Option<TaskResult> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.broker.state().unwatch(&self.ids, &self.tx);
     }
 }
 

@@ -680,8 +680,9 @@ impl State {
                     let task = self.start_lease(id, &worker, lease, Some(sid), now);
                     let lease = task.lease_id;
                     if tx.send(task).is_err() {
+                        // The stream's receiver is closing: its guard will
+                        // close the stream; this task never reached it.
                         self.undo_lease(lease, now);
-                        self.close_stream(sid, now);
                     }
                 }
             }
@@ -691,6 +692,10 @@ impl State {
     /// The next taker of a queue's tasks: the first live waiting call, else
     /// the next stream (round robin) with room in its window.
     fn next_taker(&mut self, queue_name: &QueueName) -> Option<Taker> {
+        if self.closed {
+            // Draining: waiting calls were answered; streams take no more.
+            return None;
+        }
         let queue = self.queues.get_mut(queue_name)?;
         while let Some(front) = queue.task_waiters.front() {
             if !front.tx.is_closed() {
@@ -1189,6 +1194,26 @@ impl State {
             self.waiters = self.waiters + 1 - gone;
         }
         Ok(())
+    }
+
+    /// Unregisters a watch from the tasks it still waits for.
+    pub fn unwatch(&mut self, ids: &[TaskId], tx: &mpsc::UnboundedSender<TaskResult>) {
+        for id in ids {
+            let Some(extras) = self.tasks.get_mut(id).and_then(|e| e.extras.as_mut()) else {
+                continue;
+            };
+            let before = extras.watchers.len();
+            extras.watchers.retain(|w| !w.same_channel(tx));
+            self.waiters -= before - extras.watchers.len();
+        }
+    }
+
+    /// Whether `lease` is the current lease of its task and was taken
+    /// through `stream`.
+    pub fn leased_through(&self, lease: LeaseId, stream: u64) -> bool {
+        self.tasks.get(&lease.task).is_some_and(|e| {
+            matches!(&e.status, Status::Leased(l) if l.seq == lease.seq && l.stream == Some(stream))
+        })
     }
 
     pub fn remove_result_waiter(&mut self, id: TaskId, waiter: u64) {

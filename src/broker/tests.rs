@@ -1262,3 +1262,60 @@ async fn a_watch_gets_each_result_once_as_it_exists() {
     b.complete(t.lease_id, ok("C")).unwrap();
     b.check();
 }
+
+// ---- Regression tests from the second review ----
+
+/// A task whose lease ran out while it waited in a stream's channel used
+/// to be delivered anyway, next to its redelivered copy.
+#[tokio::test(start_paused = true)]
+async fn a_stale_copy_in_a_stream_is_skipped() {
+    let b = broker();
+    let mut sub = b.subscribe(req("q", "slow", SEC), 1).unwrap();
+    let id = put(&b, "q", "x").await;
+    // The stream's handler does not read for 1.5 s: the lease runs out at
+    // 1 s and the task is dispatched to the stream again, leased to 2 s.
+    tokio::time::sleep(SEC + SEC / 2).await;
+    let got = next_now(&mut sub).await.unwrap();
+    assert_eq!(
+        (got.id, got.attempt),
+        (id, 2),
+        "the current lease, not the stale one"
+    );
+    assert!(next_now(&mut sub).await.is_none());
+    b.check();
+}
+
+/// A draining broker gives streams nothing, whatever window they ask for.
+#[tokio::test(start_paused = true)]
+async fn a_closed_broker_feeds_no_stream() {
+    let b = broker();
+    let mut sub = b.subscribe(req("q", "s", 60 * SEC), 0).unwrap();
+    put(&b, "q", "x").await;
+    b.close();
+    sub.set_window(5);
+    assert!(next_now(&mut sub).await.is_none());
+    assert_eq!(stats(&b, "q").pending, 1);
+}
+
+/// A dropped watch on unfinished tasks used to keep its place among the
+/// waiting calls until those tasks finished.
+#[tokio::test(start_paused = true)]
+async fn a_dropped_watch_frees_its_waiter_places() {
+    let b = Broker::new(BrokerConfig {
+        max_waiters: 3,
+        ..BrokerConfig::default()
+    });
+    let ids = [
+        put(&b, "q", "a").await,
+        put(&b, "q", "b").await,
+        put(&b, "q", "c").await,
+    ];
+    let watch = b.watch(&ids).unwrap();
+    assert!(matches!(
+        b.watch(&ids[..1]),
+        Err(BrokerError::LimitReached(_))
+    ));
+    drop(watch);
+    b.check();
+    assert!(b.watch(&ids).is_ok());
+}

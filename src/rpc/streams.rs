@@ -17,6 +17,8 @@ pub const MAX_IN_FLIGHT: u32 = 10_000;
 /// Messages buffered toward a client before the server stops reading from
 /// it: enough to keep a busy stream moving, small enough to bound memory.
 const OUTBOUND_BUFFER: usize = 256;
+/// How often a draining stream checks whether it still holds tasks.
+const DRAIN_CHECK: Duration = Duration::from_millis(50);
 /// One wait of a watch; it is renewed until the result comes or the client
 /// leaves.
 const WATCH_WAIT: Duration = Duration::from_secs(3600);
@@ -141,8 +143,11 @@ async fn serve_stream(
         tokio::select! {
             task = subscription.next() => {
                 let Some(task) = task else { break };
+                let lease = task.lease_id;
                 let message = pb::ServerMessage { msg: Some(Out::Task(convert::task(task))) };
                 if tx.send(Ok(message)).await.is_err() {
+                    // Never reached the worker: its delivery does not count.
+                    subscription.give_back(lease);
                     break;
                 }
             }
@@ -152,7 +157,7 @@ async fn serve_stream(
                     // The worker closed its side, or the stream broke.
                     Ok(None) | Err(_) => break,
                 };
-                match handle(&broker, &subscription, message) {
+                match handle(&broker, &subscription, message, draining) {
                     Ok(Some(reply)) => {
                         if tx.send(Ok(reply)).await.is_err() {
                             break;
@@ -171,6 +176,9 @@ async fn serve_stream(
                 subscription.set_window(0);
             }
             () = tx.closed() => break,
+            // Tasks can leave a draining stream without a message on it (a
+            // lease expiring, a result by PutResult): look again now and then.
+            () = tokio::time::sleep(DRAIN_CHECK), if draining => {}
         }
     }
     // Dropping the subscription sends what the stream still holds back to
@@ -184,10 +192,12 @@ fn handle(
     broker: &Broker,
     subscription: &Subscription,
     message: pb::WorkerMessage,
+    draining: bool,
 ) -> Result<Option<pb::ServerMessage>, Status> {
     match message.msg {
         Some(In::Result(request)) => {
             let task_id = request.task_id.clone();
+            let lease_id = request.lease_id.clone();
             let answer = (|| {
                 let task = convert::task_id(&request.task_id)?;
                 let lease = convert::lease_id(task, &request.lease_id)?;
@@ -199,11 +209,13 @@ fn handle(
                     task_id,
                     state: convert::state(state).into(),
                     error: None,
+                    lease_id,
                 },
                 Err(status) => pb::ResultAck {
                     task_id,
                     state: pb::TaskState::Unspecified.into(),
                     error: Some(item_error(&status)),
+                    lease_id,
                 },
             };
             Ok(Some(pb::ServerMessage {
@@ -212,6 +224,7 @@ fn handle(
         }
         Some(In::Extend(request)) => {
             let task_id = request.task_id.clone();
+            let lease_id = request.lease_id.clone();
             let answer = (|| {
                 let task = convert::task_id(&request.task_id)?;
                 let lease = convert::lease_id(task, &request.lease_id)?;
@@ -223,11 +236,13 @@ fn handle(
                     task_id,
                     lease_expires_at: Some(convert::timestamp(at)),
                     error: None,
+                    lease_id,
                 },
                 Err(status) => pb::ExtendAck {
                     task_id,
                     lease_expires_at: None,
                     error: Some(item_error(&status)),
+                    lease_id,
                 },
             };
             Ok(Some(pb::ServerMessage {
@@ -241,7 +256,10 @@ fn handle(
                     window.max_in_flight
                 )));
             }
-            subscription.set_window(window.max_in_flight);
+            // While draining the window stays shut, whatever the worker asks.
+            if !draining {
+                subscription.set_window(window.max_in_flight);
+            }
             Ok(None)
         }
         Some(In::Subscribe(_)) => Err(Status::invalid_argument(
@@ -280,8 +298,8 @@ pub fn watch_results(
                 .map(|text| convert::task_id(text))
                 .collect::<Result<Vec<_>, _>>()?;
             // Every id is checked before anything is sent.
-            let results = broker.watch(&ids)?;
-            tokio::spawn(watch_tasks(broker.clone(), results, ids.len(), tx));
+            let watch = broker.watch(&ids)?;
+            tokio::spawn(watch_tasks(broker.clone(), watch, ids.len(), tx));
         }
         None => {
             return Err(Status::invalid_argument(
@@ -324,7 +342,7 @@ async fn watch_queue(
 
 async fn watch_tasks(
     broker: Broker,
-    mut results: mpsc::UnboundedReceiver<crate::broker::TaskResult>,
+    mut results: crate::broker::Watch,
     mut remaining: usize,
     tx: mpsc::Sender<Result<pb::Result, Status>>,
 ) {
@@ -332,6 +350,7 @@ async fn watch_tasks(
     tokio::pin!(closed);
     while remaining > 0 {
         tokio::select! {
+            biased;
             result = results.recv() => {
                 let Some(result) = result else { return };
                 remaining -= 1;

@@ -110,8 +110,12 @@ where
     Fut: Future<Output = HandlerResult> + Send + 'static,
 {
     let mut running: JoinSet<(pb::Task, HandlerResult)> = JoinSet::new();
-    // Each running task, by id, to stop it when its lease is lost.
+    // Each running task by lease id (one task may come twice, under two
+    // leases), to stop it when that lease is lost.
     let mut handles: HashMap<String, AbortHandle> = HashMap::new();
+    // Successes sent and not yet acknowledged, by lease id: an output the
+    // server refuses is turned into the task's failure.
+    let mut unacked: HashMap<String, String> = HashMap::new();
     let mut tasks_by_runner: HashMap<tokio::task::Id, pb::Task> = HashMap::new();
     let mut grace_ends: Option<Instant> = None;
     loop {
@@ -123,26 +127,42 @@ where
                 tracing::info!(running = running.len(), grace = ?ctx.shutdown_grace, "stopping: letting running tasks finish");
                 grace_ends = Some(Instant::now() + ctx.shutdown_grace);
                 // No new tasks; results still go in.
-                tx.send(In::Window(pb::SetMaxInFlight { max_in_flight: 0 })).await;
+                tx.send(In::Window(pb::SetMaxInFlight { max_in_flight: 0 }));
             }
             message = inbound.message() => match message {
                 Ok(Some(pb::ServerMessage { msg: Some(msg) })) => match msg {
                     Out::Task(task) => {
-                        let id = task.id.clone();
+                        let lease = task.lease_id.clone();
                         let work = run_one(handler.clone(), task.clone(), tx.clone(), ctx.lease);
                         let handle = running.spawn(work);
                         tasks_by_runner.insert(handle.id(), task);
-                        handles.insert(id, handle);
+                        handles.insert(lease, handle);
                     }
-                    Out::ResultAck(ack) => tally(report, &ack),
+                    Out::ResultAck(ack) => {
+                        let task_id = unacked.remove(&ack.lease_id);
+                        let refused_output = ack.error.as_ref().is_some_and(|e| e.code == Code::InvalidArgument as i32);
+                        match task_id {
+                            Some(task_id) if refused_output => {
+                                // The output itself was refused (too large): say so
+                                // as the task's failure rather than leave it to run again.
+                                let message = format!("the server refused the output: {}", ack.error.as_ref().map_or("", |e| e.message.as_str()));
+                                tx.send(In::Result(pb::PutResultRequest {
+                                    task_id,
+                                    lease_id: ack.lease_id.clone(),
+                                    outcome: Some(Outcome::Failure(pb::Failure { message, retry: false })),
+                                }));
+                            }
+                            _ => tally(report, &ack),
+                        }
+                    }
                     Out::ExtendAck(ack) => {
                         if let Some(error) = ack.error {
                             // The lease is gone: another worker has the task.
-                            if let Some(handle) = handles.remove(&ack.task_id) {
+                            if let Some(handle) = handles.remove(&ack.lease_id) {
                                 handle.abort();
+                                report.abandoned += 1;
+                                tracing::warn!(task_id = %ack.task_id, error = %error.message, "lease lost; dropping the task");
                             }
-                            report.abandoned += 1;
-                            tracing::warn!(task_id = %ack.task_id, error = %error.message, "lease lost; dropping the task");
                         }
                     }
                 },
@@ -167,16 +187,19 @@ where
                         (task, Err(super::TaskFailure::retryable("the task handler panicked")))
                     }
                 };
-                handles.remove(&task.id);
+                handles.remove(&task.lease_id);
                 let outcome = match result {
-                    Ok(output) => Outcome::Output(output),
+                    Ok(output) => {
+                        unacked.insert(task.lease_id.clone(), task.id.clone());
+                        Outcome::Output(output)
+                    }
                     Err(failure) => Outcome::Failure(pb::Failure { message: failure.message, retry: failure.retry }),
                 };
                 let sent = tx.send(In::Result(pb::PutResultRequest {
                     task_id: task.id,
                     lease_id: task.lease_id,
                     outcome: Some(outcome),
-                })).await;
+                }));
                 if !sent {
                     return end(grace_ends.is_some(), "the stream closed".into());
                 }
@@ -190,7 +213,9 @@ where
         }
     }
     // Closing our side ends the stream: the server acknowledges what it
-    // has, gives back anything unfinished, and closes its side.
+    // has, gives back anything unfinished, and closes its side. (The
+    // running handlers hold clones of the sender; they are gone by now.)
+    drop(running);
     drop(tx);
     let acks = async {
         while let Ok(Some(message)) = inbound.message().await {
@@ -256,7 +281,7 @@ where
                 lease_id: task.lease_id.clone(),
                 extend_by: prost_types::Duration::try_from(lease).ok(),
             };
-            if !tx.send(In::Extend(extend)).await {
+            if !tx.send(In::Extend(extend)) {
                 // The stream is gone; the server already took the task back.
                 std::future::pending::<()>().await;
             }
