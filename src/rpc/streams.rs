@@ -17,6 +17,8 @@ pub const MAX_IN_FLIGHT: u32 = 10_000;
 /// Messages buffered toward a client before the server stops reading from
 /// it: enough to keep a busy stream moving, small enough to bound memory.
 const OUTBOUND_BUFFER: usize = 256;
+/// How long a new stream may take to send its subscribe message.
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(30);
 /// How often a draining stream checks whether it still holds tasks.
 const DRAIN_CHECK: Duration = Duration::from_millis(50);
 /// One wait of a watch; it is renewed until the result comes or the client
@@ -93,9 +95,11 @@ pub async fn stream_tasks(
     mut inbound: Streaming<pb::WorkerMessage>,
     default_worker: impl FnOnce() -> String,
 ) -> Result<ServerMessages, Status> {
-    let first = inbound
-        .message()
-        .await?
+    let first = tokio::time::timeout(SUBSCRIBE_WAIT, inbound.message())
+        .await
+        .map_err(|_| {
+            Status::invalid_argument("no subscribe message within 30s of opening the stream")
+        })??
         .ok_or_else(|| Status::invalid_argument("the stream ended before its subscribe message"))?;
     let Some(In::Subscribe(subscribe)) = first.msg else {
         return Err(Status::invalid_argument(

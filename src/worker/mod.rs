@@ -434,7 +434,9 @@ async fn keep_lease(ctx: &WorkerBuilder, task: &pb::Task) -> ClientError {
     loop {
         tokio::time::sleep(every).await;
         match ctx.client.extend_lease(task, ctx.lease).await {
-            Ok(_) => every = (ctx.lease / 3).max(Duration::from_millis(10)),
+            // The server grants the same (possibly clamped) length as at
+            // delivery: keep extending at a third of what was granted.
+            Ok(_) => every = (granted / 3).max(Duration::from_millis(10)),
             Err(error) if error.is_transient() => {
                 tracing::debug!(task_id = %task.id, %error, "lease extension failed; will retry");
                 every = (every / 2).max(Duration::from_millis(10));

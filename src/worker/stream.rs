@@ -285,7 +285,9 @@ where
                 // The stream is gone; the server already took the task back.
                 std::future::pending::<()>().await;
             }
-            every = (lease / 3).max(Duration::from_millis(10));
+            // A third of what the server granted at delivery (it clamps
+            // extensions the same way), not of what was asked for.
+            every = (granted / 3).max(Duration::from_millis(10));
         }
     };
     let work = handler(task.clone());
