@@ -463,7 +463,12 @@ impl Subscription {
     pub async fn next(&mut self) -> Option<LeasedTask> {
         loop {
             let task = self.deliveries.recv().await?;
-            if self.broker.state().leased_through(task.lease_id, self.id) {
+            // Before its expiry a lease can only have ended by a result sent
+            // some other way, which the worker's own report then meets as
+            // ALREADY_EXISTS; only an expired one needs the lock to check.
+            if task.lease_deadline > Instant::now()
+                || self.broker.state().leased_through(task.lease_id, self.id)
+            {
                 return Some(task);
             }
         }

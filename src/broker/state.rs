@@ -590,6 +590,7 @@ impl State {
             max_attempts: entry.max_attempts,
             lease_id: LeaseId { task: id, seq },
             lease_expires_at: self.clock.wall(expires_at),
+            lease_deadline: expires_at,
             created_at: self.clock.wall(entry.created_at),
             expires_at: entry.expires_at.map(|at| self.clock.wall(at)),
         };

@@ -198,6 +198,8 @@ pub struct LeasedTask {
     pub lease_id: LeaseId,
     /// When the lease runs out.
     pub lease_expires_at: SystemTime,
+    /// The same instant on the monotonic clock the broker times leases by.
+    pub lease_deadline: tokio::time::Instant,
     /// When the task was stored.
     pub created_at: SystemTime,
     /// When the task's ttl runs out, if it has one.
