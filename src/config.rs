@@ -120,7 +120,8 @@ pub struct ServeArgs {
     #[arg(long, env = "TASKQ_MAX_PAYLOAD", default_value = "4MiB", value_parser = parse_size)]
     pub max_payload: u64,
 
-    /// Largest result output or failure message.
+    /// Largest result output (larger is INVALID_ARGUMENT); longer failure
+    /// messages are cut to it.
     #[arg(long, env = "TASKQ_MAX_RESULT", default_value = "4MiB", value_parser = parse_size)]
     pub max_result: u64,
 

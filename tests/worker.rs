@@ -368,3 +368,37 @@ async fn a_refused_worker_stops_with_an_error() {
     assert!(error.to_string().contains("UNAUTHENTICATED"), "{error}");
     server.shutdown().await;
 }
+
+/// An output over the server's --max-result is turned into the task's
+/// failure (in stream mode this came with the second review), rather than
+/// left to run again until its attempts run out.
+#[tokio::test]
+async fn a_refused_output_becomes_the_tasks_failure() {
+    for mode in MODES {
+        let server = TestServer::with_broker(BrokerConfig {
+            max_result: 64,
+            ..BrokerConfig::default()
+        })
+        .await;
+        let client = server.taskq_client().await;
+        let id = put(&client, "q", &[b'x'; 100], 3).await;
+        let (stop, worker) = spawn_worker(
+            mode,
+            client.clone(),
+            "q",
+            Duration::from_secs(30),
+            |task| async move { builtin::echo(&task) },
+        );
+        let result = client.result(&id, WAIT).await.unwrap().expect("a result");
+        assert_eq!(result.state(), pb::TaskState::Failed, "{mode:?}");
+        assert!(
+            result.error.contains("refused the output"),
+            "{mode:?}: {}",
+            result.error
+        );
+        assert_eq!(result.attempts, 1, "{mode:?}: not run again");
+        stop.send(()).unwrap();
+        worker.await.unwrap();
+        server.shutdown().await;
+    }
+}

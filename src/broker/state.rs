@@ -876,16 +876,23 @@ impl State {
         outcome: Outcome,
         now: Instant,
     ) -> Result<TaskState, BrokerError> {
-        let size = match &outcome {
-            Outcome::Success(output) => output.len(),
-            Outcome::Failure { message, .. } => message.len(),
+        let limit = self.config.max_result;
+        let outcome = match outcome {
+            Outcome::Success(output) if output.len() > limit => {
+                return Err(BrokerError::ResultTooLarge {
+                    size: output.len(),
+                    limit,
+                });
+            }
+            // A failure message is diagnosis, not data: one too long is cut
+            // to the limit rather than refused, so that a failure can always
+            // be reported (a refused one would leave the task to expire).
+            Outcome::Failure { message, retry } if message.len() > limit => Outcome::Failure {
+                message: truncate(message, limit),
+                retry,
+            },
+            outcome => outcome,
         };
-        if size > self.config.max_result {
-            return Err(BrokerError::ResultTooLarge {
-                size,
-                limit: self.config.max_result,
-            });
-        }
         let entry = self
             .tasks
             .get(&lease.task)
@@ -1518,6 +1525,16 @@ impl State {
         }
         Ok(())
     }
+}
+
+/// `text` cut to at most `limit` bytes, at a character boundary.
+fn truncate(mut text: String, limit: usize) -> String {
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text
 }
 
 fn state_of(status: &Status) -> TaskState {

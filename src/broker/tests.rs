@@ -1319,3 +1319,28 @@ async fn a_dropped_watch_frees_its_waiter_places() {
     b.check();
     assert!(b.watch(&ids).is_ok());
 }
+
+/// A failure message over the result limit used to be refused, leaving the
+/// task to expire; it is cut to the limit instead. Outputs are still refused.
+#[tokio::test(start_paused = true)]
+async fn an_overlong_failure_message_is_cut_not_refused() {
+    let b = Broker::new(BrokerConfig {
+        max_result: 10,
+        ..BrokerConfig::default()
+    });
+    let id = put(&b, "q", "x").await;
+    let t = take(&b, "q", SEC).await;
+    assert!(matches!(
+        b.complete(t.lease_id, ok("eleven byte")),
+        Err(BrokerError::ResultTooLarge {
+            size: 11,
+            limit: 10
+        })
+    ));
+    assert_eq!(
+        b.complete(t.lease_id, fail("ééééééé", false)),
+        Ok(TaskState::Failed)
+    );
+    let result = b.result(id, Duration::ZERO).await.unwrap().unwrap();
+    assert_eq!(result.error, "ééééé", "cut at a character boundary");
+}
