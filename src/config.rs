@@ -166,6 +166,12 @@ pub struct ServeArgs {
     #[arg(long, env = "TASKQ_MAX_WAITERS", default_value = "100000", value_parser = positive_count)]
     pub max_waiters: usize,
 
+    /// Most bytes of payloads (of unfinished tasks) and result outputs held
+    /// in all queues; a put past it is RESOURCE_EXHAUSTED. Keep it, with
+    /// about 300 bytes per task, under the memory the server may use.
+    #[arg(long, env = "TASKQ_MAX_HELD_BYTES", default_value = "1GiB", value_parser = parse_size)]
+    pub max_held_bytes: u64,
+
     /// Most tasks in one PutTasks call (and task ids in one WatchResults).
     #[arg(long, env = "TASKQ_MAX_BATCH", default_value = "1000", value_parser = positive_count)]
     pub max_batch: usize,
@@ -276,6 +282,7 @@ impl ServeArgs {
                 worker_timeout: self.worker_timeout,
                 max_queues: self.max_queues,
                 max_waiters: self.max_waiters,
+                max_held_bytes: usize::try_from(self.max_held_bytes).unwrap_or(usize::MAX),
                 ..BrokerConfig::default()
             },
             tokens,

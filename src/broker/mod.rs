@@ -68,6 +68,9 @@ pub struct BrokerConfig {
     pub max_waiters: usize,
     /// Most workers tracked; silent idle ones are forgotten first.
     pub max_workers: usize,
+    /// Most bytes of payloads (of unfinished tasks) and outputs (of
+    /// results) held in all; a put past it is refused.
+    pub max_held_bytes: usize,
 }
 
 impl Default for BrokerConfig {
@@ -85,6 +88,7 @@ impl Default for BrokerConfig {
             max_queues: 10_000,
             max_waiters: 100_000,
             max_workers: 10_000,
+            max_held_bytes: 1 << 30,
         }
     }
 }

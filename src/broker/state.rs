@@ -250,6 +250,8 @@ pub(super) struct State {
     streams: HashMap<u64, StreamConsumer>,
     next_waiter: u64,
     waiters: usize,
+    /// Bytes of payloads of unfinished tasks and outputs of results held.
+    held_bytes: usize,
     closed: bool,
 }
 
@@ -267,6 +269,7 @@ impl State {
             streams: HashMap::new(),
             next_waiter: 0,
             waiters: 0,
+            held_bytes: 0,
             closed: false,
         }
     }
@@ -398,6 +401,16 @@ impl State {
                 });
             }
         }
+        let held_limit = self.config.max_held_bytes;
+        if self.held_bytes + task.payload.len() > held_limit {
+            return Err(BrokerError::LimitReached(format!(
+                "the server holds {} bytes of payloads and results (server flag \
+                 --max-held-bytes {held_limit}); retry later or read results out",
+                self.held_bytes
+            ))
+            .into());
+        }
+        let queue = self.queues.get_mut(&queue_name).expect("made above");
         if queue.unfinished() >= capacity as u64 {
             let room = queue.room.clone();
             return Err(PutRefused::Full {
@@ -438,6 +451,7 @@ impl State {
                 ..Extras::default()
             })
         });
+        self.held_bytes += task.payload.len();
         self.tasks.insert(
             id,
             Box::new(TaskEntry {
@@ -1010,6 +1024,7 @@ impl State {
             })),
         );
         // The input is no longer needed once there is a result.
+        self.held_bytes = self.held_bytes - entry.payload.len() + result.output.len();
         entry.payload = Bytes::new();
         // Whoever waits for this result gets it now. A failed send means
         // that caller or stream left; nothing to give back.
@@ -1122,6 +1137,9 @@ impl State {
             let Some(entry) = self.tasks.remove(&id) else {
                 continue;
             };
+            if let Status::Finished(done) = &entry.status {
+                self.held_bytes -= done.result.output.len();
+            }
             let queue = self.queue_of(&entry.queue);
             if entry.unclaimed {
                 queue.results_unclaimed -= 1;
@@ -1517,6 +1535,20 @@ impl State {
                 .map(|x| x.result_waiters.len() + x.watchers.len())
                 .sum::<usize>()
             + self.streams.len();
+        let held: usize = self
+            .tasks
+            .values()
+            .map(|e| match &e.status {
+                Status::Finished(done) => done.result.output.len(),
+                _ => e.payload.len(),
+            })
+            .sum();
+        if held != self.held_bytes {
+            return Err(format!(
+                "{held} bytes held, counter says {}",
+                self.held_bytes
+            ));
+        }
         if waiting != self.waiters {
             return Err(format!(
                 "{waiting} waiters registered, counter says {}",

@@ -1344,3 +1344,22 @@ async fn an_overlong_failure_message_is_cut_not_refused() {
     let result = b.result(id, Duration::ZERO).await.unwrap().unwrap();
     assert_eq!(result.error, "ééééé", "cut at a character boundary");
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_bytes_held_in_all_are_bounded() {
+    let b = Broker::new(BrokerConfig {
+        max_held_bytes: 10,
+        ..BrokerConfig::default()
+    });
+    put(&b, "a", "12345").await;
+    put(&b, "b", "12345").await;
+    assert!(matches!(
+        b.put(task("c", "1"), Duration::ZERO).await,
+        Err(BrokerError::LimitReached(_))
+    ));
+    // A finished task holds its output instead of its payload.
+    let t = take(&b, "a", SEC).await;
+    b.complete(t.lease_id, ok("1")).unwrap();
+    put(&b, "c", "1234").await;
+    b.check();
+}
