@@ -77,11 +77,10 @@ impl Tokens {
             path: path.display().to_string(),
             source,
         })?;
-        let lines = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'));
-        Self::from_iter(lines, &format!("token file {}", path.display()))
+        Self::from_iter(
+            token_lines(&text),
+            &format!("token file {}", path.display()),
+        )
     }
 
     /// Parses a comma-separated list, as `TASKQ_TOKENS` holds.
@@ -127,6 +126,14 @@ impl Tokens {
             })
             .into()
     }
+}
+
+/// The tokens of a token file: its lines, trimmed, without blank lines and
+/// `#` comments. Servers accept every one; clients send the first.
+pub fn token_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
 }
 
 /// The interceptor on the task-queue service: with tokens configured, a

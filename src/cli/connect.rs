@@ -69,10 +69,8 @@ impl ClientArgs {
                     flag: "--token-file (TASKQ_TOKEN_FILE)",
                     message: format!("cannot read {}: {e}", path.display()),
                 })?;
-                let token = text
-                    .lines()
-                    .map(str::trim)
-                    .find(|l| !l.is_empty() && !l.starts_with('#'))
+                let token = crate::auth::token_lines(&text)
+                    .next()
                     .ok_or_else(|| ConfigError {
                         flag: "--token-file (TASKQ_TOKEN_FILE)",
                         message: format!("{} holds no token", path.display()),

@@ -53,6 +53,28 @@ impl TaskQueueService {
     }
 }
 
+/// An ExtendLease, unary or on a worker stream: convert, then extend.
+pub(super) fn extend_lease(
+    broker: &Broker,
+    request: pb::ExtendLeaseRequest,
+) -> Result<std::time::SystemTime, Status> {
+    let task = convert::task_id(&request.task_id)?;
+    let lease = convert::lease_id(task, &request.lease_id)?;
+    let extend_by = convert::duration("extend_by", request.extend_by)?;
+    Ok(broker.extend(lease, extend_by)?)
+}
+
+/// A PutResult, unary or on a worker stream: convert, then complete.
+pub(super) fn put_result(
+    broker: &Broker,
+    request: pb::PutResultRequest,
+) -> Result<crate::broker::TaskState, Status> {
+    let task = convert::task_id(&request.task_id)?;
+    let lease = convert::lease_id(task, &request.lease_id)?;
+    let outcome = convert::outcome(request.outcome)?;
+    Ok(broker.complete(lease, outcome)?)
+}
+
 /// Default of `--max-batch`.
 pub const DEFAULT_MAX_BATCH: usize = 1000;
 
@@ -104,11 +126,7 @@ impl TaskQueue for TaskQueueService {
         &self,
         request: Request<pb::ExtendLeaseRequest>,
     ) -> Result<Response<pb::ExtendLeaseResponse>, Status> {
-        let body = request.into_inner();
-        let task = convert::task_id(&body.task_id)?;
-        let lease = convert::lease_id(task, &body.lease_id)?;
-        let extend_by = convert::duration("extend_by", body.extend_by)?;
-        let expires_at = self.broker.extend(lease, extend_by)?;
+        let expires_at = extend_lease(&self.broker, request.into_inner())?;
         Ok(Response::new(pb::ExtendLeaseResponse {
             lease_expires_at: Some(convert::timestamp(expires_at)),
         }))
@@ -118,11 +136,7 @@ impl TaskQueue for TaskQueueService {
         &self,
         request: Request<pb::PutResultRequest>,
     ) -> Result<Response<pb::PutResultResponse>, Status> {
-        let body = request.into_inner();
-        let task = convert::task_id(&body.task_id)?;
-        let lease = convert::lease_id(task, &body.lease_id)?;
-        let outcome = convert::outcome(body.outcome)?;
-        let state = self.broker.complete(lease, outcome)?;
+        let state = put_result(&self.broker, request.into_inner())?;
         Ok(Response::new(pb::PutResultResponse {
             state: convert::state(state).into(),
         }))

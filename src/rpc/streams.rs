@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
-use super::convert;
+use super::{convert, service};
 use crate::broker::{Broker, LeaseRequest, Subscription, WorkerId};
 use crate::pb::{self, server_message::Msg as Out, worker_message::Msg as In};
 
@@ -202,12 +202,7 @@ fn handle(
         Some(In::Result(request)) => {
             let task_id = request.task_id.clone();
             let lease_id = request.lease_id.clone();
-            let answer = (|| {
-                let task = convert::task_id(&request.task_id)?;
-                let lease = convert::lease_id(task, &request.lease_id)?;
-                let outcome = convert::outcome(request.outcome)?;
-                Ok::<_, Status>(broker.complete(lease, outcome)?)
-            })();
+            let answer = service::put_result(broker, request);
             let ack = match answer {
                 Ok(state) => pb::ResultAck {
                     task_id,
@@ -229,12 +224,7 @@ fn handle(
         Some(In::Extend(request)) => {
             let task_id = request.task_id.clone();
             let lease_id = request.lease_id.clone();
-            let answer = (|| {
-                let task = convert::task_id(&request.task_id)?;
-                let lease = convert::lease_id(task, &request.lease_id)?;
-                let by = convert::duration("extend_by", request.extend_by)?;
-                Ok::<_, Status>(broker.extend(lease, by)?)
-            })();
+            let answer = service::extend_lease(broker, request);
             let ack = match answer {
                 Ok(at) => pb::ExtendAck {
                     task_id,

@@ -424,12 +424,7 @@ where
 /// Extends the task's lease at a third of its length, for as long as it is
 /// polled. Returns only when the lease is lost.
 async fn keep_lease(ctx: &WorkerBuilder, task: &pb::Task) -> ClientError {
-    let granted = task
-        .lease_expires_at
-        .and_then(|at| SystemTime::try_from(at).ok())
-        .and_then(|at| at.duration_since(SystemTime::now()).ok())
-        .unwrap_or(ctx.lease)
-        .min(ctx.lease);
+    let granted = granted_lease(task, ctx.lease);
     let mut every = (granted / 3).max(Duration::from_millis(10));
     loop {
         tokio::time::sleep(every).await;
@@ -444,6 +439,16 @@ async fn keep_lease(ctx: &WorkerBuilder, task: &pb::Task) -> ClientError {
             Err(error) => return error,
         }
     }
+}
+
+/// The lease the server granted at delivery (it may have clamped the one
+/// asked for; extensions are clamped the same way).
+fn granted_lease(task: &pb::Task, asked: Duration) -> Duration {
+    task.lease_expires_at
+        .and_then(|at| SystemTime::try_from(at).ok())
+        .and_then(|at| at.duration_since(SystemTime::now()).ok())
+        .unwrap_or(asked)
+        .min(asked)
 }
 
 /// How long a worker keeps trying to deliver one report.

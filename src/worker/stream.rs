@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
@@ -266,12 +266,7 @@ where
     F: Fn(pb::Task) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = HandlerResult> + Send + 'static,
 {
-    let granted = task
-        .lease_expires_at
-        .and_then(|at| SystemTime::try_from(at).ok())
-        .and_then(|at| at.duration_since(SystemTime::now()).ok())
-        .unwrap_or(lease)
-        .min(lease);
+    let granted = super::granted_lease(&task, lease);
     let keep_alive = async {
         let mut every = (granted / 3).max(Duration::from_millis(10));
         loop {
