@@ -83,14 +83,22 @@ pub enum Command {
 /// `taskq serve`: the server's flags.
 #[derive(Debug, Args)]
 #[command(after_help = "\
-AUTHENTICATION:
-  Tokens come from --token-file (one per line; blank lines and # comments
-  are skipped) or from TASKQ_TOKENS (comma-separated), never from a flag.
+AUTHENTICATION AND ROLES:
+  Tokens come from --token-file or from TASKQ_TOKENS (comma-separated, each
+  with full access), never from a flag. Each line of the file is
+      TOKEN [ROLE [QUEUE,...]]
+  ROLE is producer (PutTask, PutTasks, GetResult, WatchResults), worker
+  (GetTask, StreamTasks, ExtendLease, PutResult) or admin (every call; the
+  only role for GetStats). QUEUE,... limits the token to those queues. A
+  line with only a token has full access; blank lines and # comments are
+  skipped. A call outside its role or queues gets PERMISSION_DENIED.
   Clients send `authorization: Bearer <token>`. grpc.health.v1.Health needs
   no token. Without tokens the server only listens on a loopback address,
   unless --allow-unauthenticated is given.
 
 SIGNALS:
+  SIGHUP: the token file is read again; if it does not parse, the error is
+  logged and the tokens in force stay.
   SIGTERM or Ctrl-C: health turns NOT_SERVING, waiting calls are answered at
   once, new calls are refused, calls in progress get --shutdown-grace, then
   the process exits 0. Tasks and results are held in memory only and are
@@ -101,7 +109,8 @@ pub struct ServeArgs {
     #[arg(long, env = "TASKQ_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
-    /// File of accepted bearer tokens, one per line.
+    /// File of accepted bearer tokens: `TOKEN [ROLE [QUEUE,...]]` per line
+    /// (see AUTHENTICATION AND ROLES below); re-read on SIGHUP.
     #[arg(long, env = "TASKQ_TOKEN_FILE", value_name = "PATH")]
     pub token_file: Option<PathBuf>,
 

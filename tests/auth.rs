@@ -94,3 +94,265 @@ async fn health_needs_no_token() {
     );
     server.shutdown().await;
 }
+
+/// A server whose token file gives each role, and queue-limited tokens.
+async fn server_with_roles() -> TestServer {
+    let dir = std::env::temp_dir().join(format!("taskq-roles-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("tokens-{:?}", std::thread::current().id()));
+    std::fs::write(
+        &path,
+        "# role tokens for tests\n\
+         producer-token producer\n\
+         worker-token worker\n\
+         admin-token admin\n\
+         emails-producer producer emails\n\
+         emails-worker worker emails,default-not\n",
+    )
+    .unwrap();
+    let tokens = Tokens::from_file(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let config = ServerConfig {
+        tokens,
+        ..ServerConfig::new(BrokerConfig::default())
+    };
+    TestServer::with_config(config).await
+}
+
+fn put(queue: &str) -> pb::PutTaskRequest {
+    pb::PutTaskRequest {
+        queue: queue.into(),
+        payload: b"job".to_vec().into(),
+        ..Default::default()
+    }
+}
+
+fn get(queue: &str) -> pb::GetTaskRequest {
+    pb::GetTaskRequest {
+        queue: queue.into(),
+        max_wait: Some(prost_types::Duration::default()),
+        ..Default::default()
+    }
+}
+
+fn denied<T: std::fmt::Debug>(answer: Result<T, tonic::Status>, what: &str) {
+    let status = answer.expect_err(what);
+    assert_eq!(status.code(), Code::PermissionDenied, "{what}: {status:?}");
+}
+
+#[tokio::test]
+async fn each_role_reaches_its_calls_only() {
+    let server = server_with_roles().await;
+    let mut producer = server.client_with_token("producer-token").await;
+    let mut worker = server.client_with_token("worker-token").await;
+    let mut admin = server.client_with_token("admin-token").await;
+
+    let id = producer.put_task(put("jobs")).await.unwrap().into_inner().task_id;
+    denied(worker.put_task(put("jobs")).await, "a worker may not put");
+    denied(
+        worker
+            .put_tasks(pb::PutTasksRequest {
+                tasks: vec![put("jobs")],
+            })
+            .await,
+        "a worker may not put a batch",
+    );
+    denied(producer.get_task(get("jobs")).await, "a producer may not take");
+    denied(
+        producer
+            .get_stats(pb::GetStatsRequest::default())
+            .await,
+        "a producer may not read stats",
+    );
+    denied(
+        worker.get_stats(pb::GetStatsRequest::default()).await,
+        "a worker may not read stats",
+    );
+    let task = worker
+        .get_task(get("jobs"))
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .expect("the producer's task");
+    assert_eq!(task.id, id);
+    let result = pb::PutResultRequest {
+        task_id: task.id.clone(),
+        lease_id: task.lease_id.clone(),
+        outcome: Some(pb::put_result_request::Outcome::Output(b"done".to_vec().into())),
+    };
+    denied(
+        producer.put_result(result.clone()).await,
+        "a producer may not report",
+    );
+    denied(
+        producer
+            .extend_lease(pb::ExtendLeaseRequest {
+                task_id: task.id.clone(),
+                lease_id: task.lease_id.clone(),
+                extend_by: None,
+            })
+            .await,
+        "a producer may not extend",
+    );
+    worker.put_result(result).await.unwrap();
+    let read = pb::GetResultRequest {
+        target: Some(pb::get_result_request::Target::TaskId(id.clone())),
+        ..Default::default()
+    };
+    denied(worker.get_result(read.clone()).await, "a worker may not read results");
+    let got = producer.get_result(read).await.unwrap().into_inner();
+    assert_eq!(got.result.unwrap().task_id, id);
+    let stats = admin
+        .get_stats(pb::GetStatsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stats.queues.iter().any(|q| q.queue == "jobs"));
+    // Admin may do everything a producer or worker may.
+    admin.put_task(put("jobs")).await.unwrap();
+    assert!(admin.get_task(get("jobs")).await.unwrap().into_inner().task.is_some());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn queue_limited_tokens_touch_only_their_queues() {
+    let server = server_with_roles().await;
+    let mut producer = server.client_with_token("emails-producer").await;
+    let mut worker = server.client_with_token("emails-worker").await;
+    let mut anywhere = server.client_with_token("producer-token").await;
+    let mut any_worker = server.client_with_token("worker-token").await;
+
+    producer.put_task(put("emails")).await.unwrap();
+    denied(producer.put_task(put("billing")).await, "put outside the list");
+    denied(producer.put_task(put("")).await, "the default queue is not listed");
+
+    // A batch: each task on its own, the allowed one stored.
+    let outcomes = producer
+        .put_tasks(pb::PutTasksRequest {
+            tasks: vec![put("billing"), put("emails")],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .outcomes;
+    use pb::put_task_outcome::Outcome;
+    match &outcomes[0].outcome {
+        Some(Outcome::Error(error)) => assert_eq!(error.code, Code::PermissionDenied as i32),
+        other => panic!("billing task: {other:?}"),
+    }
+    assert!(matches!(outcomes[1].outcome, Some(Outcome::Ok(_))));
+
+    denied(worker.get_task(get("billing")).await, "take outside the list");
+    let task = worker
+        .get_task(get("emails"))
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(task.queue, "emails");
+
+    // A task of another queue, named by id: neither its lease nor its
+    // result is reachable.
+    let billing_id = anywhere.put_task(put("billing")).await.unwrap().into_inner().task_id;
+    let billing = any_worker
+        .get_task(get("billing"))
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(billing.id, billing_id);
+    denied(
+        worker
+            .put_result(pb::PutResultRequest {
+                task_id: billing.id.clone(),
+                lease_id: billing.lease_id.clone(),
+                outcome: Some(pb::put_result_request::Outcome::Output(Default::default())),
+            })
+            .await,
+        "report on another queue's task",
+    );
+    denied(
+        worker
+            .extend_lease(pb::ExtendLeaseRequest {
+                task_id: billing.id.clone(),
+                lease_id: billing.lease_id.clone(),
+                extend_by: None,
+            })
+            .await,
+        "extend another queue's task",
+    );
+    denied(
+        producer
+            .get_result(pb::GetResultRequest {
+                target: Some(pb::get_result_request::Target::TaskId(billing_id.clone())),
+                ..Default::default()
+            })
+            .await,
+        "read another queue's result by id",
+    );
+    denied(
+        producer
+            .get_result(pb::GetResultRequest {
+                target: Some(pb::get_result_request::Target::Queue("billing".into())),
+                ..Default::default()
+            })
+            .await,
+        "read another queue's results",
+    );
+    denied(
+        producer
+            .watch_results(pb::WatchResultsRequest {
+                target: Some(pb::watch_results_request::Target::TaskIds(pb::TaskIds {
+                    ids: vec![billing_id.clone()],
+                })),
+            })
+            .await,
+        "watch another queue's task",
+    );
+    denied(
+        producer
+            .watch_results(pb::WatchResultsRequest {
+                target: Some(pb::watch_results_request::Target::Queue("billing".into())),
+            })
+            .await,
+        "watch another queue",
+    );
+    // The lease was not touched by the refused calls: its holder finishes.
+    any_worker
+        .put_result(pb::PutResultRequest {
+            task_id: billing.id.clone(),
+            lease_id: billing.lease_id.clone(),
+            outcome: Some(pb::put_result_request::Outcome::Output(Default::default())),
+        })
+        .await
+        .unwrap();
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_worker_stream_is_limited_to_its_role_and_queues() {
+    use pb::worker_message::Msg;
+    let server = server_with_roles().await;
+    let subscribe = |queue: &str| pb::WorkerMessage {
+        msg: Some(Msg::Subscribe(pb::Subscribe {
+            queue: queue.into(),
+            max_in_flight: 1,
+            ..Default::default()
+        })),
+    };
+    let open = |token: &'static str, queue: &'static str| {
+        let server = &server;
+        async move {
+            let mut client = server.client_with_token(token).await;
+            let messages = tokio_stream::iter(vec![subscribe(queue)]);
+            client.stream_tasks(messages).await.map(|_| ())
+        }
+    };
+    denied(open("producer-token", "emails").await, "a producer may not stream tasks");
+    denied(open("emails-worker", "billing").await, "subscribe outside the list");
+    assert!(open("emails-worker", "emails").await.is_ok());
+    server.shutdown().await;
+}

@@ -179,3 +179,155 @@ fn a_killed_server_restarts_empty_as_documented() {
     second.kill().unwrap();
     second.wait().unwrap();
 }
+
+/// The lines a child writes to stderr, read on a thread so it never
+/// blocks on a full pipe, kept for a final check.
+struct LogLines {
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl LogLines {
+    fn follow(child: &mut std::process::Child) -> Self {
+        let stderr = child.stderr.take().unwrap();
+        let (lines_tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if lines_tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Self {
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (at most 30 s) for a line containing `text` and returns it.
+    fn wait_for(&mut self, text: &str) -> String {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("no line with {text:?}"));
+            self.seen.push(line.clone());
+            if line.contains(text) {
+                return line;
+            }
+        }
+    }
+
+    /// Every line up to the end of the stream.
+    fn rest(mut self) -> Vec<String> {
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(30)) {
+            self.seen.push(line);
+        }
+        self.seen
+    }
+}
+
+/// SIGHUP re-reads the token file: new tokens and roles take effect, old
+/// ones stop working, a file that does not parse leaves the tokens in
+/// force. Run at trace level, the whole log holds no token, accepted or
+/// not.
+#[test]
+fn sighup_rotates_tokens_and_no_token_reaches_the_logs() {
+    let dir = std::env::temp_dir().join(format!("taskq-sighup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tokens");
+    std::fs::write(&file, "first-secret-token admin\n").unwrap();
+    let mut child = taskq()
+        .args(["serve", "--listen", "127.0.0.1:0", "--log", "trace"])
+        .arg("--token-file")
+        .arg(&file)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut log = LogLines::follow(&mut child);
+    let serving = log.wait_for("taskq serving");
+    let addr = serving
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("addr="))
+        .expect("the start line names the address")
+        .to_string();
+    let hangup = |pid: u32| {
+        let sent = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let call = |token: &'static str, put: bool| {
+        runtime.block_on(async {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let header: tonic::metadata::MetadataValue<_> =
+                format!("Bearer {token}").parse().unwrap();
+            let mut client = TaskQueueClient::with_interceptor(
+                channel,
+                move |mut request: tonic::Request<()>| {
+                    request
+                        .metadata_mut()
+                        .insert("authorization", header.clone());
+                    Ok(request)
+                },
+            );
+            let answer = if put {
+                client
+                    .put_task(pb::PutTaskRequest::default())
+                    .await
+                    .map(|_| ())
+            } else {
+                let request = pb::GetTaskRequest {
+                    max_wait: Some(prost_types::Duration::default()),
+                    ..Default::default()
+                };
+                client.get_task(request).await.map(|_| ())
+            };
+            answer.map_err(|status| status.code())
+        })
+    };
+    use tonic::Code;
+    assert_eq!(call("first-secret-token", true), Ok(()));
+    assert_eq!(call("wrong-guess-token", true), Err(Code::Unauthenticated));
+
+    std::fs::write(&file, "second-secret-token worker\n").unwrap();
+    hangup(child.id());
+    log.wait_for("token file reloaded");
+    assert_eq!(call("first-secret-token", true), Err(Code::Unauthenticated));
+    assert_eq!(call("second-secret-token", true), Err(Code::PermissionDenied));
+    assert_eq!(call("second-secret-token", false), Ok(()));
+
+    // A broken file: reported, and the tokens in force stay.
+    std::fs::write(&file, "third-secret-token reader\n").unwrap();
+    hangup(child.id());
+    let refused = log.wait_for("not reloaded");
+    assert!(refused.contains("line 1"), "{refused}");
+    assert_eq!(call("second-secret-token", false), Ok(()));
+    assert_eq!(call("third-secret-token", false), Err(Code::Unauthenticated));
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let lines = log.rest();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        lines.len() > 20,
+        "trace level logs the calls: {} lines",
+        lines.len()
+    );
+    for secret in ["first-secret", "second-secret", "third-secret", "wrong-guess"] {
+        let leaks: Vec<_> = lines.iter().filter(|l| l.contains(secret)).collect();
+        assert!(leaks.is_empty(), "{secret} in the log: {leaks:#?}");
+    }
+}

@@ -404,6 +404,15 @@ impl Broker {
         self.state().stats(queue, Instant::now())
     }
 
+    /// The queue a held task (or a held result) belongs to; a task's queue
+    /// never changes, so the answer stays true.
+    ///
+    /// # Errors
+    /// [`BrokerError::TaskNotFound`] when no such task or result is held.
+    pub fn queue_of(&self, task: TaskId) -> Result<QueueName, BrokerError> {
+        self.state().task_queue(task)
+    }
+
     /// How many unfinished tasks and results are held.
     pub fn held(&self) -> Held {
         self.state().held()

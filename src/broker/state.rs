@@ -292,6 +292,14 @@ impl State {
         }
     }
 
+    /// The queue a held task (or result) belongs to.
+    pub fn task_queue(&self, task: TaskId) -> Result<QueueName, BrokerError> {
+        self.tasks
+            .get(&task)
+            .map(|entry| entry.queue.clone())
+            .ok_or_else(|| BrokerError::TaskNotFound(task.to_string()))
+    }
+
     fn queue_mut(&mut self, name: &QueueName) -> Result<&mut QueueState, BrokerError> {
         let limit = self.config.max_queues;
         let count = self.queues.len();

@@ -19,8 +19,9 @@ pub struct ClientArgs {
     #[arg(long, env = "TASKQ_SERVER", default_value = DEFAULT_SERVER)]
     pub server: String,
 
-    /// File holding the bearer token (its first line that is not blank or a
-    /// # comment). The token can also come from TASKQ_TOKEN.
+    /// File holding the bearer token: the first word of its first line that
+    /// is not blank or a # comment, so the server's token file format works.
+    /// The token can also come from TASKQ_TOKEN.
     #[arg(long, env = "TASKQ_TOKEN_FILE", value_name = "PATH")]
     pub token_file: Option<PathBuf>,
 
@@ -69,9 +70,7 @@ impl ClientArgs {
                     flag: "--token-file (TASKQ_TOKEN_FILE)",
                     message: format!("cannot read {}: {e}", path.display()),
                 })?;
-                let token = crate::auth::token_lines(&text)
-                    .next()
-                    .ok_or_else(|| ConfigError {
+                let token = crate::auth::client_token(&text).ok_or_else(|| ConfigError {
                         flag: "--token-file (TASKQ_TOKEN_FILE)",
                         message: format!("{} holds no token", path.display()),
                     })?;

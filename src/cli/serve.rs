@@ -1,16 +1,19 @@
 //! `taskq serve`: validate the flags, bind, serve until SIGTERM or Ctrl-C.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use tokio::net::TcpListener;
 
 use super::{EXIT_FAILURE, config_error};
+use crate::auth::Tokens;
 use crate::config::ServeArgs;
 use crate::server;
 
 /// Runs the server with `args`.
 pub async fn run(args: ServeArgs) -> ExitCode {
     let listen = args.listen;
+    let token_file = args.token_file.clone();
     let config = match args.into_config() {
         Ok(config) => config,
         Err(error) => return config_error(error),
@@ -25,11 +28,54 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    match server::run(config, listener, crate::shutdown::signal()).await {
+    let reload = token_file.map(|path| {
+        tokio::spawn(reload_tokens_on_hangup(path, config.tokens.clone()))
+    });
+    let served = server::run(config, listener, crate::shutdown::signal()).await;
+    if let Some(reload) = reload {
+        reload.abort();
+    }
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "server failed");
             ExitCode::from(EXIT_FAILURE)
         }
     }
+}
+
+/// Re-reads the token file on each SIGHUP, so tokens rotate without a
+/// restart. A file that no longer parses is reported and the tokens in
+/// force stay: a typo never locks everyone out or lets everyone in.
+async fn reload_tokens_on_hangup(path: PathBuf, tokens: Tokens) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch SIGHUP; token changes need a restart");
+                return;
+            }
+        };
+        while hangups.recv().await.is_some() {
+            match Tokens::from_file(&path) {
+                Ok(fresh) => {
+                    tokens.replace(&fresh);
+                    tracing::info!(
+                        path = %path.display(),
+                        tokens = fresh.len(),
+                        "SIGHUP: token file reloaded"
+                    );
+                }
+                Err(error) => tracing::error!(
+                    %error,
+                    "SIGHUP: token file not reloaded; the previous tokens stay in force: fix \
+                     the file and send SIGHUP again"
+                ),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, tokens);
 }

@@ -6,7 +6,8 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use super::{convert, deadline, streams};
-use crate::broker::{Broker, LeaseRequest, WorkerId};
+use crate::auth::{Access, Call};
+use crate::broker::{Broker, LeaseRequest, NewTask, QueueName, TaskId, WorkerId};
 use crate::pb::{self, task_queue_server::TaskQueue};
 
 /// The gRPC service in front of a [`Broker`].
@@ -53,12 +54,53 @@ impl TaskQueueService {
     }
 }
 
+/// What the caller may do, checked against `call`: the [`Access`] the
+/// token interceptor attached.
+///
+/// # Errors
+/// PERMISSION_DENIED when the role may not make the call, or when no
+/// interceptor attached an access (the service was served without one:
+/// refuse rather than open it to everyone).
+pub(super) fn permit<T>(request: &Request<T>, call: Call) -> Result<Access, Status> {
+    let access = request.extensions().get::<Access>().cloned().ok_or_else(|| {
+        Status::permission_denied(
+            "the server has no access rules for this call: serve TaskQueueService behind              taskq::auth::TokenAuth",
+        )
+    })?;
+    access.permit(call)?;
+    Ok(access)
+}
+
+/// Checks that `access` may touch the queue of `task`. Tokens limited to
+/// some queues pay one look-up; others nothing.
+///
+/// # Errors
+/// NOT_FOUND for an unknown task, PERMISSION_DENIED for a task of another
+/// queue.
+pub(super) fn permit_task(broker: &Broker, access: &Access, task: TaskId) -> Result<(), Status> {
+    if access.limits_queues() {
+        access.permit_queue(&broker.queue_of(task)?)?;
+    }
+    Ok(())
+}
+
+/// Checks that `access` may put `task` in its queue.
+pub(super) fn permit_new_task(access: &Access, task: &NewTask) -> Result<(), Status> {
+    match &task.queue {
+        Some(queue) => access.permit_queue(queue),
+        // The engine puts a task without a queue in the default one.
+        None => access.permit_queue(&QueueName::parse("")?),
+    }
+}
+
 /// An ExtendLease, unary or on a worker stream: convert, then extend.
 pub(super) fn extend_lease(
     broker: &Broker,
+    access: &Access,
     request: pb::ExtendLeaseRequest,
 ) -> Result<std::time::SystemTime, Status> {
     let task = convert::task_id(&request.task_id)?;
+    permit_task(broker, access, task)?;
     let lease = convert::lease_id(task, &request.lease_id)?;
     let extend_by = convert::duration("extend_by", request.extend_by)?;
     Ok(broker.extend(lease, extend_by)?)
@@ -67,9 +109,11 @@ pub(super) fn extend_lease(
 /// A PutResult, unary or on a worker stream: convert, then complete.
 pub(super) fn put_result(
     broker: &Broker,
+    access: &Access,
     request: pb::PutResultRequest,
 ) -> Result<crate::broker::TaskState, Status> {
     let task = convert::task_id(&request.task_id)?;
+    permit_task(broker, access, task)?;
     let lease = convert::lease_id(task, &request.lease_id)?;
     let outcome = convert::outcome(request.outcome)?;
     Ok(broker.complete(lease, outcome)?)
@@ -95,8 +139,10 @@ impl TaskQueue for TaskQueueService {
         &self,
         request: Request<pb::PutTaskRequest>,
     ) -> Result<Response<pb::PutTaskResponse>, Status> {
+        let access = permit(&request, Call::PutTask)?;
         let wait = self.wait(&request);
         let task = convert::new_task(request.into_inner())?;
+        permit_new_task(&access, &task)?;
         let outcome = self.broker.put(task, wait).await?;
         Ok(Response::new(pb::PutTaskResponse {
             task_id: outcome.task_id.to_string(),
@@ -108,6 +154,7 @@ impl TaskQueue for TaskQueueService {
         &self,
         request: Request<pb::GetTaskRequest>,
     ) -> Result<Response<pb::GetTaskResponse>, Status> {
+        let access = permit(&request, Call::GetTask)?;
         let wait = self.capped_wait(&request, request.get_ref().max_wait)?;
         let worker = worker_id(&request, &request.get_ref().worker_id)?;
         let body = request.into_inner();
@@ -116,6 +163,7 @@ impl TaskQueue for TaskQueueService {
             worker,
             lease: convert::duration("lease", body.lease)?,
         };
+        access.permit_queue(&lease.queue)?;
         let task = self.broker.lease(lease, wait).await?;
         Ok(Response::new(pb::GetTaskResponse {
             task: task.map(convert::task),
@@ -126,7 +174,8 @@ impl TaskQueue for TaskQueueService {
         &self,
         request: Request<pb::ExtendLeaseRequest>,
     ) -> Result<Response<pb::ExtendLeaseResponse>, Status> {
-        let expires_at = extend_lease(&self.broker, request.into_inner())?;
+        let access = permit(&request, Call::ExtendLease)?;
+        let expires_at = extend_lease(&self.broker, &access, request.into_inner())?;
         Ok(Response::new(pb::ExtendLeaseResponse {
             lease_expires_at: Some(convert::timestamp(expires_at)),
         }))
@@ -136,7 +185,8 @@ impl TaskQueue for TaskQueueService {
         &self,
         request: Request<pb::PutResultRequest>,
     ) -> Result<Response<pb::PutResultResponse>, Status> {
-        let state = put_result(&self.broker, request.into_inner())?;
+        let access = permit(&request, Call::PutResult)?;
+        let state = put_result(&self.broker, &access, request.into_inner())?;
         Ok(Response::new(pb::PutResultResponse {
             state: convert::state(state).into(),
         }))
@@ -147,14 +197,17 @@ impl TaskQueue for TaskQueueService {
         request: Request<pb::GetResultRequest>,
     ) -> Result<Response<pb::GetResultResponse>, Status> {
         use pb::get_result_request::Target;
+        let access = permit(&request, Call::GetResult)?;
         let wait = self.capped_wait(&request, request.get_ref().max_wait)?;
         let result = match request.into_inner().target {
             Some(Target::TaskId(id)) => {
                 let task = convert::task_id(&id)?;
+                permit_task(&self.broker, &access, task)?;
                 self.broker.result(task, wait).await?
             }
             Some(Target::Queue(queue)) => {
                 let queue = convert::queue(&queue)?;
+                access.permit_queue(&queue)?;
                 self.broker.next_result(queue, wait).await?
             }
             None => {
@@ -172,7 +225,13 @@ impl TaskQueue for TaskQueueService {
         &self,
         request: Request<pb::PutTasksRequest>,
     ) -> Result<Response<pb::PutTasksResponse>, Status> {
-        let response = streams::put_tasks(&self.broker, request.into_inner(), self.max_batch)?;
+        let access = permit(&request, Call::PutTasks)?;
+        let response = streams::put_tasks(
+            &self.broker,
+            &access,
+            request.into_inner(),
+            self.max_batch,
+        )?;
         Ok(Response::new(response))
     }
 
@@ -182,6 +241,7 @@ impl TaskQueue for TaskQueueService {
         &self,
         request: Request<tonic::Streaming<pb::WorkerMessage>>,
     ) -> Result<Response<Self::StreamTasksStream>, Status> {
+        let access = permit(&request, Call::StreamTasks)?;
         let peer = request.remote_addr();
         let default_worker = move || {
             format!(
@@ -190,7 +250,8 @@ impl TaskQueue for TaskQueueService {
             )
         };
         let stream =
-            streams::stream_tasks(&self.broker, request.into_inner(), default_worker).await?;
+            streams::stream_tasks(&self.broker, access, request.into_inner(), default_worker)
+                .await?;
         Ok(Response::new(stream))
     }
 
@@ -200,7 +261,13 @@ impl TaskQueue for TaskQueueService {
         &self,
         request: Request<pb::WatchResultsRequest>,
     ) -> Result<Response<Self::WatchResultsStream>, Status> {
-        let stream = streams::watch_results(&self.broker, request.into_inner(), self.max_batch)?;
+        let access = permit(&request, Call::WatchResults)?;
+        let stream = streams::watch_results(
+            &self.broker,
+            &access,
+            request.into_inner(),
+            self.max_batch,
+        )?;
         Ok(Response::new(stream))
     }
 
@@ -208,6 +275,7 @@ impl TaskQueue for TaskQueueService {
         &self,
         request: Request<pb::GetStatsRequest>,
     ) -> Result<Response<pb::GetStatsResponse>, Status> {
+        permit(&request, Call::GetStats)?;
         let name = request.into_inner().queue;
         let queue = if name.is_empty() {
             None

@@ -9,6 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 use super::{convert, service};
+use crate::auth::Access;
 use crate::broker::{Broker, LeaseRequest, Subscription, WorkerId};
 use crate::pb::{self, server_message::Msg as Out, worker_message::Msg as In};
 
@@ -42,6 +43,7 @@ fn shutting_down() -> Status {
 /// PutTasks: every task validated and stored on its own, under one lock.
 pub fn put_tasks(
     broker: &Broker,
+    access: &Access,
     request: pb::PutTasksRequest,
     max_batch: usize,
 ) -> Result<pb::PutTasksResponse, Status> {
@@ -55,7 +57,9 @@ pub fn put_tasks(
     let mut slots = Vec::with_capacity(request.tasks.len());
     let mut valid = Vec::with_capacity(request.tasks.len());
     for task in request.tasks {
-        match convert::new_task(task) {
+        let task = convert::new_task(task)
+            .and_then(|task| service::permit_new_task(access, &task).map(|()| task));
+        match task {
             Ok(task) => {
                 slots.push(None);
                 valid.push(task);
@@ -92,6 +96,7 @@ pub fn put_tasks(
 /// serves it from a task of its own until either side ends it.
 pub async fn stream_tasks(
     broker: &Broker,
+    access: Access,
     mut inbound: Streaming<pb::WorkerMessage>,
     default_worker: impl FnOnce() -> String,
 ) -> Result<ServerMessages, Status> {
@@ -122,14 +127,22 @@ pub async fn stream_tasks(
         worker: WorkerId::new(&worker)?,
         lease: convert::duration("lease", subscribe.lease)?,
     };
+    access.permit_queue(&request.queue)?;
     let subscription = broker.subscribe(request, subscribe.max_in_flight)?;
     let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
-    tokio::spawn(serve_stream(broker.clone(), subscription, inbound, tx));
+    tokio::spawn(serve_stream(
+        broker.clone(),
+        access,
+        subscription,
+        inbound,
+        tx,
+    ));
     Ok(ReceiverStream::new(rx))
 }
 
 async fn serve_stream(
     broker: Broker,
+    access: Access,
     mut subscription: Subscription,
     mut inbound: Streaming<pb::WorkerMessage>,
     tx: mpsc::Sender<Result<pb::ServerMessage, Status>>,
@@ -161,7 +174,7 @@ async fn serve_stream(
                     // The worker closed its side, or the stream broke.
                     Ok(None) | Err(_) => break,
                 };
-                match handle(&broker, &subscription, message, draining) {
+                match handle(&broker, &access, &subscription, message, draining) {
                     Ok(Some(reply)) => {
                         if tx.send(Ok(reply)).await.is_err() {
                             break;
@@ -194,6 +207,7 @@ async fn serve_stream(
 /// ack, or a new window.
 fn handle(
     broker: &Broker,
+    access: &Access,
     subscription: &Subscription,
     message: pb::WorkerMessage,
     draining: bool,
@@ -202,7 +216,7 @@ fn handle(
         Some(In::Result(request)) => {
             let task_id = request.task_id.clone();
             let lease_id = request.lease_id.clone();
-            let answer = service::put_result(broker, request);
+            let answer = service::put_result(broker, access, request);
             let ack = match answer {
                 Ok(state) => pb::ResultAck {
                     task_id,
@@ -224,7 +238,7 @@ fn handle(
         Some(In::Extend(request)) => {
             let task_id = request.task_id.clone();
             let lease_id = request.lease_id.clone();
-            let answer = service::extend_lease(broker, request);
+            let answer = service::extend_lease(broker, access, request);
             let ack = match answer {
                 Ok(at) => pb::ExtendAck {
                     task_id,
@@ -269,6 +283,7 @@ fn handle(
 /// results as each exists.
 pub fn watch_results(
     broker: &Broker,
+    access: &Access,
     request: pb::WatchResultsRequest,
     max_batch: usize,
 ) -> Result<Results, Status> {
@@ -277,6 +292,7 @@ pub fn watch_results(
     match request.target {
         Some(Target::Queue(queue)) => {
             let queue = convert::queue(&queue)?;
+            access.permit_queue(&queue)?;
             tokio::spawn(watch_queue(broker.clone(), queue, tx));
         }
         Some(Target::TaskIds(list)) => {
@@ -291,6 +307,9 @@ pub fn watch_results(
                 .iter()
                 .map(|text| convert::task_id(text))
                 .collect::<Result<Vec<_>, _>>()?;
+            for id in &ids {
+                service::permit_task(broker, access, *id)?;
+            }
             // Every id is checked before anything is sent.
             let watch = broker.watch(&ids)?;
             tokio::spawn(watch_tasks(broker.clone(), watch, ids.len(), tx));
