@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::auth::Tokens;
 use crate::broker::BrokerConfig;
-use crate::server::ServerConfig;
+use crate::server::{ServerConfig, TransportConfig};
 use crate::tls::{Identity, ServerTls, read_certificates};
 
 /// taskq: a task queue over gRPC.
@@ -185,6 +185,45 @@ pub struct ServeArgs {
     #[arg(long, env = "TASKQ_MAX_BATCH", default_value = "1000", value_parser = positive_count)]
     pub max_batch: usize,
 
+    /// Most connections open at once. A connection past it is closed as
+    /// soon as it is accepted (logged, rate-limited).
+    #[arg(long, env = "TASKQ_MAX_CONNECTIONS", default_value = "10000", value_parser = positive_count)]
+    pub max_connections: usize,
+
+    /// How long a new connection may stay silent before it is closed, so
+    /// idle sockets cannot hold connection slots.
+    #[arg(long, env = "TASKQ_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Most calls in progress across all connections, waiting calls
+    /// included; past it a call is shed at once with RESOURCE_EXHAUSTED.
+    /// Health checks are never shed.
+    #[arg(long, env = "TASKQ_MAX_CALLS", default_value = "20000", value_parser = positive_count)]
+    pub max_calls: usize,
+
+    /// Most calls at once on one connection (HTTP/2 max concurrent
+    /// streams); a client queues the rest on its side.
+    #[arg(long, env = "TASKQ_MAX_STREAMS_PER_CONNECTION", default_value = "1000",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_connection: u32,
+
+    /// How often an idle connection is pinged (HTTP/2 keepalive), to find
+    /// peers that vanished without closing.
+    #[arg(long, env = "TASKQ_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = positive_duration)]
+    pub keepalive_interval: Duration,
+
+    /// How long a keepalive ping may go unanswered before the connection is
+    /// dropped; the tasks its calls held go back to their queues.
+    #[arg(long, env = "TASKQ_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    pub keepalive_timeout: Duration,
+
+    /// Age after which a connection is asked to go away (HTTP/2 GOAWAY):
+    /// its new calls move to a fresh connection (spreading clients over
+    /// servers behind a load balancer); calls in progress, worker streams
+    /// included, finish undisturbed. `0s`: never.
+    #[arg(long, env = "TASKQ_MAX_CONNECTION_AGE", default_value = "1h", value_parser = parse_duration)]
+    pub max_connection_age: Duration,
+
     /// On SIGTERM, how long calls in progress may take before the server
     /// stops anyway.
     #[arg(long, env = "TASKQ_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
@@ -299,6 +338,15 @@ impl ServeArgs {
             shutdown_grace: self.shutdown_grace,
             tls: self.load_tls()?,
             max_batch: self.max_batch,
+            transport: TransportConfig {
+                max_connections: self.max_connections,
+                handshake_timeout: self.handshake_timeout,
+                max_calls: self.max_calls,
+                max_streams_per_connection: self.max_streams_per_connection,
+                keepalive_interval: self.keepalive_interval,
+                keepalive_timeout: self.keepalive_timeout,
+                max_connection_age: Some(self.max_connection_age).filter(|age| !age.is_zero()),
+            },
         })
     }
 

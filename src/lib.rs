@@ -20,6 +20,7 @@ pub mod broker;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod limits;
 pub mod pb;
 pub mod rpc;
 pub mod server;

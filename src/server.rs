@@ -14,6 +14,7 @@ use tonic_health::ServingStatus;
 
 use crate::auth::{TokenAuth, Tokens};
 use crate::broker::{Broker, BrokerConfig};
+use crate::limits::{Connections, GuardLayer};
 use crate::pb::task_queue_server::{SERVICE_NAME, TaskQueueServer};
 use crate::rpc::TaskQueueService;
 use crate::tls::ServerTls;
@@ -33,6 +34,45 @@ pub struct ServerConfig {
     pub tls: Option<ServerTls>,
     /// Most tasks in one PutTasks (and ids in one WatchResults).
     pub max_batch: usize,
+    /// Caps and timers of connections and calls.
+    pub transport: TransportConfig,
+}
+
+/// What bounds connections and calls, in front of the engine's own caps.
+#[derive(Clone, Debug)]
+pub struct TransportConfig {
+    /// Most connections open at once; more are closed on accept.
+    pub max_connections: usize,
+    /// How long a new connection may stay silent before it is closed.
+    pub handshake_timeout: Duration,
+    /// Most calls in progress across all connections (waiting calls
+    /// included); more are shed with RESOURCE_EXHAUSTED. Health is exempt.
+    pub max_calls: usize,
+    /// Most concurrent HTTP/2 streams (calls) on one connection; a client
+    /// queues the rest on its side.
+    pub max_streams_per_connection: u32,
+    /// How often an idle connection is pinged.
+    pub keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is dropped
+    /// and what its calls held goes back.
+    pub keepalive_timeout: Duration,
+    /// Age after which a connection is asked to go away (GOAWAY): new calls
+    /// move to a fresh connection, calls in progress finish. `None`: never.
+    pub max_connection_age: Option<Duration>,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            max_calls: 20_000,
+            max_streams_per_connection: 1_000,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            max_connection_age: Some(Duration::from_secs(3600)),
+        }
+    }
 }
 
 impl ServerConfig {
@@ -45,6 +85,7 @@ impl ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             tls: None,
             max_batch: crate::rpc::service::DEFAULT_MAX_BATCH,
+            transport: TransportConfig::default(),
         }
     }
 
@@ -72,12 +113,6 @@ pub enum ServerError {
     #[error("server task ended abnormally: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
-
-/// HTTP/2 keepalive: finds peers that vanished without closing (a
-/// partitioned worker holding a long-poll) so their calls are dropped and
-/// what they held goes back.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `taskq.v1.TaskQueue` and `grpc.health.v1.Health` on `listener`
 /// until `shutdown` resolves, then drains and returns.
@@ -110,11 +145,18 @@ pub async fn run(
         .map_err(ServerError::Reflection)?;
 
     let addr = listener.local_addr()?;
-    let incoming = TcpListenerStream::new(listener).map(|stream| {
-        let stream = stream?;
+    let transport = &config.transport;
+    let connections = Connections::new(transport.max_connections, transport.handshake_timeout);
+    let incoming = TcpListenerStream::new(listener).filter_map(move |stream| {
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(error) => return Some(Err(error)),
+        };
         // Small request/answer messages: do not wait to fill a segment.
-        stream.set_nodelay(true)?;
-        Ok::<_, std::io::Error>(stream)
+        if let Err(error) = stream.set_nodelay(true) {
+            return Some(Err(error));
+        }
+        connections.admit(stream).map(Ok::<_, std::io::Error>)
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut builder = Server::builder();
@@ -126,9 +168,18 @@ pub async fn run(
         }
         builder = builder.tls_config(tls_config)?;
     }
+    // HTTP/2 keepalive finds peers that vanished without closing (a
+    // partitioned worker holding a long-poll), so their calls are dropped
+    // and what they held goes back.
+    builder = builder
+        .http2_keepalive_interval(Some(transport.keepalive_interval))
+        .http2_keepalive_timeout(Some(transport.keepalive_timeout))
+        .max_concurrent_streams(transport.max_streams_per_connection);
+    if let Some(age) = transport.max_connection_age {
+        builder = builder.max_connection_age(age);
+    }
     let serve = builder
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .layer(GuardLayer::new(transport.max_calls))
         .add_service(health_service)
         .add_service(queue_service)
         .add_service(InterceptedService::new(reflection_v1, auth.clone()))

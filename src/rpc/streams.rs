@@ -2,6 +2,7 @@
 //! Like the unary handlers, they convert, call the broker, and convert
 //! back; each open stream is served by one task that ends with it.
 
+use std::future::Future;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -10,6 +11,7 @@ use tonic::{Status, Streaming};
 
 use super::{convert, service};
 use crate::auth::Access;
+use crate::limits::{CatchUnwind, panicked};
 use crate::broker::{Broker, LeaseRequest, Subscription, WorkerId};
 use crate::pb::{self, server_message::Msg as Out, worker_message::Msg as In};
 
@@ -38,6 +40,23 @@ pub fn item_error(status: &Status) -> pb::ItemError {
 
 fn shutting_down() -> Status {
     Status::unavailable("the server is shutting down: reconnect and go on")
+}
+
+/// Runs the task that serves one open stream. A panic in it ends the
+/// stream with INTERNAL (through `report`, a second sender of the stream)
+/// instead of a silent end that a client would read as OK; what the stream
+/// held goes back as its values are dropped.
+fn spawn_stream<T: Send + 'static>(
+    call: &'static str,
+    report: mpsc::Sender<Result<T, Status>>,
+    serve: impl Future<Output = ()> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        if let Err(panic) = CatchUnwind::new(serve).await {
+            tracing::error!(%call, %panic, "stream task panicked; stream ended with INTERNAL");
+            let _ = report.send(Err(panicked())).await;
+        }
+    });
 }
 
 /// PutTasks: every task validated and stored on its own, under one lock.
@@ -130,13 +149,12 @@ pub async fn stream_tasks(
     access.permit_queue(&request.queue)?;
     let subscription = broker.subscribe(request, subscribe.max_in_flight)?;
     let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
-    tokio::spawn(serve_stream(
-        broker.clone(),
-        access,
-        subscription,
-        inbound,
-        tx,
-    ));
+    let report = tx.clone();
+    spawn_stream(
+        "StreamTasks",
+        report,
+        serve_stream(broker.clone(), access, subscription, inbound, tx),
+    );
     Ok(ReceiverStream::new(rx))
 }
 
@@ -293,7 +311,11 @@ pub fn watch_results(
         Some(Target::Queue(queue)) => {
             let queue = convert::queue(&queue)?;
             access.permit_queue(&queue)?;
-            tokio::spawn(watch_queue(broker.clone(), queue, tx));
+            spawn_stream(
+                "WatchResults",
+                tx.clone(),
+                watch_queue(broker.clone(), queue, tx),
+            );
         }
         Some(Target::TaskIds(list)) => {
             if list.ids.len() > max_batch {
@@ -312,7 +334,11 @@ pub fn watch_results(
             }
             // Every id is checked before anything is sent.
             let watch = broker.watch(&ids)?;
-            tokio::spawn(watch_tasks(broker.clone(), watch, ids.len(), tx));
+            spawn_stream(
+                "WatchResults",
+                tx.clone(),
+                watch_tasks(broker.clone(), watch, ids.len(), tx),
+            );
         }
         None => {
             return Err(Status::invalid_argument(

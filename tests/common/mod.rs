@@ -1,6 +1,8 @@
 //! A real server on 127.0.0.1:0 for integration tests, with clients.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
