@@ -81,12 +81,8 @@ impl Call {
     /// the whole authorization table.
     fn role(self) -> Role {
         match self {
-            Call::PutTask | Call::PutTasks | Call::GetResult | Call::WatchResults => {
-                Role::Producer
-            }
-            Call::GetTask | Call::StreamTasks | Call::ExtendLease | Call::PutResult => {
-                Role::Worker
-            }
+            Call::PutTask | Call::PutTasks | Call::GetResult | Call::WatchResults => Role::Producer,
+            Call::GetTask | Call::StreamTasks | Call::ExtendLease | Call::PutResult => Role::Worker,
             Call::GetStats => Role::Admin,
         }
     }
@@ -305,8 +301,9 @@ impl Tokens {
                     list.split(',')
                         .map(|name| match name {
                             "" => Err(bad("queue list: an empty queue name".into())),
-                            name => QueueName::parse(name)
-                                .map_err(|e| bad(format!("queue list: {e}"))),
+                            name => {
+                                QueueName::parse(name).map_err(|e| bad(format!("queue list: {e}")))
+                            }
                         })
                         .collect::<Result<Vec<_>, _>>()?,
                 ),
@@ -484,8 +481,14 @@ mod tests {
     fn checks_bearer_tokens() {
         let tokens = Tokens::from_list("alpha-token, beta-token", "test").unwrap();
         let mut auth = TokenAuth::new(tokens);
-        assert_eq!(call(&mut auth, Some("Bearer alpha-token")), Ok(Access::full()));
-        assert_eq!(call(&mut auth, Some("Bearer beta-token")), Ok(Access::full()));
+        assert_eq!(
+            call(&mut auth, Some("Bearer alpha-token")),
+            Ok(Access::full())
+        );
+        assert_eq!(
+            call(&mut auth, Some("Bearer beta-token")),
+            Ok(Access::full())
+        );
         let denied = Err(tonic::Code::Unauthenticated);
         assert_eq!(call(&mut auth, Some("Bearer alpha")), denied);
         assert_eq!(call(&mut auth, Some("Bearer alpha-token2")), denied);
@@ -606,7 +609,11 @@ mod tests {
             .permit(GetStats)
             .unwrap_err();
         assert_eq!(denied.code(), tonic::Code::PermissionDenied);
-        assert!(denied.message().contains("admin token"), "{}", denied.message());
+        assert!(
+            denied.message().contains("admin token"),
+            "{}",
+            denied.message()
+        );
     }
 
     #[test]

@@ -147,7 +147,12 @@ async fn each_role_reaches_its_calls_only() {
     let mut worker = server.client_with_token("worker-token").await;
     let mut admin = server.client_with_token("admin-token").await;
 
-    let id = producer.put_task(put("jobs")).await.unwrap().into_inner().task_id;
+    let id = producer
+        .put_task(put("jobs"))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id;
     denied(worker.put_task(put("jobs")).await, "a worker may not put");
     denied(
         worker
@@ -157,11 +162,12 @@ async fn each_role_reaches_its_calls_only() {
             .await,
         "a worker may not put a batch",
     );
-    denied(producer.get_task(get("jobs")).await, "a producer may not take");
     denied(
-        producer
-            .get_stats(pb::GetStatsRequest::default())
-            .await,
+        producer.get_task(get("jobs")).await,
+        "a producer may not take",
+    );
+    denied(
+        producer.get_stats(pb::GetStatsRequest::default()).await,
         "a producer may not read stats",
     );
     denied(
@@ -179,7 +185,9 @@ async fn each_role_reaches_its_calls_only() {
     let result = pb::PutResultRequest {
         task_id: task.id.clone(),
         lease_id: task.lease_id.clone(),
-        outcome: Some(pb::put_result_request::Outcome::Output(b"done".to_vec().into())),
+        outcome: Some(pb::put_result_request::Outcome::Output(
+            b"done".to_vec().into(),
+        )),
     };
     denied(
         producer.put_result(result.clone()).await,
@@ -200,7 +208,10 @@ async fn each_role_reaches_its_calls_only() {
         target: Some(pb::get_result_request::Target::TaskId(id.clone())),
         ..Default::default()
     };
-    denied(worker.get_result(read.clone()).await, "a worker may not read results");
+    denied(
+        worker.get_result(read.clone()).await,
+        "a worker may not read results",
+    );
     let got = producer.get_result(read).await.unwrap().into_inner();
     assert_eq!(got.result.unwrap().task_id, id);
     let stats = admin
@@ -211,7 +222,15 @@ async fn each_role_reaches_its_calls_only() {
     assert!(stats.queues.iter().any(|q| q.queue == "jobs"));
     // Admin may do everything a producer or worker may.
     admin.put_task(put("jobs")).await.unwrap();
-    assert!(admin.get_task(get("jobs")).await.unwrap().into_inner().task.is_some());
+    assert!(
+        admin
+            .get_task(get("jobs"))
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+            .is_some()
+    );
     server.shutdown().await;
 }
 
@@ -224,8 +243,14 @@ async fn queue_limited_tokens_touch_only_their_queues() {
     let mut any_worker = server.client_with_token("worker-token").await;
 
     producer.put_task(put("emails")).await.unwrap();
-    denied(producer.put_task(put("billing")).await, "put outside the list");
-    denied(producer.put_task(put("")).await, "the default queue is not listed");
+    denied(
+        producer.put_task(put("billing")).await,
+        "put outside the list",
+    );
+    denied(
+        producer.put_task(put("")).await,
+        "the default queue is not listed",
+    );
 
     // A batch: each task on its own, the allowed one stored.
     let outcomes = producer
@@ -243,7 +268,10 @@ async fn queue_limited_tokens_touch_only_their_queues() {
     }
     assert!(matches!(outcomes[1].outcome, Some(Outcome::Ok(_))));
 
-    denied(worker.get_task(get("billing")).await, "take outside the list");
+    denied(
+        worker.get_task(get("billing")).await,
+        "take outside the list",
+    );
     let task = worker
         .get_task(get("emails"))
         .await
@@ -255,7 +283,12 @@ async fn queue_limited_tokens_touch_only_their_queues() {
 
     // A task of another queue, named by id: neither its lease nor its
     // result is reachable.
-    let billing_id = anywhere.put_task(put("billing")).await.unwrap().into_inner().task_id;
+    let billing_id = anywhere
+        .put_task(put("billing"))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id;
     let billing = any_worker
         .get_task(get("billing"))
         .await
@@ -351,8 +384,14 @@ async fn a_worker_stream_is_limited_to_its_role_and_queues() {
             client.stream_tasks(messages).await.map(|_| ())
         }
     };
-    denied(open("producer-token", "emails").await, "a producer may not stream tasks");
-    denied(open("emails-worker", "billing").await, "subscribe outside the list");
+    denied(
+        open("producer-token", "emails").await,
+        "a producer may not stream tasks",
+    );
+    denied(
+        open("emails-worker", "billing").await,
+        "subscribe outside the list",
+    );
     assert!(open("emails-worker", "emails").await.is_ok());
     server.shutdown().await;
 }

@@ -302,7 +302,10 @@ fn sighup_rotates_tokens_and_no_token_reaches_the_logs() {
     hangup(child.id());
     log.wait_for("token file reloaded");
     assert_eq!(call("first-secret-token", true), Err(Code::Unauthenticated));
-    assert_eq!(call("second-secret-token", true), Err(Code::PermissionDenied));
+    assert_eq!(
+        call("second-secret-token", true),
+        Err(Code::PermissionDenied)
+    );
     assert_eq!(call("second-secret-token", false), Ok(()));
 
     // A broken file: reported, and the tokens in force stay.
@@ -311,7 +314,10 @@ fn sighup_rotates_tokens_and_no_token_reaches_the_logs() {
     let refused = log.wait_for("not reloaded");
     assert!(refused.contains("line 1"), "{refused}");
     assert_eq!(call("second-secret-token", false), Ok(()));
-    assert_eq!(call("third-secret-token", false), Err(Code::Unauthenticated));
+    assert_eq!(
+        call("third-secret-token", false),
+        Err(Code::Unauthenticated)
+    );
 
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -326,7 +332,12 @@ fn sighup_rotates_tokens_and_no_token_reaches_the_logs() {
         "trace level logs the calls: {} lines",
         lines.len()
     );
-    for secret in ["first-secret", "second-secret", "third-secret", "wrong-guess"] {
+    for secret in [
+        "first-secret",
+        "second-secret",
+        "third-secret",
+        "wrong-guess",
+    ] {
         let leaks: Vec<_> = lines.iter().filter(|l| l.contains(secret)).collect();
         assert!(leaks.is_empty(), "{secret} in the log: {leaks:#?}");
     }

@@ -255,7 +255,10 @@ async fn lost_replies_lose_and_double_nothing() {
     // The producer cannot know whether the put went in; the retry with the
     // same key tells it, and does not store a second task.
     let retried = direct.put_task(keyed).await.unwrap().into_inner();
-    assert!(retried.duplicate, "the lost put was stored: the retry is a duplicate");
+    assert!(
+        retried.duplicate,
+        "the lost put was stored: the retry is a duplicate"
+    );
     assert_eq!(queue_stats(&mut direct, "jobs").await.unwrap().pending, 1);
 
     // A delivery whose answer is lost: the task was leased to a worker that

@@ -87,7 +87,11 @@ async fn idle_connections_cannot_hold_the_server() {
         let read = tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut sink))
             .await
             .expect("the server closes a silent connection within 10s");
-        assert!(sink.len() < 1024, "only the server's preface: {} bytes", sink.len());
+        assert!(
+            sink.len() < 1024,
+            "only the server's preface: {} bytes",
+            sink.len()
+        );
         drop(read);
     }
     // Slots are free again: a real client is served.
@@ -199,7 +203,10 @@ async fn ten_thousand_long_polls_on_one_connection_are_bounded() {
         async move { w.await == u64::from(STREAMS) }
     })
     .await;
-    assert!(healthy(&server).await, "health answers on another connection");
+    assert!(
+        healthy(&server).await,
+        "health answers on another connection"
+    );
     assert_eq!(waiting(&mut admin).await, u64::from(STREAMS), "never more");
 
     // Tasks for all of them, in batches; each poll gets exactly one.

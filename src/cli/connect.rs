@@ -71,9 +71,9 @@ impl ClientArgs {
                     message: format!("cannot read {}: {e}", path.display()),
                 })?;
                 let token = crate::auth::client_token(&text).ok_or_else(|| ConfigError {
-                        flag: "--token-file (TASKQ_TOKEN_FILE)",
-                        message: format!("{} holds no token", path.display()),
-                    })?;
+                    flag: "--token-file (TASKQ_TOKEN_FILE)",
+                    message: format!("{} holds no token", path.display()),
+                })?;
                 Some(token.to_string())
             }
             None => std::env::var("TASKQ_TOKEN")

@@ -28,9 +28,8 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    let reload = token_file.map(|path| {
-        tokio::spawn(reload_tokens_on_hangup(path, config.tokens.clone()))
-    });
+    let reload =
+        token_file.map(|path| tokio::spawn(reload_tokens_on_hangup(path, config.tokens.clone())));
     let served = server::run(config, listener, crate::shutdown::signal()).await;
     if let Some(reload) = reload {
         reload.abort();

@@ -23,9 +23,17 @@ pub fn duration(
 ) -> Result<Option<Duration>, Status> {
     value
         .map(|d| {
-            Duration::try_from(d).map_err(|_| {
-                Status::invalid_argument(format!("{field} must be a non-negative duration"))
-            })
+            // By hand, not `Duration::try_from`: prost-types negates the
+            // seconds of a negative duration, which overflows (a panic in
+            // debug builds) for i64::MIN.
+            let seconds = u64::try_from(d.seconds).ok();
+            let nanos = u32::try_from(d.nanos).ok().filter(|n| *n < 1_000_000_000);
+            match (seconds, nanos) {
+                (Some(seconds), Some(nanos)) => Ok(Duration::new(seconds, nanos)),
+                _ => Err(Status::invalid_argument(format!(
+                    "{field} must be a non-negative duration with nanos below 1e9"
+                ))),
+            }
         })
         .transpose()
 }

@@ -226,12 +226,8 @@ impl TaskQueue for TaskQueueService {
         request: Request<pb::PutTasksRequest>,
     ) -> Result<Response<pb::PutTasksResponse>, Status> {
         let access = permit(&request, Call::PutTasks)?;
-        let response = streams::put_tasks(
-            &self.broker,
-            &access,
-            request.into_inner(),
-            self.max_batch,
-        )?;
+        let response =
+            streams::put_tasks(&self.broker, &access, request.into_inner(), self.max_batch)?;
         Ok(Response::new(response))
     }
 
@@ -262,12 +258,8 @@ impl TaskQueue for TaskQueueService {
         request: Request<pb::WatchResultsRequest>,
     ) -> Result<Response<Self::WatchResultsStream>, Status> {
         let access = permit(&request, Call::WatchResults)?;
-        let stream = streams::watch_results(
-            &self.broker,
-            &access,
-            request.into_inner(),
-            self.max_batch,
-        )?;
+        let stream =
+            streams::watch_results(&self.broker, &access, request.into_inner(), self.max_batch)?;
         Ok(Response::new(stream))
     }
 

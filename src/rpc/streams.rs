@@ -11,8 +11,8 @@ use tonic::{Status, Streaming};
 
 use super::{convert, service};
 use crate::auth::Access;
-use crate::limits::{CatchUnwind, panicked};
 use crate::broker::{Broker, LeaseRequest, Subscription, WorkerId};
+use crate::limits::{CatchUnwind, panicked};
 use crate::pb::{self, server_message::Msg as Out, worker_message::Msg as In};
 
 /// Largest window a stream may ask for.
