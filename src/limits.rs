@@ -279,10 +279,11 @@ where
                 }
             }
         };
-        let path = request.uri().path().to_string();
+        // A clone of the URI shares its bytes: no copy on the hot path.
+        let uri = request.uri().clone();
         Guarded::Running {
             call: CatchUnwind::new(self.inner.call(request)),
-            path,
+            uri,
             _permit: permit,
         }
     }
@@ -297,7 +298,7 @@ pub enum Guarded<F, B> {
         /// The call.
         call: CatchUnwind<F>,
         /// Its method, for the log if it panics.
-        path: String,
+        uri: http::Uri,
         /// Its slot among `--max-calls`.
         _permit: Option<OwnedSemaphorePermit>,
     },
@@ -316,11 +317,11 @@ where
             Guarded::Answered(response) => Poll::Ready(Ok(response
                 .take()
                 .unwrap_or_else(|| panicked().into_http()))),
-            Guarded::Running { call, path, .. } => match Pin::new(call).poll(cx) {
+            Guarded::Running { call, uri, .. } => match Pin::new(call).poll(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Ok(answer)) => Poll::Ready(answer),
                 Poll::Ready(Err(panic)) => {
-                    tracing::error!(method = %path, panic = %panic, "handler panicked; answered INTERNAL");
+                    tracing::error!(method = uri.path(), panic = %panic, "handler panicked; answered INTERNAL");
                     Poll::Ready(Ok(panicked().into_http()))
                 }
             },

@@ -287,3 +287,70 @@ async fn lost_replies_lose_and_double_nothing() {
     drop(proxy);
     server.shutdown().await;
 }
+
+/// `--max-connection-age`: an old connection is sent away (GOAWAY), so the
+/// client's new calls open a fresh one, while a worker stream on the old
+/// connection goes on undisturbed and its results are accepted.
+#[tokio::test]
+async fn an_aged_connection_moves_new_calls_and_keeps_its_streams() {
+    let server = TestServer::with_config(ServerConfig {
+        transport: TransportConfig {
+            max_connection_age: Some(Duration::from_millis(300)),
+            ..TransportConfig::default()
+        },
+        ..ServerConfig::new(BrokerConfig::default())
+    })
+    .await;
+    let proxy = Proxy::start(server.addr).await;
+    let mut client = client_through(&proxy).await;
+    let (tx, outbound) = mpsc::channel(8);
+    tx.send(pb::WorkerMessage {
+        msg: Some(In::Subscribe(pb::Subscribe {
+            queue: "jobs".into(),
+            worker_id: "long-lived".into(),
+            lease: Some(Duration::from_secs(3600).try_into().unwrap()),
+            max_in_flight: 1,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut replies = client
+        .stream_tasks(ReceiverStream::new(outbound))
+        .await
+        .unwrap()
+        .into_inner();
+    client.put_task(put("jobs", "one")).await.unwrap();
+    let Some(Out::Task(task)) = replies.next().await.unwrap().unwrap().msg else {
+        panic!("a task");
+    };
+    // Unary calls until one goes out on a second connection: the first was
+    // sent away when it reached its age.
+    eventually("a new call opens a fresh connection", || {
+        let mut client = client.clone();
+        let proxy = &proxy;
+        async move {
+            let _ = client.get_stats(pb::GetStatsRequest::default()).await;
+            proxy.connections() >= 2
+        }
+    })
+    .await;
+    tx.send(pb::WorkerMessage {
+        msg: Some(In::Result(pb::PutResultRequest {
+            task_id: task.id.clone(),
+            lease_id: task.lease_id.clone(),
+            outcome: Some(pb::put_result_request::Outcome::Output(
+                b"ok".to_vec().into(),
+            )),
+        })),
+    })
+    .await
+    .unwrap();
+    let Some(Out::ResultAck(ack)) = replies.next().await.unwrap().unwrap().msg else {
+        panic!("an ack on the old connection's stream");
+    };
+    assert_eq!((ack.task_id, ack.error), (task.id, None));
+    drop(tx);
+    drop(replies);
+    drop(proxy);
+    server.shutdown().await;
+}

@@ -18,8 +18,9 @@
 //!   time is `tokio::time::Instant` (monotonic, and pausable in tests).
 
 mod error;
-#[cfg(test)]
-mod model_tests;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod model;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -441,8 +442,9 @@ impl Broker {
         self.state().footprint()
     }
 
-    #[cfg(test)]
-    fn check(&self) {
+    #[cfg(any(test, feature = "fuzzing"))]
+    #[doc(hidden)]
+    pub fn check(&self) {
         if let Err(problem) = self.state().check_consistency() {
             panic!("broker inconsistent: {problem}");
         }

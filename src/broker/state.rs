@@ -1504,7 +1504,7 @@ impl State {
 
     /// Checks the bookkeeping against the tasks themselves; used by tests
     /// after every step. Returns what is wrong, if anything.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn check_consistency(&self) -> Result<(), String> {
         let mut counts: HashMap<&QueueName, (u64, u64)> = HashMap::new();
         for (id, entry) in &self.tasks {

@@ -1363,3 +1363,28 @@ async fn the_bytes_held_in_all_are_bounded() {
     put(&b, "c", "1234").await;
     b.check();
 }
+
+/// A panic while the engine's lock is held (a bug) poisons the mutex; the
+/// broker keeps serving from the state as it is rather than turning every
+/// later call into a panic too.
+#[tokio::test]
+async fn a_panic_under_the_lock_poisons_nothing() {
+    let b = broker();
+    let id = put(&b, "q", "before").await;
+    let holder = b.clone();
+    let panicked = std::thread::spawn(move || {
+        let _state = holder.state();
+        panic!("a bug while holding the lock");
+    })
+    .join();
+    assert!(panicked.is_err());
+    assert!(b.inner.state.is_poisoned());
+    let leased = take(&b, "q", SEC).await;
+    assert_eq!(leased.id, id);
+    assert_eq!(
+        b.complete(leased.lease_id, ok("done")).unwrap(),
+        TaskState::Succeeded
+    );
+    let second = put(&b, "q", "after").await;
+    assert_eq!(take(&b, "q", SEC).await.id, second);
+}

@@ -6,9 +6,14 @@
 //! - `status`: engine errors to gRPC status codes, one table.
 //! - `deadline`: how long a blocking call may wait, from `grpc-timeout`.
 //! - `streams`: PutTasks, StreamTasks and WatchResults.
+//! - `fuzz` (tests and the `fuzzing` feature only): the request fuzz
+//!   target's harness.
 
 mod convert;
 mod deadline;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzz;
 pub mod service;
 mod status;
 mod streams;

@@ -2,6 +2,8 @@
 //! it: network faults without leaving loopback.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -43,6 +45,7 @@ impl Fault {
 pub struct Proxy {
     pub addr: SocketAddr,
     fault: watch::Sender<Fault>,
+    accepted: Arc<AtomicUsize>,
     _tasks: JoinSet<()>,
 }
 
@@ -53,9 +56,12 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let (fault, faults) = watch::channel(Fault::None);
         let mut tasks = JoinSet::new();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
         tasks.spawn(async move {
             let mut connections = JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::Relaxed);
                 if *faults.borrow() == Fault::Cut {
                     continue;
                 }
@@ -83,6 +89,7 @@ impl Proxy {
         Self {
             addr,
             fault,
+            accepted,
             _tasks: tasks,
         }
     }
@@ -90,6 +97,11 @@ impl Proxy {
     /// Applies `fault` to every connection from now on.
     pub fn set(&self, fault: Fault) {
         self.fault.send_replace(fault);
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
     }
 
     pub fn url(&self) -> String {

@@ -1,10 +1,13 @@
-//! Model-based test: random sequences of operations run against the broker
+//! Model-based checking: sequences of operations run against the broker
 //! and against a small reference model written for clarity, not speed.
 //! After every step, what a client can observe (return values, results,
 //! queue counters) must agree, and the broker's bookkeeping must hold.
 //!
-//! Sequences come from a seeded generator, so a failure names the seed and
-//! the step that reproduce it.
+//! The operations come from a [`Choices`] source: a seeded generator in the
+//! unit tests (a failure names the seed and the step), or the fuzzer's
+//! bytes in `fuzz/` ([`replay`]), whose finds are kept in
+//! `fuzz/corpus/engine_ops` and replayed by a unit test. Compiled only for
+//! tests and the `fuzzing` feature.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -13,20 +16,59 @@ use bytes::Bytes;
 
 use super::*;
 
+/// Where a sequence's choices come from.
+pub trait Choices {
+    /// A number below `n` (`n > 0`).
+    fn below(&mut self, n: u64) -> u64;
+    /// True when the source has nothing more to give: the sequence ends.
+    fn exhausted(&self) -> bool;
+}
+
 /// xorshift64: reproducible sequences without a dependency.
 struct Rng(u64);
 
-impl Rng {
-    fn next(&mut self) -> u64 {
+impl Choices for Rng {
+    fn below(&mut self, n: u64) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
-        self.0
+        self.0 % n
     }
 
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+    fn exhausted(&self) -> bool {
+        false
     }
+}
+
+/// A fuzzer's input read as choices, one byte each.
+struct Input<'a>(&'a [u8]);
+
+impl Choices for Input<'_> {
+    fn below(&mut self, n: u64) -> u64 {
+        match self.0.split_first() {
+            Some((byte, rest)) => {
+                self.0 = rest;
+                u64::from(*byte) % n
+            }
+            None => 0,
+        }
+    }
+
+    fn exhausted(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Runs the operations `data` encodes against the broker and the model, on
+/// a paused clock, panicking at the first disagreement or broken invariant.
+/// The entry point of the `engine_ops` fuzz target.
+pub fn replay(data: &[u8]) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a current-thread runtime");
+    runtime.block_on(run_sequence(&mut Input(data), "fuzz input", 4096));
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -274,17 +316,19 @@ fn kind(error: &BrokerError) -> &'static str {
 
 const QUEUES: [&str; 2] = ["a", "b"];
 
-/// Runs one random sequence against both; panics naming seed and step on
-/// the first disagreement.
-async fn run_sequence(seed: u64, steps: usize) {
+/// Runs one sequence against both; panics naming its source and the step
+/// on the first disagreement.
+async fn run_sequence(rng: &mut impl Choices, source: &str, steps: usize) {
     let b = Broker::new(BrokerConfig::default());
     let mut model = Model::default();
-    let mut rng = Rng(seed | 1);
     // Every lease ever handed out, so stale and repeated reports happen.
     let mut leases: Vec<LeaseId> = Vec::new();
     let mut ids: Vec<TaskId> = Vec::new();
     for step in 0..steps {
-        let at = format!("seed {seed}, step {step}");
+        if rng.exhausted() {
+            break;
+        }
+        let at = format!("{source}, step {step}");
         let queue = QUEUES[rng.below(2) as usize];
         match rng.below(100) {
             0..=19 => {
@@ -375,7 +419,7 @@ async fn run_sequence(seed: u64, steps: usize) {
                 );
             }
             _ => {
-                let ms = rng.below(2500);
+                let ms = 100 * rng.below(26);
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 // Let the timer task handle what fell due at this instant.
                 for _ in 0..4 {
@@ -399,9 +443,26 @@ async fn run_sequence(seed: u64, steps: usize) {
     }
 }
 
+#[cfg(test)]
 #[tokio::test(start_paused = true)]
 async fn random_sequences_agree_with_the_model() {
     for seed in 1..=60u64 {
-        run_sequence(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15), 400).await;
+        let seed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        run_sequence(&mut Rng(seed), &format!("seed {seed}"), 400).await;
     }
+}
+
+#[cfg(test)]
+/// Replays every input the fuzzer kept (`fuzz/corpus/engine_ops`): what it
+/// once found stays found.
+#[test]
+fn the_fuzz_corpus_replays_cleanly() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/engine_ops");
+    let mut replayed = 0;
+    for entry in std::fs::read_dir(&dir).expect("fuzz/corpus/engine_ops exists") {
+        let path = entry.unwrap().path();
+        replay(&std::fs::read(&path).unwrap());
+        replayed += 1;
+    }
+    assert!(replayed > 0, "no inputs in {}", dir.display());
 }
