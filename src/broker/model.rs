@@ -25,8 +25,10 @@ pub trait Choices {
 }
 
 /// xorshift64: reproducible sequences without a dependency.
+#[cfg(test)]
 struct Rng(u64);
 
+#[cfg(test)]
 impl Choices for Rng {
     fn below(&mut self, n: u64) -> u64 {
         self.0 ^= self.0 << 13;
@@ -461,8 +463,12 @@ fn the_fuzz_corpus_replays_cleanly() {
     let mut replayed = 0;
     for entry in std::fs::read_dir(&dir).expect("fuzz/corpus/engine_ops exists") {
         let path = entry.unwrap().path();
-        replay(&std::fs::read(&path).unwrap());
-        replayed += 1;
+        // The committed inputs; the fuzzer's local corpus is not replayed.
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("seed-") || name.starts_with("regression-") {
+            replay(&std::fs::read(&path).unwrap());
+            replayed += 1;
+        }
     }
     assert!(replayed > 0, "no inputs in {}", dir.display());
 }

@@ -101,8 +101,13 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/requests");
         let mut replayed = 0;
         for entry in std::fs::read_dir(&dir).expect("fuzz/corpus/requests exists") {
-            super::run(&std::fs::read(entry.unwrap().path()).unwrap());
-            replayed += 1;
+            let path = entry.unwrap().path();
+            // The committed inputs; the fuzzer's local corpus is not replayed.
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with("seed-") || name.starts_with("regression-") {
+                super::run(&std::fs::read(&path).unwrap());
+                replayed += 1;
+            }
         }
         assert!(replayed > 0, "no inputs in {}", dir.display());
     }
