@@ -5,6 +5,7 @@
 use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -49,6 +50,18 @@ impl Clock {
         }
     }
 
+    /// `at` as a [`Stamp`]; moments before the clock's start (none are
+    /// stamped) count as its start.
+    fn stamp(&self, at: Instant) -> Stamp {
+        let nanos = at.saturating_duration_since(self.instant).as_nanos();
+        Stamp(NonZeroU64::MIN.saturating_add(u64::try_from(nanos).unwrap_or(u64::MAX)))
+    }
+
+    /// The moment a [`Stamp`] stands for.
+    fn instant(&self, stamp: Stamp) -> Instant {
+        self.instant + Duration::from_nanos(stamp.0.get() - 1)
+    }
+
     fn wall(&self, at: Instant) -> SystemTime {
         let wall = match at.checked_duration_since(self.instant) {
             Some(after) => self.system.checked_add(after),
@@ -57,6 +70,13 @@ impl Clock {
         wall.unwrap_or(self.system)
     }
 }
+
+/// A moment as nanoseconds after the broker's clock started, plus one (so
+/// that `Option<Stamp>` costs nothing extra): 8 bytes where an `Instant`
+/// takes 16, on every held task (bench: bytes per pending task). Good for
+/// 584 years of uptime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Stamp(NonZeroU64);
 
 /// A GetTask call waiting for a task.
 pub(super) struct TaskWaiter {
@@ -173,16 +193,17 @@ struct TaskEntry {
     max_attempts: u32,
     attempt: u32,
     lease_seq: u32,
-    created_at: Instant,
-    expires_at: Option<Instant>,
+    created_at: Stamp,
+    /// The ttl's deadline.
+    expires_at: Option<Stamp>,
     status: Status,
     extras: Option<Box<Extras>>,
     unclaimed: bool,
 }
 
 impl TaskEntry {
-    fn expired(&self, now: Instant) -> bool {
-        self.expires_at.is_some_and(|at| at <= now)
+    fn expired(&self, clock: &Clock, now: Instant) -> bool {
+        self.expires_at.is_some_and(|at| clock.instant(at) <= now)
     }
 
     fn extras_mut(&mut self) -> &mut Extras {
@@ -468,8 +489,8 @@ impl State {
                 max_attempts,
                 attempt: 0,
                 lease_seq: 0,
-                created_at: now,
-                expires_at,
+                created_at: self.clock.stamp(now),
+                expires_at: expires_at.map(|at| self.clock.stamp(at)),
                 status: Status::Pending,
                 extras,
                 unclaimed: false,
@@ -570,7 +591,7 @@ impl State {
             if !matches!(entry.status, Status::Pending) {
                 continue;
             }
-            if entry.expired(now) {
+            if entry.expired(&self.clock, now) {
                 self.fail_expired(id, now);
                 continue;
             }
@@ -613,8 +634,10 @@ impl State {
             lease_id: LeaseId { task: id, seq },
             lease_expires_at: self.clock.wall(expires_at),
             lease_deadline: expires_at,
-            created_at: self.clock.wall(entry.created_at),
-            expires_at: entry.expires_at.map(|at| self.clock.wall(at)),
+            created_at: self.clock.wall(self.clock.instant(entry.created_at)),
+            expires_at: entry
+                .expires_at
+                .map(|at| self.clock.wall(self.clock.instant(at))),
         };
         let queue = self.queue_of(&task.queue);
         queue.pending -= 1;
@@ -667,7 +690,7 @@ impl State {
         self.release(lease.task);
         let entry = self.tasks.get_mut(&lease.task).expect("just released");
         entry.attempt -= 1;
-        if entry.expired(now) {
+        if entry.expired(&self.clock, now) {
             // Its ttl ran out while it sat with the call that is gone.
             self.fail_expired(lease.task, now);
             return;
@@ -964,7 +987,8 @@ impl State {
                 if !is_current {
                     return Err(BrokerError::stale(lease));
                 }
-                let can_retry = retry && entry.attempt < entry.max_attempts && !entry.expired(now);
+                let can_retry =
+                    retry && entry.attempt < entry.max_attempts && !entry.expired(&self.clock, now);
                 self.touch_worker(&holder, None, now);
                 if can_retry {
                     self.release(lease.task);
@@ -1020,7 +1044,7 @@ impl State {
             error,
             attempts: entry.attempt,
             worker,
-            created_at: self.clock.wall(entry.created_at),
+            created_at: self.clock.wall(self.clock.instant(entry.created_at)),
             finished_at: self.clock.wall(now),
         };
         let previous = std::mem::replace(
@@ -1405,7 +1429,7 @@ impl State {
             return;
         };
         let worker = lease.worker.clone();
-        if entry.expired(now) {
+        if entry.expired(&self.clock, now) {
             self.fail_expired(id, now);
         } else if entry.attempt >= entry.max_attempts {
             let error = format!(
@@ -1486,7 +1510,7 @@ impl State {
             .take(OLDEST_SCAN)
             .filter_map(|id| self.tasks.get(id))
             .filter(|e| matches!(e.status, Status::Pending))
-            .map(|e| now.duration_since(e.created_at))
+            .map(|e| now.duration_since(self.clock.instant(e.created_at)))
             .max()
             .unwrap_or_default()
     }
@@ -1583,4 +1607,15 @@ fn state_of(status: &Status) -> TaskState {
         Status::Leased(_) => TaskState::Leased,
         Status::Finished(done) => done.result.state,
     }
+}
+
+/// Guards the memory per pending task (bench: `--fill`): a boxed entry of
+/// at most 104 bytes takes a 112-byte allocator chunk; at 105 it would take
+/// 128, 16 bytes more on every held task.
+#[cfg(test)]
+#[test]
+fn a_task_entry_fits_a_112_byte_chunk() {
+    let size = std::mem::size_of::<TaskEntry>();
+    assert!(size <= 104, "TaskEntry is {size} bytes");
+    assert_eq!(std::mem::size_of::<Option<Stamp>>(), 8);
 }
