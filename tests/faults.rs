@@ -73,6 +73,47 @@ fn get(queue: &str, lease: Duration) -> pb::GetTaskRequest {
     }
 }
 
+/// A task from `jobs` under a minute's lease, waiting up to 10 s.
+async fn take(client: &mut Client) -> Option<pb::Task> {
+    client
+        .get_task(with_deadline(
+            get("jobs", Duration::from_secs(60)),
+            Duration::from_secs(10),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+}
+
+/// Opens a worker stream on queue `jobs` with hour-long leases.
+async fn open_stream(
+    client: &mut Client,
+    worker: &str,
+    window: u32,
+) -> (
+    mpsc::Sender<pb::WorkerMessage>,
+    tonic::Streaming<pb::ServerMessage>,
+) {
+    let (tx, outbound) = mpsc::channel(8);
+    tx.send(pb::WorkerMessage {
+        msg: Some(In::Subscribe(pb::Subscribe {
+            queue: "jobs".into(),
+            worker_id: worker.into(),
+            lease: Some(Duration::from_secs(3600).try_into().unwrap()),
+            max_in_flight: window,
+        })),
+    })
+    .await
+    .unwrap();
+    let replies = client
+        .stream_tasks(ReceiverStream::new(outbound))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, replies)
+}
+
 /// A worker partitioned from the server while it holds a long-poll: the
 /// server's keepalive finds the dead connection and frees the waiter, so a
 /// task put afterwards goes to a live worker instead of a vanished one.
@@ -116,15 +157,8 @@ async fn a_partitioned_long_poll_is_freed_by_keepalive() {
         .unwrap()
         .into_inner()
         .task_id;
-    let task = direct
-        .get_task(with_deadline(
-            get("jobs", Duration::from_secs(60)),
-            Duration::from_secs(10),
-        ))
+    let task = take(&mut direct)
         .await
-        .unwrap()
-        .into_inner()
-        .task
         .expect("the task went to the live worker");
     assert_eq!((task.id, task.attempt), (id, 1));
     poll.abort();
@@ -150,22 +184,7 @@ async fn a_stream_partitioned_or_cut_gives_its_tasks_back_at_once() {
             }
             ids
         };
-        let (tx, outbound) = mpsc::channel(8);
-        tx.send(pb::WorkerMessage {
-            msg: Some(In::Subscribe(pb::Subscribe {
-                queue: "jobs".into(),
-                worker_id: "partitioned".into(),
-                lease: Some(Duration::from_secs(3600).try_into().unwrap()),
-                max_in_flight: 3,
-            })),
-        })
-        .await
-        .unwrap();
-        let mut replies = partitioned
-            .stream_tasks(ReceiverStream::new(outbound))
-            .await
-            .unwrap()
-            .into_inner();
+        let (tx, mut replies) = open_stream(&mut partitioned, "partitioned", 3).await;
         for _ in 0..3 {
             let reply = tokio::time::timeout(Duration::from_secs(10), replies.next())
                 .await
@@ -187,16 +206,7 @@ async fn a_stream_partitioned_or_cut_gives_its_tasks_back_at_once() {
         .await;
         let mut finished = Vec::new();
         for _ in 0..3 {
-            let task = direct
-                .get_task(with_deadline(
-                    get("jobs", Duration::from_secs(60)),
-                    Duration::from_secs(10),
-                ))
-                .await
-                .unwrap()
-                .into_inner()
-                .task
-                .unwrap();
+            let task = take(&mut direct).await.unwrap();
             assert_eq!(task.attempt, 2, "{fault:?}: one delivery was lost");
             direct
                 .put_result(pb::PutResultRequest {
@@ -271,15 +281,8 @@ async fn lost_replies_lose_and_double_nothing() {
         .await
         .unwrap_err();
     gave_up(&lost);
-    let task = direct
-        .get_task(with_deadline(
-            get("jobs", Duration::from_secs(60)),
-            Duration::from_secs(10),
-        ))
+    let task = take(&mut direct)
         .await
-        .unwrap()
-        .into_inner()
-        .task
         .expect("the task comes back when the unseen lease ends");
     assert_eq!((task.id, task.attempt), (retried.task_id, 2));
     // The proxy holds the server's GOAWAY too: close it so the server's
@@ -303,22 +306,7 @@ async fn an_aged_connection_moves_new_calls_and_keeps_its_streams() {
     .await;
     let proxy = Proxy::start(server.addr).await;
     let mut client = client_through(&proxy).await;
-    let (tx, outbound) = mpsc::channel(8);
-    tx.send(pb::WorkerMessage {
-        msg: Some(In::Subscribe(pb::Subscribe {
-            queue: "jobs".into(),
-            worker_id: "long-lived".into(),
-            lease: Some(Duration::from_secs(3600).try_into().unwrap()),
-            max_in_flight: 1,
-        })),
-    })
-    .await
-    .unwrap();
-    let mut replies = client
-        .stream_tasks(ReceiverStream::new(outbound))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut replies) = open_stream(&mut client, "long-lived", 1).await;
     client.put_task(put("jobs", "one")).await.unwrap();
     let Some(Out::Task(task)) = replies.next().await.unwrap().unwrap().msg else {
         panic!("a task");
