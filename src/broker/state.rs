@@ -13,6 +13,7 @@ use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::types::IdMaker;
 use super::{
     BrokerConfig, BrokerError, Held, LeaseId, LeasedTask, NewTask, Outcome, PutOutcome, QueueName,
     QueueStats, Stats, TaskId, TaskResult, TaskState, WorkerId, WorkerInfo,
@@ -274,6 +275,7 @@ pub(super) struct State {
     /// Bytes of payloads of unfinished tasks and outputs of results held.
     held_bytes: usize,
     closed: bool,
+    ids: IdMaker,
 }
 
 impl State {
@@ -292,6 +294,7 @@ impl State {
             waiters: 0,
             held_bytes: 0,
             closed: false,
+            ids: IdMaker::new(),
         }
     }
 
@@ -451,7 +454,7 @@ impl State {
                 },
             });
         }
-        let id = self.fresh_id();
+        let id = self.fresh_id(now);
         let queue = self.queues.entry(queue_name.clone()).or_default();
         if let Some(key) = &task.idempotency_key {
             queue.idempotency.insert(key.clone(), id);
@@ -506,11 +509,16 @@ impl State {
         })
     }
 
-    fn fresh_id(&self) -> TaskId {
-        // UUIDv7 ids from one process do not repeat; the loop makes that a
-        // fact of this map rather than an assumption about the generator.
+    fn fresh_id(&mut self, now: Instant) -> TaskId {
+        let unix_ms = self
+            .clock
+            .wall(now)
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        // The maker's ids do not repeat; the loop makes that a fact of this
+        // map rather than an assumption about the generator.
         loop {
-            let id = TaskId::generate();
+            let id = self.ids.next(unix_ms);
             if !self.tasks.contains_key(&id) {
                 return id;
             }

@@ -1388,3 +1388,28 @@ async fn a_panic_under_the_lock_poisons_nothing() {
     let second = put(&b, "q", "after").await;
     assert_eq!(take(&b, "q", SEC).await.id, second);
 }
+
+/// Ids from the broker's maker are UUIDv7 with the creation millisecond,
+/// never repeat, and sort in the order they were made within one
+/// millisecond.
+#[test]
+fn ids_are_unique_v7_and_stamped() {
+    let mut maker = super::types::IdMaker::new();
+    let mut seen = HashSet::new();
+    let mut last = None;
+    let ms = 1_790_000_000_123;
+    for _ in 0..100_000 {
+        let id = maker.next(ms);
+        let uuid = uuid::Uuid::parse_str(&id.to_string()).unwrap();
+        assert_eq!(uuid.get_version_num(), 7);
+        assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122);
+        let (secs, nanos) = uuid.get_timestamp().unwrap().to_unix();
+        assert_eq!(secs * 1000 + u64::from(nanos) / 1_000_000, ms);
+        assert!(seen.insert(id), "an id repeated");
+        assert!(last.is_none_or(|last| last < id), "ids out of order");
+        last = Some(id);
+    }
+    // Two makers (two processes) do not start on the same ids.
+    let mut other = super::types::IdMaker::new();
+    assert!(!seen.contains(&other.next(ms)));
+}
