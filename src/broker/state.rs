@@ -454,6 +454,12 @@ impl State {
                 },
             });
         }
+        // Every task of a queue shares the map key's name: one allocation
+        // per queue, not one per held task (bench: bytes per pending task).
+        let queue_name = self
+            .queues
+            .get_key_value(&queue_name)
+            .map_or(queue_name, |(name, _)| name.clone());
         let id = self.fresh_id(now);
         let queue = self.queues.entry(queue_name.clone()).or_default();
         if let Some(key) = &task.idempotency_key {
