@@ -402,3 +402,38 @@ async fn a_refused_output_becomes_the_tasks_failure() {
         server.shutdown().await;
     }
 }
+
+/// A handler that panics, at once (run inline on the stream path) or after
+/// it first waits (run as a task of its own), fails its attempt as
+/// retryable; the worker goes on and the retry succeeds.
+#[tokio::test]
+async fn a_panicking_handler_fails_its_attempt_and_the_worker_goes_on() {
+    for mode in MODES {
+        for waits_first in [false, true] {
+            let server = TestServer::spawn().await;
+            let client = server.taskq_client().await;
+            let id = put(&client, "q", b"boom", 3).await;
+            let (stop, worker) = spawn_worker(
+                mode,
+                client.clone(),
+                "q",
+                Duration::from_secs(30),
+                move |task| async move {
+                    if waits_first {
+                        tokio::task::yield_now().await;
+                    }
+                    assert!(task.attempt > 1, "a bug on the first attempt");
+                    builtin::echo(&task)
+                },
+            );
+            let result = client.result(&id, WAIT).await.unwrap().expect("a result");
+            let case = format!("{mode:?}, waits first: {waits_first}");
+            assert_eq!(result.state(), pb::TaskState::Succeeded, "{case}");
+            assert_eq!(result.attempts, 2, "{case}: the panic cost one attempt");
+            stop.send(()).unwrap();
+            let report = worker.await.unwrap();
+            assert_eq!(report.succeeded, 1, "{case}");
+            server.shutdown().await;
+        }
+    }
+}

@@ -13,6 +13,14 @@
 //!   grace period, reports them, and returns. Tasks still running after the
 //!   grace period are reported as retryable failures, so they go back to
 //!   the queue at once rather than when their lease runs out.
+//! - A handler that panics fails its attempt as retryable (logged); the
+//!   worker goes on.
+//! - On the stream path a handler is polled once where its task arrives;
+//!   one that is done at once (most quick handlers) is reported without a
+//!   task of its own, which saves two wake-ups per task (bench/README.md).
+//!   So do CPU-heavy work in `tokio::task::spawn_blocking`, as anywhere on
+//!   tokio: a handler that computes for long without awaiting holds up its
+//!   stream.
 //!
 //! This module depends on [`crate::client`] only, never on the engine.
 //!
@@ -396,7 +404,7 @@ where
     Fut: Future<Output = HandlerResult> + Send + 'static,
 {
     tracing::debug!(task_id = %task.id, attempt = task.attempt, "task started");
-    let work = handler(task.clone());
+    let work = catch_panics(&task.id, handler(task.clone()));
     let outcome = tokio::select! {
         result = work => Some(match result {
             Ok(output) => Outcome::Output(output),
@@ -419,6 +427,26 @@ where
         };
     };
     report(&ctx, &task, outcome).await
+}
+
+/// Runs a handler's future, turning a panic in it into a retryable failure
+/// of its task (and an error in the log), so that one bad task neither
+/// takes the worker down nor waits out its lease.
+async fn catch_panics<Fut>(task_id: &str, work: Fut) -> HandlerResult
+where
+    Fut: Future<Output = HandlerResult>,
+{
+    let mut work = std::pin::pin!(work);
+    std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work.as_mut().poll(cx))) {
+            Ok(poll) => poll,
+            Err(_) => {
+                tracing::error!(%task_id, "the task handler panicked; the task will be retried");
+                std::task::Poll::Ready(Err(TaskFailure::retryable("the task handler panicked")))
+            }
+        }
+    })
+    .await
 }
 
 /// Extends the task's lease at a third of its length, for as long as it is

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::task::{AbortHandle, JoinSet};
@@ -109,14 +110,14 @@ where
     F: Fn(pb::Task) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = HandlerResult> + Send + 'static,
 {
-    let mut running: JoinSet<(pb::Task, HandlerResult)> = JoinSet::new();
+    let mut running: JoinSet<HandlerResult> = JoinSet::new();
     // Each running task by lease id (one task may come twice, under two
     // leases), to stop it when that lease is lost.
     let mut handles: HashMap<String, AbortHandle> = HashMap::new();
     // Successes sent and not yet acknowledged, by lease id: an output the
     // server refuses is turned into the task's failure.
     let mut unacked: HashMap<String, String> = HashMap::new();
-    let mut tasks_by_runner: HashMap<tokio::task::Id, pb::Task> = HashMap::new();
+    let mut tasks_by_runner: HashMap<tokio::task::Id, Ids> = HashMap::new();
     let mut grace_ends: Option<Instant> = None;
     loop {
         if grace_ends.is_some() && running.is_empty() {
@@ -132,11 +133,24 @@ where
             message = inbound.message() => match message {
                 Ok(Some(pb::ServerMessage { msg: Some(msg) })) => match msg {
                     Out::Task(task) => {
-                        let lease = task.lease_id.clone();
-                        let work = run_one(handler.clone(), task.clone(), tx.clone(), ctx.lease);
-                        let handle = running.spawn(work);
-                        tasks_by_runner.insert(handle.id(), task);
-                        handles.insert(lease, handle);
+                        let ids = Ids { task_id: task.id.clone(), lease_id: task.lease_id.clone() };
+                        let mut work = Box::pin(run_one(handler.clone(), task, tx.clone(), ctx.lease));
+                        // A quick handler is done at its first poll: report it
+                        // at once, without a task (and two wake-ups) of its own.
+                        // (A handler that computes for long without awaiting
+                        // holds the stream up here; such work belongs in
+                        // spawn_blocking, as anywhere on tokio.)
+                        let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
+                        let Poll::Ready(result) = first else {
+                            let lease = ids.lease_id.clone();
+                            let handle = running.spawn(work);
+                            tasks_by_runner.insert(handle.id(), ids);
+                            handles.insert(lease, handle);
+                            continue;
+                        };
+                        if !report_result(&tx, &mut unacked, ids, result) {
+                            return end(grace_ends.is_some(), "the stream closed".into());
+                        }
                     }
                     Out::ResultAck(ack) => {
                         let task_id = unacked.remove(&ack.lease_id);
@@ -172,10 +186,10 @@ where
                 Err(status) => return end(grace_ends.is_some(), ClientError::from(status).to_string()),
             },
             Some(done) = running.join_next_with_id(), if !running.is_empty() => {
-                let (task, result) = match done {
-                    Ok((runner, (task, result))) => {
-                        tasks_by_runner.remove(&runner);
-                        (task, result)
+                let (ids, result) = match done {
+                    Ok((runner, result)) => {
+                        let Some(ids) = tasks_by_runner.remove(&runner) else { continue };
+                        (ids, result)
                     }
                     Err(error) if error.is_cancelled() => {
                         tasks_by_runner.remove(&error.id());
@@ -183,24 +197,12 @@ where
                     }
                     Err(error) => {
                         tracing::error!(%error, "a task handler panicked");
-                        let Some(task) = tasks_by_runner.remove(&error.id()) else { continue };
-                        (task, Err(super::TaskFailure::retryable("the task handler panicked")))
+                        let Some(ids) = tasks_by_runner.remove(&error.id()) else { continue };
+                        (ids, Err(super::TaskFailure::retryable("the task handler panicked")))
                     }
                 };
-                handles.remove(&task.lease_id);
-                let outcome = match result {
-                    Ok(output) => {
-                        unacked.insert(task.lease_id.clone(), task.id.clone());
-                        Outcome::Output(output)
-                    }
-                    Err(failure) => Outcome::Failure(pb::Failure { message: failure.message, retry: failure.retry }),
-                };
-                let sent = tx.send(In::Result(pb::PutResultRequest {
-                    task_id: task.id,
-                    lease_id: task.lease_id,
-                    outcome: Some(outcome),
-                }));
-                if !sent {
+                handles.remove(&ids.lease_id);
+                if !report_result(&tx, &mut unacked, ids, result) {
                     return end(grace_ends.is_some(), "the stream closed".into());
                 }
             }
@@ -226,6 +228,38 @@ where
     };
     let _ = tokio::time::timeout(Duration::from_secs(10), acks).await;
     StreamEnd::Shutdown
+}
+
+/// What the loop keeps of a task while its handler runs: enough to report.
+struct Ids {
+    task_id: String,
+    lease_id: String,
+}
+
+/// Sends a handler's result on the stream; false when the stream is gone.
+/// A success waits in `unacked` for its ack, in case the server refuses the
+/// output itself.
+fn report_result(
+    tx: &WorkerSender,
+    unacked: &mut HashMap<String, String>,
+    ids: Ids,
+    result: HandlerResult,
+) -> bool {
+    let outcome = match result {
+        Ok(output) => {
+            unacked.insert(ids.lease_id.clone(), ids.task_id.clone());
+            Outcome::Output(output)
+        }
+        Err(failure) => Outcome::Failure(pb::Failure {
+            message: failure.message,
+            retry: failure.retry,
+        }),
+    };
+    tx.send(In::Result(pb::PutResultRequest {
+        task_id: ids.task_id,
+        lease_id: ids.lease_id,
+        outcome: Some(outcome),
+    }))
 }
 
 fn end(draining: bool, why: String) -> StreamEnd {
@@ -261,19 +295,20 @@ async fn run_one<F, Fut>(
     task: pb::Task,
     tx: WorkerSender,
     lease: Duration,
-) -> (pb::Task, HandlerResult)
+) -> HandlerResult
 where
     F: Fn(pb::Task) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = HandlerResult> + Send + 'static,
 {
     let granted = super::granted_lease(&task, lease);
+    let (task_id, lease_id) = (task.id.clone(), task.lease_id.clone());
     let keep_alive = async {
         let mut every = (granted / 3).max(Duration::from_millis(10));
         loop {
             tokio::time::sleep(every).await;
             let extend = pb::ExtendLeaseRequest {
-                task_id: task.id.clone(),
-                lease_id: task.lease_id.clone(),
+                task_id: task_id.clone(),
+                lease_id: lease_id.clone(),
                 extend_by: prost_types::Duration::try_from(lease).ok(),
             };
             if !tx.send(In::Extend(extend)) {
@@ -285,10 +320,9 @@ where
             every = (granted / 3).max(Duration::from_millis(10));
         }
     };
-    let work = handler(task.clone());
-    let result = tokio::select! {
+    let work = super::catch_panics(&task_id, handler(task));
+    tokio::select! {
         result = work => result,
         () = keep_alive => unreachable!("the lease keeper never returns"),
-    };
-    (task, result)
+    }
 }
