@@ -46,9 +46,15 @@ pub async fn run(args: StatsArgs) -> ExitCode {
     }
 }
 
+/// A non-negative wire duration; anything else (a server bug) reads as 0.
+/// By hand: prost-types' conversion overflows on `i64::MIN` seconds.
 fn age(duration: Option<prost_types::Duration>) -> Duration {
     duration
-        .and_then(|d| Duration::try_from(d).ok())
+        .and_then(|d| {
+            let seconds = u64::try_from(d.seconds).ok()?;
+            let nanos = u32::try_from(d.nanos).ok().filter(|n| *n < 1_000_000_000)?;
+            Some(Duration::new(seconds, nanos))
+        })
         .unwrap_or_default()
 }
 
@@ -145,4 +151,20 @@ pub fn to_json(stats: &pb::GetStatsResponse) -> serde_json::Value {
         })
         .collect();
     json!({ "queues": queues, "workers": workers })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A regression: prost-types' own conversion panics (debug) on this.
+    #[test]
+    fn odd_ages_read_as_zero_without_a_panic() {
+        let wire = |seconds, nanos| Some(prost_types::Duration { seconds, nanos });
+        assert_eq!(age(wire(i64::MIN, 0)), Duration::ZERO);
+        assert_eq!(age(wire(1, -1)), Duration::ZERO);
+        assert_eq!(age(wire(1, 1_000_000_000)), Duration::ZERO);
+        assert_eq!(age(wire(90, 5)), Duration::new(90, 5));
+        assert_eq!(age(None), Duration::ZERO);
+    }
 }
