@@ -3,7 +3,8 @@
 Stubs are generated from proto/ by grpcio-tools at test time (nothing
 generated is committed). Against the real release binary it runs the
 seed's scenario (a master process and two worker processes), every status
-code of the contract, auth, deadlines, lease expiry and redelivery, health
+code of the contract, auth, roles (PERMISSION_DENIED outside a
+token's role or queues), deadlines, lease expiry and redelivery, health
 without a token, and reflection's service list; then the seed's scenario
 again over TLS.
 
@@ -26,6 +27,9 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Worker processes inherit the master's token through the environment.
 TOKEN = os.environ.setdefault("TASKQ_INTEROP_TOKEN", "interop-token-" + os.urandom(8).hex())
+# Role tokens: a producer, and a worker limited to queue "jobs".
+PRODUCER_TOKEN = "interop-producer-" + os.urandom(8).hex()
+WORKER_TOKEN = "interop-worker-" + os.urandom(8).hex()
 
 
 def generate_stubs(out_dir):
@@ -53,7 +57,7 @@ class Server:
     def __init__(self, taskq, workdir, extra=()):
         tokens = os.path.join(workdir, "tokens")
         with open(tokens, "w") as f:
-            f.write("# interop\n%s\n" % TOKEN)
+            f.write("# interop\n%s\n%s producer\n%s worker jobs\n" % (TOKEN, PRODUCER_TOKEN, WORKER_TOKEN))
         env = dict(os.environ)
         env.pop("TASKQ_TOKENS", None)
         self.proc = subprocess.Popen(
@@ -224,6 +228,35 @@ def check_auth(addr):
     s.GetStats(pb.GetStatsRequest(), timeout=5, metadata=AUTH)
 
 
+def check_roles(addr):
+    import grpc
+    import taskq.v1.taskq_pb2 as pb
+
+    s = stub(addr)
+    producer = (("authorization", "Bearer " + PRODUCER_TOKEN),)
+    worker = (("authorization", "Bearer " + WORKER_TOKEN),)
+
+    def code_of(call, request, metadata):
+        try:
+            call(request, timeout=5, metadata=metadata)
+        except grpc.RpcError as e:
+            return e.code()
+        return grpc.StatusCode.OK
+
+    C = grpc.StatusCode
+    now = pb.GetTaskRequest(queue="jobs", max_wait=duration(0))
+    assert code_of(s.PutTask, pb.PutTaskRequest(queue="jobs", payload=b"x"), producer) == C.OK
+    assert code_of(s.GetTask, now, producer) == C.PERMISSION_DENIED
+    assert code_of(s.GetStats, pb.GetStatsRequest(), producer) == C.PERMISSION_DENIED
+    assert code_of(s.PutTask, pb.PutTaskRequest(queue="jobs"), worker) == C.PERMISSION_DENIED
+    other = pb.GetTaskRequest(queue="elsewhere", max_wait=duration(0))
+    assert code_of(s.GetTask, other, worker) == C.PERMISSION_DENIED
+    task = s.GetTask(now, timeout=5, metadata=worker).task
+    assert task.queue == "jobs", task
+    done = pb.PutResultRequest(task_id=task.id, lease_id=task.lease_id, output=b"ok")
+    assert code_of(s.PutResult, done, worker) == C.OK
+
+
 def check_deadlines(addr):
     import taskq.v1.taskq_pb2 as pb
 
@@ -323,6 +356,7 @@ def main():
             ("seed scenario: master and two worker processes", lambda: seed_scenario(server.addr, workdir)),
             ("status codes of the contract", lambda: check_status_codes(server.addr)),
             ("auth: none, wrong and right token", lambda: check_auth(server.addr)),
+            ("roles: producer and queue-limited worker tokens", lambda: check_roles(server.addr)),
             ("deadlines: empty answers before the deadline", lambda: check_deadlines(server.addr)),
             ("lease expiry, redelivery and max attempts", lambda: check_lease_expiry(server.addr)),
             ("health without a token", lambda: check_health(server.addr)),
