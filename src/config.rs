@@ -190,8 +190,9 @@ pub struct ServeArgs {
     #[arg(long, env = "TASKQ_MAX_CONNECTIONS", default_value = "10000", value_parser = positive_count)]
     pub max_connections: usize,
 
-    /// How long a new connection may stay silent before it is closed, so
-    /// idle sockets cannot hold connection slots.
+    /// How long a new connection may take to send the start of its
+    /// handshake (24 bytes) before it is closed, so idle or trickling
+    /// sockets cannot hold connection slots.
     #[arg(long, env = "TASKQ_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
     pub handshake_timeout: Duration,
 

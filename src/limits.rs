@@ -29,6 +29,11 @@ use tonic::Status;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tower::{Layer, Service};
 
+/// Bytes a client must send within the handshake timeout: the HTTP/2
+/// client preface is 24 bytes (a TLS ClientHello is longer), so one byte
+/// at a time cannot hold a slot.
+const HANDSHAKE_BYTES: usize = 24;
+
 /// Calls to these paths are never shed: a probe must reach health even when
 /// the server is full of work.
 const EXEMPT_PREFIX: &str = "/grpc.health.v1.Health/";
@@ -63,6 +68,7 @@ impl Connections {
                 inner: stream,
                 _slot: permit,
                 handshake: Some(Box::pin(tokio::time::sleep(self.handshake_timeout))),
+                received: 0,
             }),
             Err(_) => {
                 let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
@@ -92,8 +98,11 @@ impl Connections {
 pub struct LimitedStream {
     inner: TcpStream,
     _slot: OwnedSemaphorePermit,
-    /// Running until the peer's first bytes arrive; then `None`.
+    /// Running until the peer's first [`HANDSHAKE_BYTES`] arrive; then
+    /// `None`.
     handshake: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes received while the handshake timer runs.
+    received: usize,
 }
 
 impl AsyncRead for LimitedStream {
@@ -105,19 +114,19 @@ impl AsyncRead for LimitedStream {
         let before = buf.filled().len();
         let read = Pin::new(&mut self.inner).poll_read(cx, buf);
         if self.handshake.is_some() {
-            match &read {
-                Poll::Ready(Ok(())) if buf.filled().len() > before => self.handshake = None,
-                Poll::Pending => {
-                    if let Some(timer) = self.handshake.as_mut()
-                        && timer.as_mut().poll(cx).is_ready()
-                    {
-                        return Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "the client sent nothing within the handshake timeout",
-                        )));
-                    }
-                }
-                _ => {}
+            self.received += buf.filled().len() - before;
+            if self.received >= HANDSHAKE_BYTES {
+                self.handshake = None;
+                return read;
+            }
+            if read.is_pending()
+                && let Some(timer) = self.handshake.as_mut()
+                && timer.as_mut().poll(cx).is_ready()
+            {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client did not start a handshake within the handshake timeout",
+                )));
             }
         }
         read

@@ -43,7 +43,8 @@ pub struct ServerConfig {
 pub struct TransportConfig {
     /// Most connections open at once; more are closed on accept.
     pub max_connections: usize,
-    /// How long a new connection may stay silent before it is closed.
+    /// How long a new connection may take to send the first 24 bytes of
+    /// its handshake before it is closed.
     pub handshake_timeout: Duration,
     /// Most calls in progress across all connections (waiting calls
     /// included); more are shed with RESOURCE_EXHAUSTED. Health is exempt.

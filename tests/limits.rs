@@ -12,7 +12,7 @@ use common::{Client, TestServer, eventually, with_deadline};
 use taskq::broker::BrokerConfig;
 use taskq::pb;
 use taskq::server::{ServerConfig, TransportConfig};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -55,10 +55,14 @@ async fn idle_connections_cannot_hold_the_server() {
         ..TransportConfig::default()
     }))
     .await;
-    // A slow-loris: connections that never send a byte.
+    // A slow-loris: connections that never send a byte, or only one.
     let mut idle = Vec::new();
-    for _ in 0..3 {
-        idle.push(TcpStream::connect(server.addr).await.unwrap());
+    for i in 0..3 {
+        let mut socket = TcpStream::connect(server.addr).await.unwrap();
+        if i == 0 {
+            socket.write_all(b"P").await.unwrap();
+        }
+        idle.push(socket);
     }
     // A fourth connection, past the cap, is closed at once: a client on it
     // gets no answer.
