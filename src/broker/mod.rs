@@ -28,6 +28,7 @@ mod types;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -476,16 +477,33 @@ impl Subscription {
     /// or a result came by another way) is skipped: it is no longer this
     /// stream's.
     pub async fn next(&mut self) -> Option<LeasedTask> {
+        std::future::poll_fn(|cx| self.poll_next_task(cx)).await
+    }
+
+    /// [`Subscription::next`] as a poll, for a response stream that hands
+    /// tasks straight to the transport.
+    pub fn poll_next_task(&mut self, cx: &mut Context<'_>) -> Poll<Option<LeasedTask>> {
         loop {
-            let task = self.deliveries.recv().await?;
+            let Some(task) = std::task::ready!(self.deliveries.poll_recv(cx)) else {
+                return Poll::Ready(None);
+            };
             // Before its expiry a lease can only have ended by a result sent
             // some other way, which the worker's own report then meets as
             // ALREADY_EXISTS; only an expired one needs the lock to check.
             if task.lease_deadline > Instant::now()
                 || self.broker.state().leased_through(task.lease_id, self.id)
             {
-                return Some(task);
+                return Poll::Ready(Some(task));
             }
+        }
+    }
+
+    /// A handle on this stream's window for another task (the one reading
+    /// the worker's messages), while this one is polled for deliveries.
+    pub fn control(&self) -> SubscriptionControl {
+        SubscriptionControl {
+            broker: self.broker.clone(),
+            id: self.id,
         }
     }
 
@@ -504,6 +522,28 @@ impl Subscription {
     }
 
     /// How many tasks are leased through this stream now.
+    pub fn outstanding(&self) -> usize {
+        self.broker.state().stream_outstanding(self.id)
+    }
+}
+
+/// The window of a [`Subscription`], from another task. Outlives nothing:
+/// once the subscription is dropped, changes to it do nothing.
+#[derive(Clone, Debug)]
+pub struct SubscriptionControl {
+    broker: Broker,
+    id: u64,
+}
+
+impl SubscriptionControl {
+    /// Changes how many tasks may be outstanding; 0 pauses delivery.
+    pub fn set_window(&self, window: u32) {
+        self.broker
+            .state()
+            .set_window(self.id, window, Instant::now());
+    }
+
+    /// How many tasks are leased through the stream now.
     pub fn outstanding(&self) -> usize {
         self.broker.state().stream_outstanding(self.id)
     }

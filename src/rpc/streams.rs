@@ -3,15 +3,18 @@
 //! back; each open stream is served by one task that ends with it.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 use super::{convert, service};
 use crate::auth::Access;
-use crate::broker::{Broker, LeaseRequest, Subscription, WorkerId};
+use crate::broker::{Broker, LeaseRequest, Subscription, SubscriptionControl, WorkerId};
 use crate::limits::{CatchUnwind, panicked};
 use crate::pb::{self, server_message::Msg as Out, worker_message::Msg as In};
 
@@ -28,7 +31,6 @@ const DRAIN_CHECK: Duration = Duration::from_millis(50);
 /// leaves.
 const WATCH_WAIT: Duration = Duration::from_secs(3600);
 
-pub type ServerMessages = ReceiverStream<Result<pb::ServerMessage, Status>>;
 pub type Results = ReceiverStream<Result<pb::Result, Status>>;
 
 pub fn item_error(status: &Status) -> pb::ItemError {
@@ -153,15 +155,53 @@ pub async fn stream_tasks(
     spawn_stream(
         "StreamTasks",
         report,
-        serve_stream(broker.clone(), access, subscription, inbound, tx),
+        serve_inbound(broker.clone(), access, subscription.control(), inbound, tx),
     );
-    Ok(ReceiverStream::new(rx))
+    Ok(ServerMessages {
+        subscription,
+        replies: rx,
+    })
 }
 
-async fn serve_stream(
+/// A worker stream's outbound side: the acks and the final status from the
+/// task that reads the worker's messages, and the tasks leased to the
+/// stream, handed straight from the broker to the transport (no task or
+/// channel in between: bench/README.md). It owns the [`Subscription`], so
+/// when the transport drops it (the worker left) or it ends, what the
+/// stream holds goes back to its queue at once.
+pub struct ServerMessages {
+    subscription: Subscription,
+    replies: mpsc::Receiver<Result<pb::ServerMessage, Status>>,
+}
+
+impl Stream for ServerMessages {
+    type Item = Result<pb::ServerMessage, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        match this.replies.poll_recv(cx) {
+            Poll::Ready(Some(reply)) => return Poll::Ready(Some(reply)),
+            // The reading task ended (the worker closed its side, or the
+            // stream broke or was refused): so does this side.
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => {}
+        }
+        this.subscription.poll_next_task(cx).map(|task| {
+            task.map(|task| {
+                Ok(pb::ServerMessage {
+                    msg: Some(Out::Task(convert::task(task))),
+                })
+            })
+        })
+    }
+}
+
+/// Reads a worker's messages: results and extensions answered with acks,
+/// window changes, and the drain.
+async fn serve_inbound(
     broker: Broker,
     access: Access,
-    mut subscription: Subscription,
+    control: SubscriptionControl,
     mut inbound: Streaming<pb::WorkerMessage>,
     tx: mpsc::Sender<Result<pb::ServerMessage, Status>>,
 ) {
@@ -169,30 +209,20 @@ async fn serve_stream(
     tokio::pin!(closed);
     let mut draining = false;
     loop {
-        if draining && subscription.outstanding() == 0 {
+        if draining && control.outstanding() == 0 {
             // Everything this stream held is reported: let the worker go and
             // reconnect elsewhere.
             let _ = tx.send(Err(shutting_down())).await;
             break;
         }
         tokio::select! {
-            task = subscription.next() => {
-                let Some(task) = task else { break };
-                let lease = task.lease_id;
-                let message = pb::ServerMessage { msg: Some(Out::Task(convert::task(task))) };
-                if tx.send(Ok(message)).await.is_err() {
-                    // Never reached the worker: its delivery does not count.
-                    subscription.give_back(lease);
-                    break;
-                }
-            }
             message = inbound.message() => {
                 let message = match message {
                     Ok(Some(message)) => message,
                     // The worker closed its side, or the stream broke.
                     Ok(None) | Err(_) => break,
                 };
-                match handle(&broker, &access, &subscription, message, draining) {
+                match handle(&broker, &access, &control, message, draining) {
                     Ok(Some(reply)) => {
                         if tx.send(Ok(reply)).await.is_err() {
                             break;
@@ -208,17 +238,17 @@ async fn serve_stream(
             () = &mut closed, if !draining => {
                 // Draining: no new tasks; results still go in.
                 draining = true;
-                subscription.set_window(0);
+                control.set_window(0);
             }
+            // The outbound side is gone: the worker left.
             () = tx.closed() => break,
             // Tasks can leave a draining stream without a message on it (a
             // lease expiring, a result by PutResult): look again now and then.
             () = tokio::time::sleep(DRAIN_CHECK), if draining => {}
         }
     }
-    // Dropping the subscription sends what the stream still holds back to
-    // its queue at once.
-    drop(subscription);
+    // Dropping `tx` ends the outbound side, which drops the subscription:
+    // what the stream still holds goes back to its queue at once.
 }
 
 /// One message from a worker: a result or an extension answered with its
@@ -226,7 +256,7 @@ async fn serve_stream(
 fn handle(
     broker: &Broker,
     access: &Access,
-    subscription: &Subscription,
+    subscription: &SubscriptionControl,
     message: pb::WorkerMessage,
     draining: bool,
 ) -> Result<Option<pb::ServerMessage>, Status> {
