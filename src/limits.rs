@@ -85,11 +85,6 @@ impl Connections {
             }
         }
     }
-
-    /// How many connections were refused since the start.
-    pub fn refused(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
-    }
 }
 
 /// A TCP connection holding one of the server's connection slots until it

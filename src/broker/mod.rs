@@ -411,7 +411,7 @@ impl Broker {
     ///
     /// # Errors
     /// [`BrokerError::TaskNotFound`] when no such task or result is held.
-    pub fn queue_of(&self, task: TaskId) -> Result<QueueName, BrokerError> {
+    pub fn task_queue(&self, task: TaskId) -> Result<QueueName, BrokerError> {
         self.state().task_queue(task)
     }
 
@@ -505,25 +505,6 @@ impl Subscription {
             broker: self.broker.clone(),
             id: self.id,
         }
-    }
-
-    /// Gives back a task taken from [`Subscription::next`] that could not
-    /// be sent on: it goes back to the head of its queue, its delivery not
-    /// counted.
-    pub fn give_back(&self, lease: LeaseId) {
-        self.broker.state().undo_lease(lease, Instant::now());
-    }
-
-    /// Changes how many tasks may be outstanding; 0 pauses delivery.
-    pub fn set_window(&self, window: u32) {
-        self.broker
-            .state()
-            .set_window(self.id, window, Instant::now());
-    }
-
-    /// How many tasks are leased through this stream now.
-    pub fn outstanding(&self) -> usize {
-        self.broker.state().stream_outstanding(self.id)
     }
 }
 

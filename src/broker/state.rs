@@ -324,15 +324,21 @@ impl State {
             .ok_or_else(|| BrokerError::TaskNotFound(task.to_string()))
     }
 
-    fn queue_mut(&mut self, name: &QueueName) -> Result<&mut QueueState, BrokerError> {
+    /// The queue `name`, made if new (within `--max-queues`), and the map's
+    /// own copy of its name: tasks keep that one, so every task of a queue
+    /// shares one allocation (bench: bytes per pending task).
+    fn queue_mut(&mut self, name: &QueueName) -> Result<(QueueName, &mut QueueState), BrokerError> {
         let limit = self.config.max_queues;
         let count = self.queues.len();
         match self.queues.entry(name.clone()) {
-            Entry::Occupied(entry) => Ok(entry.into_mut()),
+            Entry::Occupied(entry) => Ok((entry.key().clone(), entry.into_mut())),
             Entry::Vacant(_) if count >= limit => Err(BrokerError::LimitReached(format!(
                 "{limit} queues exist (server flag --max-queues); reuse an existing queue name"
             ))),
-            Entry::Vacant(entry) => Ok(entry.insert(QueueState::default())),
+            Entry::Vacant(entry) => {
+                let name = entry.key().clone();
+                Ok((name, entry.insert(QueueState::default())))
+            }
         }
     }
 
@@ -418,13 +424,13 @@ impl State {
         if self.closed {
             return Err(BrokerError::ShuttingDown.into());
         }
-        let queue_name = match &task.queue {
+        let requested = match &task.queue {
             Some(q) => q.clone(),
             None => QueueName::parse("")?,
         };
         self.validate(&task)?;
         let capacity = self.config.queue_capacity;
-        let queue = self.queue_mut(&queue_name)?;
+        let (queue_name, queue) = self.queue_mut(&requested)?;
         if let Some(key) = &task.idempotency_key {
             if let Some(&task_id) = queue.idempotency.get(key) {
                 return Ok(PutOutcome {
@@ -442,6 +448,7 @@ impl State {
             ))
             .into());
         }
+        let id = self.fresh_id(now);
         let queue = self.queues.get_mut(&queue_name).expect("made above");
         if queue.unfinished() >= capacity as u64 {
             let room = queue.room.clone();
@@ -454,14 +461,6 @@ impl State {
                 },
             });
         }
-        // Every task of a queue shares the map key's name: one allocation
-        // per queue, not one per held task (bench: bytes per pending task).
-        let queue_name = self
-            .queues
-            .get_key_value(&queue_name)
-            .map_or(queue_name, |(name, _)| name.clone());
-        let id = self.fresh_id(now);
-        let queue = self.queues.entry(queue_name.clone()).or_default();
         if let Some(key) = &task.idempotency_key {
             queue.idempotency.insert(key.clone(), id);
         }

@@ -1119,7 +1119,7 @@ async fn a_stream_holds_at_most_its_window() {
         next_now(&mut sub).await.is_none(),
         "no third task while two are out"
     );
-    assert_eq!(sub.outstanding(), 2);
+    assert_eq!(sub.control().outstanding(), 2);
     // Any outcome frees a slot.
     b.complete(first.lease_id, fail("no", false)).unwrap();
     assert_eq!(&next_now(&mut sub).await.unwrap().payload[..], b"2");
@@ -1133,9 +1133,9 @@ async fn window_zero_pauses_and_a_new_window_resumes() {
     let mut sub = b.subscribe(req("q", "s1", 60 * SEC), 0).unwrap();
     put(&b, "q", "x").await;
     assert!(next_now(&mut sub).await.is_none());
-    sub.set_window(1);
+    sub.control().set_window(1);
     assert!(next_now(&mut sub).await.is_some());
-    sub.set_window(0);
+    sub.control().set_window(0);
     put(&b, "q", "y").await;
     assert!(next_now(&mut sub).await.is_none());
     assert_eq!(stats(&b, "q").pending, 1);
@@ -1292,7 +1292,7 @@ async fn a_closed_broker_feeds_no_stream() {
     let mut sub = b.subscribe(req("q", "s", 60 * SEC), 0).unwrap();
     put(&b, "q", "x").await;
     b.close();
-    sub.set_window(5);
+    sub.control().set_window(5);
     assert!(next_now(&mut sub).await.is_none());
     assert_eq!(stats(&b, "q").pending, 1);
 }

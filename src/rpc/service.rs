@@ -79,7 +79,7 @@ pub(super) fn permit<T>(request: &Request<T>, call: Call) -> Result<Access, Stat
 /// queue.
 pub(super) fn permit_task(broker: &Broker, access: &Access, task: TaskId) -> Result<(), Status> {
     if access.limits_queues() {
-        access.permit_queue(&broker.queue_of(task)?)?;
+        access.permit_queue(&broker.task_queue(task)?)?;
     }
     Ok(())
 }
