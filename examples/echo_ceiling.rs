@@ -25,6 +25,11 @@ use echo::Message;
 use echo::echo_client::EchoClient;
 use echo::echo_server::{Echo, EchoServer};
 
+/// The allocator `taskq` itself runs on, so that the ceiling and taskq
+/// are measured alike.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Default)]
 struct Service;
 

@@ -7,6 +7,12 @@ use clap::Parser;
 use taskq::cli;
 use taskq::config::{Cli, Command};
 
+/// mimalloc rather than the system allocator: a task's trip allocates and
+/// frees dozens of small buffers across threads, where glibc's malloc spent
+/// a sixth of the stream bench (bench/README.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let mut args = Cli::parse();
     if matches!(args.command, Command::Demo(_) | Command::Bench(_)) && args.log.filter.is_none() {

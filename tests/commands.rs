@@ -468,11 +468,12 @@ async fn put_lines_batches_and_a_unary_worker_runs_them() {
     server.shutdown().await;
 }
 
-/// `taskq bench` runs in both modes and its counts add up. Its speed is
-/// not checked here: figures are for bench/README.md, not for assertions.
+/// `taskq bench` runs in both modes (stream with either way of reading
+/// results) and its counts add up. Its speed is not checked here: figures
+/// are for bench/README.md, not for assertions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_runs_and_its_counts_add_up() {
-    for mode in ["stream", "unary"] {
+    for (mode, results) in [("stream", "queue"), ("stream", "ids"), ("unary", "queue")] {
         let output = tokio::time::timeout(
             Duration::from_secs(120),
             taskq()
@@ -480,6 +481,8 @@ async fn bench_runs_and_its_counts_add_up() {
                     "bench",
                     "--mode",
                     mode,
+                    "--results",
+                    results,
                     "--tasks",
                     "200",
                     "--producers",

@@ -4,6 +4,8 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,7 +13,7 @@ use clap::Args;
 use hdrhistogram::Histogram;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::time::Instant;
 
 use super::connect::ClientArgs;
@@ -67,6 +69,13 @@ pub struct BenchArgs {
     /// Tasks per PutTasks call of each producer (stream mode).
     #[arg(long, default_value = "64", value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub batch: u64,
+    /// How stream-mode producers read results. `queue`: each producer
+    /// keeps one WatchResults(queue) stream open, the seed's shared result
+    /// queue, and puts while fewer than producers x batch tasks are
+    /// unfinished; `ids`: each batch's results are read with a
+    /// WatchResults of its task ids before the next batch is put.
+    #[arg(long, value_enum, default_value_t = ResultsBy::Queue)]
+    pub results: ResultsBy,
     /// After the round trip, put this many tasks nobody takes and report
     /// the memory per pending task (embedded server only; 0 skips).
     #[arg(long, default_value = "100000", value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
@@ -80,6 +89,15 @@ pub enum BenchMode {
     Stream,
     /// PutTask + GetResult producers, unary workers.
     Unary,
+}
+
+/// How stream-mode producers read results back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ResultsBy {
+    /// One WatchResults(queue) stream per producer, open all along.
+    Queue,
+    /// One WatchResults(task_ids) per batch.
+    Ids,
 }
 
 /// Figures of one measured phase.
@@ -222,6 +240,7 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             "server": target,
             "mode": format!("{:?}", args.mode).to_lowercase(),
             "batch": args.batch,
+            "results": format!("{:?}", args.results).to_lowercase(),
             "baseline_unary": baseline.to_json("calls"),
             "round_trip": round_trip.to_json("tasks"),
             "held_bytes_per_task": memory.map(|m| m.bytes_per_task()),
@@ -230,7 +249,11 @@ pub async fn run(args: BenchArgs) -> ExitCode {
         println!("{report}");
     } else {
         let batches = if args.mode == BenchMode::Stream {
-            format!(" (batches of {})", args.batch)
+            format!(
+                " (batches of {}, results by {})",
+                args.batch,
+                format!("{:?}", args.results).to_lowercase()
+            )
         } else {
             String::new()
         };
@@ -308,6 +331,14 @@ async fn measure(
         workers.push((stop, tokio::spawn(run)));
     }
 
+    if args.mode == BenchMode::Stream && args.results == ResultsBy::Queue {
+        let round_trip = produce_by_queue(args, producers, &queue).await;
+        for (stop, worker) in workers {
+            let _ = stop.send(());
+            let _ = worker.await;
+        }
+        return Ok((baseline, round_trip));
+    }
     let payload = Bytes::from(vec![b'x'; args.payload_bytes]);
     let started = Instant::now();
     let mut running = Vec::new();
@@ -396,6 +427,111 @@ async fn produce_batches(
         errors += expected - got;
     }
     (latency, errors)
+}
+
+/// Stream mode with `--results queue`: every producer puts batches with
+/// PutTasks and reads results from its own WatchResults(queue) stream, the
+/// seed's result queue shared by all. A result may reach any producer, so
+/// each payload starts with its batch's put time (nanoseconds since the
+/// run started, little-endian) and the echo handler hands it back in the
+/// output: the latency needs no shared table. At most `producers x batch`
+/// tasks are unfinished at once, the same as with `--results ids`.
+async fn produce_by_queue(args: &BenchArgs, clients: Vec<Client>, queue: &str) -> Phase {
+    let total = args.tasks;
+    let window = Arc::new(Semaphore::new((args.producers * args.batch) as usize));
+    // Results read plus tasks that could not be put: the run ends at `total`.
+    let settled = Arc::new(AtomicU64::new(0));
+    let (finished, _) = watch::channel(false);
+    let settle = {
+        let settled = settled.clone();
+        let finished = finished.clone();
+        move |n: u64| {
+            if settled.fetch_add(n, Ordering::AcqRel) + n >= total {
+                finished.send_replace(true);
+            }
+        }
+    };
+    let started = Instant::now();
+    let mut readers = Vec::new();
+    let mut producers = Vec::new();
+    for (i, client) in clients.into_iter().enumerate() {
+        let share =
+            total / args.producers + u64::from((i as u64) < total % args.producers);
+        let results = client
+            .watch_results(crate::pb::watch_results_request::Target::Queue(queue.into()))
+            .await;
+        let mut done = finished.subscribe();
+        let (window_r, settle_r) = (window.clone(), settle.clone());
+        readers.push(tokio::spawn(async move {
+            let mut latency = histogram();
+            let mut errors = 0;
+            let Ok(mut results) = results else {
+                return (latency, 0);
+            };
+            loop {
+                let result = tokio::select! {
+                    result = results.message() => result,
+                    _ = done.wait_for(|finished| *finished) => break,
+                };
+                let Ok(Some(result)) = result else { break };
+                match result.output.first_chunk::<8>() {
+                    Some(sent) if result.state == crate::pb::TaskState::Succeeded as i32 => {
+                        let sent = Duration::from_nanos(u64::from_le_bytes(*sent));
+                        let waited = started.elapsed().saturating_sub(sent);
+                        let _ = latency.record((waited.as_micros() as u64).max(1));
+                    }
+                    _ => errors += 1,
+                }
+                window_r.add_permits(1);
+                settle_r(1);
+            }
+            (latency, errors)
+        }));
+        let (queue, window, settle) = (queue.to_string(), window.clone(), settle.clone());
+        let (batch, payload_bytes) = (args.batch, args.payload_bytes);
+        producers.push(tokio::spawn(async move {
+            let mut left = share;
+            let mut errors = 0;
+            while left > 0 {
+                let n = left.min(batch);
+                left -= n;
+                let Ok(permits) = window.acquire_many(n as u32).await else {
+                    break;
+                };
+                permits.forget();
+                let sent = started.elapsed().as_nanos() as u64;
+                let mut payload = sent.to_le_bytes().to_vec();
+                payload.resize(payload_bytes.max(8), b'x');
+                let stored = match client.put_tasks(batch_of(&queue, &Bytes::from(payload), n)).await {
+                    Ok(outcomes) => outcomes
+                        .iter()
+                        .filter(|o| matches!(o.outcome, Some(crate::pb::put_task_outcome::Outcome::Ok(_))))
+                        .count() as u64,
+                    Err(_) => 0,
+                };
+                if stored < n {
+                    errors += n - stored;
+                    window.add_permits((n - stored) as usize);
+                    settle(n - stored);
+                }
+            }
+            errors
+        }));
+    }
+    let mut errors = 0;
+    for producer in producers {
+        errors += producer.await.expect("a load loop panicked");
+    }
+    let (latency, read_errors) = merge(readers).await;
+    let elapsed = started.elapsed();
+    let received = latency.len() + read_errors;
+    Phase {
+        count: latency.len(),
+        // Tasks put but never read back count as errors too.
+        errors: errors + read_errors + (total - errors).saturating_sub(received),
+        elapsed,
+        latency,
+    }
 }
 
 /// `n` tasks with the same queue and payload, for PutTasks.
