@@ -51,6 +51,15 @@ async fn shutdown_drains_in_order() {
         tokio::task::yield_now().await;
     }
 
+    // A producer reading the queue's results as a stream.
+    let mut results = client
+        .watch_results(pb::WatchResultsRequest {
+            target: Some(pb::watch_results_request::Target::Queue("q".into())),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
     server.signal_shutdown();
     let next = watch.next().await.unwrap().unwrap();
     assert_eq!(
@@ -65,6 +74,11 @@ async fn shutdown_drains_in_order() {
         .unwrap()
         .expect("answered OK");
     assert!(answered.into_inner().task.is_none());
+    // The results stream ends UNAVAILABLE: reconnect elsewhere.
+    let ended = tokio::time::timeout(Duration::from_secs(5), results.message())
+        .await
+        .expect("the results stream ends during the drain");
+    assert_eq!(ended.unwrap_err().code(), tonic::Code::Unavailable);
     drop(watch);
     drop(health);
     drop(client);

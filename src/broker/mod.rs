@@ -245,6 +245,27 @@ impl Broker {
         })
     }
 
+    /// Reads a queue's results as they finish (WatchResults by queue):
+    /// each result is handed out once, shared with [`Broker::next_result`]
+    /// callers, who come first. The stream holds at most a small window of
+    /// results its reader has not taken; dropped, it gives those back to
+    /// the head of the queue's results. After [`Broker::close`] it ends
+    /// once it has handed on what it holds.
+    ///
+    /// # Errors
+    /// [`BrokerError::LimitReached`] when too many calls and streams wait,
+    /// or for a new queue past `max_queues`.
+    pub fn read_results(&self, queue: &QueueName) -> Result<ResultStream, BrokerError> {
+        let (tx, results) = mpsc::unbounded_channel();
+        let (id, flow) = self.state().open_reader(queue, tx)?;
+        Ok(ResultStream {
+            broker: self.clone(),
+            id,
+            flow,
+            results,
+        })
+    }
+
     /// True once [`Broker::close`] has been called.
     pub fn is_closed(&self) -> bool {
         *self.inner.closed.borrow()
@@ -539,6 +560,45 @@ impl Drop for Subscription {
             state.undo_lease(task.lease_id, now);
         }
         state.close_stream(self.id, now);
+    }
+}
+
+/// A queue's results as they finish, from [`Broker::read_results`].
+#[derive(Debug)]
+pub struct ResultStream {
+    broker: Broker,
+    id: u64,
+    flow: Arc<state::ReaderFlow>,
+    results: mpsc::UnboundedReceiver<TaskResult>,
+}
+
+impl ResultStream {
+    /// The next result, waiting for one; `None` once the broker closed and
+    /// everything held was handed on. Taking a result needs no lock, except
+    /// now and then to ask for more after the window filled.
+    pub fn poll_next_result(&mut self, cx: &mut Context<'_>) -> Poll<Option<TaskResult>> {
+        let result = std::task::ready!(self.results.poll_recv(cx));
+        if result.is_some() && self.flow.taken() {
+            self.broker.state().refill_reader(self.id);
+        }
+        Poll::Ready(result)
+    }
+
+    /// [`ResultStream::poll_next_result`] as a future.
+    pub async fn next(&mut self) -> Option<TaskResult> {
+        std::future::poll_fn(|cx| self.poll_next_result(cx)).await
+    }
+}
+
+impl Drop for ResultStream {
+    fn drop(&mut self) {
+        // Closed first, so that nothing arrives after the drain below.
+        self.results.close();
+        let mut unsent = Vec::new();
+        while let Ok(result) = self.results.try_recv() {
+            unsent.push(result);
+        }
+        self.broker.state().close_reader(self.id, unsent);
     }
 }
 

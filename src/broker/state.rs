@@ -4,16 +4,17 @@
 
 use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::num::NonZeroU64;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::types::IdMaker;
+use super::types::{IdMap, IdMaker, IdSet};
 use super::{
     BrokerConfig, BrokerError, Held, LeaseId, LeasedTask, NewTask, Outcome, PutOutcome, QueueName,
     QueueStats, Stats, TaskId, TaskResult, TaskState, WorkerId, WorkerInfo,
@@ -100,8 +101,43 @@ pub(super) struct StreamConsumer {
     worker: WorkerId,
     lease: Duration,
     window: u32,
-    outstanding: HashSet<TaskId>,
+    outstanding: IdSet<TaskId>,
     tx: mpsc::UnboundedSender<LeasedTask>,
+}
+
+/// Results a WatchResults(queue) stream may hold that its transport has
+/// not taken yet. Results wait in the queue beyond that, where another
+/// reader can take them, so a stalled reader claims at most this many.
+pub const READER_WINDOW: usize = 64;
+
+/// A WatchResults(queue) stream: takes the queue's results as they finish,
+/// while fewer than [`READER_WINDOW`] of them are in its hands.
+pub(super) struct ResultReader {
+    queue: QueueName,
+    /// `None` once the broker closed: the stream ends after what it holds.
+    tx: Option<mpsc::UnboundedSender<TaskResult>>,
+    flow: Arc<ReaderFlow>,
+}
+
+/// The window of a [`ResultReader`], shared with its stream so that taking
+/// a result needs no lock: the stream counts down, the broker counts up.
+#[derive(Debug, Default)]
+pub struct ReaderFlow {
+    /// Results sent to the stream that it has not taken yet.
+    in_hand: AtomicUsize,
+    /// Set (under the lock) when the reader was passed over with its window
+    /// full while results waited; the stream then asks for more once it is
+    /// half empty, so refills come in batches, not one lock per result.
+    starved: AtomicBool,
+}
+
+impl ReaderFlow {
+    /// Counts one result taken by the stream; true when the broker should
+    /// hand it more (it was passed over and the window is now half empty).
+    pub fn taken(&self) -> bool {
+        let left = self.in_hand.fetch_sub(1, Ordering::AcqRel) - 1;
+        left <= READER_WINDOW / 2 && self.starved.swap(false, Ordering::AcqRel)
+    }
 }
 
 /// Who gets the next task of a queue.
@@ -125,6 +161,8 @@ struct QueueState {
     /// Worker streams on this queue, in round-robin order.
     streams: VecDeque<u64>,
     result_waiters: VecDeque<ResultWaiter>,
+    /// WatchResults(queue) streams on this queue, in round-robin order.
+    readers: VecDeque<u64>,
     /// Finished tasks whose result GetResult(queue) has not handed out, in
     /// completion order. Entries of evicted results are skipped.
     unclaimed: VecDeque<TaskId>,
@@ -261,7 +299,7 @@ pub(super) struct State {
     queues: HashMap<QueueName, QueueState>,
     /// Boxed: the map's buckets then cost a pointer, not a whole entry, at
     /// its load factor.
-    tasks: HashMap<TaskId, Box<TaskEntry>>,
+    tasks: IdMap<TaskId, Box<TaskEntry>>,
     /// Finished tasks in completion order, for retention by age and count.
     finished: VecDeque<(Instant, TaskId)>,
     /// Every lease and ttl deadline; stale entries are skipped when due.
@@ -269,7 +307,8 @@ pub(super) struct State {
     /// Wakes the timer task when a deadline earlier than all others arrives.
     timer_wake: Arc<Notify>,
     workers: HashMap<WorkerId, WorkerRecord>,
-    streams: HashMap<u64, StreamConsumer>,
+    streams: IdMap<u64, StreamConsumer>,
+    readers: IdMap<u64, ResultReader>,
     next_waiter: u64,
     waiters: usize,
     /// Bytes of payloads of unfinished tasks and outputs of results held.
@@ -284,12 +323,13 @@ impl State {
             config,
             clock: Clock::now(),
             queues: HashMap::new(),
-            tasks: HashMap::new(),
+            tasks: IdMap::default(),
             finished: VecDeque::new(),
             timers: BinaryHeap::new(),
             timer_wake,
             workers: HashMap::new(),
-            streams: HashMap::new(),
+            streams: IdMap::default(),
+            readers: IdMap::default(),
             next_waiter: 0,
             waiters: 0,
             held_bytes: 0,
@@ -306,6 +346,10 @@ impl State {
     /// that calls waiting for room wake and see it.
     pub fn close(&mut self) -> Vec<Arc<Notify>> {
         self.closed = true;
+        // Result streams end once they have sent what they hold.
+        for reader in self.readers.values_mut() {
+            reader.tx = None;
+        }
         self.queues.values().map(|q| q.room.clone()).collect()
     }
 
@@ -800,7 +844,7 @@ impl State {
                 worker,
                 lease,
                 window,
-                outstanding: HashSet::new(),
+                outstanding: IdSet::default(),
                 tx,
             },
         );
@@ -1126,31 +1170,71 @@ impl State {
         }
     }
 
-    /// Hands unclaimed results of a queue to its waiting GetResult(queue)
-    /// calls, oldest first, inside the lock.
+    /// Hands unclaimed results of a queue, oldest first, inside the lock:
+    /// to its waiting GetResult(queue) calls first (they wait with a
+    /// deadline), then to its WatchResults(queue) streams with room, in
+    /// turns.
     fn dispatch_results(&mut self, queue_name: &QueueName) {
         loop {
             let Some(queue) = self.queues.get_mut(queue_name) else {
                 return;
             };
-            let Some(front) = queue.result_waiters.front() else {
+            if queue.results_unclaimed == 0 {
                 return;
-            };
-            if front.tx.is_closed() {
-                queue.result_waiters.pop_front();
+            }
+            if let Some(front) = queue.result_waiters.front() {
+                if front.tx.is_closed() {
+                    queue.result_waiters.pop_front();
+                    self.waiters -= 1;
+                    continue;
+                }
+                let Some(result) = self.take_unclaimed(queue_name) else {
+                    return;
+                };
+                let queue = self.queues.get_mut(queue_name).expect("queue exists");
+                let waiter = queue.result_waiters.pop_front().expect("front exists");
                 self.waiters -= 1;
+                if let Err(result) = waiter.tx.send(result) {
+                    self.return_unclaimed(&result);
+                }
                 continue;
             }
+            let Some(rid) = self.next_reader(queue_name) else {
+                return;
+            };
             let Some(result) = self.take_unclaimed(queue_name) else {
                 return;
             };
-            let queue = self.queues.get_mut(queue_name).expect("queue exists");
-            let waiter = queue.result_waiters.pop_front().expect("front exists");
-            self.waiters -= 1;
-            if let Err(result) = waiter.tx.send(result) {
-                self.return_unclaimed(&result);
+            let reader = &self.readers[&rid];
+            let tx = reader.tx.as_ref().expect("next_reader skips closed readers");
+            reader.flow.in_hand.fetch_add(1, Ordering::AcqRel);
+            if let Err(failed) = tx.send(result) {
+                // The stream is closing; its guard returns what it holds.
+                reader.flow.in_hand.fetch_sub(1, Ordering::AcqRel);
+                self.return_unclaimed(&failed.0);
+                return;
             }
         }
+    }
+
+    /// The next WatchResults(queue) stream of a queue (round robin) with
+    /// room in its window. Full ones are marked to ask again when half
+    /// empty.
+    fn next_reader(&mut self, queue_name: &QueueName) -> Option<u64> {
+        let queue = self.queues.get_mut(queue_name)?;
+        for _ in 0..queue.readers.len() {
+            let rid = queue.readers.pop_front()?;
+            queue.readers.push_back(rid);
+            let reader = &self.readers[&rid];
+            if reader.tx.as_ref().is_none_or(mpsc::UnboundedSender::is_closed) {
+                continue;
+            }
+            if reader.flow.in_hand.load(Ordering::Acquire) < READER_WINDOW {
+                return Some(rid);
+            }
+            reader.flow.starved.store(true, Ordering::Release);
+        }
+        None
     }
 
     fn fail_expired(&mut self, id: TaskId, now: Instant) {
@@ -1353,6 +1437,55 @@ impl State {
         let queue = self.queue_of(&result.queue);
         queue.unclaimed.push_front(result.task_id);
         queue.results_unclaimed += 1;
+    }
+
+    /// Registers a WatchResults(queue) stream and hands it what is
+    /// unclaimed, up to its window.
+    pub fn open_reader(
+        &mut self,
+        queue: &QueueName,
+        tx: mpsc::UnboundedSender<TaskResult>,
+    ) -> Result<(u64, Arc<ReaderFlow>), BrokerError> {
+        let (queue, _) = self.queue_mut(queue)?;
+        let id = self.next_waiter_id()?;
+        let flow = Arc::new(ReaderFlow::default());
+        let tx = (!self.closed).then_some(tx);
+        self.readers.insert(
+            id,
+            ResultReader {
+                queue: queue.clone(),
+                tx,
+                flow: flow.clone(),
+            },
+        );
+        self.queue_of(&queue).readers.push_back(id);
+        self.dispatch_results(&queue);
+        Ok((id, flow))
+    }
+
+    /// Hands a WatchResults(queue) stream more results, now that its window
+    /// has room again.
+    pub fn refill_reader(&mut self, reader: u64) {
+        if let Some(queue) = self.readers.get(&reader).map(|r| r.queue.clone()) {
+            self.dispatch_results(&queue);
+        }
+    }
+
+    /// Ends a WatchResults(queue) stream. `unsent` are the results it held
+    /// but never sent, oldest first: they go back to the head of the
+    /// queue's results, in order, for the next reader.
+    pub fn close_reader(&mut self, reader: u64, unsent: Vec<TaskResult>) {
+        let Some(closed) = self.readers.remove(&reader) else {
+            return;
+        };
+        self.waiters -= 1;
+        if let Some(queue) = self.queues.get_mut(&closed.queue) {
+            queue.readers.retain(|id| *id != reader);
+        }
+        for result in unsent.iter().rev() {
+            self.return_unclaimed(result);
+        }
+        self.dispatch_results(&closed.queue);
     }
 
     pub fn add_queue_result_waiter(
@@ -1579,7 +1712,8 @@ impl State {
                 .filter_map(|e| e.extras.as_ref())
                 .map(|x| x.result_waiters.len() + x.watchers.len())
                 .sum::<usize>()
-            + self.streams.len();
+            + self.streams.len()
+            + self.readers.len();
         let held: usize = self
             .tasks
             .values()

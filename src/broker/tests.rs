@@ -625,6 +625,96 @@ async fn queue_results_come_in_completion_order_once_each() {
     b.check();
 }
 
+/// Puts, takes and completes `n` tasks of `queue`; their ids in
+/// completion order.
+async fn finish_tasks(b: &Broker, queue: &str, n: usize) -> Vec<TaskId> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = put(b, queue, &i.to_string()).await;
+        let t = take(b, queue, SEC).await;
+        b.complete(t.lease_id, ok("done")).unwrap();
+        ids.push(id);
+    }
+    ids
+}
+
+#[tokio::test(start_paused = true)]
+async fn result_readers_take_turns_and_each_result_goes_out_once() {
+    let b = broker();
+    let mut one = b.read_results(&q("q")).unwrap();
+    let mut two = b.read_results(&q("q")).unwrap();
+    let ids = finish_tasks(&b, "q", 4).await;
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        got.push(one.next().await.unwrap().task_id);
+        got.push(two.next().await.unwrap().task_id);
+    }
+    // Round robin: the first reader got the 1st and 3rd, the second the
+    // 2nd and 4th.
+    assert_eq!(got, [ids[0], ids[1], ids[2], ids[3]]);
+    assert_eq!(b.next_result(q("q"), Duration::ZERO).await.unwrap(), None);
+    // A waiting GetResult(queue) call comes before the streams.
+    let waiting = tokio::spawn({
+        let b = b.clone();
+        async move { b.next_result(q("q"), 60 * SEC).await }
+    });
+    tokio::time::sleep(SEC).await;
+    let next = finish_tasks(&b, "q", 1).await;
+    assert_eq!(waiting.await.unwrap().unwrap().unwrap().task_id, next[0]);
+    drop((one, two));
+    assert_eq!(stats(&b, "q").results_unclaimed, 0);
+    b.check();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_result_reader_holds_at_most_its_window_and_is_refilled() {
+    let b = broker();
+    let ids = finish_tasks(&b, "q", state::READER_WINDOW + 10).await;
+    let mut reader = b.read_results(&q("q")).unwrap();
+    // The window's worth is in the reader's hands; the rest waits in the
+    // queue, where another reader could take it.
+    assert_eq!(stats(&b, "q").results_unclaimed, 10);
+    let mut got = Vec::new();
+    for _ in 0..state::READER_WINDOW / 2 {
+        got.push(reader.next().await.unwrap().task_id);
+    }
+    // Half empty: refilled with what waited.
+    assert_eq!(stats(&b, "q").results_unclaimed, 0);
+    while got.len() < ids.len() {
+        got.push(reader.next().await.unwrap().task_id);
+    }
+    assert_eq!(got, ids, "every result once, in completion order");
+    b.check();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_result_reader_gives_back_what_it_held_in_order() {
+    let b = broker();
+    let ids = finish_tasks(&b, "q", 3).await;
+    let mut reader = b.read_results(&q("q")).unwrap();
+    assert_eq!(reader.next().await.unwrap().task_id, ids[0]);
+    assert_eq!(stats(&b, "q").results_unclaimed, 0);
+    drop(reader);
+    assert_eq!(stats(&b, "q").results_unclaimed, 2);
+    for id in &ids[1..] {
+        let result = b.next_result(q("q"), Duration::ZERO).await.unwrap();
+        assert_eq!(result.unwrap().task_id, *id);
+    }
+    b.check();
+}
+
+#[tokio::test(start_paused = true)]
+async fn closing_ends_result_readers_after_what_they_hold() {
+    let b = broker();
+    let ids = finish_tasks(&b, "q", 1).await;
+    let mut reader = b.read_results(&q("q")).unwrap();
+    b.close();
+    assert_eq!(reader.next().await.unwrap().task_id, ids[0]);
+    assert_eq!(reader.next().await, None);
+    drop(reader);
+    b.check();
+}
+
 #[tokio::test(start_paused = true)]
 async fn results_are_dropped_by_age_and_by_count() {
     let b = Broker::new(BrokerConfig {

@@ -14,7 +14,9 @@ use tonic::{Status, Streaming};
 
 use super::{convert, service};
 use crate::auth::Access;
-use crate::broker::{Broker, LeaseRequest, Subscription, SubscriptionControl, WorkerId};
+use crate::broker::{
+    Broker, LeaseRequest, ResultStream, Subscription, SubscriptionControl, WorkerId,
+};
 use crate::limits::{CatchUnwind, panicked};
 use crate::pb::{self, server_message::Msg as Out, worker_message::Msg as In};
 
@@ -27,11 +29,40 @@ const OUTBOUND_BUFFER: usize = 256;
 const SUBSCRIBE_WAIT: Duration = Duration::from_secs(30);
 /// How often a draining stream checks whether it still holds tasks.
 const DRAIN_CHECK: Duration = Duration::from_millis(50);
-/// One wait of a watch; it is renewed until the result comes or the client
-/// leaves.
-const WATCH_WAIT: Duration = Duration::from_secs(3600);
+/// WatchResults' outbound side. By queue, results go straight from the
+/// broker to the transport, like a worker stream's tasks (bench/README.md);
+/// by task ids, from the task that waits for them.
+pub enum Results {
+    Queue {
+        results: ResultStream,
+        /// The final UNAVAILABLE has been sent after the broker closed.
+        ended: bool,
+    },
+    Tasks(ReceiverStream<Result<pb::Result, Status>>),
+}
 
-pub type Results = ReceiverStream<Result<pb::Result, Status>>;
+impl Stream for Results {
+    type Item = Result<pb::Result, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.get_mut() {
+            Self::Queue { results, ended } => {
+                if *ended {
+                    return Poll::Ready(None);
+                }
+                match std::task::ready!(results.poll_next_result(cx)) {
+                    Some(result) => Poll::Ready(Some(Ok(convert::result(result)))),
+                    // The broker closed and this stream sent what it held.
+                    None => {
+                        *ended = true;
+                        Poll::Ready(Some(Err(shutting_down())))
+                    }
+                }
+            }
+            Self::Tasks(results) => Pin::new(results).poll_next(cx),
+        }
+    }
+}
 
 pub fn item_error(status: &Status) -> pb::ItemError {
     pb::ItemError {
@@ -336,16 +367,15 @@ pub fn watch_results(
     max_batch: usize,
 ) -> Result<Results, Status> {
     use pb::watch_results_request::Target;
-    let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
     match request.target {
         Some(Target::Queue(queue)) => {
             let queue = convert::queue(&queue)?;
             access.permit_queue(&queue)?;
-            spawn_stream(
-                "WatchResults",
-                tx.clone(),
-                watch_queue(broker.clone(), queue, tx),
-            );
+            let results = broker.read_results(&queue)?;
+            Ok(Results::Queue {
+                results,
+                ended: false,
+            })
         }
         Some(Target::TaskIds(list)) => {
             if list.ids.len() > max_batch {
@@ -364,48 +394,17 @@ pub fn watch_results(
             }
             // Every id is checked before anything is sent.
             let watch = broker.watch(&ids)?;
+            let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
             spawn_stream(
                 "WatchResults",
                 tx.clone(),
                 watch_tasks(broker.clone(), watch, ids.len(), tx),
             );
+            Ok(Results::Tasks(ReceiverStream::new(rx)))
         }
-        None => {
-            return Err(Status::invalid_argument(
-                "set a target: queue (its results as they finish) or task_ids",
-            ));
-        }
-    }
-    Ok(ReceiverStream::new(rx))
-}
-
-async fn watch_queue(
-    broker: Broker,
-    queue: crate::broker::QueueName,
-    tx: mpsc::Sender<Result<pb::Result, Status>>,
-) {
-    loop {
-        // A slot first: a result is taken only when it can be sent.
-        let Ok(permit) = tx.reserve().await else {
-            return;
-        };
-        if broker.is_closed() {
-            permit.send(Err(shutting_down()));
-            return;
-        }
-        tokio::select! {
-            result = broker.next_result(queue.clone(), WATCH_WAIT) => match result {
-                Ok(Some(result)) => permit.send(Ok(convert::result(result))),
-                Ok(None) => {}
-                Err(error) => {
-                    permit.send(Err(error.into()));
-                    return;
-                }
-            },
-            // The client left: the pending wait is dropped, and a result
-            // handed to it goes back to the queue.
-            () = tx.closed() => return,
-        }
+        None => Err(Status::invalid_argument(
+            "set a target: queue (its results as they finish) or task_ids",
+        )),
     }
 }
 
