@@ -99,13 +99,25 @@ struct ModelTask {
     last_retry: Option<(u32, String)>,
 }
 
+/// A WatchResults(queue) stream as the model sees it: the results set
+/// aside for it, and whether it was passed over while full.
+struct ModelReader {
+    queue: &'static str,
+    in_hand: VecDeque<TaskId>,
+    starved: bool,
+}
+
 /// The reference: queues as plain lists, time as milliseconds.
 #[derive(Default)]
 struct Model {
     now: u64,
     tasks: BTreeMap<TaskId, ModelTask>,
     lines: BTreeMap<&'static str, VecDeque<TaskId>>,
+    /// Results not handed out, in completion order.
     results: BTreeMap<&'static str, VecDeque<TaskId>>,
+    /// Open result readers by number, and each queue's turn order.
+    readers: BTreeMap<usize, ModelReader>,
+    turns: BTreeMap<&'static str, VecDeque<usize>>,
 }
 
 impl Model {
@@ -156,7 +168,67 @@ impl Model {
             by_lease,
             outcome,
         };
-        self.results.entry(task.queue).or_default().push_back(id);
+        let queue = task.queue;
+        self.results.entry(queue).or_default().push_back(id);
+        self.hand_out(queue);
+    }
+
+    /// Results go to the readers with room, in turns; a full reader is
+    /// marked to ask again when half empty.
+    fn hand_out(&mut self, queue: &'static str) {
+        while !self.results.entry(queue).or_default().is_empty() {
+            let turns = self.turns.entry(queue).or_default();
+            let mut chosen = None;
+            for _ in 0..turns.len() {
+                let r = turns.pop_front().unwrap();
+                turns.push_back(r);
+                let reader = self.readers.get_mut(&r).unwrap();
+                if reader.in_hand.len() < state::READER_WINDOW {
+                    chosen = Some(r);
+                    break;
+                }
+                reader.starved = true;
+            }
+            let Some(r) = chosen else { return };
+            let id = self.results.get_mut(queue).unwrap().pop_front().unwrap();
+            self.readers.get_mut(&r).unwrap().in_hand.push_back(id);
+        }
+    }
+
+    fn open_reader(&mut self, number: usize, queue: &'static str) {
+        let reader = ModelReader {
+            queue,
+            in_hand: VecDeque::new(),
+            starved: false,
+        };
+        self.readers.insert(number, reader);
+        self.turns.entry(queue).or_default().push_back(number);
+        self.hand_out(queue);
+    }
+
+    fn take(&mut self, number: usize) -> Option<TaskId> {
+        let reader = self.readers.get_mut(&number).unwrap();
+        let id = reader.in_hand.pop_front()?;
+        if reader.in_hand.len() <= state::READER_WINDOW / 2 && reader.starved {
+            reader.starved = false;
+            let queue = reader.queue;
+            self.hand_out(queue);
+        }
+        Some(id)
+    }
+
+    /// What the reader held goes back to the head, in order.
+    fn drop_reader(&mut self, number: usize) {
+        let reader = self.readers.remove(&number).unwrap();
+        self.turns
+            .get_mut(reader.queue)
+            .unwrap()
+            .retain(|r| *r != number);
+        let results = self.results.entry(reader.queue).or_default();
+        for id in reader.in_hand.into_iter().rev() {
+            results.push_front(id);
+        }
+        self.hand_out(reader.queue);
     }
 
     /// Leases that ran out by `now`, in deadline order (then id order, as
@@ -326,13 +398,16 @@ async fn run_sequence(rng: &mut impl Choices, source: &str, steps: usize) {
     // Every lease ever handed out, so stale and repeated reports happen.
     let mut leases: Vec<LeaseId> = Vec::new();
     let mut ids: Vec<TaskId> = Vec::new();
+    // Open result readers: (number, stream), numbered as the model's.
+    let mut readers: Vec<(usize, ResultStream)> = Vec::new();
+    let mut next_reader = 0;
     for step in 0..steps {
         if rng.exhausted() {
             break;
         }
         let at = format!("{source}, step {step}");
         let queue = QUEUES[rng.below(2) as usize];
-        match rng.below(100) {
+        match rng.below(112) {
             0..=19 => {
                 let max_attempts = 1 + rng.below(3) as u32;
                 let task = NewTask {
@@ -419,6 +494,27 @@ async fn run_sequence(rng: &mut impl Choices, source: &str, steps: usize) {
                     model.next_result(queue),
                     "{at}: next result"
                 );
+            }
+            100..=102 if readers.len() < 3 => {
+                let stream = b.read_results(&QueueName::parse(queue).unwrap()).unwrap();
+                readers.push((next_reader, stream));
+                model.open_reader(next_reader, queue);
+                next_reader += 1;
+            }
+            103 if !readers.is_empty() => {
+                let (number, stream) = readers.remove(rng.below(readers.len() as u64) as usize);
+                drop(stream);
+                model.drop_reader(number);
+            }
+            104..=111 if !readers.is_empty() => {
+                let at_reader = rng.below(readers.len() as u64) as usize;
+                let (number, stream) = &mut readers[at_reader];
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                let got = match stream.poll_next_result(&mut cx) {
+                    std::task::Poll::Ready(result) => result.map(|r| r.task_id),
+                    std::task::Poll::Pending => None,
+                };
+                assert_eq!(got, model.take(*number), "{at}: reader {number} takes");
             }
             _ => {
                 let ms = 100 * rng.below(26);

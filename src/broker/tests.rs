@@ -669,16 +669,21 @@ async fn result_readers_take_turns_and_each_result_goes_out_once() {
 #[tokio::test(start_paused = true)]
 async fn a_result_reader_holds_at_most_its_window_and_is_refilled() {
     let b = broker();
-    let ids = finish_tasks(&b, "q", state::READER_WINDOW + 10).await;
+    let half = state::READER_WINDOW / 2;
+    let ids = finish_tasks(&b, "q", state::READER_WINDOW + half).await;
     let mut reader = b.read_results(&q("q")).unwrap();
     // The window's worth is in the reader's hands; the rest waits in the
     // queue, where another reader could take it.
-    assert_eq!(stats(&b, "q").results_unclaimed, 10);
+    let waiting = half as u64;
+    assert_eq!(stats(&b, "q").results_unclaimed, waiting);
     let mut got = Vec::new();
-    for _ in 0..state::READER_WINDOW / 2 {
+    for _ in 0..half - 1 {
         got.push(reader.next().await.unwrap().task_id);
     }
-    // Half empty: refilled with what waited.
+    // Not refilled one result at a time...
+    assert_eq!(stats(&b, "q").results_unclaimed, waiting);
+    got.push(reader.next().await.unwrap().task_id);
+    // ...but once half empty, with all that waited.
     assert_eq!(stats(&b, "q").results_unclaimed, 0);
     while got.len() < ids.len() {
         got.push(reader.next().await.unwrap().task_id);
