@@ -3,7 +3,7 @@
 //! back on the same stream. A broken stream is reopened with backoff; the
 //! server has already given back the tasks it held.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::task::Poll;
@@ -114,9 +114,10 @@ where
     // Each running task by lease id (one task may come twice, under two
     // leases), to stop it when that lease is lost.
     let mut handles: HashMap<String, AbortHandle> = HashMap::new();
-    // Successes sent and not yet acknowledged, by lease id: an output the
+    // Whether each result sent and not yet acknowledged was a success, in
+    // the order sent (the server acknowledges in that order): an output the
     // server refuses is turned into the task's failure.
-    let mut unacked: HashMap<String, String> = HashMap::new();
+    let mut unacked: VecDeque<bool> = VecDeque::new();
     let mut tasks_by_runner: HashMap<tokio::task::Id, Ids> = HashMap::new();
     let mut grace_ends: Option<Instant> = None;
     loop {
@@ -153,20 +154,20 @@ where
                         }
                     }
                     Out::ResultAck(ack) => {
-                        let task_id = unacked.remove(&ack.lease_id);
+                        let success = unacked.pop_front().unwrap_or(false);
                         let refused_output = ack.error.as_ref().is_some_and(|e| e.code == Code::InvalidArgument as i32);
-                        match task_id {
-                            Some(task_id) if refused_output => {
-                                // The output itself was refused (too large): say so
-                                // as the task's failure rather than leave it to run again.
-                                let message = format!("the server refused the output: {}", ack.error.as_ref().map_or("", |e| e.message.as_str()));
-                                tx.send(In::Result(pb::PutResultRequest {
-                                    task_id,
-                                    lease_id: ack.lease_id.clone(),
-                                    outcome: Some(Outcome::Failure(pb::Failure { message, retry: false })),
-                                }));
-                            }
-                            _ => tally(report, &ack),
+                        if success && refused_output {
+                            // The output itself was refused (too large): say so
+                            // as the task's failure rather than leave it to run again.
+                            let message = format!("the server refused the output: {}", ack.error.as_ref().map_or("", |e| e.message.as_str()));
+                            unacked.push_back(false);
+                            tx.send(In::Result(pb::PutResultRequest {
+                                task_id: ack.task_id,
+                                lease_id: ack.lease_id,
+                                outcome: Some(Outcome::Failure(pb::Failure { message, retry: false })),
+                            }));
+                        } else {
+                            tally(report, &ack);
                         }
                     }
                     Out::ExtendAck(ack) => {
@@ -237,19 +238,17 @@ struct Ids {
 }
 
 /// Sends a handler's result on the stream; false when the stream is gone.
-/// A success waits in `unacked` for its ack, in case the server refuses the
-/// output itself.
+/// Its kind waits in `unacked` for its ack, in case the server refuses a
+/// success's output itself.
 fn report_result(
     tx: &WorkerSender,
-    unacked: &mut HashMap<String, String>,
+    unacked: &mut VecDeque<bool>,
     ids: Ids,
     result: HandlerResult,
 ) -> bool {
+    unacked.push_back(result.is_ok());
     let outcome = match result {
-        Ok(output) => {
-            unacked.insert(ids.lease_id.clone(), ids.task_id.clone());
-            Outcome::Output(output)
-        }
+        Ok(output) => Outcome::Output(output),
         Err(failure) => Outcome::Failure(pb::Failure {
             message: failure.message,
             retry: failure.retry,
@@ -322,6 +321,9 @@ where
     };
     let work = super::catch_panics(&task_id, handler(task));
     tokio::select! {
+        // The handler first: one done at its first poll never starts the
+        // lease keeper's timer.
+        biased;
         result = work => result,
         () = keep_alive => unreachable!("the lease keeper never returns"),
     }
