@@ -14,7 +14,7 @@ use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::types::{IdMap, IdMaker, IdSet};
+use super::types::{IdMaker, IdMap, IdSet};
 use super::{
     BrokerConfig, BrokerError, Held, LeaseId, LeasedTask, NewTask, Outcome, PutOutcome, QueueName,
     QueueStats, Stats, TaskId, TaskResult, TaskState, WorkerId, WorkerInfo,
@@ -1211,7 +1211,10 @@ impl State {
                 return;
             };
             let reader = &self.readers[&rid];
-            let tx = reader.tx.as_ref().expect("next_reader skips closed readers");
+            let tx = reader
+                .tx
+                .as_ref()
+                .expect("next_reader skips closed readers");
             reader.flow.in_hand.fetch_add(1, Ordering::AcqRel);
             if let Err(failed) = tx.send(result) {
                 // The stream is closing; its guard returns what it holds.
@@ -1231,7 +1234,11 @@ impl State {
             let rid = queue.readers.pop_front()?;
             queue.readers.push_back(rid);
             let reader = &self.readers[&rid];
-            if reader.tx.as_ref().is_none_or(mpsc::UnboundedSender::is_closed) {
+            if reader
+                .tx
+                .as_ref()
+                .is_none_or(mpsc::UnboundedSender::is_closed)
+            {
                 continue;
             }
             if reader.flow.in_hand.load(Ordering::Acquire) < READER_WINDOW {

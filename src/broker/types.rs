@@ -143,11 +143,9 @@ impl std::hash::Hasher for IdHasher {
 }
 
 /// A map keyed by something the broker made: see [`IdHasher`].
-pub(super) type IdMap<K, V> =
-    HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;
+pub(super) type IdMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;
 /// A set of things the broker made: see [`IdHasher`].
-pub(super) type IdSet<K> =
-    std::collections::HashSet<K, std::hash::BuildHasherDefault<IdHasher>>;
+pub(super) type IdSet<K> = std::collections::HashSet<K, std::hash::BuildHasherDefault<IdHasher>>;
 
 impl TaskId {
     /// Makes a new id with the `uuid` crate's generator (a system call for

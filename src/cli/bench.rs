@@ -455,10 +455,11 @@ async fn produce_by_queue(args: &BenchArgs, clients: Vec<Client>, queue: &str) -
     let mut readers = Vec::new();
     let mut producers = Vec::new();
     for (i, client) in clients.into_iter().enumerate() {
-        let share =
-            total / args.producers + u64::from((i as u64) < total % args.producers);
+        let share = total / args.producers + u64::from((i as u64) < total % args.producers);
         let results = client
-            .watch_results(crate::pb::watch_results_request::Target::Queue(queue.into()))
+            .watch_results(crate::pb::watch_results_request::Target::Queue(
+                queue.into(),
+            ))
             .await;
         let mut done = finished.subscribe();
         let (window_r, settle_r) = (window.clone(), settle.clone());
@@ -502,10 +503,15 @@ async fn produce_by_queue(args: &BenchArgs, clients: Vec<Client>, queue: &str) -
                 let sent = started.elapsed().as_nanos() as u64;
                 let mut payload = sent.to_le_bytes().to_vec();
                 payload.resize(payload_bytes.max(8), b'x');
-                let stored = match client.put_tasks(batch_of(&queue, &Bytes::from(payload), n)).await {
+                let stored = match client
+                    .put_tasks(batch_of(&queue, &Bytes::from(payload), n))
+                    .await
+                {
                     Ok(outcomes) => outcomes
                         .iter()
-                        .filter(|o| matches!(o.outcome, Some(crate::pb::put_task_outcome::Outcome::Ok(_))))
+                        .filter(|o| {
+                            matches!(o.outcome, Some(crate::pb::put_task_outcome::Outcome::Ok(_)))
+                        })
                         .count() as u64,
                     Err(_) => 0,
                 };
