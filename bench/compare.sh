@@ -21,10 +21,15 @@ echo "running: transport ceiling ($tasks messages)..." >&2
 target/release/examples/echo_ceiling "$tasks" 16 1024 > "$out/ceiling.json"
 echo "running: taskq unary ($small tasks)..." >&2
 target/release/taskq bench --mode unary --tasks "$small" --fill 0 --json > "$out/unary.json"
-echo "running: taskq stream ($tasks tasks, 8-byte payloads)..." >&2
-target/release/taskq bench --mode stream --tasks "$tasks" --concurrency 256 --payload-bytes 8 --fill 0 --json > "$out/stream.json"
-echo "running: taskq stream, results read by task ids ($tasks tasks)..." >&2
-target/release/taskq bench --mode stream --results ids --tasks "$tasks" --concurrency 256 --payload-bytes 8 --fill 0 --json > "$out/by_ids.json"
+# 1,024 tasks in flight either way: 4 producers x 256 (fewer connections,
+# more messages per write) or the earlier sessions' 16 x 64.
+stream=(--mode stream --tasks "$tasks" --workers 4 --concurrency 256 --payload-bytes 8 --fill 0 --json)
+echo "running: taskq stream ($tasks tasks, 8-byte payloads, 4 producers x 256)..." >&2
+target/release/taskq bench "${stream[@]}" --producers 4 --batch 256 > "$out/stream.json"
+echo "running: taskq stream, results read by task ids..." >&2
+target/release/taskq bench "${stream[@]}" --producers 4 --batch 256 --results ids > "$out/by_ids.json"
+echo "running: taskq stream, 16 producers x 64..." >&2
+target/release/taskq bench "${stream[@]}" --producers 16 --batch 64 > "$out/sixteen.json"
 echo "running: taskq stream, one task in flight..." >&2
 target/release/taskq bench --mode stream --tasks 5000 --producers 1 --batch 1 --workers 1 --concurrency 1 --payload-bytes 8 --fill 0 --json > "$out/single.json"
 
@@ -32,13 +37,14 @@ python3 - "$out" <<'PY'
 import json, sys, os
 d = sys.argv[1]
 load = lambda n: json.load(open(os.path.join(d, n + ".json")))
-seed, ceiling, unary, stream, by_ids, single = (load(n) for n in ("seed", "ceiling", "unary", "stream", "by_ids", "single"))
+seed, ceiling, unary, stream, by_ids, sixteen, single = (load(n) for n in ("seed", "ceiling", "unary", "stream", "by_ids", "sixteen", "single"))
 rt = lambda r: (r["round_trip"]["tasks_per_second"], r["round_trip"]["latency_ms"]["p50"], r["round_trip"]["latency_ms"]["p99"])
 rows = [
     ("seed pattern (BaseManager, 2 workers)", seed["tasks_per_second"], seed["p50_ms"], seed["p99_ms"], None),
     ("taskq unary (4 calls per task)", *rt(unary), ceiling["unary_calls_per_second"] / 4),
     ("taskq stream (PutTasks/StreamTasks/WatchResults)", *rt(stream), ceiling["bidi_messages_per_second"] / 2),
     ("taskq stream, results by task ids", *rt(by_ids), ceiling["bidi_messages_per_second"] / 2),
+    ("taskq stream, 16 producers x 64", *rt(sixteen), ceiling["bidi_messages_per_second"] / 2),
     ("taskq stream, 1 task in flight", *rt(single), None),
     ("ceiling: tonic unary echo, calls/s", ceiling["unary_calls_per_second"], ceiling["unary_p50_ms"], ceiling["unary_p99_ms"], None),
     ("ceiling: tonic bidi echo, messages/s", ceiling["bidi_messages_per_second"], None, None, None),
