@@ -64,6 +64,11 @@ impl Clock {
         self.instant + Duration::from_nanos(stamp.0.get() - 1)
     }
 
+    /// The wall-clock time of a [`Stamp`], for clients.
+    fn wall_of(&self, stamp: Stamp) -> SystemTime {
+        self.wall(self.instant(stamp))
+    }
+
     fn wall(&self, at: Instant) -> SystemTime {
         let wall = match at.checked_duration_since(self.instant) {
             Some(after) => self.system.checked_add(after),
@@ -696,10 +701,8 @@ impl State {
             lease_id: LeaseId { task: id, seq },
             lease_expires_at: self.clock.wall(expires_at),
             lease_deadline: expires_at,
-            created_at: self.clock.wall(self.clock.instant(entry.created_at)),
-            expires_at: entry
-                .expires_at
-                .map(|at| self.clock.wall(self.clock.instant(at))),
+            created_at: self.clock.wall_of(entry.created_at),
+            expires_at: entry.expires_at.map(|at| self.clock.wall_of(at)),
         };
         let queue = self.queue_of(&task.queue);
         queue.pending -= 1;
@@ -1106,7 +1109,7 @@ impl State {
             error,
             attempts: entry.attempt,
             worker,
-            created_at: self.clock.wall(self.clock.instant(entry.created_at)),
+            created_at: self.clock.wall_of(entry.created_at),
             finished_at: self.clock.wall(now),
         };
         let previous = std::mem::replace(

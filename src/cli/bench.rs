@@ -331,21 +331,40 @@ async fn measure(
         workers.push((stop, tokio::spawn(run)));
     }
 
-    if args.mode == BenchMode::Stream && args.results == ResultsBy::Queue {
-        let round_trip = produce_by_queue(args, producers, &queue).await;
-        for (stop, worker) in workers {
-            let _ = stop.send(());
-            let _ = worker.await;
-        }
-        return Ok((baseline, round_trip));
+    let round_trip = if args.mode == BenchMode::Stream && args.results == ResultsBy::Queue {
+        produce_by_queue(args, producers, &queue).await
+    } else {
+        produce_each(args, producers, &queue).await
+    };
+    for (stop, worker) in workers {
+        let _ = stop.send(());
+        let _ = worker.await;
     }
+    Ok((baseline, round_trip))
+}
+
+/// The tasks producer `i` puts: an even split of `--tasks`.
+fn share_of(args: &BenchArgs, i: usize) -> u64 {
+    args.tasks / args.producers + u64::from((i as u64) < args.tasks % args.producers)
+}
+
+/// How many of a PutTasks call's tasks were stored.
+fn stored(outcomes: &[crate::pb::PutTaskOutcome]) -> u64 {
+    outcomes
+        .iter()
+        .filter(|o| matches!(o.outcome, Some(crate::pb::put_task_outcome::Outcome::Ok(_))))
+        .count() as u64
+}
+
+/// Producers that each wait for their own results: unary (PutTask, then
+/// GetResult by id), or stream mode with `--results ids`.
+async fn produce_each(args: &BenchArgs, producers: Vec<Client>, queue: &str) -> Phase {
     let payload = Bytes::from(vec![b'x'; args.payload_bytes]);
     let started = Instant::now();
     let mut running = Vec::new();
     for (i, client) in producers.into_iter().enumerate() {
-        let share =
-            args.tasks / args.producers + u64::from((i as u64) < args.tasks % args.producers);
-        let queue = queue.clone();
+        let share = share_of(args, i);
+        let queue = queue.to_string();
         let payload = payload.clone();
         if args.mode == BenchMode::Stream {
             running.push(tokio::spawn(produce_batches(
@@ -373,18 +392,12 @@ async fn measure(
         }));
     }
     let (latency, errors) = merge(running).await;
-    let elapsed = started.elapsed();
-    for (stop, worker) in workers {
-        let _ = stop.send(());
-        let _ = worker.await;
-    }
-    let round_trip = Phase {
+    Phase {
         count: latency.len(),
         errors,
-        elapsed,
+        elapsed: started.elapsed(),
         latency,
-    };
-    Ok((baseline, round_trip))
+    }
 }
 
 /// A stream-mode producer: batches of `batch` tasks with PutTasks, each
@@ -455,7 +468,7 @@ async fn produce_by_queue(args: &BenchArgs, clients: Vec<Client>, queue: &str) -
     let mut readers = Vec::new();
     let mut producers = Vec::new();
     for (i, client) in clients.into_iter().enumerate() {
-        let share = total / args.producers + u64::from((i as u64) < total % args.producers);
+        let share = share_of(args, i);
         let results = client
             .watch_results(crate::pb::watch_results_request::Target::Queue(
                 queue.into(),
@@ -507,12 +520,7 @@ async fn produce_by_queue(args: &BenchArgs, clients: Vec<Client>, queue: &str) -
                     .put_tasks(batch_of(&queue, &Bytes::from(payload), n))
                     .await
                 {
-                    Ok(outcomes) => outcomes
-                        .iter()
-                        .filter(|o| {
-                            matches!(o.outcome, Some(crate::pb::put_task_outcome::Outcome::Ok(_)))
-                        })
-                        .count() as u64,
+                    Ok(outcomes) => stored(&outcomes),
                     Err(_) => 0,
                 };
                 if stored < n {
@@ -600,20 +608,15 @@ async fn held_memory(
     let queue = format!("bench-held-{}", std::process::id());
     let before = resident_bytes().unwrap_or(0);
     let mut left = tasks;
-    let mut stored = 0;
+    let mut held = 0;
     while left > 0 {
         let n = left.min(1000);
         left -= n;
-        stored += client
-            .put_tasks(batch_of(&queue, &payload, n))
-            .await?
-            .iter()
-            .filter(|o| matches!(o.outcome, Some(crate::pb::put_task_outcome::Outcome::Ok(_))))
-            .count() as u64;
+        held += stored(&client.put_tasks(batch_of(&queue, &payload, n)).await?);
     }
     let after = resident_bytes().unwrap_or(0);
     Ok(Memory {
-        tasks: stored,
+        tasks: held,
         grown: after.saturating_sub(before),
     })
 }
