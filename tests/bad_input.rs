@@ -471,6 +471,7 @@ async fn every_bad_field_gets_its_code_and_changes_nothing() {
             worker_id: "w".into(),
             lease,
             max_in_flight: window,
+            max_batch: 0,
         })),
     };
     case!(
@@ -500,6 +501,19 @@ async fn every_bad_field_gets_its_code_and_changes_nothing() {
         stream(subscribe("q", 10_001, None))
     );
     case!(
+        "stream: max_batch over 10000",
+        InvalidArgument,
+        stream_tasks,
+        stream(pb::WorkerMessage {
+            msg: Some(In::Subscribe(pb::Subscribe {
+                queue: "q".into(),
+                max_in_flight: 1,
+                max_batch: 10_001,
+                ..Default::default()
+            })),
+        })
+    );
+    case!(
         "stream: negative lease",
         InvalidArgument,
         stream_tasks,
@@ -515,6 +529,7 @@ async fn every_bad_field_gets_its_code_and_changes_nothing() {
                 worker_id: "w".repeat(257),
                 lease: None,
                 max_in_flight: 1,
+                max_batch: 0,
             })),
         })
     );

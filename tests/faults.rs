@@ -102,6 +102,7 @@ async fn open_stream(
             worker_id: worker.into(),
             lease: Some(Duration::from_secs(3600).try_into().unwrap()),
             max_in_flight: window,
+            max_batch: 0,
         })),
     })
     .await

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{Client, TestServer};
+use prost::Message as _;
 use taskq::broker::BrokerConfig;
 use taskq::pb::{self, server_message::Msg as Out, worker_message::Msg as In};
 use tokio::sync::mpsc;
@@ -103,6 +104,7 @@ fn subscribe(queue: &str, worker: &str, window: u32) -> pb::WorkerMessage {
             worker_id: worker.into(),
             lease: Some(Duration::from_secs(60).try_into().unwrap()),
             max_in_flight: window,
+            max_batch: 0,
         })),
     }
 }
@@ -322,6 +324,125 @@ async fn a_slow_worker_does_not_starve_others() {
     }
     assert_eq!(stats(&mut client, "q").await.succeeded, 4);
     drop((slow, fast));
+    server.shutdown().await;
+}
+
+/// Opens a stream that asks for batches of at most `max_batch` tasks.
+async fn open_batched(
+    client: &mut Client,
+    queue: &str,
+    window: u32,
+    max_batch: u32,
+) -> WorkerStream {
+    let (tx, outbound) = mpsc::channel(64);
+    let mut first = subscribe(queue, "batched", window);
+    if let Some(In::Subscribe(subscribe)) = &mut first.msg {
+        subscribe.max_batch = max_batch;
+    }
+    tx.send(first).await.unwrap();
+    let rx = client
+        .stream_tasks(ReceiverStream::new(outbound))
+        .await
+        .unwrap()
+        .into_inner();
+    WorkerStream { tx, rx }
+}
+
+impl WorkerStream {
+    async fn batch(&mut self) -> Vec<pb::Task> {
+        match self.next().await {
+            Out::Tasks(batch) => batch.tasks,
+            other => panic!("expected a batch of tasks, got {other:?}"),
+        }
+    }
+}
+
+fn output(task: &pb::Task, lease_id: &str, text: &str) -> pb::PutResultRequest {
+    pb::PutResultRequest {
+        task_id: task.id.clone(),
+        lease_id: lease_id.into(),
+        outcome: Some(pb::put_result_request::Outcome::Output(
+            Bytes::copy_from_slice(text.as_bytes()),
+        )),
+    }
+}
+
+/// With `max_batch`, the tasks ready at once come together, never more
+/// than `max_batch` per message nor than the window in all; a `results`
+/// batch is acknowledged in one message, in order, each result on its own.
+#[tokio::test]
+async fn batches_of_tasks_and_results_keep_the_window_and_the_order() {
+    let server = TestServer::spawn().await;
+    let mut client = server.client().await;
+    put_many(&mut client, "q", 10).await;
+    let mut worker = open_batched(&mut client, "q", 8, 3).await;
+    // All ten were waiting: the window's eight come in batches of three.
+    let mut tasks = Vec::new();
+    let mut sizes = Vec::new();
+    while tasks.len() < 8 {
+        let batch = worker.batch().await;
+        sizes.push(batch.len());
+        tasks.extend(batch);
+    }
+    assert_eq!(sizes, [3, 3, 2]);
+    let s = stats(&mut client, "q").await;
+    assert_eq!((s.leased, s.pending), (8, 2), "no task beyond the window");
+
+    // Three results in one message, the middle one naming a wrong lease.
+    worker
+        .send(In::Results(pb::PutResultBatch {
+            results: vec![
+                output(&tasks[0], &tasks[0].lease_id, "a"),
+                output(&tasks[1], &tasks[0].lease_id, "b"),
+                output(&tasks[2], &tasks[2].lease_id, "c"),
+            ],
+        }))
+        .await;
+    let Out::ResultAcks(acks) = worker.next().await else {
+        panic!("expected the batch's acks");
+    };
+    let seen: Vec<_> = acks
+        .acks
+        .iter()
+        .map(|ack| (ack.task_id.as_str(), ack.error.as_ref().map(|e| e.code)))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (tasks[0].id.as_str(), None),
+            (tasks[1].id.as_str(), Some(Code::Aborted as i32)),
+            (tasks[2].id.as_str(), None),
+        ]
+    );
+    assert_eq!(acks.acks[0].state(), pb::TaskState::Succeeded);
+    // Two slots freed, two tasks left: they come in one batch.
+    let rest = worker.batch().await;
+    assert_eq!(rest.len(), 2);
+    let s = stats(&mut client, "q").await;
+    assert_eq!((s.leased, s.pending, s.succeeded), (8, 0, 2));
+    drop(worker);
+    server.shutdown().await;
+}
+
+/// A batch of tasks stays within 1 MiB encoded, unless it holds one task.
+#[tokio::test]
+async fn a_batch_of_tasks_stays_within_one_mebibyte() {
+    let server = TestServer::spawn().await;
+    let mut client = server.client().await;
+    let payload = "x".repeat(400 * 1024);
+    let tasks = (0..3).map(|_| task_req("big", &payload)).collect();
+    client
+        .put_tasks(pb::PutTasksRequest { tasks })
+        .await
+        .unwrap();
+    let mut worker = open_batched(&mut client, "big", 3, 10).await;
+    let first = worker.batch().await;
+    let second = worker.batch().await;
+    // Two fit in 1 MiB; the third waited for the next message.
+    assert_eq!((first.len(), second.len()), (2, 1));
+    let size = pb::TaskBatch { tasks: first }.encoded_len();
+    assert!(size <= 1 << 20, "batch of {size} bytes");
+    drop(worker);
     server.shutdown().await;
 }
 

@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -29,6 +30,9 @@ const OUTBOUND_BUFFER: usize = 256;
 const SUBSCRIBE_WAIT: Duration = Duration::from_secs(30);
 /// How often a draining stream checks whether it still holds tasks.
 const DRAIN_CHECK: Duration = Duration::from_millis(50);
+/// Largest encoded batch of tasks, unless it holds one task (the contract:
+/// StreamTasks, point 6). Well under any client's message limit.
+pub const BATCH_BYTES: usize = 1 << 20;
 /// WatchResults' outbound side. By queue, results go straight from the
 /// broker to the transport, like a worker stream's tasks (bench/README.md);
 /// by task ids, from the task that waits for them.
@@ -169,6 +173,12 @@ pub async fn stream_tasks(
             subscribe.max_in_flight
         )));
     }
+    if subscribe.max_batch > MAX_IN_FLIGHT {
+        return Err(Status::invalid_argument(format!(
+            "max_batch is {}; the limit is {MAX_IN_FLIGHT}",
+            subscribe.max_batch
+        )));
+    }
     let worker = if subscribe.worker_id.is_empty() {
         default_worker()
     } else {
@@ -191,6 +201,8 @@ pub async fn stream_tasks(
     Ok(ServerMessages {
         subscription,
         replies: rx,
+        max_batch: subscribe.max_batch as usize,
+        held: None,
     })
 }
 
@@ -203,6 +215,42 @@ pub async fn stream_tasks(
 pub struct ServerMessages {
     subscription: Subscription,
     replies: mpsc::Receiver<Result<pb::ServerMessage, Status>>,
+    /// Tasks per message at most; 0 or 1 sends each in a `task` message.
+    max_batch: usize,
+    /// A task that did not fit the last batch's bytes: the next batch's
+    /// first.
+    held: Option<pb::Task>,
+}
+
+impl ServerMessages {
+    /// The tasks ready now, up to `max_batch` and [`BATCH_BYTES`]; waits
+    /// only while there is none.
+    fn poll_batch(&mut self, cx: &mut Context<'_>) -> Poll<Option<pb::TaskBatch>> {
+        let mut tasks = Vec::new();
+        let mut bytes = 0;
+        if let Some(task) = self.held.take() {
+            bytes += task.encoded_len();
+            tasks.push(task);
+        }
+        while tasks.len() < self.max_batch {
+            let task = match self.subscription.poll_next_task(cx) {
+                Poll::Ready(Some(task)) => convert::task(task),
+                // Nothing to send: wait (the poll registered the wake-up),
+                // or end.
+                Poll::Ready(None) if tasks.is_empty() => return Poll::Ready(None),
+                Poll::Pending if tasks.is_empty() => return Poll::Pending,
+                Poll::Ready(None) | Poll::Pending => break,
+            };
+            let size = task.encoded_len();
+            if !tasks.is_empty() && bytes + size > BATCH_BYTES {
+                self.held = Some(task);
+                break;
+            }
+            bytes += size;
+            tasks.push(task);
+        }
+        Poll::Ready(Some(pb::TaskBatch { tasks }))
+    }
 }
 
 impl Stream for ServerMessages {
@@ -216,6 +264,15 @@ impl Stream for ServerMessages {
             // stream broke or was refused): so does this side.
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => {}
+        }
+        if this.max_batch > 1 {
+            return this.poll_batch(cx).map(|batch| {
+                batch.map(|batch| {
+                    Ok(pb::ServerMessage {
+                        msg: Some(Out::Tasks(batch)),
+                    })
+                })
+            });
         }
         this.subscription.poll_next_task(cx).map(|task| {
             task.map(|task| {
@@ -292,26 +349,17 @@ fn handle(
     draining: bool,
 ) -> Result<Option<pb::ServerMessage>, Status> {
     match message.msg {
-        Some(In::Result(request)) => {
-            let task_id = request.task_id.clone();
-            let lease_id = request.lease_id.clone();
-            let answer = service::put_result(broker, access, request);
-            let ack = match answer {
-                Ok(state) => pb::ResultAck {
-                    task_id,
-                    state: convert::state(state).into(),
-                    error: None,
-                    lease_id,
-                },
-                Err(status) => pb::ResultAck {
-                    task_id,
-                    state: pb::TaskState::Unspecified.into(),
-                    error: Some(item_error(&status)),
-                    lease_id,
-                },
-            };
+        Some(In::Result(request)) => Ok(Some(pb::ServerMessage {
+            msg: Some(Out::ResultAck(put_result(broker, access, request))),
+        })),
+        Some(In::Results(batch)) => {
+            let acks = batch
+                .results
+                .into_iter()
+                .map(|request| put_result(broker, access, request))
+                .collect();
             Ok(Some(pb::ServerMessage {
-                msg: Some(Out::ResultAck(ack)),
+                msg: Some(Out::ResultAcks(pb::ResultAckBatch { acks })),
             }))
         }
         Some(In::Extend(request)) => {
@@ -353,8 +401,28 @@ fn handle(
             "subscribe may only be the first message of a stream",
         )),
         None => Err(Status::invalid_argument(
-            "a WorkerMessage must set one of subscribe, result, extend or window",
+            "a WorkerMessage must set one of subscribe, result, results, extend or window",
         )),
+    }
+}
+
+/// One result from a stream, as PutResult, answered by its ack.
+fn put_result(broker: &Broker, access: &Access, request: pb::PutResultRequest) -> pb::ResultAck {
+    let task_id = request.task_id.clone();
+    let lease_id = request.lease_id.clone();
+    match service::put_result(broker, access, request) {
+        Ok(state) => pb::ResultAck {
+            task_id,
+            state: convert::state(state).into(),
+            error: None,
+            lease_id,
+        },
+        Err(status) => pb::ResultAck {
+            task_id,
+            state: pb::TaskState::Unspecified.into(),
+            error: Some(item_error(&status)),
+            lease_id,
+        },
     }
 }
 

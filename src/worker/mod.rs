@@ -132,6 +132,7 @@ impl Worker {
             shutdown_grace: Duration::from_secs(30),
             poll_wait: Duration::from_secs(20),
             mode: Mode::Stream,
+            max_batch: DEFAULT_MAX_BATCH,
         }
     }
 }
@@ -170,6 +171,7 @@ pub struct WorkerBuilder {
     shutdown_grace: Duration,
     poll_wait: Duration,
     mode: Mode,
+    max_batch: usize,
 }
 
 impl WorkerBuilder {
@@ -206,6 +208,15 @@ impl WorkerBuilder {
     /// Stream (default) or unary calls.
     pub fn mode(mut self, mode: Mode) -> Self {
         self.mode = mode;
+        self
+    }
+
+    /// On the stream path, most tasks per message from the server (at most
+    /// `concurrency`; default 1000). The server never waits to fill a
+    /// batch: it sends what is ready, so batches cost no latency and save
+    /// per-message work. 1 asks for each task in its own message.
+    pub fn max_batch(mut self, tasks: usize) -> Self {
+        self.max_batch = tasks.clamp(1, DEFAULT_MAX_BATCH);
         self
     }
 
@@ -478,6 +489,10 @@ fn granted_lease(task: &pb::Task, asked: Duration) -> Duration {
         .unwrap_or(asked)
         .min(asked)
 }
+
+/// Default of [`WorkerBuilder::max_batch`]: as many as the window allows,
+/// up to the size of a PutTasks batch.
+const DEFAULT_MAX_BATCH: usize = 1000;
 
 /// How long a worker keeps trying to deliver one report.
 const REPORT_PATIENCE: Duration = Duration::from_secs(30);

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
+use prost::Message as _;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tonic::Code;
@@ -49,6 +50,7 @@ where
             worker_id: ctx.worker_id.clone(),
             lease: prost_types::Duration::try_from(ctx.lease).ok(),
             max_in_flight: u32::try_from(ctx.concurrency).unwrap_or(u32::MAX),
+            max_batch: u32::try_from(ctx.max_batch.min(ctx.concurrency)).unwrap_or(1),
         };
         let opened = tokio::select! {
             biased;
@@ -97,6 +99,10 @@ fn refused(status: &tonic::Status) -> bool {
     )
 }
 
+/// Largest `results` message the worker sends, unless it holds one result
+/// (the contract: StreamTasks, point 6).
+const RESULT_BATCH_BYTES: usize = 1 << 20;
+
 /// Serves one open stream until it breaks or the shutdown drain is done.
 async fn serve<F, Fut>(
     ctx: &WorkerBuilder,
@@ -110,23 +116,16 @@ where
     F: Fn(pb::Task) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = HandlerResult> + Send + 'static,
 {
-    let mut running: JoinSet<HandlerResult> = JoinSet::new();
-    // Each running task by lease id (one task may come twice, under two
-    // leases), to stop it when that lease is lost.
-    let mut handles: HashMap<String, AbortHandle> = HashMap::new();
-    // Whether each result sent and not yet acknowledged was a success, in
-    // the order sent (the server acknowledges in that order): an output the
-    // server refuses is turned into the task's failure.
-    let mut unacked: VecDeque<bool> = VecDeque::new();
-    let mut tasks_by_runner: HashMap<tokio::task::Id, Ids> = HashMap::new();
+    let mut running = Running::default();
+    let mut outbox = Outbox::default();
     let mut grace_ends: Option<Instant> = None;
     loop {
-        if grace_ends.is_some() && running.is_empty() {
+        if grace_ends.is_some() && running.set.is_empty() {
             break;
         }
         tokio::select! {
             () = &mut shutdown, if grace_ends.is_none() => {
-                tracing::info!(running = running.len(), grace = ?ctx.shutdown_grace, "stopping: letting running tasks finish");
+                tracing::info!(running = running.set.len(), grace = ?ctx.shutdown_grace, "stopping: letting running tasks finish");
                 grace_ends = Some(Instant::now() + ctx.shutdown_grace);
                 // No new tasks; results still go in.
                 tx.send(In::Window(pb::SetMaxInFlight { max_in_flight: 0 }));
@@ -134,46 +133,25 @@ where
             message = inbound.message() => match message {
                 Ok(Some(pb::ServerMessage { msg: Some(msg) })) => match msg {
                     Out::Task(task) => {
-                        let ids = Ids { task_id: task.id.clone(), lease_id: task.lease_id.clone() };
-                        let mut work = Box::pin(run_one(handler.clone(), task, tx.clone(), ctx.lease));
-                        // A quick handler is done at its first poll: report it
-                        // at once, without a task (and two wake-ups) of its own.
-                        // (A handler that computes for long without awaiting
-                        // holds the stream up here; such work belongs in
-                        // spawn_blocking, as anywhere on tokio.)
-                        let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
-                        let Poll::Ready(result) = first else {
-                            let lease = ids.lease_id.clone();
-                            let handle = running.spawn(work);
-                            tasks_by_runner.insert(handle.id(), ids);
-                            handles.insert(lease, handle);
-                            continue;
-                        };
-                        if !report_result(&tx, &mut unacked, ids, result) {
-                            return end(grace_ends.is_some(), "the stream closed".into());
+                        start(handler, task, ctx.lease, &tx, &mut running, &mut outbox).await;
+                    }
+                    Out::Tasks(batch) => {
+                        // A server that sends batches takes them.
+                        outbox.batches = true;
+                        for task in batch.tasks {
+                            start(handler, task, ctx.lease, &tx, &mut running, &mut outbox).await;
                         }
                     }
-                    Out::ResultAck(ack) => {
-                        let success = unacked.pop_front().unwrap_or(false);
-                        let refused_output = ack.error.as_ref().is_some_and(|e| e.code == Code::InvalidArgument as i32);
-                        if success && refused_output {
-                            // The output itself was refused (too large): say so
-                            // as the task's failure rather than leave it to run again.
-                            let message = format!("the server refused the output: {}", ack.error.as_ref().map_or("", |e| e.message.as_str()));
-                            unacked.push_back(false);
-                            tx.send(In::Result(pb::PutResultRequest {
-                                task_id: ack.task_id,
-                                lease_id: ack.lease_id,
-                                outcome: Some(Outcome::Failure(pb::Failure { message, retry: false })),
-                            }));
-                        } else {
-                            tally(report, &ack);
+                    Out::ResultAck(ack) => outbox.acknowledged(ack, report),
+                    Out::ResultAcks(batch) => {
+                        for ack in batch.acks {
+                            outbox.acknowledged(ack, report);
                         }
                     }
                     Out::ExtendAck(ack) => {
                         if let Some(error) = ack.error {
                             // The lease is gone: another worker has the task.
-                            if let Some(handle) = handles.remove(&ack.lease_id) {
+                            if let Some(handle) = running.handles.remove(&ack.lease_id) {
                                 handle.abort();
                                 report.abandoned += 1;
                                 tracing::warn!(task_id = %ack.task_id, error = %error.message, "lease lost; dropping the task");
@@ -186,33 +164,22 @@ where
                 Err(status) if refused(&status) => return StreamEnd::Refused(status.into()),
                 Err(status) => return end(grace_ends.is_some(), ClientError::from(status).to_string()),
             },
-            Some(done) = running.join_next_with_id(), if !running.is_empty() => {
-                let (ids, result) = match done {
-                    Ok((runner, result)) => {
-                        let Some(ids) = tasks_by_runner.remove(&runner) else { continue };
-                        (ids, result)
-                    }
-                    Err(error) if error.is_cancelled() => {
-                        tasks_by_runner.remove(&error.id());
-                        continue;
-                    }
-                    Err(error) => {
-                        tracing::error!(%error, "a task handler panicked");
-                        let Some(ids) = tasks_by_runner.remove(&error.id()) else { continue };
-                        (ids, Err(super::TaskFailure::retryable("the task handler panicked")))
-                    }
-                };
-                handles.remove(&ids.lease_id);
-                if !report_result(&tx, &mut unacked, ids, result) {
-                    return end(grace_ends.is_some(), "the stream closed".into());
+            Some(done) = running.set.join_next_with_id(), if !running.set.is_empty() => {
+                running.finished(done, &mut outbox);
+                // Others done by now go back in the same message.
+                while let Some(done) = running.set.try_join_next_with_id() {
+                    running.finished(done, &mut outbox);
                 }
             }
             () = sleep_until(grace_ends), if grace_ends.is_some() => {
-                tracing::warn!(running = running.len(), "grace period over; the server takes back unfinished tasks");
-                report.interrupted += running.len() as u64;
-                running.abort_all();
+                tracing::warn!(running = running.set.len(), "grace period over; the server takes back unfinished tasks");
+                report.interrupted += running.set.len() as u64;
+                running.set.abort_all();
                 break;
             }
+        }
+        if !outbox.flush(&tx) {
+            return end(grace_ends.is_some(), "the stream closed".into());
         }
     }
     // Closing our side ends the stream: the server acknowledges what it
@@ -222,13 +189,96 @@ where
     drop(tx);
     let acks = async {
         while let Ok(Some(message)) = inbound.message().await {
-            if let Some(Out::ResultAck(ack)) = message.msg {
-                tally(report, &ack);
+            match message.msg {
+                Some(Out::ResultAck(ack)) => tally(report, &ack),
+                Some(Out::ResultAcks(batch)) => {
+                    for ack in &batch.acks {
+                        tally(report, ack);
+                    }
+                }
+                _ => {}
             }
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(10), acks).await;
     StreamEnd::Shutdown
+}
+
+/// Starts a task's handler. A quick handler is done at its first poll: its
+/// result goes in the outbox at once, without a task (and two wake-ups) of
+/// its own. (A handler that computes for long without awaiting holds the
+/// stream up here; such work belongs in spawn_blocking, as anywhere on
+/// tokio.)
+async fn start<F, Fut>(
+    handler: &Arc<F>,
+    task: pb::Task,
+    lease: Duration,
+    tx: &WorkerSender,
+    running: &mut Running,
+    outbox: &mut Outbox,
+) where
+    F: Fn(pb::Task) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    let ids = Ids {
+        task_id: task.id.clone(),
+        lease_id: task.lease_id.clone(),
+    };
+    let mut work = Box::pin(run_one(handler.clone(), task, tx.clone(), lease));
+    let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
+    match first {
+        Poll::Ready(result) => outbox.push(ids, result),
+        Poll::Pending => {
+            let lease = ids.lease_id.clone();
+            let handle = running.set.spawn(work);
+            running.tasks_by_runner.insert(handle.id(), ids);
+            running.handles.insert(lease, handle);
+        }
+    }
+}
+
+/// The handlers running on their own tasks.
+#[derive(Default)]
+struct Running {
+    set: JoinSet<HandlerResult>,
+    /// Each running task by lease id (one task may come twice, under two
+    /// leases), to stop it when that lease is lost.
+    handles: HashMap<String, AbortHandle>,
+    tasks_by_runner: HashMap<tokio::task::Id, Ids>,
+}
+
+impl Running {
+    /// A handler's task ended: its result goes in the outbox.
+    fn finished(
+        &mut self,
+        done: Result<(tokio::task::Id, HandlerResult), tokio::task::JoinError>,
+        outbox: &mut Outbox,
+    ) {
+        let (ids, result) = match done {
+            Ok((runner, result)) => {
+                let Some(ids) = self.tasks_by_runner.remove(&runner) else {
+                    return;
+                };
+                (ids, result)
+            }
+            Err(error) if error.is_cancelled() => {
+                self.tasks_by_runner.remove(&error.id());
+                return;
+            }
+            Err(error) => {
+                tracing::error!(%error, "a task handler panicked");
+                let Some(ids) = self.tasks_by_runner.remove(&error.id()) else {
+                    return;
+                };
+                (
+                    ids,
+                    Err(super::TaskFailure::retryable("the task handler panicked")),
+                )
+            }
+        };
+        self.handles.remove(&ids.lease_id);
+        outbox.push(ids, result);
+    }
 }
 
 /// What the loop keeps of a task while its handler runs: enough to report.
@@ -237,28 +287,100 @@ struct Ids {
     lease_id: String,
 }
 
-/// Sends a handler's result on the stream; false when the stream is gone.
-/// Its kind waits in `unacked` for its ack, in case the server refuses a
-/// success's output itself.
-fn report_result(
-    tx: &WorkerSender,
-    unacked: &mut VecDeque<bool>,
-    ids: Ids,
-    result: HandlerResult,
-) -> bool {
-    unacked.push_back(result.is_ok());
-    let outcome = match result {
-        Ok(output) => Outcome::Output(output),
-        Err(failure) => Outcome::Failure(pb::Failure {
-            message: failure.message,
-            retry: failure.retry,
-        }),
-    };
-    tx.send(In::Result(pb::PutResultRequest {
-        task_id: ids.task_id,
-        lease_id: ids.lease_id,
-        outcome: Some(outcome),
-    }))
+/// Results gathered while one event is handled, sent together after it:
+/// the results of a batch of tasks go back in one message.
+#[derive(Default)]
+struct Outbox {
+    results: Vec<pb::PutResultRequest>,
+    /// Whether each result sent and not yet acknowledged was a success, in
+    /// the order sent (the server acknowledges in that order): an output
+    /// the server refuses is turned into the task's failure.
+    unacked: VecDeque<bool>,
+    /// The server sent a batch, so it takes `results` messages.
+    batches: bool,
+}
+
+impl Outbox {
+    fn push(&mut self, ids: Ids, result: HandlerResult) {
+        self.unacked.push_back(result.is_ok());
+        let outcome = match result {
+            Ok(output) => Outcome::Output(output),
+            Err(failure) => Outcome::Failure(pb::Failure {
+                message: failure.message,
+                retry: failure.retry,
+            }),
+        };
+        self.results.push(pb::PutResultRequest {
+            task_id: ids.task_id,
+            lease_id: ids.lease_id,
+            outcome: Some(outcome),
+        });
+    }
+
+    /// A result's ack: counted, or, when the server refused a success's
+    /// output itself (too large), the task's failure goes in instead of
+    /// leaving it to run again.
+    fn acknowledged(&mut self, ack: pb::ResultAck, report: &mut WorkerReport) {
+        let success = self.unacked.pop_front().unwrap_or(false);
+        let refused_output = ack
+            .error
+            .as_ref()
+            .is_some_and(|e| e.code == Code::InvalidArgument as i32);
+        if success && refused_output {
+            let message = format!(
+                "the server refused the output: {}",
+                ack.error.as_ref().map_or("", |e| e.message.as_str())
+            );
+            self.push(
+                Ids {
+                    task_id: ack.task_id,
+                    lease_id: ack.lease_id,
+                },
+                Err(super::TaskFailure::fatal(message)),
+            );
+        } else {
+            tally(report, &ack);
+        }
+    }
+
+    /// Sends what it holds: one `results` message per [`RESULT_BATCH_BYTES`]
+    /// when the server takes batches, else one `result` each. False when
+    /// the stream is gone.
+    fn flush(&mut self, tx: &WorkerSender) -> bool {
+        if self.results.is_empty() {
+            return true;
+        }
+        if !self.batches || self.results.len() == 1 {
+            return self
+                .results
+                .drain(..)
+                .all(|result| tx.send(In::Result(result)));
+        }
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        for result in self.results.drain(..) {
+            let size = result.encoded_len();
+            if !batch.is_empty() && bytes + size > RESULT_BATCH_BYTES {
+                if !send_batch(tx, std::mem::take(&mut batch)) {
+                    return false;
+                }
+                bytes = 0;
+            }
+            bytes += size;
+            batch.push(result);
+        }
+        send_batch(tx, batch)
+    }
+}
+
+/// One result as `result`, more as `results`.
+fn send_batch(tx: &WorkerSender, mut results: Vec<pb::PutResultRequest>) -> bool {
+    if results.len() == 1 {
+        return results
+            .pop()
+            .is_some_and(|result| tx.send(In::Result(result)));
+    }
+    tx.send(In::Results(pb::PutResultBatch { results }))
 }
 
 fn end(draining: bool, why: String) -> StreamEnd {
