@@ -64,6 +64,8 @@ pub enum Call {
     GetResult,
     /// `WatchResults`.
     WatchResults,
+    /// `WatchResultBatches`.
+    WatchResultBatches,
     /// `GetTask`.
     GetTask,
     /// `StreamTasks`.
@@ -81,7 +83,11 @@ impl Call {
     /// the whole authorization table.
     fn role(self) -> Role {
         match self {
-            Call::PutTask | Call::PutTasks | Call::GetResult | Call::WatchResults => Role::Producer,
+            Call::PutTask
+            | Call::PutTasks
+            | Call::GetResult
+            | Call::WatchResults
+            | Call::WatchResultBatches => Role::Producer,
             Call::GetTask | Call::StreamTasks | Call::ExtendLease | Call::PutResult => Role::Worker,
             Call::GetStats => Role::Admin,
         }
@@ -93,6 +99,7 @@ impl Call {
             Call::PutTasks => "PutTasks",
             Call::GetResult => "GetResult",
             Call::WatchResults => "WatchResults",
+            Call::WatchResultBatches => "WatchResultBatches",
             Call::GetTask => "GetTask",
             Call::StreamTasks => "StreamTasks",
             Call::ExtendLease => "ExtendLease",
@@ -584,6 +591,7 @@ mod tests {
             PutTasks,
             GetResult,
             WatchResults,
+            WatchResultBatches,
             GetTask,
             StreamTasks,
             ExtendLease,
@@ -598,7 +606,13 @@ mod tests {
         };
         assert_eq!(
             allowed(Role::Producer),
-            [PutTask, PutTasks, GetResult, WatchResults]
+            [
+                PutTask,
+                PutTasks,
+                GetResult,
+                WatchResults,
+                WatchResultBatches
+            ]
         );
         assert_eq!(
             allowed(Role::Worker),

@@ -214,6 +214,26 @@ async fn each_role_reaches_its_calls_only() {
     );
     let got = producer.get_result(read).await.unwrap().into_inner();
     assert_eq!(got.result.unwrap().task_id, id);
+    let watch = pb::WatchResultsRequest {
+        target: Some(pb::watch_results_request::Target::TaskIds(pb::TaskIds {
+            ids: vec![id.clone()],
+        })),
+    };
+    denied(
+        worker.watch_result_batches(watch.clone()).await,
+        "a worker may not watch results in batches",
+    );
+    let mut batches = producer
+        .watch_result_batches(watch)
+        .await
+        .unwrap()
+        .into_inner();
+    let batch = batches
+        .message()
+        .await
+        .unwrap()
+        .expect("the finished result");
+    assert_eq!(batch.results[0].task_id, id);
     let stats = admin
         .get_stats(pb::GetStatsRequest::default())
         .await
@@ -352,6 +372,14 @@ async fn queue_limited_tokens_touch_only_their_queues() {
             })
             .await,
         "watch another queue",
+    );
+    denied(
+        producer
+            .watch_result_batches(pb::WatchResultsRequest {
+                target: Some(pb::watch_results_request::Target::Queue("billing".into())),
+            })
+            .await,
+        "watch another queue in batches",
     );
     // The lease was not touched by the refused calls: its holder finishes.
     any_worker

@@ -547,6 +547,112 @@ async fn watch_results_by_ids_ends_after_the_last_and_refuses_unknown_ids() {
     server.shutdown().await;
 }
 
+/// Finishes `n` tasks of `queue` through a batched stream, each with
+/// `output`, and waits for the acks. Returns the task ids.
+async fn finish_batched(client: &mut Client, queue: &str, n: usize, output: &str) -> Vec<String> {
+    let ids = put_many(client, queue, n).await;
+    let mut worker = open_batched(client, queue, n as u32, n as u32).await;
+    let mut tasks = Vec::new();
+    while tasks.len() < n {
+        tasks.extend(worker.batch().await);
+    }
+    let results = tasks
+        .iter()
+        .map(|task| self::output(task, &task.lease_id, output))
+        .collect();
+    worker
+        .send(In::Results(pb::PutResultBatch { results }))
+        .await;
+    let Out::ResultAcks(acks) = worker.next().await else {
+        panic!("expected the batch's acks");
+    };
+    assert!(acks.acks.iter().all(|ack| ack.error.is_none()));
+    ids
+}
+
+async fn next_batch(batches: &mut Streaming<pb::ResultBatch>) -> Option<Vec<pb::Result>> {
+    tokio::time::timeout(WAIT, batches.next())
+        .await
+        .expect("a message within 10s")
+        .map(|batch| batch.expect("not an error").results)
+}
+
+/// WatchResultBatches is WatchResults with the results ready at once in
+/// one message: by queue, each handed out once and the queue left empty.
+#[tokio::test]
+async fn watch_result_batches_by_queue_hands_out_each_result_once() {
+    let server = TestServer::spawn().await;
+    let mut client = server.client().await;
+    let ids = finish_batched(&mut client, "q", 6, "r").await;
+    let mut batches = client
+        .watch_result_batches(pb::WatchResultsRequest {
+            target: Some(pb::watch_results_request::Target::Queue("q".into())),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // All six were finished before the call: one message holds them.
+    let results = next_batch(&mut batches).await.unwrap();
+    let seen: HashSet<_> = results.iter().map(|r| r.task_id.clone()).collect();
+    assert_eq!((results.len(), seen), (6, ids.into_iter().collect()));
+    let left = client
+        .get_result(common::with_deadline(
+            pb::GetResultRequest {
+                target: Some(pb::get_result_request::Target::Queue("q".into())),
+                max_wait: Some(Duration::ZERO.try_into().unwrap()),
+            },
+            WAIT,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(left.result.is_none(), "handed out once");
+    server.shutdown().await;
+}
+
+/// By task ids: NOT_FOUND before anything for an unknown id; results in
+/// messages of at most 1 MiB unless one result is larger; the stream ends
+/// after the last.
+#[tokio::test]
+async fn watch_result_batches_by_ids_split_at_one_mebibyte_and_end() {
+    let server = TestServer::spawn().await;
+    let mut client = server.client().await;
+    let big = "y".repeat(400 * 1024);
+    let ids = finish_batched(&mut client, "q", 3, &big).await;
+    let target = |ids: Vec<String>| pb::WatchResultsRequest {
+        target: Some(pb::watch_results_request::Target::TaskIds(pb::TaskIds {
+            ids,
+        })),
+    };
+    let mut unknown = ids.clone();
+    unknown.push("01890a5d-ac96-774b-bcce-b302099a8057".into());
+    let status = client
+        .watch_result_batches(target(unknown))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+
+    let mut batches = client
+        .watch_result_batches(target(ids.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut sizes = Vec::new();
+    let mut seen = HashSet::new();
+    while let Some(results) = next_batch(&mut batches).await {
+        let size = pb::ResultBatch {
+            results: results.clone(),
+        }
+        .encoded_len();
+        assert!(size <= 1 << 20 || results.len() == 1, "{size} bytes");
+        sizes.push(results.len());
+        seen.extend(results.into_iter().map(|r| r.task_id));
+    }
+    assert_eq!(sizes, [2, 1], "two fit in 1 MiB, then the stream ended");
+    assert_eq!(seen, ids.into_iter().collect());
+    server.shutdown().await;
+}
+
 /// During a drain a stream gets no new task, its results still go in, and
 /// once it holds nothing the server ends it with UNAVAILABLE, so the drain
 /// does not wait for the grace period.

@@ -76,6 +76,11 @@ pub struct BenchArgs {
     /// WatchResults of its task ids before the next batch is put.
     #[arg(long, value_enum, default_value_t = ResultsBy::Queue)]
     pub results: ResultsBy,
+    /// Stream mode: `true` sends the tasks, results and acks ready at once
+    /// in one message (StreamTasks batches, WatchResultBatches); `false`
+    /// one per message, as clients written before batches do.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub batches: bool,
     /// After the round trip, put this many tasks nobody takes and report
     /// the memory per pending task (embedded server only; 0 skips).
     #[arg(long, default_value = "100000", value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
@@ -241,6 +246,7 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             "mode": format!("{:?}", args.mode).to_lowercase(),
             "batch": args.batch,
             "results": format!("{:?}", args.results).to_lowercase(),
+            "batches": args.batches,
             "baseline_unary": baseline.to_json("calls"),
             "round_trip": round_trip.to_json("tasks"),
             "held_bytes_per_task": memory.map(|m| m.bytes_per_task()),
@@ -250,9 +256,10 @@ pub async fn run(args: BenchArgs) -> ExitCode {
     } else {
         let batches = if args.mode == BenchMode::Stream {
             format!(
-                " (batches of {}, results by {})",
+                " (batches of {}, results by {}, {} per message)",
                 args.batch,
-                format!("{:?}", args.results).to_lowercase()
+                format!("{:?}", args.results).to_lowercase(),
+                if args.batches { "several" } else { "one" }
             )
         } else {
             String::new()
@@ -323,6 +330,7 @@ async fn measure(
             })
             .queue(queue.clone())
             .concurrency(args.concurrency as usize)
+            .max_batch(if args.batches { 1000 } else { 1 })
             .worker_id(format!("bench-worker-{i}"))
             .poll_wait(Duration::from_secs(1))
             .run_until(|task| async move { builtin::echo(&task) }, async {
@@ -368,7 +376,12 @@ async fn produce_each(args: &BenchArgs, producers: Vec<Client>, queue: &str) -> 
         let payload = payload.clone();
         if args.mode == BenchMode::Stream {
             running.push(tokio::spawn(produce_batches(
-                client, queue, payload, share, args.batch,
+                client,
+                queue,
+                payload,
+                share,
+                args.batch,
+                args.batches,
             )));
             continue;
         }
@@ -409,6 +422,7 @@ async fn produce_batches(
     payload: Bytes,
     share: u64,
     batch: u64,
+    batches: bool,
 ) -> (Histogram<u64>, u64) {
     let mut latency = histogram();
     let mut errors = 0;
@@ -431,8 +445,8 @@ async fn produce_batches(
         let expected = ids.len() as u64;
         let mut got = 0;
         let target = crate::pb::watch_results_request::Target::TaskIds(crate::pb::TaskIds { ids });
-        if let Ok(mut results) = client.watch_results(target).await {
-            while let Ok(Some(_)) = results.message().await {
+        if let Ok(mut results) = ResultFeed::open(&client, target, batches).await {
+            while let Ok(Some(_)) = results.next().await {
                 let _ = latency.record(micros(t0));
                 got += 1;
             }
@@ -440,6 +454,47 @@ async fn produce_batches(
         errors += expected - got;
     }
     (latency, errors)
+}
+
+/// Results one by one, from WatchResults or from WatchResultBatches.
+enum ResultFeed {
+    One(tonic::Streaming<crate::pb::Result>),
+    Batched {
+        batches: tonic::Streaming<crate::pb::ResultBatch>,
+        ready: std::vec::IntoIter<crate::pb::Result>,
+    },
+}
+
+impl ResultFeed {
+    async fn open(
+        client: &Client,
+        target: crate::pb::watch_results_request::Target,
+        batches: bool,
+    ) -> Result<Self, crate::client::ClientError> {
+        Ok(if batches {
+            Self::Batched {
+                batches: client.watch_result_batches(target).await?,
+                ready: Vec::new().into_iter(),
+            }
+        } else {
+            Self::One(client.watch_results(target).await?)
+        })
+    }
+
+    async fn next(&mut self) -> Result<Option<crate::pb::Result>, tonic::Status> {
+        match self {
+            Self::One(results) => results.message().await,
+            Self::Batched { batches, ready } => loop {
+                if let Some(result) = ready.next() {
+                    return Ok(Some(result));
+                }
+                match batches.message().await? {
+                    Some(batch) => *ready = batch.results.into_iter(),
+                    None => return Ok(None),
+                }
+            },
+        }
+    }
 }
 
 /// Stream mode with `--results queue`: every producer puts batches with
@@ -469,11 +524,8 @@ async fn produce_by_queue(args: &BenchArgs, clients: Vec<Client>, queue: &str) -
     let mut producers = Vec::new();
     for (i, client) in clients.into_iter().enumerate() {
         let share = share_of(args, i);
-        let results = client
-            .watch_results(crate::pb::watch_results_request::Target::Queue(
-                queue.into(),
-            ))
-            .await;
+        let target = crate::pb::watch_results_request::Target::Queue(queue.into());
+        let results = ResultFeed::open(&client, target, args.batches).await;
         let mut done = finished.subscribe();
         let (window_r, settle_r) = (window.clone(), settle.clone());
         readers.push(tokio::spawn(async move {
@@ -484,7 +536,7 @@ async fn produce_by_queue(args: &BenchArgs, clients: Vec<Client>, queue: &str) -
             };
             loop {
                 let result = tokio::select! {
-                    result = results.message() => result,
+                    result = results.next() => result,
                     _ = done.wait_for(|finished| *finished) => break,
                 };
                 let Ok(Some(result)) = result else { break };

@@ -85,9 +85,13 @@ async fn call_once(service: &TaskQueueService, call: u8, body: &[u8]) -> Result<
             let m = pb::PutTasksRequest::decode(body).map_err(undecodable)?;
             service.put_tasks(request(m)).await.map(drop)
         }
-        _ => {
+        7 => {
             let m = pb::WatchResultsRequest::decode(body).map_err(undecodable)?;
             service.watch_results(request(m)).await.map(drop)
+        }
+        _ => {
+            let m = pb::WatchResultsRequest::decode(body).map_err(undecodable)?;
+            service.watch_result_batches(request(m)).await.map(drop)
         }
     }
 }

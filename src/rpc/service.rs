@@ -263,6 +263,18 @@ impl TaskQueue for TaskQueueService {
         Ok(Response::new(stream))
     }
 
+    type WatchResultBatchesStream = streams::ResultBatches;
+
+    async fn watch_result_batches(
+        &self,
+        request: Request<pb::WatchResultsRequest>,
+    ) -> Result<Response<Self::WatchResultBatchesStream>, Status> {
+        let access = permit(&request, Call::WatchResultBatches)?;
+        let stream =
+            streams::watch_results(&self.broker, &access, request.into_inner(), self.max_batch)?;
+        Ok(Response::new(streams::ResultBatches::new(stream)))
+    }
+
     async fn get_stats(
         &self,
         request: Request<pb::GetStatsRequest>,

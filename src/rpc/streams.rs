@@ -68,6 +68,65 @@ impl Stream for Results {
     }
 }
 
+/// WatchResultBatches' outbound side: [`Results`], with the results ready
+/// at once sent together, up to [`BATCH_BYTES`].
+pub struct ResultBatches {
+    results: Results,
+    /// What did not fit the last batch: the next one's first (a result), or
+    /// the status sent after it.
+    held: Option<Result<pb::Result, Status>>,
+}
+
+impl ResultBatches {
+    pub fn new(results: Results) -> Self {
+        Self {
+            results,
+            held: None,
+        }
+    }
+}
+
+impl Stream for ResultBatches {
+    type Item = Result<pb::ResultBatch, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let mut results = Vec::new();
+        let mut bytes = 0;
+        match this.held.take() {
+            Some(Ok(result)) => {
+                bytes += result.encoded_len();
+                results.push(result);
+            }
+            Some(Err(status)) => return Poll::Ready(Some(Err(status))),
+            None => {}
+        }
+        loop {
+            let result = match Pin::new(&mut this.results).poll_next(cx) {
+                Poll::Ready(Some(Ok(result))) => result,
+                Poll::Ready(Some(Err(status))) if results.is_empty() => {
+                    return Poll::Ready(Some(Err(status)));
+                }
+                Poll::Ready(Some(Err(status))) => {
+                    this.held = Some(Err(status));
+                    break;
+                }
+                Poll::Ready(None) if results.is_empty() => return Poll::Ready(None),
+                Poll::Pending if results.is_empty() => return Poll::Pending,
+                Poll::Ready(None) | Poll::Pending => break,
+            };
+            let size = result.encoded_len();
+            if !results.is_empty() && bytes + size > BATCH_BYTES {
+                this.held = Some(Ok(result));
+                break;
+            }
+            bytes += size;
+            results.push(result);
+        }
+        Poll::Ready(Some(Ok(pb::ResultBatch { results })))
+    }
+}
+
 pub fn item_error(status: &Status) -> pb::ItemError {
     pb::ItemError {
         code: status.code() as i32,
