@@ -354,6 +354,20 @@ impl Broker {
         self.state().complete(lease, outcome, Instant::now())
     }
 
+    /// [`Broker::complete`] for many results under one lock: one answer
+    /// per result, in order, each as `complete` would give it.
+    pub fn complete_many(
+        &self,
+        results: Vec<(LeaseId, Outcome)>,
+    ) -> Vec<Result<TaskState, BrokerError>> {
+        let mut state = self.state();
+        let now = Instant::now();
+        results
+            .into_iter()
+            .map(|(lease, outcome)| state.complete(lease, outcome, now))
+            .collect()
+    }
+
     /// The result of a task, waiting up to `wait` while it is unfinished.
     /// Not consumed: asking again gives the same result.
     ///

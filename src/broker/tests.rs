@@ -1508,3 +1508,21 @@ fn ids_are_unique_v7_and_stamped() {
     let mut other = super::types::IdMaker::new();
     assert!(!seen.contains(&other.next(ms)));
 }
+
+/// The hot path's `to_text` writes exactly what `Display` writes, so ids
+/// and leases read back the same whichever wrote them.
+#[test]
+fn to_text_matches_display() {
+    let mut maker = super::types::IdMaker::new();
+    for seq in [0, 1, 9, 10, 99, 1_000, 65_536, u32::MAX] {
+        let lease = super::types::LeaseId {
+            task: maker.next(1_790_000_000_123),
+            seq,
+        };
+        assert_eq!(lease.task.to_text(), lease.task.to_string());
+        assert_eq!(lease.to_text(), lease.to_string());
+        // Sequence 0 is never issued, and never parsed.
+        let expected = (seq > 0).then_some(lease);
+        assert_eq!(super::types::LeaseId::parse(&lease.to_text()), expected);
+    }
+}

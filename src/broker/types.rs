@@ -161,6 +161,15 @@ impl TaskId {
     }
 }
 
+impl TaskId {
+    /// The id as `to_string` writes it, without the formatting machinery:
+    /// one is written for every task and result sent.
+    pub fn to_text(&self) -> String {
+        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        self.0.hyphenated().encode_lower(&mut text).to_owned()
+    }
+}
+
 impl fmt::Display for TaskId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.hyphenated().fmt(f)
@@ -188,6 +197,30 @@ impl LeaseId {
             task: TaskId::parse(task)?,
             seq,
         })
+    }
+}
+
+impl LeaseId {
+    /// The lease as `to_string` writes it (`task/seq`), without the
+    /// formatting machinery: one is written for every task sent.
+    pub fn to_text(&self) -> String {
+        let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let mut text = String::with_capacity(id.len() + 11);
+        text.push_str(self.task.0.hyphenated().encode_lower(&mut id));
+        text.push('/');
+        let mut digits = [0u8; 10];
+        let mut rest = self.seq;
+        let mut start = digits.len();
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+            if rest == 0 {
+                break;
+            }
+        }
+        text.extend(digits[start..].iter().map(|&d| char::from(d)));
+        text
     }
 }
 

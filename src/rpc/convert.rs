@@ -117,13 +117,13 @@ pub fn outcome(outcome: Option<pb::put_result_request::Outcome>) -> Result<Outco
 
 pub fn task(task: LeasedTask) -> pb::Task {
     pb::Task {
-        id: task.id.to_string(),
-        queue: task.queue.to_string(),
+        id: task.id.to_text(),
+        queue: task.queue.as_str().to_owned(),
         payload: task.payload,
         headers: task.headers,
         attempt: task.attempt,
         max_attempts: task.max_attempts,
-        lease_id: task.lease_id.to_string(),
+        lease_id: task.lease_id.to_text(),
         lease_expires_at: Some(timestamp(task.lease_expires_at)),
         created_at: Some(timestamp(task.created_at)),
         expires_at: task.expires_at.map(timestamp),
@@ -141,13 +141,16 @@ pub fn state(state: TaskState) -> pb::TaskState {
 
 pub fn result(result: TaskResult) -> pb::Result {
     pb::Result {
-        task_id: result.task_id.to_string(),
-        queue: result.queue.to_string(),
+        task_id: result.task_id.to_text(),
+        queue: result.queue.as_str().to_owned(),
         state: state(result.state).into(),
         output: result.output,
         error: result.error,
         attempts: result.attempts,
-        worker_id: result.worker.map(|w| w.to_string()).unwrap_or_default(),
+        worker_id: result
+            .worker
+            .map(|w| w.as_str().to_owned())
+            .unwrap_or_default(),
         created_at: Some(timestamp(result.created_at)),
         finished_at: Some(timestamp(result.finished_at)),
     }

@@ -112,11 +112,29 @@ pub(super) fn put_result(
     access: &Access,
     request: pb::PutResultRequest,
 ) -> Result<crate::broker::TaskState, Status> {
-    let task = convert::task_id(&request.task_id)?;
-    permit_task(broker, access, task)?;
-    let lease = convert::lease_id(task, &request.lease_id)?;
-    let outcome = convert::outcome(request.outcome)?;
+    let (lease, outcome) = result_request(
+        broker,
+        access,
+        &request.task_id,
+        &request.lease_id,
+        request.outcome,
+    )?;
     Ok(broker.complete(lease, outcome)?)
+}
+
+/// A result's lease and outcome from the wire, checked against `access`:
+/// what PutResult, unary or on a stream, hands the broker.
+pub(super) fn result_request(
+    broker: &Broker,
+    access: &Access,
+    task_id: &str,
+    lease_id: &str,
+    outcome: Option<pb::put_result_request::Outcome>,
+) -> Result<(crate::broker::LeaseId, crate::broker::Outcome), Status> {
+    let task = convert::task_id(task_id)?;
+    permit_task(broker, access, task)?;
+    let lease = convert::lease_id(task, lease_id)?;
+    Ok((lease, convert::outcome(outcome)?))
 }
 
 /// Default of `--max-batch`.
@@ -145,7 +163,7 @@ impl TaskQueue for TaskQueueService {
         permit_new_task(&access, &task)?;
         let outcome = self.broker.put(task, wait).await?;
         Ok(Response::new(pb::PutTaskResponse {
-            task_id: outcome.task_id.to_string(),
+            task_id: outcome.task_id.to_text(),
             duplicate: outcome.duplicate,
         }))
     }

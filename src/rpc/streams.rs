@@ -196,7 +196,7 @@ pub fn put_tasks(
             pb::PutTaskOutcome {
                 outcome: Some(match result {
                     Ok(put) => pb::put_task_outcome::Outcome::Ok(pb::PutTaskResponse {
-                        task_id: put.task_id.to_string(),
+                        task_id: put.task_id.to_text(),
                         duplicate: put.duplicate,
                     }),
                     Err(status) => pb::put_task_outcome::Outcome::Error(item_error(&status)),
@@ -411,16 +411,9 @@ fn handle(
         Some(In::Result(request)) => Ok(Some(pb::ServerMessage {
             msg: Some(Out::ResultAck(put_result(broker, access, request))),
         })),
-        Some(In::Results(batch)) => {
-            let acks = batch
-                .results
-                .into_iter()
-                .map(|request| put_result(broker, access, request))
-                .collect();
-            Ok(Some(pb::ServerMessage {
-                msg: Some(Out::ResultAcks(pb::ResultAckBatch { acks })),
-            }))
-        }
+        Some(In::Results(batch)) => Ok(Some(pb::ServerMessage {
+            msg: Some(Out::ResultAcks(put_results(broker, access, batch.results))),
+        })),
         Some(In::Extend(request)) => {
             let task_id = request.task_id.clone();
             let lease_id = request.lease_id.clone();
@@ -467,22 +460,64 @@ fn handle(
 
 /// One result from a stream, as PutResult, answered by its ack.
 fn put_result(broker: &Broker, access: &Access, request: pb::PutResultRequest) -> pb::ResultAck {
-    let task_id = request.task_id.clone();
-    let lease_id = request.lease_id.clone();
-    match service::put_result(broker, access, request) {
-        Ok(state) => pb::ResultAck {
+    let pb::PutResultRequest {
+        task_id,
+        lease_id,
+        outcome,
+    } = request;
+    let answer = service::result_request(broker, access, &task_id, &lease_id, outcome)
+        .and_then(|(lease, outcome)| Ok(broker.complete(lease, outcome)?));
+    let (state, error) = match answer {
+        Ok(state) => (convert::state(state), None),
+        Err(status) => (pb::TaskState::Unspecified, Some(item_error(&status))),
+    };
+    pb::ResultAck {
+        task_id,
+        state: state.into(),
+        error,
+        lease_id,
+    }
+}
+
+/// A `results` batch: each result checked and converted on its own, the
+/// valid ones completed under one lock, one ack per result in order.
+fn put_results(
+    broker: &Broker,
+    access: &Access,
+    requests: Vec<pb::PutResultRequest>,
+) -> pb::ResultAckBatch {
+    let mut acks = Vec::with_capacity(requests.len());
+    let mut valid = Vec::with_capacity(requests.len());
+    for request in requests {
+        let pb::PutResultRequest {
             task_id,
-            state: convert::state(state).into(),
-            error: None,
             lease_id,
-        },
-        Err(status) => pb::ResultAck {
+            outcome,
+        } = request;
+        let checked = service::result_request(broker, access, &task_id, &lease_id, outcome);
+        let error = match checked {
+            Ok(result) => {
+                valid.push(result);
+                None
+            }
+            Err(status) => Some(item_error(&status)),
+        };
+        acks.push(pb::ResultAck {
             task_id,
             state: pb::TaskState::Unspecified.into(),
-            error: Some(item_error(&status)),
+            // Unset here marks a result the broker answers below.
+            error,
             lease_id,
-        },
+        });
     }
+    let mut answers = broker.complete_many(valid).into_iter();
+    for ack in acks.iter_mut().filter(|ack| ack.error.is_none()) {
+        match answers.next().expect("one answer per valid result") {
+            Ok(state) => ack.state = convert::state(state).into(),
+            Err(error) => ack.error = Some(item_error(&Status::from(error))),
+        }
+    }
+    pb::ResultAckBatch { acks }
 }
 
 /// WatchResults: the queue's results as they finish, or the listed tasks'
