@@ -26,6 +26,10 @@ target/release/taskq bench --mode unary --tasks "$small" --fill 0 --json > "$out
 stream=(--mode stream --tasks "$tasks" --workers 4 --concurrency 256 --payload-bytes 8 --fill 0 --json)
 echo "running: taskq stream ($tasks tasks, 8-byte payloads, 4 producers x 256)..." >&2
 target/release/taskq bench "${stream[@]}" --producers 4 --batch 256 > "$out/stream.json"
+# The same with one task, result or ack per message, as clients written
+# before batches (Subscribe.max_batch unset, WatchResults).
+echo "running: taskq stream, one per message..." >&2
+target/release/taskq bench "${stream[@]}" --producers 4 --batch 256 --batches false > "$out/single_messages.json"
 echo "running: taskq stream, results read by task ids..." >&2
 target/release/taskq bench "${stream[@]}" --producers 4 --batch 256 --results ids > "$out/by_ids.json"
 echo "running: taskq stream, 16 producers x 64..." >&2
@@ -37,12 +41,13 @@ python3 - "$out" <<'PY'
 import json, sys, os
 d = sys.argv[1]
 load = lambda n: json.load(open(os.path.join(d, n + ".json")))
-seed, ceiling, unary, stream, by_ids, sixteen, single = (load(n) for n in ("seed", "ceiling", "unary", "stream", "by_ids", "sixteen", "single"))
+seed, ceiling, unary, stream, single_messages, by_ids, sixteen, single = (load(n) for n in ("seed", "ceiling", "unary", "stream", "single_messages", "by_ids", "sixteen", "single"))
 rt = lambda r: (r["round_trip"]["tasks_per_second"], r["round_trip"]["latency_ms"]["p50"], r["round_trip"]["latency_ms"]["p99"])
 rows = [
     ("seed pattern (BaseManager, 2 workers)", seed["tasks_per_second"], seed["p50_ms"], seed["p99_ms"], None),
     ("taskq unary (4 calls per task)", *rt(unary), ceiling["unary_calls_per_second"] / 4),
     ("taskq stream (PutTasks/StreamTasks/WatchResults)", *rt(stream), ceiling["bidi_messages_per_second"] / 2),
+    ("taskq stream, one task/result/ack per message", *rt(single_messages), ceiling["bidi_messages_per_second"] / 2),
     ("taskq stream, results by task ids", *rt(by_ids), ceiling["bidi_messages_per_second"] / 2),
     ("taskq stream, 16 producers x 64", *rt(sixteen), ceiling["bidi_messages_per_second"] / 2),
     ("taskq stream, 1 task in flight", *rt(single), None),
@@ -56,4 +61,5 @@ for name, rate, p50, p99, ceil in rows:
     share = f"{100 * rate / ceil:.0f}%" if ceil else "-"
     print(f"{name:<50} {fmt(rate, 0):>12} {fmt(p50):>9} {fmt(p99):>9} {fmt(vs_seed, 1):>7} {share:>11}")
 print("ceiling for unary = unary echo calls/s / 4; for stream = bidi echo messages/s / 2 (a task makes two echo-like trips)")
+print("stream rows: 4 producers x 256 unless named; several tasks, results and acks per message (StreamTasks batches, WatchResultBatches) unless named")
 PY

@@ -213,6 +213,69 @@ def check_status_codes(addr):
     assert code_of(s.PutTask, pb.PutTaskRequest(queue="full")) == C.RESOURCE_EXHAUSTED
 
 
+def check_batches(addr):
+    """StreamTasks with batches and WatchResultBatches from another language:
+    tasks come in `tasks` messages within the window, a `results` message is
+    answered by one `result_acks`, and every result reads back."""
+    import queue
+    import taskq.v1.taskq_pb2 as pb
+
+    s = stub(addr)
+    tasks = [pb.PutTaskRequest(queue="batches", payload=b"%d" % i) for i in range(12)]
+    reply = s.PutTasks(pb.PutTasksRequest(tasks=tasks), timeout=10, metadata=AUTH)
+    ids = [o.ok.task_id for o in reply.outcomes]
+    assert len(ids) == 12 and all(ids), reply
+
+    outbox = queue.Queue()
+
+    def messages():
+        while True:
+            message = outbox.get()
+            if message is None:
+                return
+            yield message
+
+    outbox.put(pb.WorkerMessage(subscribe=pb.Subscribe(
+        queue="batches", worker_id="py-batches", lease=duration(30), max_in_flight=8, max_batch=5)))
+    replies = s.StreamTasks(messages(), timeout=30, metadata=AUTH)
+    # Each `tasks` message is answered at once by one `results` message. A
+    # freed slot may be refilled before its ack is sent, so tasks and acks
+    # may interleave; the window still bounds tasks received minus results
+    # sent (the server has accepted at most what was sent).
+    received, sent, acked = 0, 0, 0
+    unacked = []
+    try:
+        while acked < 12:
+            message = next(replies)
+            kind = message.WhichOneof("msg")
+            if kind == "tasks":
+                batch = message.tasks.tasks
+                assert 1 <= len(batch) <= 5, len(batch)
+                received += len(batch)
+                assert received - sent <= 8, "never more than the window"
+                results = [pb.PutResultRequest(task_id=t.id, lease_id=t.lease_id, output=t.payload + b"!")
+                           for t in batch]
+                outbox.put(pb.WorkerMessage(results=pb.PutResultBatch(results=results)))
+                sent += len(batch)
+                unacked.append([t.id for t in batch])
+            else:
+                assert kind == "result_acks", message
+                acks = message.result_acks.acks
+                assert [a.task_id for a in acks] == unacked.pop(0), "one ack per result, in order"
+                assert all(not a.HasField("error") and a.state == pb.TASK_STATE_SUCCEEDED for a in acks)
+                acked += len(acks)
+    finally:
+        outbox.put(None)
+    assert received == 12
+
+    watch = pb.WatchResultsRequest(task_ids=pb.TaskIds(ids=ids))
+    outputs = {}
+    for batch in s.WatchResultBatches(watch, timeout=10, metadata=AUTH):
+        for result in batch.results:
+            outputs[result.task_id] = result.output
+    assert outputs == {i: b"%d!" % n for n, i in enumerate(ids)}, outputs
+
+
 def check_auth(addr):
     import grpc
     import taskq.v1.taskq_pb2 as pb
@@ -355,6 +418,7 @@ def main():
         checks = [
             ("seed scenario: master and two worker processes", lambda: seed_scenario(server.addr, workdir)),
             ("status codes of the contract", lambda: check_status_codes(server.addr)),
+            ("batches: StreamTasks and WatchResultBatches", lambda: check_batches(server.addr)),
             ("auth: none, wrong and right token", lambda: check_auth(server.addr)),
             ("roles: producer and queue-limited worker tokens", lambda: check_roles(server.addr)),
             ("deadlines: empty answers before the deadline", lambda: check_deadlines(server.addr)),
