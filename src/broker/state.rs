@@ -231,8 +231,10 @@ struct Extras {
     result_waiters: Vec<ResultWaiter>,
     /// WatchResults streams waiting for this task's result.
     watchers: Vec<mpsc::UnboundedSender<TaskResult>>,
-    /// Who held each lease: index `seq - 1`. Here rather than inline: only
-    /// tasks that were handed out need it.
+    /// Who held each lease that ended without finishing the task (expired,
+    /// retried, given back): index `seq - 1`. The current lease's holder is
+    /// in its [`Lease`]. So a task handed out once and finished never
+    /// allocates this (bench/README.md).
     holders: Vec<WorkerId>,
 }
 
@@ -431,25 +433,29 @@ impl State {
     }
 
     fn touch_worker(&mut self, worker: &WorkerId, queue: Option<&QueueName>, now: Instant) {
-        if !self.workers.contains_key(worker) && self.workers.len() >= self.config.max_workers {
+        // Known workers (nearly every call) take one lookup.
+        if let Some(record) = self.workers.get_mut(worker) {
+            record.last_seen = now;
+            if let Some(queue) = queue {
+                record.queue = Some(queue.clone());
+            }
+            return;
+        }
+        if self.workers.len() >= self.config.max_workers {
             self.prune_workers(now);
             if self.workers.len() >= self.config.max_workers {
                 // Tracking is best effort past the limit; the work is not.
                 return;
             }
         }
-        let record = self
-            .workers
-            .entry(worker.clone())
-            .or_insert_with(|| WorkerRecord {
-                queue: None,
+        self.workers.insert(
+            worker.clone(),
+            WorkerRecord {
+                queue: queue.cloned(),
                 last_seen: now,
                 in_flight: 0,
-            });
-        record.last_seen = now;
-        if let Some(queue) = queue {
-            record.queue = Some(queue.clone());
-        }
+            },
+        );
     }
 
     /// Forgets workers that are silent and hold nothing.
@@ -679,7 +685,6 @@ impl State {
         entry.attempt += 1;
         entry.lease_seq += 1;
         let seq = entry.lease_seq;
-        entry.extras_mut().holders.push(worker.clone());
         entry.status = Status::Leased(Box::new(Lease {
             seq,
             expires_at,
@@ -732,6 +737,14 @@ impl State {
         let Status::Leased(lease) = std::mem::replace(&mut entry.status, Status::Pending) else {
             unreachable!("release is only called on a leased task");
         };
+        // Kept for a late report from this lease (`complete`).
+        let holders = &mut entry.extras_mut().holders;
+        debug_assert_eq!(
+            holders.len() + 1,
+            lease.seq as usize,
+            "one holder per ended lease"
+        );
+        holders.push(lease.worker.clone());
         let queue_name = entry.queue.clone();
         let queue = self.queue_of(&queue_name);
         queue.leased -= 1;
@@ -1025,12 +1038,15 @@ impl State {
         if lease.seq == 0 || lease.seq > entry.lease_seq {
             return Err(BrokerError::stale(lease));
         }
-        let holder = entry
-            .extras
-            .as_ref()
-            .and_then(|x| x.holders.get(lease.seq as usize - 1))
-            .cloned()
-            .expect("every issued lease has its holder");
+        let holder = match &entry.status {
+            Status::Leased(current) if current.seq == lease.seq => Some(&current.worker),
+            _ => entry
+                .extras
+                .as_ref()
+                .and_then(|x| x.holders.get(lease.seq as usize - 1)),
+        }
+        .cloned()
+        .expect("every issued lease has its holder");
         let is_current = matches!(&entry.status,
             Status::Leased(l) if l.seq == lease.seq && l.expires_at > now);
         match outcome {
@@ -1253,10 +1269,10 @@ impl State {
     }
 
     fn fail_expired(&mut self, id: TaskId, now: Instant) {
-        let worker = self
-            .tasks
-            .get(&id)
-            .and_then(|e| e.extras.as_ref()?.holders.last().cloned());
+        let worker = self.tasks.get(&id).and_then(|e| match &e.status {
+            Status::Leased(lease) => Some(lease.worker.clone()),
+            _ => e.extras.as_ref()?.holders.last().cloned(),
+        });
         self.finish(
             id,
             TaskState::Failed,
