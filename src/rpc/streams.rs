@@ -7,7 +7,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -95,7 +94,7 @@ impl Stream for ResultBatches {
         let mut bytes = 0;
         match this.held.take() {
             Some(Ok(result)) => {
-                bytes += result.encoded_len();
+                bytes += in_batch_len(&result);
                 results.push(result);
             }
             Some(Err(status)) => return Poll::Ready(Some(Err(status))),
@@ -115,7 +114,7 @@ impl Stream for ResultBatches {
                 Poll::Pending if results.is_empty() => return Poll::Pending,
                 Poll::Ready(None) | Poll::Pending => break,
             };
-            let size = result.encoded_len();
+            let size = in_batch_len(&result);
             if !results.is_empty() && bytes + size > BATCH_BYTES {
                 this.held = Some(Ok(result));
                 break;
@@ -125,6 +124,13 @@ impl Stream for ResultBatches {
         }
         Poll::Ready(Some(Ok(pb::ResultBatch { results })))
     }
+}
+
+/// An item's size inside a batch message (each batch's items are its
+/// field 1): its encoding plus the field's key and length, so that the
+/// batch's own size is the sum.
+fn in_batch_len(item: &impl prost::Message) -> usize {
+    prost::encoding::message::encoded_len(1, item)
 }
 
 pub fn item_error(status: &Status) -> pb::ItemError {
@@ -288,7 +294,7 @@ impl ServerMessages {
         let mut tasks = Vec::new();
         let mut bytes = 0;
         if let Some(task) = self.held.take() {
-            bytes += task.encoded_len();
+            bytes += in_batch_len(&task);
             tasks.push(task);
         }
         while tasks.len() < self.max_batch {
@@ -300,7 +306,7 @@ impl ServerMessages {
                 Poll::Pending if tasks.is_empty() => return Poll::Pending,
                 Poll::Ready(None) | Poll::Pending => break,
             };
-            let size = task.encoded_len();
+            let size = in_batch_len(&task);
             if !tasks.is_empty() && bytes + size > BATCH_BYTES {
                 self.held = Some(task);
                 break;
@@ -594,5 +600,39 @@ async fn watch_tasks(
             }
             () = tx.closed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::{in_batch_len, pb};
+
+    /// The 1 MiB bound of a batch holds only if the items' sizes add up to
+    /// the batch's size, field keys and lengths included.
+    #[test]
+    fn batch_sizes_add_up() {
+        let tasks: Vec<_> = [0, 1, 127, 128, 70_000]
+            .iter()
+            .map(|&n| pb::Task {
+                id: "01890a5d-ac96-774b-bcce-b302099a8057".into(),
+                payload: vec![b'x'; n].into(),
+                attempt: 1,
+                ..Default::default()
+            })
+            .collect();
+        let sum: usize = tasks.iter().map(in_batch_len).sum();
+        assert_eq!(sum, pb::TaskBatch { tasks }.encoded_len());
+        let results: Vec<_> = [0, 300, 20_000]
+            .iter()
+            .map(|&n| pb::Result {
+                task_id: "t".into(),
+                output: vec![b'y'; n].into(),
+                ..Default::default()
+            })
+            .collect();
+        let sum: usize = results.iter().map(in_batch_len).sum();
+        assert_eq!(sum, pb::ResultBatch { results }.encoded_len());
     }
 }

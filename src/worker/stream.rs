@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use prost::Message as _;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tonic::Code;
@@ -359,7 +358,8 @@ impl Outbox {
         let mut batch = Vec::new();
         let mut bytes = 0;
         for result in self.results.drain(..) {
-            let size = result.encoded_len();
+            // With its field key and length: the batch's size is the sum.
+            let size = prost::encoding::message::encoded_len(1, &result);
             if !batch.is_empty() && bytes + size > RESULT_BATCH_BYTES {
                 if !send_batch(tx, std::mem::take(&mut batch)) {
                     return false;
