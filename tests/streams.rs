@@ -424,6 +424,38 @@ async fn batches_of_tasks_and_results_keep_the_window_and_the_order() {
     server.shutdown().await;
 }
 
+/// A `results` message is completed a few hundred at a time under the
+/// broker's lock; the acks still come as one message, one per result, in
+/// order.
+#[tokio::test]
+async fn a_large_results_message_is_acknowledged_whole_and_in_order() {
+    let server = TestServer::spawn().await;
+    let mut client = server.client().await;
+    put_many(&mut client, "q", 600).await;
+    let mut worker = open_batched(&mut client, "q", 600, 600).await;
+    let mut tasks = Vec::new();
+    while tasks.len() < 600 {
+        tasks.extend(worker.batch().await);
+    }
+    let results = tasks
+        .iter()
+        .map(|task| output(task, &task.lease_id, "r"))
+        .collect();
+    worker
+        .send(In::Results(pb::PutResultBatch { results }))
+        .await;
+    let Out::ResultAcks(acks) = worker.next().await else {
+        panic!("expected the batch's acks");
+    };
+    let acked: Vec<_> = acks.acks.iter().map(|a| a.task_id.as_str()).collect();
+    let sent: Vec<_> = tasks.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(acked, sent);
+    assert!(acks.acks.iter().all(|a| a.error.is_none()));
+    assert_eq!(stats(&mut client, "q").await.succeeded, 600);
+    drop(worker);
+    server.shutdown().await;
+}
+
 /// A batch of tasks stays within 1 MiB encoded, unless it holds one task.
 #[tokio::test]
 async fn a_batch_of_tasks_stays_within_one_mebibyte() {

@@ -224,6 +224,7 @@ impl Broker {
             broker: self.clone(),
             id,
             deliveries,
+            front: None,
         })
     }
 
@@ -263,6 +264,7 @@ impl Broker {
             id,
             flow,
             results,
+            front: None,
         })
     }
 
@@ -503,6 +505,9 @@ pub struct Subscription {
     broker: Broker,
     id: u64,
     deliveries: mpsc::UnboundedReceiver<LeasedTask>,
+    /// A task taken and put back ([`Subscription::put_back`]): the next
+    /// one out.
+    front: Option<LeasedTask>,
 }
 
 impl Subscription {
@@ -519,8 +524,12 @@ impl Subscription {
     /// tasks straight to the transport.
     pub fn poll_next_task(&mut self, cx: &mut Context<'_>) -> Poll<Option<LeasedTask>> {
         loop {
-            let Some(task) = std::task::ready!(self.deliveries.poll_recv(cx)) else {
-                return Poll::Ready(None);
+            let task = match self.front.take() {
+                Some(task) => task,
+                None => match std::task::ready!(self.deliveries.poll_recv(cx)) {
+                    Some(task) => task,
+                    None => return Poll::Ready(None),
+                },
             };
             // Before its expiry a lease can only have ended by a result sent
             // some other way, which the worker's own report then meets as
@@ -531,6 +540,15 @@ impl Subscription {
                 return Poll::Ready(Some(task));
             }
         }
+    }
+
+    /// Puts back a task just taken and not sent (it did not fit a batch):
+    /// it is the next one taken, its lease checked again then, and if the
+    /// stream ends first it goes back to its queue as undelivered, like the
+    /// tasks still in the channel.
+    pub fn put_back(&mut self, task: LeasedTask) {
+        debug_assert!(self.front.is_none(), "one task put back at a time");
+        self.front = Some(task);
     }
 
     /// A handle on this stream's window for another task (the one reading
@@ -570,6 +588,9 @@ impl Drop for Subscription {
         self.deliveries.close();
         let mut state = self.broker.state();
         let now = Instant::now();
+        if let Some(task) = self.front.take() {
+            state.undo_lease(task.lease_id, now);
+        }
         while let Ok(task) = self.deliveries.try_recv() {
             state.undo_lease(task.lease_id, now);
         }
@@ -584,6 +605,9 @@ pub struct ResultStream {
     id: u64,
     flow: Arc<state::ReaderFlow>,
     results: mpsc::UnboundedReceiver<TaskResult>,
+    /// A result taken and put back ([`ResultStream::put_back`]): the next
+    /// one out.
+    front: Option<TaskResult>,
 }
 
 impl ResultStream {
@@ -591,11 +615,24 @@ impl ResultStream {
     /// everything held was handed on. Taking a result needs no lock, except
     /// now and then to ask for more after the window filled.
     pub fn poll_next_result(&mut self, cx: &mut Context<'_>) -> Poll<Option<TaskResult>> {
+        if let Some(result) = self.front.take() {
+            // Counted when it was first taken.
+            return Poll::Ready(Some(result));
+        }
         let result = std::task::ready!(self.results.poll_recv(cx));
         if result.is_some() && self.flow.taken() {
             self.broker.state().refill_reader(self.id);
         }
         Poll::Ready(result)
+    }
+
+    /// Puts back a result just taken and not sent (it did not fit a
+    /// batch): it is the next one taken, and if the stream ends first it
+    /// goes back to the queue's results first, ahead of those still in the
+    /// channel.
+    pub fn put_back(&mut self, result: TaskResult) {
+        debug_assert!(self.front.is_none(), "one result put back at a time");
+        self.front = Some(result);
     }
 
     /// [`ResultStream::poll_next_result`] as a future.
@@ -608,7 +645,7 @@ impl Drop for ResultStream {
     fn drop(&mut self) {
         // Closed first, so that nothing arrives after the drain below.
         self.results.close();
-        let mut unsent = Vec::new();
+        let mut unsent: Vec<_> = self.front.take().into_iter().collect();
         while let Ok(result) = self.results.try_recv() {
             unsent.push(result);
         }

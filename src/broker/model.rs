@@ -105,6 +105,8 @@ struct ModelReader {
     queue: &'static str,
     in_hand: VecDeque<TaskId>,
     starved: bool,
+    /// A result taken and put back: the next one taken, outside the window.
+    front: Option<TaskId>,
 }
 
 /// The reference: queues as plain lists, time as milliseconds.
@@ -200,6 +202,7 @@ impl Model {
             queue,
             in_hand: VecDeque::new(),
             starved: false,
+            front: None,
         };
         self.readers.insert(number, reader);
         self.turns.entry(queue).or_default().push_back(number);
@@ -208,6 +211,9 @@ impl Model {
 
     fn take(&mut self, number: usize) -> Option<TaskId> {
         let reader = self.readers.get_mut(&number).unwrap();
+        if let Some(id) = reader.front.take() {
+            return Some(id);
+        }
         let id = reader.in_hand.pop_front()?;
         if reader.in_hand.len() <= state::READER_WINDOW / 2 && reader.starved {
             reader.starved = false;
@@ -217,7 +223,12 @@ impl Model {
         Some(id)
     }
 
-    /// What the reader held goes back to the head, in order.
+    fn put_back(&mut self, number: usize, id: TaskId) {
+        self.readers.get_mut(&number).unwrap().front = Some(id);
+    }
+
+    /// What the reader held goes back to the head, in order: the result
+    /// put back first.
     fn drop_reader(&mut self, number: usize) {
         let reader = self.readers.remove(&number).unwrap();
         self.turns
@@ -226,6 +237,9 @@ impl Model {
             .retain(|r| *r != number);
         let results = self.results.entry(reader.queue).or_default();
         for id in reader.in_hand.into_iter().rev() {
+            results.push_front(id);
+        }
+        if let Some(id) = reader.front {
             results.push_front(id);
         }
         self.hand_out(reader.queue);
@@ -511,10 +525,18 @@ async fn run_sequence(rng: &mut impl Choices, source: &str, steps: usize) {
                 let (number, stream) = &mut readers[at_reader];
                 let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
                 let got = match stream.poll_next_result(&mut cx) {
-                    std::task::Poll::Ready(result) => result.map(|r| r.task_id),
+                    std::task::Poll::Ready(result) => result,
                     std::task::Poll::Pending => None,
                 };
-                assert_eq!(got, model.take(*number), "{at}: reader {number} takes");
+                let id = got.as_ref().map(|r| r.task_id);
+                assert_eq!(id, model.take(*number), "{at}: reader {number} takes");
+                // Now and then the result does not fit a batch: put back.
+                if let Some(result) = got
+                    && rng.below(3) == 0
+                {
+                    model.put_back(*number, result.task_id);
+                    stream.put_back(result);
+                }
             }
             _ => {
                 let ms = 100 * rng.below(26);

@@ -708,6 +708,27 @@ async fn a_dropped_result_reader_gives_back_what_it_held_in_order() {
     b.check();
 }
 
+/// A result put back (it did not fit a batch) is the next one taken, and
+/// goes back first, ahead of the rest, if the stream is dropped.
+#[tokio::test(start_paused = true)]
+async fn a_result_put_back_comes_next_or_goes_back_first() {
+    let b = broker();
+    let ids = finish_tasks(&b, "q", 3).await;
+    let mut reader = b.read_results(&q("q")).unwrap();
+    let first = reader.next().await.unwrap();
+    reader.put_back(first);
+    assert_eq!(reader.next().await.unwrap().task_id, ids[0]);
+    let second = reader.next().await.unwrap();
+    reader.put_back(second);
+    drop(reader);
+    assert_eq!(stats(&b, "q").results_unclaimed, 2);
+    for id in &ids[1..] {
+        let result = b.next_result(q("q"), Duration::ZERO).await.unwrap();
+        assert_eq!(result.unwrap().task_id, *id);
+    }
+    b.check();
+}
+
 #[tokio::test(start_paused = true)]
 async fn closing_ends_result_readers_after_what_they_hold() {
     let b = broker();
@@ -1234,6 +1255,32 @@ async fn window_zero_pauses_and_a_new_window_resumes() {
     put(&b, "q", "y").await;
     assert!(next_now(&mut sub).await.is_none());
     assert_eq!(stats(&b, "q").pending, 1);
+}
+
+/// A task put back (it did not fit a batch) is the next one taken; if the
+/// stream ends first it goes back as undelivered: its attempt not counted.
+#[tokio::test(start_paused = true)]
+async fn a_task_put_back_comes_next_or_goes_back_undelivered() {
+    let b = broker();
+    let mut sub = b.subscribe(req("q", "s1", 3600 * SEC), 2).unwrap();
+    let a = put(&b, "q", "a").await;
+    let z = put(&b, "q", "z").await;
+    let got = next_now(&mut sub).await.unwrap();
+    sub.put_back(got);
+    let again = next_now(&mut sub).await.unwrap();
+    assert_eq!((again.id, again.attempt), (a, 1));
+    let second = next_now(&mut sub).await.unwrap();
+    assert_eq!(second.id, z);
+    sub.put_back(second);
+    drop(sub);
+    // "a" was handed on, so its delivery counts; "z" was put back, so it
+    // does not.
+    let mut back = [take(&b, "q", SEC).await, take(&b, "q", SEC).await];
+    back.sort_by_key(|t| t.payload.clone());
+    assert_eq!((back[0].id, back[0].attempt), (a, 2));
+    assert_eq!((back[1].id, back[1].attempt), (z, 1));
+    assert_eq!(stats(&b, "q").redelivered, 1);
+    b.check();
 }
 
 #[tokio::test(start_paused = true)]

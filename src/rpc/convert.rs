@@ -130,6 +130,35 @@ pub fn task(task: LeasedTask) -> pb::Task {
     }
 }
 
+/// Room for a task's fixed fields on the wire: the two ids, the counters,
+/// three timestamps, every field's key and length, and its own key and
+/// length inside a batch. Generous: the real figure is under 180 bytes.
+const TASK_FIXED_BYTES: usize = 256;
+/// The same for a result (under 120 bytes).
+const RESULT_FIXED_BYTES: usize = 192;
+
+/// At least the size [`task`] gives `task` inside a batch message, found
+/// without converting it: a batch can decide whether it fits first.
+pub fn task_len_bound(task: &LeasedTask) -> usize {
+    TASK_FIXED_BYTES
+        + task.queue.as_str().len()
+        + task.payload.len()
+        + task
+            .headers
+            .iter()
+            .map(|(name, value)| 16 + name.len() + value.len())
+            .sum::<usize>()
+}
+
+/// At least the size [`result`] gives `result` inside a batch message.
+pub fn result_len_bound(result: &TaskResult) -> usize {
+    RESULT_FIXED_BYTES
+        + result.queue.as_str().len()
+        + result.output.len()
+        + result.error.len()
+        + result.worker.as_ref().map_or(0, |w| w.as_str().len())
+}
+
 pub fn state(state: TaskState) -> pb::TaskState {
     match state {
         TaskState::Pending => pb::TaskState::Pending,

@@ -56,7 +56,7 @@ fn request<T>(message: T) -> Request<T> {
 
 async fn call_once(service: &TaskQueueService, call: u8, body: &[u8]) -> Result<(), Status> {
     let undecodable = |_| Status::invalid_argument("undecodable");
-    match call % 8 {
+    match call % 9 {
         0 => {
             let m = pb::PutTaskRequest::decode(body).map_err(undecodable)?;
             service.put_task(request(m)).await.map(drop)

@@ -32,6 +32,9 @@ const DRAIN_CHECK: Duration = Duration::from_millis(50);
 /// Largest encoded batch of tasks, unless it holds one task (the contract:
 /// StreamTasks, point 6). Well under any client's message limit.
 pub const BATCH_BYTES: usize = 1 << 20;
+/// Results of one `results` message completed per hold of the broker's
+/// lock.
+const COMPLETE_CHUNK: usize = 256;
 /// WatchResults' outbound side. By queue, results go straight from the
 /// broker to the transport, like a worker stream's tasks (bench/README.md);
 /// by task ids, from the task that waits for them.
@@ -71,8 +74,10 @@ impl Stream for Results {
 /// at once sent together, up to [`BATCH_BYTES`].
 pub struct ResultBatches {
     results: Results,
-    /// What did not fit the last batch: the next one's first (a result), or
-    /// the status sent after it.
+    /// By task ids: what did not fit the last batch, the next one's first
+    /// (a result), or the status sent after it. (By queue, a result that
+    /// does not fit goes back to the broker's stream instead, so that it
+    /// is given back if the client leaves first.)
     held: Option<Result<pb::Result, Status>>,
 }
 
@@ -90,40 +95,87 @@ impl Stream for ResultBatches {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        let mut results = Vec::new();
-        let mut bytes = 0;
-        match this.held.take() {
-            Some(Ok(result)) => {
-                bytes += in_batch_len(&result);
-                results.push(result);
-            }
-            Some(Err(status)) => return Poll::Ready(Some(Err(status))),
-            None => {}
+        match &mut this.results {
+            Results::Queue { results, ended } => queue_batch(results, ended, cx),
+            Results::Tasks(results) => task_ids_batch(results, &mut this.held, cx),
         }
-        loop {
-            let result = match Pin::new(&mut this.results).poll_next(cx) {
-                Poll::Ready(Some(Ok(result))) => result,
-                Poll::Ready(Some(Err(status))) if results.is_empty() => {
-                    return Poll::Ready(Some(Err(status)));
-                }
-                Poll::Ready(Some(Err(status))) => {
-                    this.held = Some(Err(status));
-                    break;
-                }
-                Poll::Ready(None) if results.is_empty() => return Poll::Ready(None),
-                Poll::Pending if results.is_empty() => return Poll::Pending,
-                Poll::Ready(None) | Poll::Pending => break,
-            };
-            let size = in_batch_len(&result);
-            if !results.is_empty() && bytes + size > BATCH_BYTES {
-                this.held = Some(Ok(result));
+    }
+}
+
+/// By queue: the results ready now, up to [`BATCH_BYTES`]. One that would
+/// not fit is put back in the broker's stream before it is converted.
+fn queue_batch(
+    results: &mut ResultStream,
+    ended: &mut bool,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<pb::ResultBatch, Status>>> {
+    if *ended {
+        return Poll::Ready(None);
+    }
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    loop {
+        let result = match results.poll_next_result(cx) {
+            Poll::Ready(Some(result)) => result,
+            // The broker closed and this stream sent what it held.
+            Poll::Ready(None) if batch.is_empty() => {
+                *ended = true;
+                return Poll::Ready(Some(Err(shutting_down())));
+            }
+            Poll::Pending if batch.is_empty() => return Poll::Pending,
+            Poll::Ready(None) | Poll::Pending => break,
+        };
+        if !batch.is_empty() && bytes + convert::result_len_bound(&result) > BATCH_BYTES {
+            results.put_back(result);
+            break;
+        }
+        let result = convert::result(result);
+        bytes += in_batch_len(&result);
+        batch.push(result);
+    }
+    Poll::Ready(Some(Ok(pb::ResultBatch { results: batch })))
+}
+
+/// By task ids: the results ready now, up to [`BATCH_BYTES`]. These are
+/// not consumed, so one that did not fit waits in `held`.
+fn task_ids_batch(
+    results: &mut ReceiverStream<Result<pb::Result, Status>>,
+    held: &mut Option<Result<pb::Result, Status>>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<pb::ResultBatch, Status>>> {
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    match held.take() {
+        Some(Ok(result)) => {
+            bytes += in_batch_len(&result);
+            batch.push(result);
+        }
+        Some(Err(status)) => return Poll::Ready(Some(Err(status))),
+        None => {}
+    }
+    loop {
+        let result = match Pin::new(&mut *results).poll_next(cx) {
+            Poll::Ready(Some(Ok(result))) => result,
+            Poll::Ready(Some(Err(status))) if batch.is_empty() => {
+                return Poll::Ready(Some(Err(status)));
+            }
+            Poll::Ready(Some(Err(status))) => {
+                *held = Some(Err(status));
                 break;
             }
-            bytes += size;
-            results.push(result);
+            Poll::Ready(None) if batch.is_empty() => return Poll::Ready(None),
+            Poll::Pending if batch.is_empty() => return Poll::Pending,
+            Poll::Ready(None) | Poll::Pending => break,
+        };
+        let size = in_batch_len(&result);
+        if !batch.is_empty() && bytes + size > BATCH_BYTES {
+            *held = Some(Ok(result));
+            break;
         }
-        Poll::Ready(Some(Ok(pb::ResultBatch { results })))
+        bytes += size;
+        batch.push(result);
     }
+    Poll::Ready(Some(Ok(pb::ResultBatch { results: batch })))
 }
 
 /// An item's size inside a batch message (each batch's items are its
@@ -267,7 +319,6 @@ pub async fn stream_tasks(
         subscription,
         replies: rx,
         max_batch: subscribe.max_batch as usize,
-        held: None,
     })
 }
 
@@ -282,36 +333,32 @@ pub struct ServerMessages {
     replies: mpsc::Receiver<Result<pb::ServerMessage, Status>>,
     /// Tasks per message at most; 0 or 1 sends each in a `task` message.
     max_batch: usize,
-    /// A task that did not fit the last batch's bytes: the next batch's
-    /// first.
-    held: Option<pb::Task>,
 }
 
 impl ServerMessages {
     /// The tasks ready now, up to `max_batch` and [`BATCH_BYTES`]; waits
-    /// only while there is none.
+    /// only while there is none. A task that would not fit is put back in
+    /// the subscription before it is converted: it leads the next batch,
+    /// its lease checked again, or goes back undelivered if the stream
+    /// ends first.
     fn poll_batch(&mut self, cx: &mut Context<'_>) -> Poll<Option<pb::TaskBatch>> {
         let mut tasks = Vec::new();
         let mut bytes = 0;
-        if let Some(task) = self.held.take() {
-            bytes += in_batch_len(&task);
-            tasks.push(task);
-        }
         while tasks.len() < self.max_batch {
             let task = match self.subscription.poll_next_task(cx) {
-                Poll::Ready(Some(task)) => convert::task(task),
+                Poll::Ready(Some(task)) => task,
                 // Nothing to send: wait (the poll registered the wake-up),
                 // or end.
                 Poll::Ready(None) if tasks.is_empty() => return Poll::Ready(None),
                 Poll::Pending if tasks.is_empty() => return Poll::Pending,
                 Poll::Ready(None) | Poll::Pending => break,
             };
-            let size = in_batch_len(&task);
-            if !tasks.is_empty() && bytes + size > BATCH_BYTES {
-                self.held = Some(task);
+            if !tasks.is_empty() && bytes + convert::task_len_bound(&task) > BATCH_BYTES {
+                self.subscription.put_back(task);
                 break;
             }
-            bytes += size;
+            let task = convert::task(task);
+            bytes += in_batch_len(&task);
             tasks.push(task);
         }
         Poll::Ready(Some(pb::TaskBatch { tasks }))
@@ -516,7 +563,18 @@ fn put_results(
             lease_id,
         });
     }
-    let mut answers = broker.complete_many(valid).into_iter();
+    // At most COMPLETE_CHUNK results per hold of the lock: a worker may send
+    // as many as fit its message, and other calls should not wait for all.
+    let mut answers = Vec::with_capacity(valid.len());
+    let mut valid = valid.into_iter();
+    loop {
+        let chunk: Vec<_> = valid.by_ref().take(COMPLETE_CHUNK).collect();
+        if chunk.is_empty() {
+            break;
+        }
+        answers.extend(broker.complete_many(chunk));
+    }
+    let mut answers = answers.into_iter();
     for ack in acks.iter_mut().filter(|ack| ack.error.is_none()) {
         match answers.next().expect("one answer per valid result") {
             Ok(state) => ack.state = convert::state(state).into(),
@@ -607,7 +665,8 @@ async fn watch_tasks(
 mod tests {
     use prost::Message as _;
 
-    use super::{in_batch_len, pb};
+    use super::{convert, in_batch_len, pb};
+    use crate::broker::{LeaseId, LeasedTask, QueueName, TaskId, TaskResult, TaskState, WorkerId};
 
     /// The 1 MiB bound of a batch holds only if the items' sizes add up to
     /// the batch's size, field keys and lengths included.
@@ -634,5 +693,53 @@ mod tests {
             .collect();
         let sum: usize = results.iter().map(in_batch_len).sum();
         assert_eq!(sum, pb::ResultBatch { results }.encoded_len());
+    }
+
+    /// A batch checks the bound before converting: it must never be below
+    /// the size the conversion gives, whatever the fields hold.
+    #[test]
+    fn size_bounds_cover_the_converted_size() {
+        let id = TaskId::parse("01890a5d-ac96-774b-bcce-b302099a8057").unwrap();
+        // The largest varints: a far future, the most nanoseconds, the
+        // most attempts and lease numbers.
+        let late = std::time::UNIX_EPOCH + std::time::Duration::new(1 << 40, 999_999_999);
+        let queue = QueueName::parse(&"q".repeat(128)).unwrap();
+        for (payload, headers) in [(0, 0), (1, 1), (300, 3), (70_000, 20)] {
+            let task = LeasedTask {
+                id,
+                queue: queue.clone(),
+                payload: vec![0; payload].into(),
+                headers: (0..headers)
+                    .map(|i| (format!("header-{i}"), "v".repeat(200)))
+                    .collect(),
+                attempt: u32::MAX,
+                max_attempts: u32::MAX,
+                lease_id: LeaseId {
+                    task: id,
+                    seq: u32::MAX,
+                },
+                lease_expires_at: late,
+                lease_deadline: tokio::time::Instant::now(),
+                created_at: late,
+                expires_at: Some(late),
+            };
+            let bound = convert::task_len_bound(&task);
+            assert!(in_batch_len(&convert::task(task)) <= bound);
+        }
+        for (output, error) in [(0, 0), (1, 0), (0, 500), (70_000, 70_000)] {
+            let result = TaskResult {
+                task_id: id,
+                queue: queue.clone(),
+                state: TaskState::Failed,
+                output: vec![0; output].into(),
+                error: "e".repeat(error),
+                attempts: u32::MAX,
+                worker: Some(WorkerId::new(&"w".repeat(WorkerId::MAX_LEN)).unwrap()),
+                created_at: late,
+                finished_at: late,
+            };
+            let bound = convert::result_len_bound(&result);
+            assert!(in_batch_len(&convert::result(result)) <= bound);
+        }
     }
 }
