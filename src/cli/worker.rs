@@ -57,9 +57,10 @@ pub struct WorkerArgs {
     /// On SIGTERM or Ctrl-C, how long running tasks may take to finish.
     #[arg(long, env = "TASKQ_WORKER_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
-    /// `stream`: one StreamTasks stream (tasks pushed with flow control);
-    /// `unary`: GetTask/PutResult calls, for proxies without bidirectional
-    /// streams.
+    /// `stream`: one StreamTasks stream (tasks pushed with flow control;
+    /// with `--concurrency` above 1, the tasks ready at once come in one
+    /// message and their results go back in one); `unary`: GetTask/PutResult
+    /// calls, for proxies without bidirectional streams.
     #[arg(long, env = "TASKQ_WORKER_MODE", value_enum, default_value_t = WorkerMode::Stream)]
     pub mode: WorkerMode,
     /// The program and its arguments, after `--`.
