@@ -159,9 +159,7 @@ impl TaskId {
     pub fn parse(text: &str) -> Option<Self> {
         Uuid::try_parse(text).ok().map(Self)
     }
-}
 
-impl TaskId {
     /// The id as `to_string` writes it, without the formatting machinery:
     /// one is written for every task and result sent.
     pub fn to_text(&self) -> String {
@@ -198,9 +196,7 @@ impl LeaseId {
             seq,
         })
     }
-}
 
-impl LeaseId {
     /// The lease as `to_string` writes it (`task/seq`), without the
     /// formatting machinery: one is written for every task sent.
     pub fn to_text(&self) -> String {

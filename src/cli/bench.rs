@@ -323,19 +323,22 @@ async fn measure(
     for i in 0..args.workers {
         let client = Client::connect(address, options.clone()).await?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let run = Worker::builder(client)
+        let mut worker = Worker::builder(client)
             .mode(match args.mode {
                 BenchMode::Stream => Mode::Stream,
                 BenchMode::Unary => Mode::Unary,
             })
             .queue(queue.clone())
             .concurrency(args.concurrency as usize)
-            .max_batch(if args.batches { 1000 } else { 1 })
             .worker_id(format!("bench-worker-{i}"))
-            .poll_wait(Duration::from_secs(1))
-            .run_until(|task| async move { builtin::echo(&task) }, async {
-                let _ = stopped.await;
-            });
+            .poll_wait(Duration::from_secs(1));
+        if !args.batches {
+            // Batches are the worker's default.
+            worker = worker.max_batch(1);
+        }
+        let run = worker.run_until(|task| async move { builtin::echo(&task) }, async {
+            let _ = stopped.await;
+        });
         workers.push((stop, tokio::spawn(run)));
     }
 

@@ -520,26 +520,19 @@ fn put_result(broker: &Broker, access: &Access, request: pb::PutResultRequest) -
     } = request;
     let answer = service::result_request(broker, access, &task_id, &lease_id, outcome)
         .and_then(|(lease, outcome)| Ok(broker.complete(lease, outcome)?));
-    let (state, error) = match answer {
-        Ok(state) => (convert::state(state), None),
-        Err(status) => (pb::TaskState::Unspecified, Some(item_error(&status))),
-    };
-    pb::ResultAck {
-        task_id,
-        state: state.into(),
-        error,
-        lease_id,
-    }
+    result_ack(task_id, lease_id, answer)
 }
 
 /// A `results` batch: each result checked and converted on its own, the
-/// valid ones completed under one lock, one ack per result in order.
+/// valid ones completed [`COMPLETE_CHUNK`] per hold of the lock (a worker
+/// may send as many as fit its message, and other calls should not wait
+/// for all), one ack per result in order.
 fn put_results(
     broker: &Broker,
     access: &Access,
     requests: Vec<pb::PutResultRequest>,
 ) -> pb::ResultAckBatch {
-    let mut acks = Vec::with_capacity(requests.len());
+    let mut named = Vec::with_capacity(requests.len());
     let mut valid = Vec::with_capacity(requests.len());
     for request in requests {
         let pb::PutResultRequest {
@@ -547,24 +540,15 @@ fn put_results(
             lease_id,
             outcome,
         } = request;
-        let checked = service::result_request(broker, access, &task_id, &lease_id, outcome);
-        let error = match checked {
+        let refused = match service::result_request(broker, access, &task_id, &lease_id, outcome) {
             Ok(result) => {
                 valid.push(result);
                 None
             }
-            Err(status) => Some(item_error(&status)),
+            Err(status) => Some(status),
         };
-        acks.push(pb::ResultAck {
-            task_id,
-            state: pb::TaskState::Unspecified.into(),
-            // Unset here marks a result the broker answers below.
-            error,
-            lease_id,
-        });
+        named.push((task_id, lease_id, refused));
     }
-    // At most COMPLETE_CHUNK results per hold of the lock: a worker may send
-    // as many as fit its message, and other calls should not wait for all.
     let mut answers = Vec::with_capacity(valid.len());
     let mut valid = valid.into_iter();
     loop {
@@ -575,13 +559,37 @@ fn put_results(
         answers.extend(broker.complete_many(chunk));
     }
     let mut answers = answers.into_iter();
-    for ack in acks.iter_mut().filter(|ack| ack.error.is_none()) {
-        match answers.next().expect("one answer per valid result") {
-            Ok(state) => ack.state = convert::state(state).into(),
-            Err(error) => ack.error = Some(item_error(&Status::from(error))),
-        }
-    }
+    let acks = named
+        .into_iter()
+        .map(|(task_id, lease_id, refused)| {
+            let answer = match refused {
+                Some(status) => Err(status),
+                None => answers
+                    .next()
+                    .expect("one answer per valid result")
+                    .map_err(Status::from),
+            };
+            result_ack(task_id, lease_id, answer)
+        })
+        .collect();
     pb::ResultAckBatch { acks }
+}
+
+fn result_ack(
+    task_id: String,
+    lease_id: String,
+    answer: Result<crate::broker::TaskState, Status>,
+) -> pb::ResultAck {
+    let (state, error) = match answer {
+        Ok(state) => (convert::state(state), None),
+        Err(status) => (pb::TaskState::Unspecified, Some(item_error(&status))),
+    };
+    pb::ResultAck {
+        task_id,
+        state: state.into(),
+        error,
+        lease_id,
+    }
 }
 
 /// WatchResults: the queue's results as they finish, or the listed tasks'

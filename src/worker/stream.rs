@@ -349,7 +349,7 @@ impl Outbox {
         if self.results.is_empty() {
             return true;
         }
-        if !self.batches || self.results.len() == 1 {
+        if !self.batches {
             return self
                 .results
                 .drain(..)
