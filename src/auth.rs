@@ -580,6 +580,7 @@ mod tests {
             let message = Tokens::from_file(&path).unwrap_err().to_string();
             assert!(message.contains(expected), "{text:?}: {message}");
             assert!(!message.contains("secret-token"), "{message}");
+            std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
         }
     }
 

@@ -97,9 +97,14 @@ async fn health_needs_no_token() {
 
 /// A server whose token file gives each role, and queue-limited tokens.
 async fn server_with_roles() -> TestServer {
-    let dir = std::env::temp_dir().join(format!("taskq-roles-{}", std::process::id()));
+    // One directory per server, so tests running in parallel never share it.
+    let dir = std::env::temp_dir().join(format!(
+        "taskq-roles-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("tokens-{:?}", std::thread::current().id()));
+    let path = dir.join("tokens");
     std::fs::write(
         &path,
         "# role tokens for tests\n\
@@ -111,7 +116,7 @@ async fn server_with_roles() -> TestServer {
     )
     .unwrap();
     let tokens = Tokens::from_file(&path).unwrap();
-    std::fs::remove_file(&path).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
     let config = ServerConfig {
         tokens,
         ..ServerConfig::new(BrokerConfig::default())
