@@ -178,8 +178,14 @@ struct QueueState {
     unclaimed: VecDeque<TaskId>,
     results_unclaimed: u64,
     idempotency: HashMap<String, TaskId>,
-    /// Woken whenever an unfinished task of this queue finishes.
+    /// Woken when an unfinished task of this queue finishes while a put
+    /// waits for room.
     room: Arc<Notify>,
+    /// A put was refused for want of room since `room` was last woken. The
+    /// refused call registers on `room` before the lock is released, so
+    /// finishing tasks wake it only when someone can be waiting: waking
+    /// takes `Notify`'s own lock, which no task should pay for.
+    room_wanted: bool,
 }
 
 impl QueueState {
@@ -329,6 +335,57 @@ pub(super) struct State {
     ids: IdMaker,
 }
 
+/// Records that `worker` was seen now, working on `queue` if given, and
+/// adds `leased` to what it holds. Known workers (nearly every call) take
+/// one lookup, and the queue's name is cloned only when it changed: every
+/// clone of a name is an atomic write to one count shared by all its
+/// tasks. Past `max_workers`, silent workers holding nothing are
+/// forgotten; if that frees nothing, the worker is not tracked (tracking
+/// is best effort past the limit; the work is not).
+fn touch_worker(
+    workers: &mut HashMap<WorkerId, WorkerRecord>,
+    config: &BrokerConfig,
+    worker: &WorkerId,
+    queue: Option<&QueueName>,
+    leased: u32,
+    now: Instant,
+) {
+    if let Some(record) = workers.get_mut(worker) {
+        record.last_seen = now;
+        record.in_flight = record.in_flight.saturating_add(leased);
+        if let Some(queue) = queue
+            && record.queue.as_ref() != Some(queue)
+        {
+            record.queue = Some(queue.clone());
+        }
+        return;
+    }
+    if workers.len() >= config.max_workers {
+        prune_workers(workers, config, now);
+        if workers.len() >= config.max_workers {
+            return;
+        }
+    }
+    workers.insert(
+        worker.clone(),
+        WorkerRecord {
+            queue: queue.cloned(),
+            last_seen: now,
+            in_flight: leased,
+        },
+    );
+}
+
+/// Forgets workers that are silent and hold nothing.
+fn prune_workers(
+    workers: &mut HashMap<WorkerId, WorkerRecord>,
+    config: &BrokerConfig,
+    now: Instant,
+) {
+    let timeout = config.worker_timeout;
+    workers.retain(|_, w| w.in_flight > 0 || now.duration_since(w.last_seen) < timeout);
+}
+
 impl State {
     pub fn new(config: BrokerConfig, timer_wake: Arc<Notify>) -> Self {
         Self {
@@ -400,7 +457,12 @@ impl State {
 
     /// Looks up a queue known to exist because a task refers to it.
     fn queue_of(&mut self, name: &QueueName) -> &mut QueueState {
-        self.queues.entry(name.clone()).or_default()
+        // A lookup first: `entry` would clone the name, and every clone of
+        // a queue's name is an atomic write to one shared count.
+        if !self.queues.contains_key(name) {
+            self.queues.insert(name.clone(), QueueState::default());
+        }
+        self.queues.get_mut(name).expect("inserted above")
     }
 
     fn schedule(&mut self, at: Instant, task: TaskId, kind: TimerKind) {
@@ -433,36 +495,7 @@ impl State {
     }
 
     fn touch_worker(&mut self, worker: &WorkerId, queue: Option<&QueueName>, now: Instant) {
-        // Known workers (nearly every call) take one lookup.
-        if let Some(record) = self.workers.get_mut(worker) {
-            record.last_seen = now;
-            if let Some(queue) = queue {
-                record.queue = Some(queue.clone());
-            }
-            return;
-        }
-        if self.workers.len() >= self.config.max_workers {
-            self.prune_workers(now);
-            if self.workers.len() >= self.config.max_workers {
-                // Tracking is best effort past the limit; the work is not.
-                return;
-            }
-        }
-        self.workers.insert(
-            worker.clone(),
-            WorkerRecord {
-                queue: queue.cloned(),
-                last_seen: now,
-                in_flight: 0,
-            },
-        );
-    }
-
-    /// Forgets workers that are silent and hold nothing.
-    fn prune_workers(&mut self, now: Instant) {
-        let timeout = self.config.worker_timeout;
-        self.workers
-            .retain(|_, w| w.in_flight > 0 || now.duration_since(w.last_seen) < timeout);
+        touch_worker(&mut self.workers, &self.config, worker, queue, 0, now);
     }
 
     fn worker_in_flight(&mut self, worker: &WorkerId, delta: i32) {
@@ -512,6 +545,7 @@ impl State {
         let queue = self.queues.get_mut(&queue_name).expect("made above");
         if queue.unfinished() >= capacity as u64 {
             let room = queue.room.clone();
+            queue.room_wanted = true;
             return Err(PutRefused::Full {
                 task: Box::new(task),
                 room,
@@ -650,7 +684,7 @@ impl State {
         let lease = self.clamp_lease(lease);
         Ok(self
             .pop_ready(queue, now)
-            .map(|id| self.start_lease(id, worker, lease, None, now)))
+            .map(|id| self.start_lease(id, worker.clone(), lease, None, now)))
     }
 
     /// Takes the next task that can be handed out from the head of a queue.
@@ -675,12 +709,22 @@ impl State {
     fn start_lease(
         &mut self,
         id: TaskId,
-        worker: &WorkerId,
+        worker: WorkerId,
         lease: Duration,
         stream: Option<u64>,
         now: Instant,
     ) -> LeasedTask {
         let expires_at = now + lease;
+        // A worker whose wait outlived its record is recorded again here.
+        let queue_name = &self.tasks[&id].queue;
+        touch_worker(
+            &mut self.workers,
+            &self.config,
+            &worker,
+            Some(queue_name),
+            1,
+            now,
+        );
         let entry = self.tasks.get_mut(&id).expect("popped task is held");
         entry.attempt += 1;
         entry.lease_seq += 1;
@@ -689,7 +733,7 @@ impl State {
             seq,
             expires_at,
             scheduled: expires_at,
-            worker: worker.clone(),
+            worker,
             stream,
         }));
         let task = LeasedTask {
@@ -712,9 +756,6 @@ impl State {
         let queue = self.queue_of(&task.queue);
         queue.pending -= 1;
         queue.leased += 1;
-        // A worker whose wait outlived its record is recorded again here.
-        self.touch_worker(worker, Some(&task.queue), now);
-        self.worker_in_flight(worker, 1);
         if let Some(consumer) = stream.and_then(|sid| self.streams.get_mut(&sid)) {
             consumer.outstanding.insert(id);
         }
@@ -791,7 +832,7 @@ impl State {
                     let queue = self.queues.get_mut(queue_name).expect("queue exists");
                     let waiter = queue.task_waiters.pop_front().expect("front exists");
                     self.waiters -= 1;
-                    let task = self.start_lease(id, &waiter.worker, waiter.lease, None, now);
+                    let task = self.start_lease(id, waiter.worker, waiter.lease, None, now);
                     let lease = task.lease_id;
                     if waiter.tx.send(task).is_err() {
                         self.undo_lease(lease, now);
@@ -799,11 +840,10 @@ impl State {
                 }
                 Taker::Stream(sid) => {
                     let consumer = &self.streams[&sid];
-                    let (worker, lease, tx) =
-                        (consumer.worker.clone(), consumer.lease, consumer.tx.clone());
-                    let task = self.start_lease(id, &worker, lease, Some(sid), now);
+                    let (worker, lease) = (consumer.worker.clone(), consumer.lease);
+                    let task = self.start_lease(id, worker, lease, Some(sid), now);
                     let lease = task.lease_id;
-                    if tx.send(task).is_err() {
+                    if self.streams[&sid].tx.send(task).is_err() {
                         // The stream's receiver is closing: its guard will
                         // close the stream; this task never reached it.
                         self.undo_lease(lease, now);
@@ -1128,14 +1168,6 @@ impl State {
             created_at: self.clock.wall_of(entry.created_at),
             finished_at: self.clock.wall(now),
         };
-        let previous = std::mem::replace(
-            &mut entry.status,
-            Status::Finished(Box::new(Finished {
-                result: result.clone(),
-                by_lease,
-                outcome,
-            })),
-        );
         // The input is no longer needed once there is a result.
         self.held_bytes = self.held_bytes - entry.payload.len() + result.output.len();
         entry.payload = Bytes::new();
@@ -1156,6 +1188,15 @@ impl State {
             }
             None => (0, 0),
         };
+        let previous = std::mem::replace(
+            &mut entry.status,
+            Status::Finished(Box::new(Finished {
+                result,
+                by_lease,
+                outcome,
+            })),
+        );
+        entry.unclaimed = true;
         self.waiters -= woken + watched;
         let queue_name = entry.queue.clone();
         let freed_stream = match &previous {
@@ -1166,7 +1207,7 @@ impl State {
             }
             _ => false,
         };
-        let queue = self.queues.entry(queue_name.clone()).or_default();
+        let queue = self.queue_of(&queue_name);
         match previous {
             Status::Pending => queue.pending -= 1,
             Status::Leased(_) => queue.leased -= 1,
@@ -1176,12 +1217,14 @@ impl State {
             TaskState::Succeeded => queue.succeeded += 1,
             _ => queue.failed += 1,
         }
-        queue.room.notify_waiters();
+        if queue.room_wanted {
+            queue.room_wanted = false;
+            queue.room.notify_waiters();
+        }
         // In line behind results not yet handed out, so that readers by
         // queue get them in completion order.
         queue.unclaimed.push_back(id);
         queue.results_unclaimed += 1;
-        self.tasks.get_mut(&id).expect("held").unclaimed = true;
         self.dispatch_results(&queue_name);
         if self.finished.is_empty() {
             // The timer may sleep past this result's retention otherwise.
@@ -1659,7 +1702,7 @@ impl State {
             });
         }
         queues.sort_by(|a, b| a.queue.cmp(&b.queue));
-        self.prune_workers(now);
+        prune_workers(&mut self.workers, &self.config, now);
         let timeout = self.config.worker_timeout;
         let mut workers: Vec<WorkerInfo> = self
             .workers

@@ -456,6 +456,42 @@ async fn a_full_queue_refuses_or_waits_for_room() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn puts_waiting_for_room_each_go_in_as_room_comes() {
+    let b = Broker::new(BrokerConfig {
+        queue_capacity: 1,
+        ..BrokerConfig::default()
+    });
+    put(&b, "q", "1").await;
+    let waiting: Vec<_> = ["2", "3"]
+        .into_iter()
+        .map(|payload| {
+            let b = b.clone();
+            tokio::spawn(async move { b.put(task("q", payload), 60 * SEC).await })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    // One finish makes room for one: the other put finds the queue full
+    // again and must be woken by the next finish, not left to its deadline.
+    let started = Instant::now();
+    let next = || async {
+        let request = req("q", "w1", 60 * SEC);
+        b.lease(request, 60 * SEC).await.unwrap().expect("a task")
+    };
+    let first = next().await;
+    b.complete(first.lease_id, ok("done")).unwrap();
+    let second = next().await;
+    b.complete(second.lease_id, ok("done")).unwrap();
+    let third = next().await;
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    b.complete(third.lease_id, ok("done")).unwrap();
+    for put in waiting {
+        assert!(put.await.unwrap().is_ok());
+    }
+    assert_eq!(stats(&b, "q").succeeded, 3);
+    b.check();
+}
+
+#[tokio::test(start_paused = true)]
 async fn bad_tasks_are_refused_with_reasons() {
     let b = Broker::new(BrokerConfig {
         max_payload: 10,
