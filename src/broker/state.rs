@@ -14,7 +14,7 @@ use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::types::{IdMaker, IdMap, IdSet};
+use super::types::{IdMaker, IdMap, IdSet, NameMap};
 use super::{
     BrokerConfig, BrokerError, Held, LeaseId, LeasedTask, NewTask, Outcome, PutOutcome, QueueName,
     QueueStats, Stats, TaskId, TaskResult, TaskState, WorkerId, WorkerInfo,
@@ -314,7 +314,7 @@ impl From<BrokerError> for PutRefused {
 pub(super) struct State {
     config: BrokerConfig,
     clock: Clock,
-    queues: HashMap<QueueName, QueueState>,
+    queues: NameMap<QueueName, QueueState>,
     /// Boxed: the map's buckets then cost a pointer, not a whole entry, at
     /// its load factor.
     tasks: IdMap<TaskId, Box<TaskEntry>>,
@@ -324,7 +324,7 @@ pub(super) struct State {
     timers: BinaryHeap<Reverse<TimerEntry>>,
     /// Wakes the timer task when a deadline earlier than all others arrives.
     timer_wake: Arc<Notify>,
-    workers: HashMap<WorkerId, WorkerRecord>,
+    workers: NameMap<WorkerId, WorkerRecord>,
     streams: IdMap<u64, StreamConsumer>,
     readers: IdMap<u64, ResultReader>,
     next_waiter: u64,
@@ -343,7 +343,7 @@ pub(super) struct State {
 /// forgotten; if that frees nothing, the worker is not tracked (tracking
 /// is best effort past the limit; the work is not).
 fn touch_worker(
-    workers: &mut HashMap<WorkerId, WorkerRecord>,
+    workers: &mut NameMap<WorkerId, WorkerRecord>,
     config: &BrokerConfig,
     worker: &WorkerId,
     queue: Option<&QueueName>,
@@ -378,7 +378,7 @@ fn touch_worker(
 
 /// Forgets workers that are silent and hold nothing.
 fn prune_workers(
-    workers: &mut HashMap<WorkerId, WorkerRecord>,
+    workers: &mut NameMap<WorkerId, WorkerRecord>,
     config: &BrokerConfig,
     now: Instant,
 ) {
@@ -391,12 +391,12 @@ impl State {
         Self {
             config,
             clock: Clock::now(),
-            queues: HashMap::new(),
+            queues: NameMap::default(),
             tasks: IdMap::default(),
             finished: VecDeque::new(),
             timers: BinaryHeap::new(),
             timer_wake,
-            workers: HashMap::new(),
+            workers: NameMap::default(),
             streams: IdMap::default(),
             readers: IdMap::default(),
             next_waiter: 0,

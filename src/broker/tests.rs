@@ -1609,3 +1609,31 @@ fn to_text_matches_display() {
         assert_eq!(super::types::LeaseId::parse(&lease.to_text()), expected);
     }
 }
+
+/// Names made apart are equal, hash alike and sort by text, as the
+/// derived impls over the text did; names that differ stay apart even in a
+/// map that uses their stored hash as it is.
+#[test]
+fn names_made_apart_compare_and_hash_by_text() {
+    use std::hash::BuildHasher;
+    let hasher = std::hash::BuildHasherDefault::<super::types::IdHasher>::default();
+    let (a, b) = (q("emails"), q("emails"));
+    assert_eq!(a, b);
+    assert_eq!(hasher.hash_one(&a), hasher.hash_one(&b));
+    assert_ne!(a, q("email"));
+    assert_eq!(q(""), q(DEFAULT_QUEUE));
+    let mut names = vec![q("b"), q("a-2"), q("a"), q("B")];
+    names.sort();
+    let texts: Vec<_> = names.iter().map(QueueName::as_str).collect();
+    assert_eq!(texts, ["B", "a", "a-2", "b"]);
+    assert_eq!(format!("{a:?}"), "QueueName(\"emails\")");
+    let worker = |id| WorkerId::new(id).unwrap();
+    assert_eq!(worker("w@host"), worker("w@host"));
+    assert_ne!(worker("w@host"), worker("w@host2"));
+    assert_eq!(worker("").as_str(), "");
+    let mut map = super::types::NameMap::default();
+    for i in 0..1_000 {
+        map.insert(q(&format!("queue-{i}")), i);
+    }
+    assert!((0..1_000).all(|i| map[&q(&format!("queue-{i}"))] == i));
+}

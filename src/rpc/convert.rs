@@ -7,8 +7,8 @@ use bytes::Bytes;
 use tonic::Status;
 
 use crate::broker::{
-    BrokerError, LeaseId, LeasedTask, NewTask, Outcome, QueueName, QueueStats, Stats, TaskId,
-    TaskResult, TaskState, WorkerInfo,
+    BrokerError, DEFAULT_QUEUE, LeaseId, LeasedTask, NewTask, Outcome, QueueName, QueueStats,
+    Stats, TaskId, TaskResult, TaskState, WorkerInfo,
 };
 use crate::pb;
 
@@ -91,8 +91,29 @@ fn compact(bytes: Bytes) -> Bytes {
 }
 
 pub fn new_task(request: pb::PutTaskRequest) -> Result<NewTask, Status> {
+    new_task_in_batch(request, &mut None)
+}
+
+/// [`new_task`] for one task of a batch: `last` is the queue of the task
+/// before, reused when this one names the same queue, so a batch for one
+/// queue makes its name once rather than once per task.
+pub fn new_task_in_batch(
+    request: pb::PutTaskRequest,
+    last: &mut Option<QueueName>,
+) -> Result<NewTask, Status> {
+    let same = |q: &QueueName| {
+        q.as_str() == request.queue || (request.queue.is_empty() && q.as_str() == DEFAULT_QUEUE)
+    };
+    let queue = match last {
+        Some(q) if same(q) => q.clone(),
+        _ => {
+            let q = queue(&request.queue)?;
+            *last = Some(q.clone());
+            q
+        }
+    };
     Ok(NewTask {
-        queue: Some(queue(&request.queue)?),
+        queue: Some(queue),
         payload: compact(request.payload),
         idempotency_key: Some(request.idempotency_key).filter(|k| !k.is_empty()),
         max_attempts: request.max_attempts,
@@ -232,5 +253,40 @@ mod tests {
         let big_buffer = Bytes::from(vec![1u8; 2 * COMPACT_BELOW]);
         let large = compact(big_buffer.slice(..COMPACT_BELOW));
         assert!(!large.is_unique(), "large payloads are not copied");
+    }
+
+    /// A batch reuses the queue of the task before only when it is the
+    /// same queue, the empty name counting as the default queue; a bad
+    /// name is refused on its own task and does not disturb the next.
+    #[test]
+    fn batch_tasks_keep_their_own_queues() {
+        let mut last = None;
+        let names = ["a", "a", "", "default", "b", "bad/name", "b", "a"];
+        let queues: Vec<_> = names
+            .into_iter()
+            .map(|name| {
+                let request = pb::PutTaskRequest {
+                    queue: name.into(),
+                    ..Default::default()
+                };
+                new_task_in_batch(request, &mut last)
+                    .map(|task| task.queue.expect("set").as_str().to_string())
+                    .map_err(|status| status.code())
+            })
+            .collect();
+        let ok = |name: &str| Ok(name.to_string());
+        assert_eq!(
+            queues,
+            [
+                ok("a"),
+                ok("a"),
+                ok("default"),
+                ok("default"),
+                ok("b"),
+                Err(tonic::Code::InvalidArgument),
+                ok("b"),
+                ok("a"),
+            ]
+        );
     }
 }

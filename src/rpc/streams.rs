@@ -229,8 +229,9 @@ pub fn put_tasks(
     // Tasks that fail conversion keep their place with their error.
     let mut slots = Vec::with_capacity(request.tasks.len());
     let mut valid = Vec::with_capacity(request.tasks.len());
+    let mut last_queue = None;
     for task in request.tasks {
-        let task = convert::new_task(task)
+        let task = convert::new_task_in_batch(task, &mut last_queue)
             .and_then(|task| service::permit_new_task(access, &task).map(|()| task));
         match task {
             Ok(task) => {
