@@ -715,17 +715,16 @@ impl State {
         now: Instant,
     ) -> LeasedTask {
         let expires_at = now + lease;
+        let entry = self.tasks.get_mut(&id).expect("popped task is held");
         // A worker whose wait outlived its record is recorded again here.
-        let queue_name = &self.tasks[&id].queue;
         touch_worker(
             &mut self.workers,
             &self.config,
             &worker,
-            Some(queue_name),
+            Some(&entry.queue),
             1,
             now,
         );
-        let entry = self.tasks.get_mut(&id).expect("popped task is held");
         entry.attempt += 1;
         entry.lease_seq += 1;
         let seq = entry.lease_seq;

@@ -1622,7 +1622,7 @@ fn names_made_apart_compare_and_hash_by_text() {
     assert_eq!(hasher.hash_one(&a), hasher.hash_one(&b));
     assert_ne!(a, q("email"));
     assert_eq!(q(""), q(DEFAULT_QUEUE));
-    let mut names = vec![q("b"), q("a-2"), q("a"), q("B")];
+    let mut names = [q("b"), q("a-2"), q("a"), q("B")];
     names.sort();
     let texts: Vec<_> = names.iter().map(QueueName::as_str).collect();
     assert_eq!(texts, ["B", "a", "a-2", "b"]);
