@@ -449,9 +449,10 @@ async fn produce_batches(
         let mut got = 0;
         let target = crate::pb::watch_results_request::Target::TaskIds(crate::pb::TaskIds { ids });
         if let Ok(mut results) = ResultFeed::open(&client, target, batches).await {
-            while let Ok(Some(_)) = results.next().await {
-                let _ = latency.record(micros(t0));
-                got += 1;
+            while let Ok(Some(read)) = results.next_batch().await {
+                let waited = micros(t0);
+                let _ = latency.record_n(waited, read.len() as u64);
+                got += read.len() as u64;
             }
         }
         errors += expected - got;
@@ -459,13 +460,11 @@ async fn produce_batches(
     (latency, errors)
 }
 
-/// Results one by one, from WatchResults or from WatchResultBatches.
+/// Results as they come, from WatchResults (one per message) or from
+/// WatchResultBatches (several).
 enum ResultFeed {
     One(tonic::Streaming<crate::pb::Result>),
-    Batched {
-        batches: tonic::Streaming<crate::pb::ResultBatch>,
-        ready: std::vec::IntoIter<crate::pb::Result>,
-    },
+    Batched(tonic::Streaming<crate::pb::ResultBatch>),
 }
 
 impl ResultFeed {
@@ -475,28 +474,18 @@ impl ResultFeed {
         batches: bool,
     ) -> Result<Self, crate::client::ClientError> {
         Ok(if batches {
-            Self::Batched {
-                batches: client.watch_result_batches(target).await?,
-                ready: Vec::new().into_iter(),
-            }
+            Self::Batched(client.watch_result_batches(target).await?)
         } else {
             Self::One(client.watch_results(target).await?)
         })
     }
 
-    async fn next(&mut self) -> Result<Option<crate::pb::Result>, tonic::Status> {
-        match self {
-            Self::One(results) => results.message().await,
-            Self::Batched { batches, ready } => loop {
-                if let Some(result) = ready.next() {
-                    return Ok(Some(result));
-                }
-                match batches.message().await? {
-                    Some(batch) => *ready = batch.results.into_iter(),
-                    None => return Ok(None),
-                }
-            },
-        }
+    /// The results of the next message; `None` when the stream ended.
+    async fn next_batch(&mut self) -> Result<Option<Vec<crate::pb::Result>>, tonic::Status> {
+        Ok(match self {
+            Self::One(results) => results.message().await?.map(|result| vec![result]),
+            Self::Batched(batches) => batches.message().await?.map(|batch| batch.results),
+        })
     }
 }
 
@@ -537,22 +526,27 @@ async fn produce_by_queue(args: &BenchArgs, clients: Vec<Client>, queue: &str) -
             let Ok(mut results) = results else {
                 return (latency, 0);
             };
+            // The bookkeeping (window, count, end of run) is done once per
+            // message, so the reader's own cost stays per result read.
             loop {
-                let result = tokio::select! {
-                    result = results.next() => result,
+                let read = tokio::select! {
+                    read = results.next_batch() => read,
                     _ = done.wait_for(|finished| *finished) => break,
                 };
-                let Ok(Some(result)) = result else { break };
-                match result.output.first_chunk::<8>() {
-                    Some(sent) if result.state == crate::pb::TaskState::Succeeded as i32 => {
-                        let sent = Duration::from_nanos(u64::from_le_bytes(*sent));
-                        let waited = started.elapsed().saturating_sub(sent);
-                        let _ = latency.record((waited.as_micros() as u64).max(1));
+                let Ok(Some(read)) = read else { break };
+                let now = started.elapsed();
+                for result in &read {
+                    match result.output.first_chunk::<8>() {
+                        Some(sent) if result.state == crate::pb::TaskState::Succeeded as i32 => {
+                            let sent = Duration::from_nanos(u64::from_le_bytes(*sent));
+                            let waited = now.saturating_sub(sent);
+                            let _ = latency.record((waited.as_micros() as u64).max(1));
+                        }
+                        _ => errors += 1,
                     }
-                    _ => errors += 1,
                 }
-                window_r.add_permits(1);
-                settle_r(1);
+                window_r.add_permits(read.len());
+                settle_r(read.len() as u64);
             }
             (latency, errors)
         }));
