@@ -18,7 +18,7 @@ use std::io;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -216,7 +216,7 @@ pub fn panicked() -> Status {
 /// Sheds calls past a cap on calls in progress and catches handler panics.
 #[derive(Clone, Debug)]
 pub struct GuardLayer {
-    calls: Arc<Semaphore>,
+    calls: Arc<AtomicUsize>,
     max_calls: usize,
 }
 
@@ -224,9 +224,32 @@ impl GuardLayer {
     /// At most `max_calls` calls in progress across all connections.
     pub fn new(max_calls: usize) -> Self {
         Self {
-            calls: Arc::new(Semaphore::new(max_calls.min(Semaphore::MAX_PERMITS))),
+            calls: Arc::new(AtomicUsize::new(0)),
             max_calls,
         }
+    }
+}
+
+/// A call's slot among `--max-calls`, given back when dropped. A counter,
+/// not a semaphore: calls never wait for a slot, and a semaphore's
+/// release takes its waiters' lock on every call.
+#[derive(Debug)]
+pub struct CallSlot(Arc<AtomicUsize>);
+
+impl CallSlot {
+    fn take(calls: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        calls
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(calls.clone()))
+    }
+}
+
+impl Drop for CallSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -246,7 +269,7 @@ impl<S> Layer<S> for GuardLayer {
 #[derive(Clone, Debug)]
 pub struct Guard<S> {
     inner: S,
-    calls: Arc<Semaphore>,
+    calls: Arc<AtomicUsize>,
     max_calls: usize,
 }
 
@@ -268,9 +291,9 @@ where
         let permit = if request.uri().path().starts_with(EXEMPT_PREFIX) {
             None
         } else {
-            match self.calls.clone().try_acquire_owned() {
-                Ok(permit) => Some(permit),
-                Err(_) => {
+            match CallSlot::take(&self.calls, self.max_calls) {
+                Some(slot) => Some(slot),
+                None => {
                     tracing::debug!(max_calls = self.max_calls, "call shed");
                     return Guarded::Answered(Some(
                         Status::resource_exhausted(format!(
@@ -304,7 +327,7 @@ pub enum Guarded<F, B> {
         /// Its method, for the log if it panics.
         uri: http::Uri,
         /// Its slot among `--max-calls`.
-        _permit: Option<OwnedSemaphorePermit>,
+        _permit: Option<CallSlot>,
     },
 }
 
@@ -382,7 +405,7 @@ mod tests {
         let answer = guard.call(request("/fine")).await.unwrap();
         assert_eq!(answer.body(), "ok");
         // The panicked call gave its slot back.
-        assert_eq!(guard.calls.available_permits(), 10);
+        assert_eq!(guard.calls.load(Ordering::Acquire), 0);
     }
 
     #[tokio::test]
@@ -398,11 +421,15 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(health.body(), "ok");
-        // A call that ends (here: is dropped) frees its slot.
+        // A call that ends (here: is dropped) frees its slot, once.
         drop(first);
         let fine = guard.call(request("/fine")).await.unwrap();
         assert_eq!(fine.body(), "ok");
-        drop(second);
+        let third = guard.call(request("/hang"));
+        let shed = guard.call(request("/fine")).await.unwrap();
+        assert_eq!(grpc_status(&shed), Some("8"), "full again");
+        drop((second, third));
+        assert_eq!(guard.calls.load(Ordering::Acquire), 0);
     }
 
     #[tokio::test]
