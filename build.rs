@@ -13,15 +13,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         descriptors.encode_to_vec(),
     )?;
     // `bytes` fields decode into `bytes::Bytes`, so payloads and outputs move
-    // from the request to the engine and back without a copy.
+    // from the request to the engine and back without a copy; messages
+    // decode with `src/codec.rs`.
     tonic_prost_build::configure()
         .bytes(".")
+        .codec_path("crate::codec::WireCodec")
         .compile_fds(descriptors)?;
     // The bench-only echo service of examples/echo_ceiling.rs; the library
-    // does not include it.
+    // does not include it. It uses taskq's codec too, so that the ceiling
+    // and taskq are measured with the same one.
     let echo = protox::compile(["echo.proto"], ["proto/bench"])?;
     tonic_prost_build::configure()
         .bytes(".")
+        .codec_path("taskq::codec::WireCodec")
         .compile_fds(echo)?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())

@@ -19,6 +19,7 @@ pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod client;
+pub mod codec;
 pub mod config;
 pub mod limits;
 pub mod pb;

@@ -655,3 +655,38 @@ async fn bad_messages_on_an_open_stream() {
     assert_eq!((again.id, again.attempt), (task.id, 2));
     server.shutdown().await;
 }
+
+/// A message that is not protobuf (here: a field cut short) is INTERNAL,
+/// as the gRPC status code table has it, and the server goes on serving.
+#[tokio::test]
+async fn a_message_that_does_not_parse_is_internal() {
+    let server = TestServer::spawn().await;
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut h2 = h2.ready().await.unwrap();
+    let request = http::Request::post(format!("http://{}/taskq.v1.TaskQueue/PutTask", server.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut body) = h2.send_request(request, false).unwrap();
+    // Not compressed, 2 bytes: field 1 (queue) says 127 bytes follow; none do.
+    body.send_data(Bytes::from_static(&[0, 0, 0, 0, 2, 0x0A, 0x7F]), true)
+        .unwrap();
+    let response = response.await.unwrap();
+    // A status that comes at once arrives in the headers; else in trailers.
+    let status = match response.headers().get("grpc-status") {
+        Some(status) => status.clone(),
+        None => {
+            let mut body = response.into_body();
+            while body.data().await.is_some() {}
+            body.trailers().await.unwrap().unwrap()["grpc-status"].clone()
+        }
+    };
+    assert_eq!(status, "13");
+    connection.abort();
+    let mut client = server.client().await;
+    client.put_task(put("q")).await.unwrap();
+    server.shutdown().await;
+}
