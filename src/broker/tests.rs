@@ -1134,6 +1134,34 @@ async fn skipped_entries_do_not_pile_up() {
     b.check();
 }
 
+/// Retained results have no timers, so the heap is compacted against
+/// what it kept last time, not against every task held: with the default
+/// 100,000 results kept, finished leases' entries used to pile up to twice
+/// that before the heap was compacted.
+#[tokio::test(start_paused = true)]
+async fn finished_leases_do_not_pile_up_behind_retained_results() {
+    let b = broker();
+    for _ in 0..20_000 {
+        put(&b, "q", "x").await;
+        let t = take(&b, "q", 60 * SEC).await;
+        b.complete(t.lease_id, ok("r")).unwrap();
+    }
+    assert_eq!(stats(&b, "q").succeeded, 20_000);
+    let (timers, _, _) = b.footprint();
+    assert!(timers < 3000, "timer heap: {timers}");
+    // Live entries are kept through compactions: 5,000 leases held at once
+    // all still expire.
+    for _ in 0..5000 {
+        put(&b, "held", "x").await;
+        take(&b, "held", 60 * SEC).await;
+    }
+    tokio::time::advance(60 * SEC).await;
+    tokio::task::yield_now().await;
+    let held = stats(&b, "held");
+    assert_eq!((held.pending, held.leased), (5000, 0));
+    b.check();
+}
+
 /// A result put back by a cancelled reader used to wait for the next
 /// completion instead of going to the reader already waiting.
 #[tokio::test(start_paused = true)]
