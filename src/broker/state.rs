@@ -323,10 +323,12 @@ pub(super) struct State {
     /// Every lease and ttl deadline; stale entries are skipped when due.
     timers: BinaryHeap<Reverse<TimerEntry>>,
     /// Entries `timers` kept at its last compaction: it is compacted again
-    /// past twice that plus `COMPACT_SLACK`. Measured against what is live
-    /// rather than against every task held (most of which, retained
-    /// results, have no timer), the heap stays near the size of the work in
-    /// progress, and each compaction is paid for by as many pushes.
+    /// past twice that (or twice what can be live, if less) plus
+    /// `COMPACT_SLACK`. Measured against what is live rather than against
+    /// every task held (most of which, retained results, have no timer),
+    /// the heap stays near the size of the work in progress, and each
+    /// compaction is paid for by the pushes before it or by the stale
+    /// entries it drops.
     timers_kept: usize,
     /// Wakes the timer task when a deadline earlier than all others arrives.
     timer_wake: Arc<Notify>,
@@ -348,7 +350,7 @@ pub(super) struct State {
 /// tasks. Past `max_workers`, silent workers holding nothing are
 /// forgotten; if that frees nothing, the worker is not tracked (tracking
 /// is best effort past the limit; the work is not).
-fn touch_worker(
+fn touch_worker_in(
     workers: &mut NameMap<WorkerId, WorkerRecord>,
     config: &BrokerConfig,
     worker: &WorkerId,
@@ -473,7 +475,10 @@ impl State {
     }
 
     fn schedule(&mut self, at: Instant, task: TaskId, kind: TimerKind) {
-        if self.timers.len() > 2 * self.timers_kept + COMPACT_SLACK {
+        // At most a ttl entry and a lease entry per unfinished task are
+        // live; `finished` holds exactly the finished tasks still held.
+        let live = 2 * self.tasks.len().saturating_sub(self.finished.len());
+        if self.timers.len() > 2 * self.timers_kept.min(live) + COMPACT_SLACK {
             self.compact_timers();
             self.timers_kept = self.timers.len();
         }
@@ -503,7 +508,7 @@ impl State {
     }
 
     fn touch_worker(&mut self, worker: &WorkerId, queue: Option<&QueueName>, now: Instant) {
-        touch_worker(&mut self.workers, &self.config, worker, queue, 0, now);
+        touch_worker_in(&mut self.workers, &self.config, worker, queue, 0, now);
     }
 
     fn worker_in_flight(&mut self, worker: &WorkerId, delta: i32) {
@@ -725,7 +730,7 @@ impl State {
         let expires_at = now + lease;
         let entry = self.tasks.get_mut(&id).expect("popped task is held");
         // A worker whose wait outlived its record is recorded again here.
-        touch_worker(
+        touch_worker_in(
             &mut self.workers,
             &self.config,
             &worker,
