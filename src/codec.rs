@@ -17,7 +17,7 @@ use std::marker::PhantomData;
 use bytes::Buf;
 use prost::Message;
 use tonic::Status;
-use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 /// The codec the generated clients and servers use (`build.rs` names it).
 #[derive(Debug, Clone)]
@@ -63,10 +63,6 @@ impl<T: Message> Encoder for WireEncoder<T> {
         item.encode_raw(buf);
         Ok(())
     }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::default()
-    }
 }
 
 /// Decodes one message from its bytes taken whole.
@@ -84,9 +80,5 @@ impl<U: Message + Default> Decoder for WireDecoder<U> {
             // As ProstCodec: a message that does not parse is INTERNAL
             // (https://github.com/grpc/grpc/blob/master/doc/statuscodes.md).
             .map_err(|error| Status::internal(error.to_string()))
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::default()
     }
 }

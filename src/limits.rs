@@ -288,7 +288,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let permit = if request.uri().path().starts_with(EXEMPT_PREFIX) {
+        let slot = if request.uri().path().starts_with(EXEMPT_PREFIX) {
             None
         } else {
             match CallSlot::take(&self.calls, self.max_calls) {
@@ -311,7 +311,7 @@ where
         Guarded::Running {
             call: CatchUnwind::new(self.inner.call(request)),
             uri,
-            _permit: permit,
+            _slot: slot,
         }
     }
 }
@@ -327,7 +327,7 @@ pub enum Guarded<F, B> {
         /// Its method, for the log if it panics.
         uri: http::Uri,
         /// Its slot among `--max-calls`.
-        _permit: Option<CallSlot>,
+        _slot: Option<CallSlot>,
     },
 }
 

@@ -344,12 +344,12 @@ pub(super) struct State {
 }
 
 /// Records that `worker` was seen now, working on `queue` if given, and
-/// adds `leased` to what it holds. Known workers (nearly every call) take
-/// one lookup, and the queue's name is cloned only when it changed: every
-/// clone of a name is an atomic write to one count shared by all its
-/// tasks. Past `max_workers`, silent workers holding nothing are
-/// forgotten; if that frees nothing, the worker is not tracked (tracking
-/// is best effort past the limit; the work is not).
+/// adds `leased` to what it holds; known workers (nearly every call) take
+/// one lookup. A free function over the workers' map, so that a lease can
+/// record its worker while it holds its task's entry. Past `max_workers`,
+/// silent workers holding nothing are forgotten; if that frees nothing,
+/// the worker is not tracked (tracking is best effort past the limit; the
+/// work is not).
 fn touch_worker_in(
     workers: &mut NameMap<WorkerId, WorkerRecord>,
     config: &BrokerConfig,
@@ -361,9 +361,7 @@ fn touch_worker_in(
     if let Some(record) = workers.get_mut(worker) {
         record.last_seen = now;
         record.in_flight = record.in_flight.saturating_add(leased);
-        if let Some(queue) = queue
-            && record.queue.as_ref() != Some(queue)
-        {
+        if let Some(queue) = queue {
             record.queue = Some(queue.clone());
         }
         return;
@@ -466,12 +464,7 @@ impl State {
 
     /// Looks up a queue known to exist because a task refers to it.
     fn queue_of(&mut self, name: &QueueName) -> &mut QueueState {
-        // A lookup first: `entry` would clone the name, and every clone of
-        // a queue's name is an atomic write to one shared count.
-        if !self.queues.contains_key(name) {
-            self.queues.insert(name.clone(), QueueState::default());
-        }
-        self.queues.get_mut(name).expect("inserted above")
+        self.queues.entry(name.clone()).or_default()
     }
 
     fn schedule(&mut self, at: Instant, task: TaskId, kind: TimerKind) {

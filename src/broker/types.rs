@@ -116,6 +116,12 @@ impl QueueName {
     pub fn as_str(&self) -> &str {
         self.0.as_str()
     }
+
+    /// Whether [`QueueName::parse`] makes this name from `text`.
+    pub fn is_parsed_from(&self, text: &str) -> bool {
+        let text = if text.is_empty() { DEFAULT_QUEUE } else { text };
+        self.as_str() == text
+    }
 }
 
 impl fmt::Display for QueueName {

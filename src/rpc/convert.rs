@@ -7,8 +7,8 @@ use bytes::Bytes;
 use tonic::Status;
 
 use crate::broker::{
-    BrokerError, DEFAULT_QUEUE, LeaseId, LeasedTask, NewTask, Outcome, QueueName, QueueStats,
-    Stats, TaskId, TaskResult, TaskState, WorkerInfo,
+    BrokerError, LeaseId, LeasedTask, NewTask, Outcome, QueueName, QueueStats, Stats, TaskId,
+    TaskResult, TaskState, WorkerInfo,
 };
 use crate::pb;
 
@@ -101,11 +101,8 @@ pub fn new_task_in_batch(
     request: pb::PutTaskRequest,
     last: &mut Option<QueueName>,
 ) -> Result<NewTask, Status> {
-    let same = |q: &QueueName| {
-        q.as_str() == request.queue || (request.queue.is_empty() && q.as_str() == DEFAULT_QUEUE)
-    };
     let queue = match last {
-        Some(q) if same(q) => q.clone(),
+        Some(q) if q.is_parsed_from(&request.queue) => q.clone(),
         _ => {
             let q = queue(&request.queue)?;
             *last = Some(q.clone());
