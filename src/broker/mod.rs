@@ -523,6 +523,17 @@ impl Subscription {
     /// [`Subscription::next`] as a poll, for a response stream that hands
     /// tasks straight to the transport.
     pub fn poll_next_task(&mut self, cx: &mut Context<'_>) -> Poll<Option<LeasedTask>> {
+        self.poll_next_task_at(cx, &mut None)
+    }
+
+    /// [`Subscription::poll_next_task`] for a caller that takes several
+    /// tasks at once: `now` is read from the clock by the first task that
+    /// needs it and reused by the rest, so a batch reads the clock once.
+    pub fn poll_next_task_at(
+        &mut self,
+        cx: &mut Context<'_>,
+        now: &mut Option<Instant>,
+    ) -> Poll<Option<LeasedTask>> {
         loop {
             let task = match self.front.take() {
                 Some(task) => task,
@@ -534,12 +545,18 @@ impl Subscription {
             // Before its expiry a lease can only have ended by a result sent
             // some other way, which the worker's own report then meets as
             // ALREADY_EXISTS; only an expired one needs the lock to check.
-            if task.lease_deadline > Instant::now()
+            if task.lease_deadline > *now.get_or_insert_with(Instant::now)
                 || self.broker.state().leased_through(task.lease_id, self.id)
             {
                 return Poll::Ready(Some(task));
             }
         }
+    }
+
+    /// Tasks waiting to be taken now (some may be skipped when taken): room
+    /// to reserve for a batch.
+    pub fn ready(&self) -> usize {
+        self.deliveries.len() + usize::from(self.front.is_some())
     }
 
     /// Puts back a task just taken and not sent (it did not fit a batch):
@@ -624,6 +641,11 @@ impl ResultStream {
             self.broker.state().refill_reader(self.id);
         }
         Poll::Ready(result)
+    }
+
+    /// Results waiting to be taken now: room to reserve for a batch.
+    pub fn ready(&self) -> usize {
+        self.results.len() + usize::from(self.front.is_some())
     }
 
     /// Puts back a result just taken and not sent (it did not fit a

@@ -32,6 +32,8 @@ const DRAIN_CHECK: Duration = Duration::from_millis(50);
 /// Largest encoded batch of tasks, unless it holds one task (the contract:
 /// StreamTasks, point 6). Well under any client's message limit.
 pub const BATCH_BYTES: usize = 1 << 20;
+/// Most results a batch reserves room for at once (it can grow past).
+const MAX_RESERVED: usize = 1024;
 /// Results of one `results` message completed per hold of the broker's
 /// lock.
 const COMPLETE_CHUNK: usize = 256;
@@ -112,7 +114,7 @@ fn queue_batch(
     if *ended {
         return Poll::Ready(None);
     }
-    let mut batch = Vec::new();
+    let mut batch = Vec::with_capacity(results.ready().clamp(1, MAX_RESERVED));
     let mut bytes = 0;
     loop {
         let result = match results.poll_next_result(cx) {
@@ -125,13 +127,14 @@ fn queue_batch(
             Poll::Pending if batch.is_empty() => return Poll::Pending,
             Poll::Ready(None) | Poll::Pending => break,
         };
-        if !batch.is_empty() && bytes + convert::result_len_bound(&result) > BATCH_BYTES {
+        // Bounds added up, as for tasks (ServerMessages::poll_batch).
+        let size = convert::result_len_bound(&result);
+        if !batch.is_empty() && bytes + size > BATCH_BYTES {
             results.put_back(result);
             break;
         }
-        let result = convert::result(result);
-        bytes += in_batch_len(&result);
-        batch.push(result);
+        bytes += size;
+        batch.push(convert::result(result));
     }
     Poll::Ready(Some(Ok(pb::ResultBatch { results: batch })))
 }
@@ -343,10 +346,11 @@ impl ServerMessages {
     /// its lease checked again, or goes back undelivered if the stream
     /// ends first.
     fn poll_batch(&mut self, cx: &mut Context<'_>) -> Poll<Option<pb::TaskBatch>> {
-        let mut tasks = Vec::new();
+        let mut tasks = Vec::with_capacity(self.subscription.ready().clamp(1, self.max_batch));
         let mut bytes = 0;
+        let mut now = None;
         while tasks.len() < self.max_batch {
-            let task = match self.subscription.poll_next_task(cx) {
+            let task = match self.subscription.poll_next_task_at(cx, &mut now) {
                 Poll::Ready(Some(task)) => task,
                 // Nothing to send: wait (the poll registered the wake-up),
                 // or end.
@@ -354,13 +358,15 @@ impl ServerMessages {
                 Poll::Pending if tasks.is_empty() => return Poll::Pending,
                 Poll::Ready(None) | Poll::Pending => break,
             };
-            if !tasks.is_empty() && bytes + convert::task_len_bound(&task) > BATCH_BYTES {
+            // Bounds, not encoded sizes, are added up: the batch stays under
+            // its limit without encoding each task once more to measure it.
+            let size = convert::task_len_bound(&task);
+            if !tasks.is_empty() && bytes + size > BATCH_BYTES {
                 self.subscription.put_back(task);
                 break;
             }
-            let task = convert::task(task);
-            bytes += in_batch_len(&task);
-            tasks.push(task);
+            bytes += size;
+            tasks.push(convert::task(task));
         }
         Poll::Ready(Some(pb::TaskBatch { tasks }))
     }

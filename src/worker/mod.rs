@@ -448,22 +448,32 @@ where
     Fut: Future<Output = HandlerResult>,
 {
     let mut work = std::pin::pin!(work);
-    std::future::poll_fn(|cx| {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work.as_mut().poll(cx))) {
-            Ok(poll) => poll,
-            Err(_) => {
-                tracing::error!(%task_id, "the task handler panicked; the task will be retried");
-                std::task::Poll::Ready(Err(TaskFailure::retryable("the task handler panicked")))
-            }
+    std::future::poll_fn(|cx| poll_catching(task_id, work.as_mut(), cx)).await
+}
+
+/// One poll of a handler's future, a panic in it turned into a retryable
+/// failure of its task, as [`catch_panics`] does.
+fn poll_catching<Fut>(
+    task_id: &str,
+    work: std::pin::Pin<&mut Fut>,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<HandlerResult>
+where
+    Fut: Future<Output = HandlerResult>,
+{
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work.poll(cx))) {
+        Ok(poll) => poll,
+        Err(_) => {
+            tracing::error!(%task_id, "the task handler panicked; the task will be retried");
+            std::task::Poll::Ready(Err(TaskFailure::retryable("the task handler panicked")))
         }
-    })
-    .await
+    }
 }
 
 /// Extends the task's lease at a third of its length, for as long as it is
 /// polled. Returns only when the lease is lost.
 async fn keep_lease(ctx: &WorkerBuilder, task: &pb::Task) -> ClientError {
-    let granted = granted_lease(task, ctx.lease);
+    let granted = granted_lease(task.lease_expires_at, ctx.lease);
     let mut every = (granted / 3).max(Duration::from_millis(10));
     loop {
         tokio::time::sleep(every).await;
@@ -482,8 +492,8 @@ async fn keep_lease(ctx: &WorkerBuilder, task: &pb::Task) -> ClientError {
 
 /// The lease the server granted at delivery (it may have clamped the one
 /// asked for; extensions are clamped the same way).
-fn granted_lease(task: &pb::Task, asked: Duration) -> Duration {
-    task.lease_expires_at
+fn granted_lease(expires: Option<prost_types::Timestamp>, asked: Duration) -> Duration {
+    expires
         .and_then(|at| SystemTime::try_from(at).ok())
         .and_then(|at| at.duration_since(SystemTime::now()).ok())
         .unwrap_or(asked)

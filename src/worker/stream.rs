@@ -205,7 +205,9 @@ where
 
 /// Starts a task's handler. A quick handler is done at its first poll: its
 /// result goes in the outbox at once, without a task (and two wake-ups) of
-/// its own. (A handler that computes for long without awaiting holds the
+/// its own, nor a lease keeper. Only a handler still running after its
+/// first poll is moved, as it is, to a task of its own with its lease
+/// keeper. (A handler that computes for long without awaiting holds the
 /// stream up here; such work belongs in spawn_blocking, as anywhere on
 /// tokio.)
 async fn start<F, Fut>(
@@ -223,13 +225,18 @@ async fn start<F, Fut>(
         task_id: task.id.clone(),
         lease_id: task.lease_id.clone(),
     };
-    let mut work = Box::pin(run_one(handler.clone(), task, tx.clone(), lease));
-    let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
+    let expires = task.lease_expires_at;
+    let mut work = Box::pin((**handler)(task));
+    let first = std::future::poll_fn(|cx| {
+        Poll::Ready(super::poll_catching(&ids.task_id, work.as_mut(), cx))
+    })
+    .await;
     match first {
         Poll::Ready(result) => outbox.push(ids, result),
         Poll::Pending => {
+            let run = keep_leased(work, ids.clone(), expires, tx.clone(), lease);
             let lease = ids.lease_id.clone();
-            let handle = running.set.spawn(work);
+            let handle = running.set.spawn(run);
             running.tasks_by_runner.insert(handle.id(), ids);
             running.handles.insert(lease, handle);
         }
@@ -281,6 +288,7 @@ impl Running {
 }
 
 /// What the loop keeps of a task while its handler runs: enough to report.
+#[derive(Clone)]
 struct Ids {
     task_id: String,
     lease_id: String,
@@ -409,20 +417,20 @@ fn tally(report: &mut WorkerReport, ack: &pb::ResultAck) {
     }
 }
 
-/// Runs the handler while extending the task's lease on the stream at a
-/// third of its length.
-async fn run_one<F, Fut>(
-    handler: Arc<F>,
-    task: pb::Task,
+/// Goes on with a handler that did not finish at its first poll, while
+/// extending its task's lease on the stream at a third of its length.
+async fn keep_leased<Fut>(
+    work: std::pin::Pin<Box<Fut>>,
+    ids: Ids,
+    expires: Option<prost_types::Timestamp>,
     tx: WorkerSender,
     lease: Duration,
 ) -> HandlerResult
 where
-    F: Fn(pb::Task) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = HandlerResult> + Send + 'static,
 {
-    let granted = super::granted_lease(&task, lease);
-    let (task_id, lease_id) = (task.id.clone(), task.lease_id.clone());
+    let granted = super::granted_lease(expires, lease);
+    let Ids { task_id, lease_id } = &ids;
     let keep_alive = async {
         let mut every = (granted / 3).max(Duration::from_millis(10));
         loop {
@@ -441,10 +449,8 @@ where
             every = (granted / 3).max(Duration::from_millis(10));
         }
     };
-    let work = super::catch_panics(&task_id, handler(task));
+    let work = super::catch_panics(task_id, work);
     tokio::select! {
-        // The handler first: one done at its first poll never starts the
-        // lease keeper's timer.
         biased;
         result = work => result,
         () = keep_alive => unreachable!("the lease keeper never returns"),
