@@ -315,9 +315,15 @@ pub(super) struct State {
     config: BrokerConfig,
     clock: Clock,
     queues: NameMap<QueueName, QueueState>,
-    /// Boxed: the map's buckets then cost a pointer, not a whole entry, at
-    /// its load factor.
+    /// Unfinished tasks (pending or leased). Boxed: the map's buckets then
+    /// cost a pointer, not a whole entry, at its load factor; and an entry
+    /// moves to `results` without being copied.
     tasks: IdMap<TaskId, Box<TaskEntry>>,
+    /// Finished tasks, held for their results until retention drops them.
+    /// Apart from `tasks`, so that the map the hot path works in holds only
+    /// the work in progress and stays small and in cache, however many
+    /// results are kept (bench/README.md, session 6).
+    results: IdMap<TaskId, Box<TaskEntry>>,
     /// Finished tasks in completion order, for retention by age and count.
     finished: VecDeque<(Instant, TaskId)>,
     /// Every lease and ttl deadline; stale entries are skipped when due.
@@ -399,6 +405,7 @@ impl State {
             clock: Clock::now(),
             queues: NameMap::default(),
             tasks: IdMap::default(),
+            results: IdMap::default(),
             finished: VecDeque::new(),
             timers: BinaryHeap::new(),
             timers_kept: 0,
@@ -431,15 +438,22 @@ impl State {
 
     pub fn held(&self) -> Held {
         Held {
-            tasks: self.tasks.len() - self.finished.len(),
-            results: self.finished.len(),
+            tasks: self.tasks.len(),
+            results: self.results.len(),
         }
+    }
+
+    /// A held task, unfinished or finished.
+    fn held_entry(&self, id: &TaskId) -> Option<&TaskEntry> {
+        self.tasks
+            .get(id)
+            .or_else(|| self.results.get(id))
+            .map(|e| &**e)
     }
 
     /// The queue a held task (or result) belongs to.
     pub fn task_queue(&self, task: TaskId) -> Result<QueueName, BrokerError> {
-        self.tasks
-            .get(&task)
+        self.held_entry(&task)
             .map(|entry| entry.queue.clone())
             .ok_or_else(|| BrokerError::TaskNotFound(task.to_string()))
     }
@@ -469,8 +483,8 @@ impl State {
 
     fn schedule(&mut self, at: Instant, task: TaskId, kind: TimerKind) {
         // At most a ttl entry and a lease entry per unfinished task are
-        // live; `finished` holds exactly the finished tasks still held.
-        let live = 2 * self.tasks.len().saturating_sub(self.finished.len());
+        // live.
+        let live = 2 * self.tasks.len();
         if self.timers.len() > 2 * self.timers_kept.min(live) + COMPACT_SLACK {
             self.compact_timers();
             self.timers_kept = self.timers.len();
@@ -493,6 +507,7 @@ impl State {
                     (Status::Leased(l), TimerKind::Lease(seq)) => {
                         l.seq == seq && l.scheduled == entry.at
                     }
+                    // Finished tasks are not in `tasks`.
                     (Status::Finished(_), _) => false,
                     (_, TimerKind::Ttl) => true,
                     (Status::Pending, TimerKind::Lease(_)) => false,
@@ -620,14 +635,12 @@ impl State {
             .wall(now)
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        // The maker's ids do not repeat; the loop makes that a fact of this
-        // map rather than an assumption about the generator.
-        loop {
-            let id = self.ids.next(unix_ms);
-            if !self.tasks.contains_key(&id) {
-                return id;
-            }
-        }
+        // The maker's ids do not repeat in a process's life (all 64 bits of
+        // its counter are in each id: `IdMaker::next`), so no lookup is
+        // paid per task to check, least of all in the map of results.
+        let id = self.ids.next(unix_ms);
+        debug_assert!(self.held_entry(&id).is_none(), "task id {id} made twice");
+        id
     }
 
     fn validate(&self, task: &NewTask) -> Result<(), BrokerError> {
@@ -1008,12 +1021,15 @@ impl State {
         now: Instant,
     ) -> Result<SystemTime, BrokerError> {
         let by = self.clamp_lease(extend_by);
-        let entry = self
-            .tasks
-            .get_mut(&lease.task)
-            .ok_or_else(|| BrokerError::TaskNotFound(lease.task.to_string()))?;
+        let Some(entry) = self.tasks.get_mut(&lease.task) else {
+            return Err(if self.results.contains_key(&lease.task) {
+                BrokerError::TaskFinished(lease.task)
+            } else {
+                BrokerError::TaskNotFound(lease.task.to_string())
+            });
+        };
         let held = match &mut entry.status {
-            Status::Finished(_) => return Err(BrokerError::TaskFinished(lease.task)),
+            Status::Finished(_) => unreachable!("finished tasks are in `results`"),
             // A lease past its expiry is lost even if the timer has not
             // handed the task on yet.
             Status::Leased(current) if current.seq == lease.seq && current.expires_at > now => {
@@ -1062,8 +1078,7 @@ impl State {
             outcome => outcome,
         };
         let entry = self
-            .tasks
-            .get(&lease.task)
+            .held_entry(&lease.task)
             .ok_or_else(|| BrokerError::TaskNotFound(lease.task.to_string()))?;
         let repeated_retry = matches!(&outcome, Outcome::Failure { message, retry: true }
             if entry.extras.as_ref().and_then(|x| x.last_retry.as_ref())
@@ -1159,7 +1174,7 @@ impl State {
         outcome: Option<Outcome>,
         now: Instant,
     ) {
-        let Some(entry) = self.tasks.get_mut(&id) else {
+        let Some(mut entry) = self.tasks.remove(&id) else {
             return;
         };
         let result = TaskResult {
@@ -1204,6 +1219,7 @@ impl State {
         entry.unclaimed = true;
         self.waiters -= woken + watched;
         let queue_name = entry.queue.clone();
+        self.results.insert(id, entry);
         let freed_stream = match &previous {
             Status::Leased(lease) => {
                 self.worker_in_flight(&lease.worker, -1);
@@ -1342,7 +1358,7 @@ impl State {
                 return;
             }
             self.finished.pop_front();
-            let Some(entry) = self.tasks.remove(&id) else {
+            let Some(entry) = self.results.remove(&id) else {
                 continue;
             };
             if let Status::Finished(done) = &entry.status {
@@ -1371,8 +1387,7 @@ impl State {
     /// The finished result of a task, or `Ok(None)` while it is unfinished.
     pub fn result_of(&self, id: TaskId) -> Result<Option<TaskResult>, BrokerError> {
         let entry = self
-            .tasks
-            .get(&id)
+            .held_entry(&id)
             .ok_or_else(|| BrokerError::TaskNotFound(id.to_string()))?;
         Ok(match &entry.status {
             Status::Finished(done) => Some(done.result.clone()),
@@ -1405,7 +1420,7 @@ impl State {
         ids: &[TaskId],
         tx: &mpsc::UnboundedSender<TaskResult>,
     ) -> Result<(), BrokerError> {
-        if let Some(unknown) = ids.iter().find(|id| !self.tasks.contains_key(id)) {
+        if let Some(unknown) = ids.iter().find(|id| self.held_entry(id).is_none()) {
             return Err(BrokerError::TaskNotFound(unknown.to_string()));
         }
         if self.waiters + ids.len() > self.config.max_waiters {
@@ -1415,11 +1430,11 @@ impl State {
             )));
         }
         for id in ids {
-            let entry = self.tasks.get_mut(id).expect("checked above");
-            if let Status::Finished(done) = &entry.status {
+            if let Some(Status::Finished(done)) = self.results.get(id).map(|e| &e.status) {
                 let _ = tx.send(done.result.clone());
                 continue;
             }
+            let entry = self.tasks.get_mut(id).expect("checked above");
             let extras = entry.extras_mut();
             let before = extras.watchers.len();
             extras.watchers.retain(|w| !w.is_closed());
@@ -1473,15 +1488,15 @@ impl State {
     fn take_unclaimed(&mut self, queue_name: &QueueName) -> Option<TaskResult> {
         let queue = self.queues.get_mut(queue_name)?;
         if queue.unclaimed.len() > 2 * queue.results_unclaimed as usize + COMPACT_SLACK {
-            let tasks = &self.tasks;
+            let results = &self.results;
             queue
                 .unclaimed
-                .retain(|id| tasks.get(id).is_some_and(|e| e.unclaimed));
+                .retain(|id| results.get(id).is_some_and(|e| e.unclaimed));
         }
         loop {
             let queue = self.queue_of(queue_name);
             let id = queue.unclaimed.pop_front()?;
-            let Some(entry) = self.tasks.get_mut(&id) else {
+            let Some(entry) = self.results.get_mut(&id) else {
                 continue;
             };
             if !entry.unclaimed {
@@ -1506,7 +1521,7 @@ impl State {
     }
 
     fn return_unclaimed(&mut self, result: &TaskResult) {
-        let Some(entry) = self.tasks.get_mut(&result.task_id) else {
+        let Some(entry) = self.results.get_mut(&result.task_id) else {
             return;
         };
         if entry.unclaimed {
@@ -1756,6 +1771,20 @@ impl State {
     #[cfg(any(test, feature = "fuzzing"))]
     pub fn check_consistency(&self) -> Result<(), String> {
         let mut counts: HashMap<&QueueName, (u64, u64)> = HashMap::new();
+        if let Some((id, _)) = self
+            .results
+            .iter()
+            .find(|(_, e)| !matches!(e.status, Status::Finished(_)))
+        {
+            return Err(format!("unfinished task {id} is among the results"));
+        }
+        if self.finished.len() != self.results.len() {
+            return Err(format!(
+                "{} results held, {} in the retention line",
+                self.results.len(),
+                self.finished.len()
+            ));
+        }
         for (id, entry) in &self.tasks {
             let c = counts.entry(&entry.queue).or_default();
             match &entry.status {
@@ -1768,7 +1797,9 @@ impl State {
                     }
                 }
                 Status::Leased(_) => c.1 += 1,
-                Status::Finished(_) => {}
+                Status::Finished(_) => {
+                    return Err(format!("finished task {id} is among the tasks"));
+                }
             }
         }
         for (name, q) in &self.queues {
@@ -1796,6 +1827,7 @@ impl State {
         let held: usize = self
             .tasks
             .values()
+            .chain(self.results.values())
             .map(|e| match &e.status {
                 Status::Finished(done) => done.result.output.len(),
                 _ => e.payload.len(),
