@@ -207,22 +207,71 @@ struct Lease {
     stream: Option<u64>,
 }
 
+/// A finished task, held for its result until retention drops it: all
+/// that is kept of the task, in one allocation (the task's own entry is
+/// freed when it finishes, while it is still in cache).
 #[derive(Debug)]
 struct Finished {
     result: TaskResult,
     /// The lease whose report finished the task; 0 when the server did.
     by_lease: u32,
-    /// The report, to tell a repeated call from a different one.
-    outcome: Option<Outcome>,
+    /// What that report was, to tell it repeated from a different one.
+    report: Report,
+    /// Not yet handed out by GetResult(queue) or WatchResults(queue).
+    unclaimed: bool,
+    /// Kept only when the task had any of it.
+    rest: Option<Box<FinishedRest>>,
+}
+
+/// What few finished tasks need kept.
+#[derive(Debug)]
+struct FinishedRest {
+    /// Forgotten with the result.
+    idempotency_key: Option<String>,
+    /// The last lease whose failure was retried, with its message, so that
+    /// the same report repeated is still answered OK.
+    last_retry: Option<(u32, String)>,
+}
+
+/// The report that finished a task, without its output or message: those
+/// are in the result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Report {
+    /// The server finished it (ttl, attempts used up).
+    Server,
+    Success,
+    Failure {
+        retry: bool,
+    },
+}
+
+impl Finished {
+    /// Whether `outcome` is the report that finished the task.
+    fn finished_by(&self, outcome: &Outcome) -> bool {
+        match (self.report, outcome) {
+            (Report::Success, Outcome::Success(output)) => self.result.output == *output,
+            (Report::Failure { retry }, Outcome::Failure { message, retry: r }) => {
+                retry == *r && self.result.error == *message
+            }
+            _ => false,
+        }
+    }
+
+    fn last_retry(&self) -> Option<&(u32, String)> {
+        self.rest.as_ref()?.last_retry.as_ref()
+    }
+
+    fn idempotency_key(&self) -> Option<&String> {
+        self.rest.as_ref()?.idempotency_key.as_ref()
+    }
 }
 
 #[derive(Debug)]
 /// Boxed variants keep a pending task small: most of a queue's tasks are
-/// pending.
+/// pending. A finished task leaves `tasks` for `results` ([`Finished`]).
 enum Status {
     Pending,
     Leased(Box<Lease>),
-    Finished(Box<Finished>),
 }
 
 /// Fields most tasks never use, out of line so that a pending task stays
@@ -255,7 +304,6 @@ struct TaskEntry {
     expires_at: Option<Stamp>,
     status: Status,
     extras: Option<Box<Extras>>,
-    unclaimed: bool,
 }
 
 impl TaskEntry {
@@ -265,10 +313,6 @@ impl TaskEntry {
 
     fn extras_mut(&mut self) -> &mut Extras {
         self.extras.get_or_insert_with(Box::default)
-    }
-
-    fn idempotency_key(&self) -> Option<&String> {
-        self.extras.as_ref()?.idempotency_key.as_ref()
     }
 }
 
@@ -323,7 +367,7 @@ pub(super) struct State {
     /// Apart from `tasks`, so that the map the hot path works in holds only
     /// the work in progress and stays small and in cache, however many
     /// results are kept (bench/README.md, session 6).
-    results: IdMap<TaskId, Box<TaskEntry>>,
+    results: IdMap<TaskId, Box<Finished>>,
     /// Finished tasks in completion order, for retention by age and count.
     finished: VecDeque<(Instant, TaskId)>,
     /// Every lease and ttl deadline; stale entries are skipped when due.
@@ -443,18 +487,21 @@ impl State {
         }
     }
 
-    /// A held task, unfinished or finished.
-    fn held_entry(&self, id: &TaskId) -> Option<&TaskEntry> {
-        self.tasks
-            .get(id)
-            .or_else(|| self.results.get(id))
-            .map(|e| &**e)
+    /// Whether a task or its result is held.
+    fn holds(&self, id: &TaskId) -> bool {
+        self.tasks.contains_key(id) || self.results.contains_key(id)
     }
 
     /// The queue a held task (or result) belongs to.
     pub fn task_queue(&self, task: TaskId) -> Result<QueueName, BrokerError> {
-        self.held_entry(&task)
+        self.tasks
+            .get(&task)
             .map(|entry| entry.queue.clone())
+            .or_else(|| {
+                self.results
+                    .get(&task)
+                    .map(|done| done.result.queue.clone())
+            })
             .ok_or_else(|| BrokerError::TaskNotFound(task.to_string()))
     }
 
@@ -507,8 +554,6 @@ impl State {
                     (Status::Leased(l), TimerKind::Lease(seq)) => {
                         l.seq == seq && l.scheduled == entry.at
                     }
-                    // Finished tasks are not in `tasks`.
-                    (Status::Finished(_), _) => false,
                     (_, TimerKind::Ttl) => true,
                     (Status::Pending, TimerKind::Lease(_)) => false,
                 })
@@ -616,7 +661,6 @@ impl State {
                 expires_at: expires_at.map(|at| self.clock.stamp(at)),
                 status: Status::Pending,
                 extras,
-                unclaimed: false,
             }),
         );
         if let Some(at) = expires_at {
@@ -639,7 +683,7 @@ impl State {
         // its counter are in each id: `IdMaker::next`), so no lookup is
         // paid per task to check, least of all in the map of results.
         let id = self.ids.next(unix_ms);
-        debug_assert!(self.held_entry(&id).is_none(), "task id {id} made twice");
+        debug_assert!(!self.holds(&id), "task id {id} made twice");
         id
     }
 
@@ -1029,7 +1073,6 @@ impl State {
             });
         };
         let held = match &mut entry.status {
-            Status::Finished(_) => unreachable!("finished tasks are in `results`"),
             // A lease past its expiry is lost even if the timer has not
             // handed the task on yet.
             Status::Leased(current) if current.seq == lease.seq && current.expires_at > now => {
@@ -1077,23 +1120,27 @@ impl State {
             },
             outcome => outcome,
         };
-        let entry = self
-            .held_entry(&lease.task)
-            .ok_or_else(|| BrokerError::TaskNotFound(lease.task.to_string()))?;
-        let repeated_retry = matches!(&outcome, Outcome::Failure { message, retry: true }
-            if entry.extras.as_ref().and_then(|x| x.last_retry.as_ref())
-                .is_some_and(|(seq, m)| *seq == lease.seq && m == message));
-        if repeated_retry {
-            // The same retried failure again: a client retrying after a lost
-            // answer. The task went back in line then; nothing changes now.
-            return Ok(state_of(&entry.status));
-        }
-        if let Status::Finished(done) = &entry.status {
-            return if done.by_lease == lease.seq && done.outcome.as_ref() == Some(&outcome) {
+        // The same retried failure again: a client retrying after a lost
+        // answer. The task went back in line then; nothing changes now.
+        let repeats = |last: Option<&(u32, String)>| {
+            matches!(&outcome, Outcome::Failure { message, retry: true }
+                if last.is_some_and(|(seq, m)| *seq == lease.seq && m == message))
+        };
+        if let Some(done) = self.results.get(&lease.task) {
+            return if repeats(done.last_retry())
+                || (done.by_lease == lease.seq && done.finished_by(&outcome))
+            {
                 Ok(done.result.state)
             } else {
                 Err(BrokerError::ResultConflict(lease.task))
             };
+        }
+        let entry = self
+            .tasks
+            .get(&lease.task)
+            .ok_or_else(|| BrokerError::TaskNotFound(lease.task.to_string()))?;
+        if repeats(entry.extras.as_ref().and_then(|x| x.last_retry.as_ref())) {
+            return Ok(state_of(&entry.status));
         }
         if lease.seq == 0 || lease.seq > entry.lease_seq {
             return Err(BrokerError::stale(lease));
@@ -1115,11 +1162,11 @@ impl State {
                 self.finish(
                     lease.task,
                     TaskState::Succeeded,
-                    output.clone(),
+                    output,
                     String::new(),
                     Some(holder),
                     lease.seq,
-                    Some(Outcome::Success(output)),
+                    Report::Success,
                     now,
                 );
                 Ok(TaskState::Succeeded)
@@ -1140,10 +1187,6 @@ impl State {
                     self.dispatch(&queue, now);
                     Ok(TaskState::Pending)
                 } else {
-                    let outcome = Outcome::Failure {
-                        message: message.clone(),
-                        retry,
-                    };
                     self.finish(
                         lease.task,
                         TaskState::Failed,
@@ -1151,7 +1194,7 @@ impl State {
                         message,
                         Some(holder),
                         lease.seq,
-                        Some(outcome),
+                        Report::Failure { retry },
                         now,
                     );
                     Ok(TaskState::Failed)
@@ -1171,10 +1214,10 @@ impl State {
         error: String,
         worker: Option<WorkerId>,
         by_lease: u32,
-        outcome: Option<Outcome>,
+        report: Report,
         now: Instant,
     ) {
-        let Some(mut entry) = self.tasks.remove(&id) else {
+        let Some(entry) = self.tasks.remove(&id) else {
             return;
         };
         let result = TaskResult {
@@ -1190,36 +1233,46 @@ impl State {
         };
         // The input is no longer needed once there is a result.
         self.held_bytes = self.held_bytes - entry.payload.len() + result.output.len();
-        entry.payload = Bytes::new();
+        let TaskEntry {
+            queue: queue_name,
+            status: previous,
+            extras,
+            ..
+        } = *entry;
         // Whoever waits for this result gets it now. A failed send means
         // that caller or stream left; nothing to give back.
-        let (woken, watched) = match entry.extras.as_mut() {
-            Some(extras) => {
-                extras.headers = HashMap::new();
-                let woken = extras.result_waiters.len();
-                for waiter in extras.result_waiters.drain(..) {
-                    let _ = waiter.tx.send(result.clone());
-                }
-                let watched = extras.watchers.len();
-                for watcher in extras.watchers.drain(..) {
-                    let _ = watcher.send(result.clone());
-                }
-                (woken, watched)
+        let rest = extras.and_then(|extras| {
+            let Extras {
+                idempotency_key,
+                last_retry,
+                result_waiters,
+                watchers,
+                ..
+            } = *extras;
+            self.waiters -= result_waiters.len() + watchers.len();
+            for waiter in result_waiters {
+                let _ = waiter.tx.send(result.clone());
             }
-            None => (0, 0),
-        };
-        let previous = std::mem::replace(
-            &mut entry.status,
-            Status::Finished(Box::new(Finished {
+            for watcher in watchers {
+                let _ = watcher.send(result.clone());
+            }
+            (idempotency_key.is_some() || last_retry.is_some()).then(|| {
+                Box::new(FinishedRest {
+                    idempotency_key,
+                    last_retry,
+                })
+            })
+        });
+        self.results.insert(
+            id,
+            Box::new(Finished {
                 result,
                 by_lease,
-                outcome,
-            })),
+                report,
+                unclaimed: true,
+                rest,
+            }),
         );
-        entry.unclaimed = true;
-        self.waiters -= woken + watched;
-        let queue_name = entry.queue.clone();
-        self.results.insert(id, entry);
         let freed_stream = match &previous {
             Status::Leased(lease) => {
                 self.worker_in_flight(&lease.worker, -1);
@@ -1232,7 +1285,6 @@ impl State {
         match previous {
             Status::Pending => queue.pending -= 1,
             Status::Leased(_) => queue.leased -= 1,
-            Status::Finished(_) => unreachable!("a task finishes once"),
         }
         match state {
             TaskState::Succeeded => queue.succeeded += 1,
@@ -1344,7 +1396,7 @@ impl State {
             "task expired: its ttl ran out before it finished".into(),
             worker,
             0,
-            None,
+            Report::Server,
             now,
         );
     }
@@ -1358,14 +1410,12 @@ impl State {
                 return;
             }
             self.finished.pop_front();
-            let Some(entry) = self.results.remove(&id) else {
+            let Some(done) = self.results.remove(&id) else {
                 continue;
             };
-            if let Status::Finished(done) = &entry.status {
-                self.held_bytes -= done.result.output.len();
-            }
-            let queue = self.queue_of(&entry.queue);
-            if entry.unclaimed {
+            self.held_bytes -= done.result.output.len();
+            let queue = self.queue_of(&done.result.queue);
+            if done.unclaimed {
                 queue.results_unclaimed -= 1;
                 queue.results_evicted += 1;
                 // Evictions go in completion order, so the entry is usually
@@ -1374,7 +1424,7 @@ impl State {
                     queue.unclaimed.pop_front();
                 }
             }
-            if let Some(key) = entry.idempotency_key() {
+            if let Some(key) = done.idempotency_key() {
                 if queue.idempotency.get(key) == Some(&id) {
                     queue.idempotency.remove(key);
                 }
@@ -1386,13 +1436,13 @@ impl State {
 
     /// The finished result of a task, or `Ok(None)` while it is unfinished.
     pub fn result_of(&self, id: TaskId) -> Result<Option<TaskResult>, BrokerError> {
-        let entry = self
-            .held_entry(&id)
-            .ok_or_else(|| BrokerError::TaskNotFound(id.to_string()))?;
-        Ok(match &entry.status {
-            Status::Finished(done) => Some(done.result.clone()),
-            _ => None,
-        })
+        if let Some(done) = self.results.get(&id) {
+            return Ok(Some(done.result.clone()));
+        }
+        if self.tasks.contains_key(&id) {
+            return Ok(None);
+        }
+        Err(BrokerError::TaskNotFound(id.to_string()))
     }
 
     pub fn add_result_waiter(
@@ -1420,7 +1470,7 @@ impl State {
         ids: &[TaskId],
         tx: &mpsc::UnboundedSender<TaskResult>,
     ) -> Result<(), BrokerError> {
-        if let Some(unknown) = ids.iter().find(|id| self.held_entry(id).is_none()) {
+        if let Some(unknown) = ids.iter().find(|id| !self.holds(id)) {
             return Err(BrokerError::TaskNotFound(unknown.to_string()));
         }
         if self.waiters + ids.len() > self.config.max_waiters {
@@ -1430,7 +1480,7 @@ impl State {
             )));
         }
         for id in ids {
-            if let Some(Status::Finished(done)) = self.results.get(id).map(|e| &e.status) {
+            if let Some(done) = self.results.get(id) {
                 let _ = tx.send(done.result.clone());
                 continue;
             }
@@ -1496,16 +1546,13 @@ impl State {
         loop {
             let queue = self.queue_of(queue_name);
             let id = queue.unclaimed.pop_front()?;
-            let Some(entry) = self.results.get_mut(&id) else {
+            let Some(done) = self.results.get_mut(&id) else {
                 continue;
             };
-            if !entry.unclaimed {
+            if !done.unclaimed {
                 continue;
             }
-            entry.unclaimed = false;
-            let Status::Finished(done) = &entry.status else {
-                unreachable!("only finished tasks are unclaimed");
-            };
+            done.unclaimed = false;
             let result = done.result.clone();
             self.queue_of(queue_name).results_unclaimed -= 1;
             return Some(result);
@@ -1521,13 +1568,13 @@ impl State {
     }
 
     fn return_unclaimed(&mut self, result: &TaskResult) {
-        let Some(entry) = self.results.get_mut(&result.task_id) else {
+        let Some(done) = self.results.get_mut(&result.task_id) else {
             return;
         };
-        if entry.unclaimed {
+        if done.unclaimed {
             return;
         }
-        entry.unclaimed = true;
+        done.unclaimed = true;
         let queue = self.queue_of(&result.queue);
         queue.unclaimed.push_front(result.task_id);
         queue.results_unclaimed += 1;
@@ -1683,7 +1730,7 @@ impl State {
                 error,
                 Some(worker),
                 0,
-                None,
+                Report::Server,
                 now,
             );
         } else {
@@ -1771,13 +1818,6 @@ impl State {
     #[cfg(any(test, feature = "fuzzing"))]
     pub fn check_consistency(&self) -> Result<(), String> {
         let mut counts: HashMap<&QueueName, (u64, u64)> = HashMap::new();
-        if let Some((id, _)) = self
-            .results
-            .iter()
-            .find(|(_, e)| !matches!(e.status, Status::Finished(_)))
-        {
-            return Err(format!("unfinished task {id} is among the results"));
-        }
         if self.finished.len() != self.results.len() {
             return Err(format!(
                 "{} results held, {} in the retention line",
@@ -1797,9 +1837,19 @@ impl State {
                     }
                 }
                 Status::Leased(_) => c.1 += 1,
-                Status::Finished(_) => {
-                    return Err(format!("finished task {id} is among the tasks"));
-                }
+            }
+        }
+        let mut unclaimed: HashMap<&QueueName, u64> = HashMap::new();
+        for done in self.results.values().filter(|done| done.unclaimed) {
+            *unclaimed.entry(&done.result.queue).or_default() += 1;
+        }
+        for (name, q) in &self.queues {
+            let results = unclaimed.get(name).copied().unwrap_or_default();
+            if q.results_unclaimed != results {
+                return Err(format!(
+                    "queue {name}: counter says {} results unclaimed, results say {results}",
+                    q.results_unclaimed
+                ));
             }
         }
         for (name, q) in &self.queues {
@@ -1824,15 +1874,12 @@ impl State {
                 .sum::<usize>()
             + self.streams.len()
             + self.readers.len();
-        let held: usize = self
-            .tasks
-            .values()
-            .chain(self.results.values())
-            .map(|e| match &e.status {
-                Status::Finished(done) => done.result.output.len(),
-                _ => e.payload.len(),
-            })
-            .sum();
+        let held: usize = self.tasks.values().map(|e| e.payload.len()).sum::<usize>()
+            + self
+                .results
+                .values()
+                .map(|done| done.result.output.len())
+                .sum::<usize>();
         if held != self.held_bytes {
             return Err(format!(
                 "{held} bytes held, counter says {}",
@@ -1863,17 +1910,18 @@ fn state_of(status: &Status) -> TaskState {
     match status {
         Status::Pending => TaskState::Pending,
         Status::Leased(_) => TaskState::Leased,
-        Status::Finished(done) => done.result.state,
     }
 }
 
 /// Guards the memory per pending task (bench: `--fill`): a boxed entry of
-/// at most 104 bytes takes a 112-byte allocator chunk; at 105 it would take
-/// 128, 16 bytes more on every held task.
+/// at most 96 bytes takes a 96-byte allocator chunk; at 97 it would take
+/// 112, 16 bytes more on every held task. (A status of two variants, one a
+/// box, costs one pointer: finished tasks live apart, in `results`.)
 #[cfg(test)]
 #[test]
-fn a_task_entry_fits_a_112_byte_chunk() {
+fn a_task_entry_fits_a_96_byte_chunk() {
     let size = std::mem::size_of::<TaskEntry>();
-    assert!(size <= 104, "TaskEntry is {size} bytes");
+    assert!(size <= 96, "TaskEntry is {size} bytes");
+    assert_eq!(std::mem::size_of::<Status>(), 8);
     assert_eq!(std::mem::size_of::<Option<Stamp>>(), 8);
 }
