@@ -188,15 +188,7 @@ impl Broker {
     /// queue is full is refused at once ([`BrokerError::QueueFull`]); batches
     /// do not wait for room.
     pub fn put_many(&self, tasks: Vec<NewTask>) -> Vec<Result<PutOutcome, BrokerError>> {
-        let mut state = self.state();
-        let now = Instant::now();
-        tasks
-            .into_iter()
-            .map(|task| match state.put(task, now) {
-                Ok(outcome) => Ok(outcome),
-                Err(PutRefused::Error(error) | PutRefused::Full { error, .. }) => Err(error),
-            })
-            .collect()
+        self.state().put_many(tasks, Instant::now())
     }
 
     /// Opens a worker stream on `request.queue`: tasks arrive on the

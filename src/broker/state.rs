@@ -579,7 +579,57 @@ impl State {
 
     // ---- Put ----
 
+    /// Stores a task and hands it out if a taker waits.
     pub fn put(&mut self, task: NewTask, now: Instant) -> Result<PutOutcome, PutRefused> {
+        let (outcome, queue) = self.store(task, now)?;
+        if let Some(queue) = queue {
+            self.dispatch(&queue, now);
+        }
+        Ok(outcome)
+    }
+
+    /// Stores a batch of tasks, each as [`State::put`] would, and then
+    /// hands out what it can: takers get the same tasks in the same order
+    /// as with one put after another, but a batch does not look for a
+    /// taker once per task while none has room.
+    pub fn put_many(
+        &mut self,
+        tasks: Vec<NewTask>,
+        now: Instant,
+    ) -> Vec<Result<PutOutcome, BrokerError>> {
+        let mut stored: Option<QueueName> = None;
+        let mut outcomes = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            outcomes.push(match self.store(task, now) {
+                Ok((outcome, queue)) => {
+                    if let Some(queue) = queue {
+                        if stored.as_ref().is_some_and(|q| *q != queue) {
+                            // Another queue: the one before is dispatched
+                            // first, as it would have been.
+                            let before = stored.replace(queue).expect("checked");
+                            self.dispatch(&before, now);
+                        } else {
+                            stored = Some(queue);
+                        }
+                    }
+                    Ok(outcome)
+                }
+                Err(PutRefused::Error(error) | PutRefused::Full { error, .. }) => Err(error),
+            });
+        }
+        if let Some(queue) = stored {
+            self.dispatch(&queue, now);
+        }
+        outcomes
+    }
+
+    /// A put without the hand-out: the queue to dispatch when a task was
+    /// stored (not for a duplicate).
+    fn store(
+        &mut self,
+        task: NewTask,
+        now: Instant,
+    ) -> Result<(PutOutcome, Option<QueueName>), PutRefused> {
         if self.closed {
             return Err(BrokerError::ShuttingDown.into());
         }
@@ -592,10 +642,11 @@ impl State {
         let (queue_name, queue) = self.queue_mut(&requested)?;
         if let Some(key) = &task.idempotency_key {
             if let Some(&task_id) = queue.idempotency.get(key) {
-                return Ok(PutOutcome {
+                let outcome = PutOutcome {
                     task_id,
                     duplicate: true,
-                });
+                };
+                return Ok((outcome, None));
             }
         }
         let held_limit = self.config.max_held_bytes;
@@ -666,11 +717,11 @@ impl State {
         if let Some(at) = expires_at {
             self.schedule(at, id, TimerKind::Ttl);
         }
-        self.dispatch(&queue_name, now);
-        Ok(PutOutcome {
+        let outcome = PutOutcome {
             task_id: id,
             duplicate: false,
-        })
+        };
+        Ok((outcome, Some(queue_name)))
     }
 
     fn fresh_id(&mut self, now: Instant) -> TaskId {
@@ -885,7 +936,15 @@ impl State {
     /// deadline); streams with room take turns. A taker that is gone gets
     /// nothing; a task whose send fails goes straight back to the head.
     fn dispatch(&mut self, queue_name: &QueueName, now: Instant) {
-        while let Some(taker) = self.next_taker(queue_name) {
+        loop {
+            // With nothing pending, no taker is looked for (a finished task
+            // frees room in a stream often while its queue is empty).
+            if self.queues.get(queue_name).is_none_or(|q| q.pending == 0) {
+                return;
+            }
+            let Some(taker) = self.next_taker(queue_name) else {
+                return;
+            };
             let Some(id) = self.pop_ready(queue_name, now) else {
                 return;
             };
@@ -1126,7 +1185,13 @@ impl State {
             matches!(&outcome, Outcome::Failure { message, retry: true }
                 if last.is_some_and(|(seq, m)| *seq == lease.seq && m == message))
         };
-        if let Some(done) = self.results.get(&lease.task) {
+        // The task in progress first: that is the map in cache, and where
+        // nearly every report finds its task.
+        let Some(entry) = self.tasks.get(&lease.task) else {
+            let done = self
+                .results
+                .get(&lease.task)
+                .ok_or_else(|| BrokerError::TaskNotFound(lease.task.to_string()))?;
             return if repeats(done.last_retry())
                 || (done.by_lease == lease.seq && done.finished_by(&outcome))
             {
@@ -1134,11 +1199,7 @@ impl State {
             } else {
                 Err(BrokerError::ResultConflict(lease.task))
             };
-        }
-        let entry = self
-            .tasks
-            .get(&lease.task)
-            .ok_or_else(|| BrokerError::TaskNotFound(lease.task.to_string()))?;
+        };
         if repeats(entry.extras.as_ref().and_then(|x| x.last_retry.as_ref())) {
             return Ok(state_of(&entry.status));
         }
