@@ -523,9 +523,19 @@ impl State {
         }
     }
 
-    /// Looks up a queue known to exist because a task refers to it.
+    /// A queue for a stream, a waiting call or a reader: made if new.
     fn queue_of(&mut self, name: &QueueName) -> &mut QueueState {
         self.queues.entry(name.clone()).or_default()
+    }
+
+    /// The queue of a held task or result. It exists: every task's queue
+    /// was made when the task was put, and queues are never removed. A
+    /// plain lookup, where `queue_of` would copy the name for the map's
+    /// entry API; the hot path looks a queue up several times per task.
+    fn known_queue(&mut self, name: &QueueName) -> &mut QueueState {
+        self.queues
+            .get_mut(name)
+            .expect("a held task's queue exists: queues are never removed")
     }
 
     fn schedule(&mut self, at: Instant, task: TaskId, kind: TimerKind) {
@@ -866,7 +876,7 @@ impl State {
             created_at: self.clock.wall_of(entry.created_at),
             expires_at: entry.expires_at.map(|at| self.clock.wall_of(at)),
         };
-        let queue = self.queue_of(&task.queue);
+        let queue = self.known_queue(&task.queue);
         queue.pending -= 1;
         queue.leased += 1;
         if let Some(consumer) = stream.and_then(|sid| self.streams.get_mut(&sid)) {
@@ -900,7 +910,7 @@ impl State {
         );
         holders.push(lease.worker.clone());
         let queue_name = entry.queue.clone();
-        let queue = self.queue_of(&queue_name);
+        let queue = self.known_queue(&queue_name);
         queue.leased -= 1;
         queue.pending += 1;
         queue.ready.push_front(id);
@@ -1244,7 +1254,7 @@ impl State {
                     let entry = self.tasks.get_mut(&lease.task).expect("held");
                     entry.extras_mut().last_retry = Some((lease.seq, message));
                     let queue = entry.queue.clone();
-                    self.queue_of(&queue).redelivered += 1;
+                    self.known_queue(&queue).redelivered += 1;
                     self.dispatch(&queue, now);
                     Ok(TaskState::Pending)
                 } else {
@@ -1342,7 +1352,7 @@ impl State {
             }
             _ => false,
         };
-        let queue = self.queue_of(&queue_name);
+        let queue = self.known_queue(&queue_name);
         match previous {
             Status::Pending => queue.pending -= 1,
             Status::Leased(_) => queue.leased -= 1,
@@ -1475,7 +1485,7 @@ impl State {
                 continue;
             };
             self.held_bytes -= done.result.output.len();
-            let queue = self.queue_of(&done.result.queue);
+            let queue = self.known_queue(&done.result.queue);
             if done.unclaimed {
                 queue.results_unclaimed -= 1;
                 queue.results_evicted += 1;
@@ -1605,7 +1615,7 @@ impl State {
                 .retain(|id| results.get(id).is_some_and(|e| e.unclaimed));
         }
         loop {
-            let queue = self.queue_of(queue_name);
+            let queue = self.known_queue(queue_name);
             let id = queue.unclaimed.pop_front()?;
             let Some(done) = self.results.get_mut(&id) else {
                 continue;
@@ -1615,7 +1625,7 @@ impl State {
             }
             done.unclaimed = false;
             let result = done.result.clone();
-            self.queue_of(queue_name).results_unclaimed -= 1;
+            self.known_queue(queue_name).results_unclaimed -= 1;
             return Some(result);
         }
     }
@@ -1636,7 +1646,7 @@ impl State {
             return;
         }
         done.unclaimed = true;
-        let queue = self.queue_of(&result.queue);
+        let queue = self.known_queue(&result.queue);
         queue.unclaimed.push_front(result.task_id);
         queue.results_unclaimed += 1;
     }
@@ -1798,7 +1808,7 @@ impl State {
             tracing::debug!(task_id = %id, worker_id = %worker, "lease expired; task requeued");
             self.release(id);
             let queue = self.tasks[&id].queue.clone();
-            self.queue_of(&queue).redelivered += 1;
+            self.known_queue(&queue).redelivered += 1;
             self.dispatch(&queue, now);
         }
     }

@@ -277,8 +277,15 @@ impl LeaseId {
     /// formatting machinery: one is written for every task sent.
     pub fn to_text(&self) -> String {
         let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        let mut text = String::with_capacity(id.len() + 11);
-        text.push_str(self.task.0.hyphenated().encode_lower(&mut id));
+        self.to_text_after(self.task.0.hyphenated().encode_lower(&mut id))
+    }
+
+    /// [`LeaseId::to_text`] from its task's id already written (by
+    /// [`TaskId::to_text`]): a delivery writes both, and the id once.
+    pub fn to_text_after(&self, task_text: &str) -> String {
+        debug_assert!(TaskId::parse(task_text) == Some(self.task));
+        let mut text = String::with_capacity(task_text.len() + 11);
+        text.push_str(task_text);
         text.push('/');
         let mut digits = [0u8; 10];
         let mut rest = self.seq;

@@ -134,14 +134,16 @@ pub fn outcome(outcome: Option<pb::put_result_request::Outcome>) -> Result<Outco
 }
 
 pub fn task(task: LeasedTask) -> pb::Task {
+    let id = task.id.to_text();
+    let lease_id = task.lease_id.to_text_after(&id);
     pb::Task {
-        id: task.id.to_text(),
+        id,
         queue: task.queue.as_str().to_owned(),
         payload: task.payload,
         headers: task.headers,
         attempt: task.attempt,
         max_attempts: task.max_attempts,
-        lease_id: task.lease_id.to_text(),
+        lease_id,
         lease_expires_at: Some(timestamp(task.lease_expires_at)),
         created_at: Some(timestamp(task.created_at)),
         expires_at: task.expires_at.map(timestamp),
