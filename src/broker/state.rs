@@ -612,15 +612,13 @@ impl State {
         for task in tasks {
             outcomes.push(match self.store(task, now) {
                 Ok((outcome, queue)) => {
-                    if let Some(queue) = queue {
-                        if stored.as_ref().is_some_and(|q| *q != queue) {
-                            // Another queue: the one before is dispatched
-                            // first, as it would have been.
-                            let before = stored.replace(queue).expect("checked");
-                            self.dispatch(&before, now);
-                        } else {
-                            stored = Some(queue);
-                        }
+                    // Another queue than the task before's: that one is
+                    // dispatched first, as it would have been.
+                    if let Some(queue) = queue
+                        && let Some(before) = stored.replace(queue)
+                        && stored.as_ref() != Some(&before)
+                    {
+                        self.dispatch(&before, now);
                     }
                     Ok(outcome)
                 }
@@ -946,15 +944,7 @@ impl State {
     /// deadline); streams with room take turns. A taker that is gone gets
     /// nothing; a task whose send fails goes straight back to the head.
     fn dispatch(&mut self, queue_name: &QueueName, now: Instant) {
-        loop {
-            // With nothing pending, no taker is looked for (a finished task
-            // frees room in a stream often while its queue is empty).
-            if self.queues.get(queue_name).is_none_or(|q| q.pending == 0) {
-                return;
-            }
-            let Some(taker) = self.next_taker(queue_name) else {
-                return;
-            };
+        while let Some(taker) = self.next_taker(queue_name) {
             let Some(id) = self.pop_ready(queue_name, now) else {
                 return;
             };
@@ -985,13 +975,18 @@ impl State {
     }
 
     /// The next taker of a queue's tasks: the first live waiting call, else
-    /// the next stream (round robin) with room in its window.
+    /// the next stream (round robin) with room in its window. None while
+    /// nothing is pending: no taker is looked for then (a finished task
+    /// often frees room in a stream while its queue is empty).
     fn next_taker(&mut self, queue_name: &QueueName) -> Option<Taker> {
         if self.closed {
             // Draining: waiting calls were answered; streams take no more.
             return None;
         }
         let queue = self.queues.get_mut(queue_name)?;
+        if queue.pending == 0 {
+            return None;
+        }
         while let Some(front) = queue.task_waiters.front() {
             if !front.tx.is_closed() {
                 return Some(Taker::Waiter);
