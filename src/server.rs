@@ -234,7 +234,7 @@ pub async fn run(
             Ok(())
         }
     };
-    let held = broker.held();
+    let held = broker.holdings();
     tracing::info!(
         tasks = held.tasks,
         results = held.results,

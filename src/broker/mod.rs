@@ -17,31 +17,40 @@
 //! - Lease and ttl deadlines live in one heap driven by one background task;
 //!   time is `tokio::time::Instant` (monotonic, and pausable in tests).
 
+mod clock;
 mod error;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod model;
+mod queue;
+mod retention;
 mod state;
+mod streams;
 #[cfg(test)]
 mod tests;
+mod timers;
 mod types;
+mod waiters;
+mod workers;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 pub use error::BrokerError;
-pub use state::{MAX_ATTEMPTS_LIMIT, MAX_HEADER_BYTES, MAX_HEADERS, MAX_IDEMPOTENCY_KEY};
+pub use streams::{ResultStream, Watch, WorkerStream, WorkerStreamControl};
 pub use types::{
-    DEFAULT_QUEUE, Held, LeaseId, LeaseRequest, LeasedTask, NewTask, Outcome, PutOutcome,
-    QueueName, QueueStats, Stats, TaskId, TaskResult, TaskState, WorkerId, WorkerInfo,
+    DEFAULT_QUEUE, Holdings, LeaseId, LeaseRequest, LeasedTask, MAX_ATTEMPTS_LIMIT,
+    MAX_HEADER_BYTES, MAX_HEADERS, MAX_IDEMPOTENCY_KEY, NewTask, Outcome, PutOutcome, QueueName,
+    QueueStats, Stats, TaskId, TaskResult, TaskState, WorkerId, WorkerInfo,
 };
+pub use waiters::RESULT_STREAM_WINDOW;
 
 use state::{PutRefused, State};
+use waiters::WaiterId;
 
 /// Limits and defaults of a broker.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -191,33 +200,28 @@ impl Broker {
         self.state().put_many(tasks, Instant::now())
     }
 
-    /// Opens a worker stream on `request.queue`: tasks arrive on the
-    /// returned [`Subscription`] while fewer than its window are
-    /// outstanding. Dropping the subscription ends the stream and sends
-    /// every task still leased through it back to its queue at once.
+    /// Opens a worker stream (StreamTasks) on `request.queue`: tasks arrive
+    /// on the returned [`WorkerStream`] while fewer than its window are
+    /// outstanding. Dropping it ends the stream and sends every task still
+    /// leased through it back to its queue at once.
     ///
     /// # Errors
     /// [`BrokerError::LimitReached`] when too many calls and streams wait.
-    pub fn subscribe(
+    pub fn open_worker_stream(
         &self,
         request: LeaseRequest,
         window: u32,
-    ) -> Result<Subscription, BrokerError> {
+    ) -> Result<WorkerStream, BrokerError> {
         let (tx, deliveries) = mpsc::unbounded_channel();
         let id = self.state().open_stream(
             &request.queue,
             request.worker,
-            request.lease,
+            request.lease_duration,
             window,
             tx,
             Instant::now(),
         )?;
-        Ok(Subscription {
-            broker: self.clone(),
-            id,
-            deliveries,
-            front: None,
-        })
+        Ok(WorkerStream::new(self.clone(), id, deliveries))
     }
 
     /// Watches many tasks: each result arrives on the returned receiver as
@@ -230,15 +234,11 @@ impl Broker {
     pub fn watch(&self, ids: &[TaskId]) -> Result<Watch, BrokerError> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.state().watch_tasks(ids, &tx)?;
-        Ok(Watch {
-            broker: self.clone(),
-            ids: ids.to_vec(),
-            tx,
-            rx,
-        })
+        Ok(Watch::new(self.clone(), ids.to_vec(), tx, rx))
     }
 
-    /// Reads a queue's results as they finish (WatchResults by queue):
+    /// Opens a result stream: a queue's results as they finish
+    /// (WatchResults by queue):
     /// each result is handed out once, shared with [`Broker::next_result`]
     /// callers, who come first. The stream holds at most a small window of
     /// results its reader has not taken; dropped, it gives those back to
@@ -248,16 +248,10 @@ impl Broker {
     /// # Errors
     /// [`BrokerError::LimitReached`] when too many calls and streams wait,
     /// or for a new queue past `max_queues`.
-    pub fn read_results(&self, queue: &QueueName) -> Result<ResultStream, BrokerError> {
+    pub fn open_result_stream(&self, queue: &QueueName) -> Result<ResultStream, BrokerError> {
         let (tx, results) = mpsc::unbounded_channel();
-        let (id, flow) = self.state().open_reader(queue, tx)?;
-        Ok(ResultStream {
-            broker: self.clone(),
-            id,
-            flow,
-            results,
-            front: None,
-        })
+        let (id, flow) = self.state().open_result_stream(queue, tx)?;
+        Ok(ResultStream::new(self.clone(), id, flow, results))
     }
 
     /// True once [`Broker::close`] has been called.
@@ -284,14 +278,14 @@ impl Broker {
             let mut state = self.state();
             let now = Instant::now();
             if let Some(task) =
-                state.lease_now(&request.queue, &request.worker, request.lease, now)?
+                state.lease_now(&request.queue, &request.worker, request.lease_duration, now)?
             {
                 return Ok(Some(task));
             }
             if state.is_closed() || wait.is_zero() {
                 return Ok(None);
             }
-            state.add_task_waiter(&request.queue, request.worker, request.lease, tx)?
+            state.add_task_waiter(&request.queue, request.worker, request.lease_duration, tx)?
         };
         let mut guard = TaskWait {
             broker: self,
@@ -445,8 +439,8 @@ impl Broker {
     }
 
     /// How many unfinished tasks and results are held.
-    pub fn held(&self) -> Held {
-        self.state().held()
+    pub fn holdings(&self) -> Holdings {
+        self.state().holdings()
     }
 
     /// Starts draining: calls waiting for tasks, results or room are
@@ -488,214 +482,12 @@ fn far_deadline(wait: Duration) -> Instant {
         .unwrap_or_else(|| now + Duration::from_secs(24 * 3600))
 }
 
-/// A worker stream's end in the broker: tasks leased to it arrive on
-/// [`Subscription::next`]. Dropped, it closes the stream: tasks it received
-/// but never handed on go back as undelivered; tasks it handed on go back
-/// at once, their delivery counted.
-#[derive(Debug)]
-pub struct Subscription {
-    broker: Broker,
-    id: u64,
-    deliveries: mpsc::UnboundedReceiver<LeasedTask>,
-    /// A task taken and put back ([`Subscription::put_back`]): the next
-    /// one out.
-    front: Option<LeasedTask>,
-}
-
-impl Subscription {
-    /// The next task for this stream; waits while the window is full or the
-    /// queue empty. Cancel-safe: a task is never lost by dropping this
-    /// future. A task whose lease ended while it waited here (it expired,
-    /// or a result came by another way) is skipped: it is no longer this
-    /// stream's.
-    pub async fn next(&mut self) -> Option<LeasedTask> {
-        std::future::poll_fn(|cx| self.poll_next_task(cx)).await
-    }
-
-    /// [`Subscription::next`] as a poll, for a response stream that hands
-    /// tasks straight to the transport.
-    pub fn poll_next_task(&mut self, cx: &mut Context<'_>) -> Poll<Option<LeasedTask>> {
-        self.poll_next_task_at(cx, &mut None)
-    }
-
-    /// [`Subscription::poll_next_task`] for a caller that takes several
-    /// tasks at once: `now` is read from the clock by the first task that
-    /// needs it and reused by the rest, so a batch reads the clock once.
-    pub fn poll_next_task_at(
-        &mut self,
-        cx: &mut Context<'_>,
-        now: &mut Option<Instant>,
-    ) -> Poll<Option<LeasedTask>> {
-        loop {
-            let task = match self.front.take() {
-                Some(task) => task,
-                None => match std::task::ready!(self.deliveries.poll_recv(cx)) {
-                    Some(task) => task,
-                    None => return Poll::Ready(None),
-                },
-            };
-            // Before its expiry a lease can only have ended by a result sent
-            // some other way, which the worker's own report then meets as
-            // ALREADY_EXISTS; only an expired one needs the lock to check.
-            if task.lease_deadline > *now.get_or_insert_with(Instant::now)
-                || self.broker.state().leased_through(task.lease_id, self.id)
-            {
-                return Poll::Ready(Some(task));
-            }
-        }
-    }
-
-    /// Tasks waiting to be taken now (some may be skipped when taken): room
-    /// to reserve for a batch.
-    pub fn ready(&self) -> usize {
-        self.deliveries.len() + usize::from(self.front.is_some())
-    }
-
-    /// Puts back a task just taken and not sent (it did not fit a batch):
-    /// it is the next one taken, its lease checked again then, and if the
-    /// stream ends first it goes back to its queue as undelivered, like the
-    /// tasks still in the channel.
-    pub fn put_back(&mut self, task: LeasedTask) {
-        debug_assert!(self.front.is_none(), "one task put back at a time");
-        self.front = Some(task);
-    }
-
-    /// A handle on this stream's window for another task (the one reading
-    /// the worker's messages), while this one is polled for deliveries.
-    pub fn control(&self) -> SubscriptionControl {
-        SubscriptionControl {
-            broker: self.broker.clone(),
-            id: self.id,
-        }
-    }
-}
-
-/// The window of a [`Subscription`], from another task. Outlives nothing:
-/// once the subscription is dropped, changes to it do nothing.
-#[derive(Clone, Debug)]
-pub struct SubscriptionControl {
-    broker: Broker,
-    id: u64,
-}
-
-impl SubscriptionControl {
-    /// Changes how many tasks may be outstanding; 0 pauses delivery.
-    pub fn set_window(&self, window: u32) {
-        self.broker
-            .state()
-            .set_window(self.id, window, Instant::now());
-    }
-
-    /// How many tasks are leased through the stream now.
-    pub fn outstanding(&self) -> usize {
-        self.broker.state().stream_outstanding(self.id)
-    }
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        self.deliveries.close();
-        let mut state = self.broker.state();
-        let now = Instant::now();
-        if let Some(task) = self.front.take() {
-            state.undo_lease(task.lease_id, now);
-        }
-        while let Ok(task) = self.deliveries.try_recv() {
-            state.undo_lease(task.lease_id, now);
-        }
-        state.close_stream(self.id, now);
-    }
-}
-
-/// A queue's results as they finish, from [`Broker::read_results`].
-#[derive(Debug)]
-pub struct ResultStream {
-    broker: Broker,
-    id: u64,
-    flow: Arc<state::ReaderFlow>,
-    results: mpsc::UnboundedReceiver<TaskResult>,
-    /// A result taken and put back ([`ResultStream::put_back`]): the next
-    /// one out.
-    front: Option<TaskResult>,
-}
-
-impl ResultStream {
-    /// The next result, waiting for one; `None` once the broker closed and
-    /// everything held was handed on. Taking a result needs no lock, except
-    /// now and then to ask for more after the window filled.
-    pub fn poll_next_result(&mut self, cx: &mut Context<'_>) -> Poll<Option<TaskResult>> {
-        if let Some(result) = self.front.take() {
-            // Counted when it was first taken.
-            return Poll::Ready(Some(result));
-        }
-        let result = std::task::ready!(self.results.poll_recv(cx));
-        if result.is_some() && self.flow.taken() {
-            self.broker.state().refill_reader(self.id);
-        }
-        Poll::Ready(result)
-    }
-
-    /// Results waiting to be taken now: room to reserve for a batch.
-    pub fn ready(&self) -> usize {
-        self.results.len() + usize::from(self.front.is_some())
-    }
-
-    /// Puts back a result just taken and not sent (it did not fit a
-    /// batch): it is the next one taken, and if the stream ends first it
-    /// goes back to the queue's results first, ahead of those still in the
-    /// channel.
-    pub fn put_back(&mut self, result: TaskResult) {
-        debug_assert!(self.front.is_none(), "one result put back at a time");
-        self.front = Some(result);
-    }
-
-    /// [`ResultStream::poll_next_result`] as a future.
-    pub async fn next(&mut self) -> Option<TaskResult> {
-        std::future::poll_fn(|cx| self.poll_next_result(cx)).await
-    }
-}
-
-impl Drop for ResultStream {
-    fn drop(&mut self) {
-        // Closed first, so that nothing arrives after the drain below.
-        self.results.close();
-        let mut unsent: Vec<_> = self.front.take().into_iter().collect();
-        while let Ok(result) = self.results.try_recv() {
-            unsent.push(result);
-        }
-        self.broker.state().close_reader(self.id, unsent);
-    }
-}
-
-/// A watch on tasks' results: each arrives once, as soon as it exists.
-/// Dropped, it unregisters from the tasks still unfinished.
-#[derive(Debug)]
-pub struct Watch {
-    broker: Broker,
-    ids: Vec<TaskId>,
-    tx: mpsc::UnboundedSender<TaskResult>,
-    rx: mpsc::UnboundedReceiver<TaskResult>,
-}
-
-impl Watch {
-    /// The next result, in completion order.
-    pub async fn recv(&mut self) -> Option<TaskResult> {
-        self.rx.recv().await
-    }
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        self.broker.state().unwatch(&self.ids, &self.tx);
-    }
-}
-
 /// A waiting `lease` call. Dropped with a task in hand (the call is gone),
 /// it gives the task back.
 struct TaskWait<'a> {
     broker: &'a Broker,
     queue: QueueName,
-    waiter: u64,
+    waiter: WaiterId,
     rx: oneshot::Receiver<LeasedTask>,
 }
 
@@ -715,7 +507,7 @@ impl Drop for TaskWait<'_> {
 struct ResultWait<'a> {
     broker: &'a Broker,
     task: TaskId,
-    waiter: u64,
+    waiter: WaiterId,
     rx: oneshot::Receiver<TaskResult>,
 }
 
@@ -732,7 +524,7 @@ impl Drop for ResultWait<'_> {
 struct QueueResultWait<'a> {
     broker: &'a Broker,
     queue: QueueName,
-    waiter: u64,
+    waiter: WaiterId,
     rx: oneshot::Receiver<TaskResult>,
 }
 

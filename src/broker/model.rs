@@ -101,7 +101,7 @@ struct ModelTask {
 
 /// A WatchResults(queue) stream as the model sees it: the results set
 /// aside for it, and whether it was passed over while full.
-struct ModelReader {
+struct ModelResultStream {
     queue: &'static str,
     in_hand: VecDeque<TaskId>,
     starved: bool,
@@ -117,8 +117,8 @@ struct Model {
     lines: BTreeMap<&'static str, VecDeque<TaskId>>,
     /// Results not handed out, in completion order.
     results: BTreeMap<&'static str, VecDeque<TaskId>>,
-    /// Open result readers by number, and each queue's turn order.
-    readers: BTreeMap<usize, ModelReader>,
+    /// Open result result_streams by number, and each queue's turn order.
+    result_streams: BTreeMap<usize, ModelResultStream>,
     turns: BTreeMap<&'static str, VecDeque<usize>>,
 }
 
@@ -175,7 +175,7 @@ impl Model {
         self.hand_out(queue);
     }
 
-    /// Results go to the readers with room, in turns; a full reader is
+    /// Results go to the result_streams with room, in turns; a full reader is
     /// marked to ask again when half empty.
     fn hand_out(&mut self, queue: &'static str) {
         while !self.results.entry(queue).or_default().is_empty() {
@@ -184,8 +184,8 @@ impl Model {
             for _ in 0..turns.len() {
                 let r = turns.pop_front().unwrap();
                 turns.push_back(r);
-                let reader = self.readers.get_mut(&r).unwrap();
-                if reader.in_hand.len() < state::READER_WINDOW {
+                let reader = self.result_streams.get_mut(&r).unwrap();
+                if reader.in_hand.len() < RESULT_STREAM_WINDOW {
                     chosen = Some(r);
                     break;
                 }
@@ -193,29 +193,33 @@ impl Model {
             }
             let Some(r) = chosen else { return };
             let id = self.results.get_mut(queue).unwrap().pop_front().unwrap();
-            self.readers.get_mut(&r).unwrap().in_hand.push_back(id);
+            self.result_streams
+                .get_mut(&r)
+                .unwrap()
+                .in_hand
+                .push_back(id);
         }
     }
 
     fn open_reader(&mut self, number: usize, queue: &'static str) {
-        let reader = ModelReader {
+        let reader = ModelResultStream {
             queue,
             in_hand: VecDeque::new(),
             starved: false,
             front: None,
         };
-        self.readers.insert(number, reader);
+        self.result_streams.insert(number, reader);
         self.turns.entry(queue).or_default().push_back(number);
         self.hand_out(queue);
     }
 
     fn take(&mut self, number: usize) -> Option<TaskId> {
-        let reader = self.readers.get_mut(&number).unwrap();
+        let reader = self.result_streams.get_mut(&number).unwrap();
         if let Some(id) = reader.front.take() {
             return Some(id);
         }
         let id = reader.in_hand.pop_front()?;
-        if reader.in_hand.len() <= state::READER_WINDOW / 2 && reader.starved {
+        if reader.in_hand.len() <= RESULT_STREAM_WINDOW / 2 && reader.starved {
             reader.starved = false;
             let queue = reader.queue;
             self.hand_out(queue);
@@ -224,13 +228,13 @@ impl Model {
     }
 
     fn put_back(&mut self, number: usize, id: TaskId) {
-        self.readers.get_mut(&number).unwrap().front = Some(id);
+        self.result_streams.get_mut(&number).unwrap().front = Some(id);
     }
 
     /// What the reader held goes back to the head, in order: the result
     /// put back first.
     fn drop_reader(&mut self, number: usize) {
-        let reader = self.readers.remove(&number).unwrap();
+        let reader = self.result_streams.remove(&number).unwrap();
         self.turns
             .get_mut(reader.queue)
             .unwrap()
@@ -412,8 +416,8 @@ async fn run_sequence(rng: &mut impl Choices, source: &str, steps: usize) {
     // Every lease ever handed out, so stale and repeated reports happen.
     let mut leases: Vec<LeaseId> = Vec::new();
     let mut ids: Vec<TaskId> = Vec::new();
-    // Open result readers: (number, stream), numbered as the model's.
-    let mut readers: Vec<(usize, ResultStream)> = Vec::new();
+    // Open result result_streams: (number, stream), numbered as the model's.
+    let mut result_streams: Vec<(usize, ResultStream)> = Vec::new();
     let mut next_reader = 0;
     for step in 0..steps {
         if rng.exhausted() {
@@ -439,7 +443,7 @@ async fn run_sequence(rng: &mut impl Choices, source: &str, steps: usize) {
                 let request = LeaseRequest {
                     queue: QueueName::parse(queue).unwrap(),
                     worker: WorkerId::new("w").unwrap(),
-                    lease: Some(Duration::from_millis(lease_ms)),
+                    lease_duration: Some(Duration::from_millis(lease_ms)),
                 };
                 let got = b.lease(request, Duration::ZERO).await.unwrap();
                 let expected = model.lease(queue, lease_ms);
@@ -509,20 +513,23 @@ async fn run_sequence(rng: &mut impl Choices, source: &str, steps: usize) {
                     "{at}: next result"
                 );
             }
-            100..=102 if readers.len() < 3 => {
-                let stream = b.read_results(&QueueName::parse(queue).unwrap()).unwrap();
-                readers.push((next_reader, stream));
+            100..=102 if result_streams.len() < 3 => {
+                let stream = b
+                    .open_result_stream(&QueueName::parse(queue).unwrap())
+                    .unwrap();
+                result_streams.push((next_reader, stream));
                 model.open_reader(next_reader, queue);
                 next_reader += 1;
             }
-            103 if !readers.is_empty() => {
-                let (number, stream) = readers.remove(rng.below(readers.len() as u64) as usize);
+            103 if !result_streams.is_empty() => {
+                let (number, stream) =
+                    result_streams.remove(rng.below(result_streams.len() as u64) as usize);
                 drop(stream);
                 model.drop_reader(number);
             }
-            104..=111 if !readers.is_empty() => {
-                let at_reader = rng.below(readers.len() as u64) as usize;
-                let (number, stream) = &mut readers[at_reader];
+            104..=111 if !result_streams.is_empty() => {
+                let at_reader = rng.below(result_streams.len() as u64) as usize;
+                let (number, stream) = &mut result_streams[at_reader];
                 let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
                 let got = match stream.poll_next_result(&mut cx) {
                     std::task::Poll::Ready(result) => result,

@@ -32,7 +32,7 @@ fn req(queue: &str, worker: &str, lease: Duration) -> LeaseRequest {
     LeaseRequest {
         queue: q(queue),
         worker: WorkerId::new(worker).unwrap(),
-        lease: Some(lease),
+        lease_duration: Some(lease),
     }
 }
 
@@ -264,7 +264,7 @@ async fn leases_are_clamped_to_the_maximum() {
     let t = b
         .lease(
             LeaseRequest {
-                lease: None,
+                lease_duration: None,
                 ..req("q", "w", SEC)
             },
             Duration::ZERO,
@@ -675,10 +675,10 @@ async fn finish_tasks(b: &Broker, queue: &str, n: usize) -> Vec<TaskId> {
 }
 
 #[tokio::test(start_paused = true)]
-async fn result_readers_take_turns_and_each_result_goes_out_once() {
+async fn result_streams_take_turns_and_each_result_goes_out_once() {
     let b = broker();
-    let mut one = b.read_results(&q("q")).unwrap();
-    let mut two = b.read_results(&q("q")).unwrap();
+    let mut one = b.open_result_stream(&q("q")).unwrap();
+    let mut two = b.open_result_stream(&q("q")).unwrap();
     let ids = finish_tasks(&b, "q", 4).await;
     let mut got = Vec::new();
     for _ in 0..2 {
@@ -703,11 +703,11 @@ async fn result_readers_take_turns_and_each_result_goes_out_once() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_result_reader_holds_at_most_its_window_and_is_refilled() {
+async fn a_result_stream_holds_at_most_its_window_and_is_refilled() {
     let b = broker();
-    let half = state::READER_WINDOW / 2;
-    let ids = finish_tasks(&b, "q", state::READER_WINDOW + half).await;
-    let mut reader = b.read_results(&q("q")).unwrap();
+    let half = RESULT_STREAM_WINDOW / 2;
+    let ids = finish_tasks(&b, "q", RESULT_STREAM_WINDOW + half).await;
+    let mut reader = b.open_result_stream(&q("q")).unwrap();
     // The window's worth is in the reader's hands; the rest waits in the
     // queue, where another reader could take it.
     let waiting = half as u64;
@@ -729,10 +729,10 @@ async fn a_result_reader_holds_at_most_its_window_and_is_refilled() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_dropped_result_reader_gives_back_what_it_held_in_order() {
+async fn a_dropped_result_stream_gives_back_what_it_held_in_order() {
     let b = broker();
     let ids = finish_tasks(&b, "q", 3).await;
-    let mut reader = b.read_results(&q("q")).unwrap();
+    let mut reader = b.open_result_stream(&q("q")).unwrap();
     assert_eq!(reader.next().await.unwrap().task_id, ids[0]);
     assert_eq!(stats(&b, "q").results_unclaimed, 0);
     drop(reader);
@@ -750,7 +750,7 @@ async fn a_dropped_result_reader_gives_back_what_it_held_in_order() {
 async fn a_result_put_back_comes_next_or_goes_back_first() {
     let b = broker();
     let ids = finish_tasks(&b, "q", 3).await;
-    let mut reader = b.read_results(&q("q")).unwrap();
+    let mut reader = b.open_result_stream(&q("q")).unwrap();
     let first = reader.next().await.unwrap();
     reader.put_back(first);
     assert_eq!(reader.next().await.unwrap().task_id, ids[0]);
@@ -766,10 +766,10 @@ async fn a_result_put_back_comes_next_or_goes_back_first() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn closing_ends_result_readers_after_what_they_hold() {
+async fn closing_ends_result_streams_after_what_they_hold() {
     let b = broker();
     let ids = finish_tasks(&b, "q", 1).await;
-    let mut reader = b.read_results(&q("q")).unwrap();
+    let mut reader = b.open_result_stream(&q("q")).unwrap();
     b.close();
     assert_eq!(reader.next().await.unwrap().task_id, ids[0]);
     assert_eq!(reader.next().await, None);
@@ -799,11 +799,11 @@ async fn results_are_dropped_by_age_and_by_count() {
     assert!(b.result(ids[1], Duration::ZERO).await.unwrap().is_some());
     let s = stats(&b, "q");
     assert_eq!((s.results_unclaimed, s.results_evicted), (2, 1));
-    assert_eq!(b.held().results, 2);
+    assert_eq!(b.holdings().results, 2);
     // The age bound drops the rest.
     tokio::time::sleep(61 * SEC).await;
     assert!(b.result(ids[2], Duration::ZERO).await.is_err());
-    assert_eq!(b.held().results, 0);
+    assert_eq!(b.holdings().results, 0);
     assert_eq!(b.next_result(q("q"), Duration::ZERO).await.unwrap(), None);
     b.check();
 }
@@ -1296,7 +1296,7 @@ async fn an_expired_lease_cannot_be_extended() {
 
 // ---- Worker streams and batches ----
 
-async fn next_now(sub: &mut Subscription) -> Option<LeasedTask> {
+async fn next_now(sub: &mut WorkerStream) -> Option<LeasedTask> {
     tokio::time::timeout(Duration::from_millis(1), sub.next())
         .await
         .ok()
@@ -1306,7 +1306,7 @@ async fn next_now(sub: &mut Subscription) -> Option<LeasedTask> {
 #[tokio::test(start_paused = true)]
 async fn a_stream_holds_at_most_its_window() {
     let b = broker();
-    let mut sub = b.subscribe(req("q", "s1", 60 * SEC), 2).unwrap();
+    let mut sub = b.open_worker_stream(req("q", "s1", 60 * SEC), 2).unwrap();
     for i in 0..5 {
         put(&b, "q", &i.to_string()).await;
     }
@@ -1331,7 +1331,7 @@ async fn a_stream_holds_at_most_its_window() {
 #[tokio::test(start_paused = true)]
 async fn window_zero_pauses_and_a_new_window_resumes() {
     let b = broker();
-    let mut sub = b.subscribe(req("q", "s1", 60 * SEC), 0).unwrap();
+    let mut sub = b.open_worker_stream(req("q", "s1", 60 * SEC), 0).unwrap();
     put(&b, "q", "x").await;
     assert!(next_now(&mut sub).await.is_none());
     sub.control().set_window(1);
@@ -1347,7 +1347,7 @@ async fn window_zero_pauses_and_a_new_window_resumes() {
 #[tokio::test(start_paused = true)]
 async fn a_task_put_back_comes_next_or_goes_back_undelivered() {
     let b = broker();
-    let mut sub = b.subscribe(req("q", "s1", 3600 * SEC), 2).unwrap();
+    let mut sub = b.open_worker_stream(req("q", "s1", 3600 * SEC), 2).unwrap();
     let a = put(&b, "q", "a").await;
     let z = put(&b, "q", "z").await;
     let got = next_now(&mut sub).await.unwrap();
@@ -1371,7 +1371,7 @@ async fn a_task_put_back_comes_next_or_goes_back_undelivered() {
 #[tokio::test(start_paused = true)]
 async fn a_closed_stream_gives_its_tasks_back_at_once() {
     let b = broker();
-    let mut sub = b.subscribe(req("q", "s1", 3600 * SEC), 3).unwrap();
+    let mut sub = b.open_worker_stream(req("q", "s1", 3600 * SEC), 3).unwrap();
     let a = put(&b, "q", "a").await;
     put(&b, "q", "b").await;
     // Two delivered to the stream's handler; one more queued for it unread.
@@ -1392,8 +1392,10 @@ async fn a_closed_stream_gives_its_tasks_back_at_once() {
 #[tokio::test(start_paused = true)]
 async fn streams_take_turns_and_waiting_calls_go_first() {
     let b = broker();
-    let mut fast = b.subscribe(req("q", "fast", 60 * SEC), 10).unwrap();
-    let mut slow = b.subscribe(req("q", "slow", 60 * SEC), 1).unwrap();
+    let mut fast = b
+        .open_worker_stream(req("q", "fast", 60 * SEC), 10)
+        .unwrap();
+    let mut slow = b.open_worker_stream(req("q", "slow", 60 * SEC), 1).unwrap();
     for i in 0..4 {
         put(&b, "q", &i.to_string()).await;
     }
@@ -1420,7 +1422,7 @@ async fn streams_take_turns_and_waiting_calls_go_first() {
 #[tokio::test(start_paused = true)]
 async fn an_expired_stream_lease_frees_its_slot() {
     let b = broker();
-    let mut sub = b.subscribe(req("q", "s1", SEC), 1).unwrap();
+    let mut sub = b.open_worker_stream(req("q", "s1", SEC), 1).unwrap();
     put(&b, "q", "a").await;
     put(&b, "q", "b").await;
     let first = next_now(&mut sub).await.unwrap();
@@ -1497,7 +1499,7 @@ async fn a_watch_gets_each_result_once_as_it_exists() {
 #[tokio::test(start_paused = true)]
 async fn a_stale_copy_in_a_stream_is_skipped() {
     let b = broker();
-    let mut sub = b.subscribe(req("q", "slow", SEC), 1).unwrap();
+    let mut sub = b.open_worker_stream(req("q", "slow", SEC), 1).unwrap();
     let id = put(&b, "q", "x").await;
     // The stream's handler does not read for 1.5 s: the lease runs out at
     // 1 s and the task is dispatched to the stream again, leased to 2 s.
@@ -1516,7 +1518,7 @@ async fn a_stale_copy_in_a_stream_is_skipped() {
 #[tokio::test(start_paused = true)]
 async fn a_closed_broker_feeds_no_stream() {
     let b = broker();
-    let mut sub = b.subscribe(req("q", "s", 60 * SEC), 0).unwrap();
+    let mut sub = b.open_worker_stream(req("q", "s", 60 * SEC), 0).unwrap();
     put(&b, "q", "x").await;
     b.close();
     sub.control().set_window(5);

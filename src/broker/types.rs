@@ -362,6 +362,65 @@ pub struct NewTask {
     pub ttl: Option<Duration>,
 }
 
+/// Most headers a task may carry.
+pub const MAX_HEADERS: usize = 64;
+/// Most bytes of header keys and values a task may carry.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 256;
+/// Most deliveries a task may ask for.
+pub const MAX_ATTEMPTS_LIMIT: u32 = 1000;
+/// Longest ttl accepted: a year. Keeps deadline arithmetic far from overflow.
+pub const MAX_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
+
+impl NewTask {
+    /// Checks the task against the limits above and `max_payload`.
+    ///
+    /// # Errors
+    /// [`BrokerError::PayloadTooLarge`], or [`BrokerError::InvalidArgument`]
+    /// naming the field and its limit.
+    pub(super) fn validate(&self, max_payload: usize) -> Result<(), BrokerError> {
+        if self.payload.len() > max_payload {
+            return Err(BrokerError::PayloadTooLarge {
+                size: self.payload.len(),
+                limit: max_payload,
+            });
+        }
+        if self.max_attempts > MAX_ATTEMPTS_LIMIT {
+            return Err(BrokerError::InvalidArgument(format!(
+                "max_attempts is {}; the limit is {MAX_ATTEMPTS_LIMIT} (0 means the server default)",
+                self.max_attempts
+            )));
+        }
+        if self.headers.len() > MAX_HEADERS {
+            return Err(BrokerError::InvalidArgument(format!(
+                "{} headers; the limit is {MAX_HEADERS}",
+                self.headers.len()
+            )));
+        }
+        let header_bytes: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if header_bytes > MAX_HEADER_BYTES {
+            return Err(BrokerError::InvalidArgument(format!(
+                "headers are {header_bytes} bytes; the limit is {MAX_HEADER_BYTES} bytes"
+            )));
+        }
+        if let Some(key) = &self.idempotency_key {
+            if key.len() > MAX_IDEMPOTENCY_KEY {
+                return Err(BrokerError::InvalidArgument(format!(
+                    "idempotency_key is {} bytes; the limit is {MAX_IDEMPOTENCY_KEY} bytes",
+                    key.len()
+                )));
+            }
+        }
+        if self.ttl.is_some_and(|ttl| ttl.is_zero() || ttl > MAX_TTL) {
+            return Err(BrokerError::InvalidArgument(
+                "ttl must be positive and at most 366 days; leave it unset for no ttl".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// What [`Broker::put`](super::Broker::put) did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PutOutcome {
@@ -378,8 +437,9 @@ pub struct LeaseRequest {
     pub queue: QueueName,
     /// Who asks.
     pub worker: WorkerId,
-    /// Lease length; `None` uses the broker's default. Clamped to the maximum.
-    pub lease: Option<Duration>,
+    /// How long the lease lasts (the wire's `lease` field); `None` uses
+    /// the broker's default. Clamped to the maximum.
+    pub lease_duration: Option<Duration>,
 }
 
 /// A task handed to a worker under a lease.
@@ -421,6 +481,40 @@ pub enum Outcome {
         /// Whether to try again while attempts remain.
         retry: bool,
     },
+}
+
+impl Outcome {
+    /// The outcome within `limit` bytes of output or message.
+    ///
+    /// A failure message is diagnosis, not data: one too long is cut to the
+    /// limit rather than refused, so that a failure can always be reported
+    /// (a refused one would leave the task to expire).
+    ///
+    /// # Errors
+    /// [`BrokerError::ResultTooLarge`] for an output past the limit.
+    pub(super) fn within(self, limit: usize) -> Result<Self, BrokerError> {
+        match self {
+            Self::Success(output) if output.len() > limit => Err(BrokerError::ResultTooLarge {
+                size: output.len(),
+                limit,
+            }),
+            Self::Failure { message, retry } if message.len() > limit => Ok(Self::Failure {
+                message: truncate(message, limit),
+                retry,
+            }),
+            outcome => Ok(outcome),
+        }
+    }
+}
+
+/// `text` cut to at most `limit` bytes, at a character boundary.
+fn truncate(mut text: String, limit: usize) -> String {
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text
 }
 
 /// Where a task is in its life.
@@ -510,7 +604,7 @@ pub struct Stats {
 
 /// How much the broker holds, for the shutdown log.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Held {
+pub struct Holdings {
     /// Unfinished tasks (pending and leased).
     pub tasks: usize,
     /// Finished results still held.

@@ -237,6 +237,15 @@ pub fn stats(stats: Stats) -> pb::GetStatsResponse {
     }
 }
 
+/// A refused item of a batch (a put, a result, an extension), as its
+/// outcome's error.
+pub fn item_error(status: &Status) -> pb::ItemError {
+    pb::ItemError {
+        code: status.code() as i32,
+        message: status.message().to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,3 +298,4 @@ mod tests {
         );
     }
 }
+

@@ -1,0 +1,220 @@
+//! One queue's lines and counters: its ready tasks in hand-out order, its
+//! results not yet handed out, who waits on it, and the counts GetStats
+//! reports (kept as tasks move, so stats never scan).
+//!
+//! Rules:
+//! - Lines hold ids, and an id can go stale (a pending task that expired,
+//!   a result evicted) without being looked for in the line: stale entries
+//!   are skipped when popped, and a line is compacted once it holds more
+//!   than twice its live entries plus [`COMPACT_SLACK`], so a queue nobody
+//!   takes from still does not keep them.
+//! - `pending` and `leased` move only through the transitions below,
+//!   which the state calls as a task changes state.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use super::timers::COMPACT_SLACK;
+use super::waiters::{ResultStreamId, ResultWaiter, StreamId, TaskWaiter, WaiterId};
+use super::{QueueName, QueueStats, TaskId};
+
+#[derive(Default)]
+pub(super) struct QueueState {
+    /// Tasks in hand-out order. Entries of tasks that are no longer pending
+    /// (finished while waiting, say by ttl) are skipped when popped.
+    ready: VecDeque<TaskId>,
+    pending: u64,
+    leased: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub redelivered: u64,
+    pub results_evicted: u64,
+    pub task_waiters: VecDeque<TaskWaiter>,
+    /// Worker streams on this queue, in round-robin order.
+    pub streams: VecDeque<StreamId>,
+    pub result_waiters: VecDeque<ResultWaiter>,
+    /// Result streams on this queue, in round-robin order.
+    pub result_streams: VecDeque<ResultStreamId>,
+    /// Finished tasks whose result no reader by queue has taken, in
+    /// completion order. Entries of evicted results are skipped.
+    unclaimed: VecDeque<TaskId>,
+    results_unclaimed: u64,
+    pub idempotency: HashMap<String, TaskId>,
+    /// Woken when an unfinished task of this queue finishes while a put
+    /// waits for room.
+    room: Arc<Notify>,
+    /// A put was refused for want of room since `room` was last woken. The
+    /// refused call registers on `room` before the lock is released, so
+    /// finishing tasks wake it only when someone can be waiting: waking
+    /// takes `Notify`'s own lock, which no task should pay for.
+    room_wanted: bool,
+}
+
+impl QueueState {
+    pub(super) fn pending(&self) -> u64 {
+        self.pending
+    }
+
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(super) fn leased(&self) -> u64 {
+        self.leased
+    }
+
+    pub(super) fn results_unclaimed(&self) -> u64 {
+        self.results_unclaimed
+    }
+
+    /// Tasks not finished: what counts against the queue's capacity.
+    pub(super) fn unfinished(&self) -> u64 {
+        self.pending + self.leased
+    }
+
+    /// A new pending task at the tail. `is_pending` tells live entries
+    /// from stale ones if the line is compacted first.
+    pub(super) fn push_new(&mut self, id: TaskId, is_pending: impl FnMut(&TaskId) -> bool) {
+        if self.ready.len() > 2 * self.pending as usize + COMPACT_SLACK {
+            self.ready.retain(is_pending);
+        }
+        self.ready.push_back(id);
+        self.pending += 1;
+    }
+
+    /// The entry at the head of the ready line (it may be stale).
+    pub(super) fn pop_ready(&mut self) -> Option<TaskId> {
+        self.ready.pop_front()
+    }
+
+    /// The first pending tasks in line, stale entries included, for the
+    /// age of the oldest.
+    pub(super) fn ready_head(&self, n: usize) -> impl Iterator<Item = &TaskId> {
+        self.ready.iter().take(n)
+    }
+
+    /// A pending task was leased.
+    pub(super) fn leased_one(&mut self) {
+        self.pending -= 1;
+        self.leased += 1;
+    }
+
+    /// A leased task goes back to the head of the line.
+    pub(super) fn released(&mut self, id: TaskId) {
+        self.leased -= 1;
+        self.pending += 1;
+        self.ready.push_front(id);
+    }
+
+    /// A task finished, from pending or leased; wakes puts waiting for
+    /// room. Its result joins the line of unclaimed results, behind those
+    /// not yet handed out, so that readers by queue get them in completion
+    /// order.
+    pub(super) fn finished(&mut self, id: TaskId, was_leased: bool, succeeded: bool) {
+        if was_leased {
+            self.leased -= 1;
+        } else {
+            self.pending -= 1;
+        }
+        if succeeded {
+            self.succeeded += 1;
+        } else {
+            self.failed += 1;
+        }
+        if self.room_wanted {
+            self.room_wanted = false;
+            self.room.notify_waiters();
+        }
+        self.unclaimed.push_back(id);
+        self.results_unclaimed += 1;
+    }
+
+    /// The signal a refused put waits on for room; finishing tasks wake it
+    /// from now on.
+    pub(super) fn want_room(&mut self) -> Arc<Notify> {
+        self.room_wanted = true;
+        self.room.clone()
+    }
+
+    /// The signal puts waiting for room wait on, to wake them at close.
+    pub(super) fn room(&self) -> Arc<Notify> {
+        self.room.clone()
+    }
+
+    /// The oldest unclaimed result's task. `is_unclaimed` tells live
+    /// entries from stale ones; stale ones are skipped (and compacted
+    /// away past the bound).
+    pub(super) fn pop_unclaimed(
+        &mut self,
+        mut is_unclaimed: impl FnMut(&TaskId) -> bool,
+    ) -> Option<TaskId> {
+        if self.unclaimed.len() > 2 * self.results_unclaimed as usize + COMPACT_SLACK {
+            self.unclaimed.retain(&mut is_unclaimed);
+        }
+        loop {
+            let id = self.unclaimed.pop_front()?;
+            if is_unclaimed(&id) {
+                self.results_unclaimed -= 1;
+                return Some(id);
+            }
+        }
+    }
+
+    /// A result handed out and given back: the head of the line again.
+    pub(super) fn unclaimed_again(&mut self, id: TaskId) {
+        self.unclaimed.push_front(id);
+        self.results_unclaimed += 1;
+    }
+
+    /// An unclaimed result was evicted. Evictions go in completion order,
+    /// so its entry is usually at the head; anything else is swept by
+    /// compaction.
+    pub(super) fn unclaimed_evicted(&mut self, id: TaskId) {
+        self.results_unclaimed -= 1;
+        self.results_evicted += 1;
+        if self.unclaimed.front() == Some(&id) {
+            self.unclaimed.pop_front();
+        }
+    }
+
+    /// The queue's counters for GetStats.
+    pub(super) fn stats(&self, name: &QueueName, oldest_pending_age: Duration) -> QueueStats {
+        QueueStats {
+            queue: name.to_string(),
+            pending: self.pending,
+            leased: self.leased,
+            succeeded: self.succeeded,
+            failed: self.failed,
+            redelivered: self.redelivered,
+            oldest_pending_age,
+            results_unclaimed: self.results_unclaimed,
+            results_evicted: self.results_evicted,
+            waiting_workers: self.task_waiters.len() as u64,
+        }
+    }
+
+    /// Removes a waiting GetTask call; true if it was there.
+    pub(super) fn remove_task_waiter(&mut self, id: WaiterId) -> bool {
+        let pos = self.task_waiters.iter().position(|w| w.id == id);
+        pos.and_then(|pos| self.task_waiters.remove(pos)).is_some()
+    }
+
+    /// Removes a waiting GetResult(queue) call; true if it was there.
+    pub(super) fn remove_result_waiter(&mut self, id: WaiterId) -> bool {
+        let pos = self.result_waiters.iter().position(|w| w.id == id);
+        pos.and_then(|pos| self.result_waiters.remove(pos))
+            .is_some()
+    }
+
+    /// Sizes of the lines that may hold stale entries: ready, unclaimed.
+    #[cfg(test)]
+    pub(super) fn line_lengths(&self) -> (usize, usize) {
+        (self.ready.len(), self.unclaimed.len())
+    }
+
+    /// How many times `id` is in the ready line.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(super) fn times_ready(&self, id: &TaskId) -> usize {
+        self.ready.iter().filter(|r| *r == id).count()
+    }
+}

@@ -1,0 +1,148 @@
+//! The task calls, unary: PutTask, PutTasks, GetTask, ExtendLease and
+//! PutResult. A worker stream's results and extensions go through the same
+//! functions (`rpc::worker_stream`).
+
+use std::time::{Duration, SystemTime};
+
+use tonic::Status;
+
+use super::access::{permit_new_task, permit_task};
+use super::convert;
+use crate::auth::Access;
+use crate::broker::{Broker, LeaseId, LeaseRequest, Outcome, TaskState, WorkerId};
+use crate::pb;
+
+/// PutTask: convert, check the queue, store (waiting up to `wait` for room).
+pub(super) async fn put_task(
+    broker: &Broker,
+    access: &Access,
+    request: pb::PutTaskRequest,
+    wait: Duration,
+) -> Result<pb::PutTaskResponse, Status> {
+    let task = convert::new_task(request)?;
+    permit_new_task(access, &task)?;
+    let outcome = broker.put(task, wait).await?;
+    Ok(pb::PutTaskResponse {
+        task_id: outcome.task_id.to_text(),
+        duplicate: outcome.duplicate,
+    })
+}
+
+/// PutTasks: every task validated and stored on its own, under one lock.
+pub(super) fn put_tasks(
+    broker: &Broker,
+    access: &Access,
+    request: pb::PutTasksRequest,
+    max_batch: usize,
+) -> Result<pb::PutTasksResponse, Status> {
+    if request.tasks.len() > max_batch {
+        return Err(Status::invalid_argument(format!(
+            "{} tasks in one PutTasks; the limit is {max_batch} (server flag --max-batch): split the batch",
+            request.tasks.len()
+        )));
+    }
+    // Tasks that fail conversion keep their place with their error.
+    let mut slots = Vec::with_capacity(request.tasks.len());
+    let mut valid = Vec::with_capacity(request.tasks.len());
+    let mut last_queue = None;
+    for task in request.tasks {
+        let task = convert::new_task_in_batch(task, &mut last_queue)
+            .and_then(|task| permit_new_task(access, &task).map(|()| task));
+        match task {
+            Ok(task) => {
+                slots.push(None);
+                valid.push(task);
+            }
+            Err(status) => slots.push(Some(status)),
+        }
+    }
+    let mut stored = broker.put_many(valid).into_iter();
+    let outcomes = slots
+        .into_iter()
+        .map(|slot| {
+            let result = match slot {
+                Some(status) => Err(status),
+                None => stored
+                    .next()
+                    .expect("one outcome per valid task")
+                    .map_err(Status::from),
+            };
+            pb::PutTaskOutcome {
+                outcome: Some(match result {
+                    Ok(put) => pb::put_task_outcome::Outcome::Ok(pb::PutTaskResponse {
+                        task_id: put.task_id.to_text(),
+                        duplicate: put.duplicate,
+                    }),
+                    Err(status) => {
+                        pb::put_task_outcome::Outcome::Error(convert::item_error(&status))
+                    }
+                }),
+            }
+        })
+        .collect();
+    Ok(pb::PutTasksResponse { outcomes })
+}
+
+/// GetTask: lease the queue's next task to `worker`, waiting up to `wait`.
+pub(super) async fn get_task(
+    broker: &Broker,
+    access: &Access,
+    request: pb::GetTaskRequest,
+    worker: WorkerId,
+    wait: Duration,
+) -> Result<pb::GetTaskResponse, Status> {
+    let lease = LeaseRequest {
+        queue: convert::queue(&request.queue)?,
+        worker,
+        lease_duration: convert::duration("lease", request.lease)?,
+    };
+    access.permit_queue(&lease.queue)?;
+    let task = broker.lease(lease, wait).await?;
+    Ok(pb::GetTaskResponse {
+        task: task.map(convert::task),
+    })
+}
+
+/// An ExtendLease, unary or on a worker stream: convert, then extend.
+pub(super) fn extend_lease(
+    broker: &Broker,
+    access: &Access,
+    request: pb::ExtendLeaseRequest,
+) -> Result<SystemTime, Status> {
+    let task = convert::task_id(&request.task_id)?;
+    permit_task(broker, access, task)?;
+    let lease_id = convert::lease_id(task, &request.lease_id)?;
+    let extend_by = convert::duration("extend_by", request.extend_by)?;
+    Ok(broker.extend(lease_id, extend_by)?)
+}
+
+/// A PutResult, unary or on a worker stream: convert, then complete.
+pub(super) fn put_result(
+    broker: &Broker,
+    access: &Access,
+    request: pb::PutResultRequest,
+) -> Result<TaskState, Status> {
+    let (lease_id, outcome) = result_request(
+        broker,
+        access,
+        &request.task_id,
+        &request.lease_id,
+        request.outcome,
+    )?;
+    Ok(broker.complete(lease_id, outcome)?)
+}
+
+/// A result's lease and outcome from the wire, checked against `access`:
+/// what PutResult, unary or on a stream, hands the broker.
+pub(super) fn result_request(
+    broker: &Broker,
+    access: &Access,
+    task_id: &str,
+    lease_id: &str,
+    outcome: Option<pb::put_result_request::Outcome>,
+) -> Result<(LeaseId, Outcome), Status> {
+    let task = convert::task_id(task_id)?;
+    permit_task(broker, access, task)?;
+    let lease_id = convert::lease_id(task, lease_id)?;
+    Ok((lease_id, convert::outcome(outcome)?))
+}
