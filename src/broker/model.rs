@@ -175,7 +175,7 @@ impl Model {
         self.hand_out(queue);
     }
 
-    /// Results go to the result_streams with room, in turns; a full reader is
+    /// Results go to the result_streams with room, in turns; a full one is
     /// marked to ask again when half empty.
     fn hand_out(&mut self, queue: &'static str) {
         while !self.results.entry(queue).or_default().is_empty() {
@@ -184,12 +184,12 @@ impl Model {
             for _ in 0..turns.len() {
                 let r = turns.pop_front().unwrap();
                 turns.push_back(r);
-                let reader = self.result_streams.get_mut(&r).unwrap();
-                if reader.in_hand.len() < RESULT_STREAM_WINDOW {
+                let stream = self.result_streams.get_mut(&r).unwrap();
+                if stream.in_hand.len() < RESULT_STREAM_WINDOW {
                     chosen = Some(r);
                     break;
                 }
-                reader.starved = true;
+                stream.starved = true;
             }
             let Some(r) = chosen else { return };
             let id = self.results.get_mut(queue).unwrap().pop_front().unwrap();
@@ -201,27 +201,27 @@ impl Model {
         }
     }
 
-    fn open_reader(&mut self, number: usize, queue: &'static str) {
-        let reader = ModelResultStream {
+    fn open_result_stream(&mut self, number: usize, queue: &'static str) {
+        let stream = ModelResultStream {
             queue,
             in_hand: VecDeque::new(),
             starved: false,
             front: None,
         };
-        self.result_streams.insert(number, reader);
+        self.result_streams.insert(number, stream);
         self.turns.entry(queue).or_default().push_back(number);
         self.hand_out(queue);
     }
 
     fn take(&mut self, number: usize) -> Option<TaskId> {
-        let reader = self.result_streams.get_mut(&number).unwrap();
-        if let Some(id) = reader.front.take() {
+        let stream = self.result_streams.get_mut(&number).unwrap();
+        if let Some(id) = stream.front.take() {
             return Some(id);
         }
-        let id = reader.in_hand.pop_front()?;
-        if reader.in_hand.len() <= RESULT_STREAM_WINDOW / 2 && reader.starved {
-            reader.starved = false;
-            let queue = reader.queue;
+        let id = stream.in_hand.pop_front()?;
+        if stream.in_hand.len() <= RESULT_STREAM_WINDOW / 2 && stream.starved {
+            stream.starved = false;
+            let queue = stream.queue;
             self.hand_out(queue);
         }
         Some(id)
@@ -231,22 +231,22 @@ impl Model {
         self.result_streams.get_mut(&number).unwrap().front = Some(id);
     }
 
-    /// What the reader held goes back to the head, in order: the result
+    /// What the result stream held goes back to the head, in order: the result
     /// put back first.
-    fn drop_reader(&mut self, number: usize) {
-        let reader = self.result_streams.remove(&number).unwrap();
+    fn drop_result_stream(&mut self, number: usize) {
+        let stream = self.result_streams.remove(&number).unwrap();
         self.turns
-            .get_mut(reader.queue)
+            .get_mut(stream.queue)
             .unwrap()
             .retain(|r| *r != number);
-        let results = self.results.entry(reader.queue).or_default();
-        for id in reader.in_hand.into_iter().rev() {
+        let results = self.results.entry(stream.queue).or_default();
+        for id in stream.in_hand.into_iter().rev() {
             results.push_front(id);
         }
-        if let Some(id) = reader.front {
+        if let Some(id) = stream.front {
             results.push_front(id);
         }
-        self.hand_out(reader.queue);
+        self.hand_out(stream.queue);
     }
 
     /// Leases that ran out by `now`, in deadline order (then id order, as
@@ -418,7 +418,7 @@ async fn run_sequence(rng: &mut impl Choices, source: &str, steps: usize) {
     let mut ids: Vec<TaskId> = Vec::new();
     // Open result result_streams: (number, stream), numbered as the model's.
     let mut result_streams: Vec<(usize, ResultStream)> = Vec::new();
-    let mut next_reader = 0;
+    let mut next_stream = 0;
     for step in 0..steps {
         if rng.exhausted() {
             break;
@@ -517,26 +517,30 @@ async fn run_sequence(rng: &mut impl Choices, source: &str, steps: usize) {
                 let stream = b
                     .open_result_stream(&QueueName::parse(queue).unwrap())
                     .unwrap();
-                result_streams.push((next_reader, stream));
-                model.open_reader(next_reader, queue);
-                next_reader += 1;
+                result_streams.push((next_stream, stream));
+                model.open_result_stream(next_stream, queue);
+                next_stream += 1;
             }
             103 if !result_streams.is_empty() => {
                 let (number, stream) =
                     result_streams.remove(rng.below(result_streams.len() as u64) as usize);
                 drop(stream);
-                model.drop_reader(number);
+                model.drop_result_stream(number);
             }
             104..=111 if !result_streams.is_empty() => {
-                let at_reader = rng.below(result_streams.len() as u64) as usize;
-                let (number, stream) = &mut result_streams[at_reader];
+                let at_stream = rng.below(result_streams.len() as u64) as usize;
+                let (number, stream) = &mut result_streams[at_stream];
                 let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
                 let got = match stream.poll_next_result(&mut cx) {
                     std::task::Poll::Ready(result) => result,
                     std::task::Poll::Pending => None,
                 };
                 let id = got.as_ref().map(|r| r.task_id);
-                assert_eq!(id, model.take(*number), "{at}: reader {number} takes");
+                assert_eq!(
+                    id,
+                    model.take(*number),
+                    "{at}: result stream {number} takes"
+                );
                 // Now and then the result does not fit a batch: put back.
                 if let Some(result) = got
                     && rng.below(3) == 0

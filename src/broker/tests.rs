@@ -707,22 +707,22 @@ async fn a_result_stream_holds_at_most_its_window_and_is_refilled() {
     let b = broker();
     let half = RESULT_STREAM_WINDOW / 2;
     let ids = finish_tasks(&b, "q", RESULT_STREAM_WINDOW + half).await;
-    let mut reader = b.open_result_stream(&q("q")).unwrap();
-    // The window's worth is in the reader's hands; the rest waits in the
-    // queue, where another reader could take it.
+    let mut stream = b.open_result_stream(&q("q")).unwrap();
+    // The window's worth is in the stream's hands; the rest waits in the
+    // queue, where another result stream could take it.
     let waiting = half as u64;
     assert_eq!(stats(&b, "q").results_unclaimed, waiting);
     let mut got = Vec::new();
     for _ in 0..half - 1 {
-        got.push(reader.next().await.unwrap().task_id);
+        got.push(stream.next().await.unwrap().task_id);
     }
     // Not refilled one result at a time...
     assert_eq!(stats(&b, "q").results_unclaimed, waiting);
-    got.push(reader.next().await.unwrap().task_id);
+    got.push(stream.next().await.unwrap().task_id);
     // ...but once half empty, with all that waited.
     assert_eq!(stats(&b, "q").results_unclaimed, 0);
     while got.len() < ids.len() {
-        got.push(reader.next().await.unwrap().task_id);
+        got.push(stream.next().await.unwrap().task_id);
     }
     assert_eq!(got, ids, "every result once, in completion order");
     b.check();
@@ -732,10 +732,10 @@ async fn a_result_stream_holds_at_most_its_window_and_is_refilled() {
 async fn a_dropped_result_stream_gives_back_what_it_held_in_order() {
     let b = broker();
     let ids = finish_tasks(&b, "q", 3).await;
-    let mut reader = b.open_result_stream(&q("q")).unwrap();
-    assert_eq!(reader.next().await.unwrap().task_id, ids[0]);
+    let mut stream = b.open_result_stream(&q("q")).unwrap();
+    assert_eq!(stream.next().await.unwrap().task_id, ids[0]);
     assert_eq!(stats(&b, "q").results_unclaimed, 0);
-    drop(reader);
+    drop(stream);
     assert_eq!(stats(&b, "q").results_unclaimed, 2);
     for id in &ids[1..] {
         let result = b.next_result(q("q"), Duration::ZERO).await.unwrap();
@@ -750,13 +750,13 @@ async fn a_dropped_result_stream_gives_back_what_it_held_in_order() {
 async fn a_result_put_back_comes_next_or_goes_back_first() {
     let b = broker();
     let ids = finish_tasks(&b, "q", 3).await;
-    let mut reader = b.open_result_stream(&q("q")).unwrap();
-    let first = reader.next().await.unwrap();
-    reader.put_back(first);
-    assert_eq!(reader.next().await.unwrap().task_id, ids[0]);
-    let second = reader.next().await.unwrap();
-    reader.put_back(second);
-    drop(reader);
+    let mut stream = b.open_result_stream(&q("q")).unwrap();
+    let first = stream.next().await.unwrap();
+    stream.put_back(first);
+    assert_eq!(stream.next().await.unwrap().task_id, ids[0]);
+    let second = stream.next().await.unwrap();
+    stream.put_back(second);
+    drop(stream);
     assert_eq!(stats(&b, "q").results_unclaimed, 2);
     for id in &ids[1..] {
         let result = b.next_result(q("q"), Duration::ZERO).await.unwrap();
@@ -769,11 +769,11 @@ async fn a_result_put_back_comes_next_or_goes_back_first() {
 async fn closing_ends_result_streams_after_what_they_hold() {
     let b = broker();
     let ids = finish_tasks(&b, "q", 1).await;
-    let mut reader = b.open_result_stream(&q("q")).unwrap();
+    let mut stream = b.open_result_stream(&q("q")).unwrap();
     b.close();
-    assert_eq!(reader.next().await.unwrap().task_id, ids[0]);
-    assert_eq!(reader.next().await, None);
-    drop(reader);
+    assert_eq!(stream.next().await.unwrap().task_id, ids[0]);
+    assert_eq!(stream.next().await, None);
+    drop(stream);
     b.check();
 }
 
@@ -1607,7 +1607,7 @@ async fn a_panic_under_the_lock_poisons_nothing() {
     })
     .join();
     assert!(panicked.is_err());
-    assert!(b.inner.state.is_poisoned());
+    assert!(b.is_poisoned());
     let leased = take(&b, "q", SEC).await;
     assert_eq!(leased.id, id);
     assert_eq!(
