@@ -79,6 +79,22 @@ pub enum Call {
 }
 
 impl Call {
+    /// Every call, for tables over them all.
+    pub const ALL: [Self; 10] = [
+        Self::PutTask,
+        Self::PutTasks,
+        Self::GetResult,
+        Self::WatchResults,
+        Self::WatchResultBatches,
+        Self::GetTask,
+        Self::StreamTasks,
+        Self::ExtendLease,
+        Self::PutResult,
+        Self::GetStats,
+    ];
+}
+
+impl Call {
     /// The role a call needs besides `admin`, which may make every call:
     /// the whole authorization table.
     fn role(self) -> Role {
@@ -587,18 +603,7 @@ mod tests {
     #[test]
     fn roles_permit_their_calls_only() {
         use Call::*;
-        let all = [
-            PutTask,
-            PutTasks,
-            GetResult,
-            WatchResults,
-            WatchResultBatches,
-            GetTask,
-            StreamTasks,
-            ExtendLease,
-            PutResult,
-            GetStats,
-        ];
+        let all = Call::ALL;
         let allowed = |role: Role| {
             all.iter()
                 .copied()

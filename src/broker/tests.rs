@@ -36,6 +36,28 @@ fn req(queue: &str, worker: &str, lease: Duration) -> LeaseRequest {
     }
 }
 
+/// Waits (from now, up to a minute) for a task of "q" to be handed out
+/// again; returns it and how long that took.
+async fn redelivered(b: &Broker) -> (LeasedTask, Duration) {
+    let started = Instant::now();
+    let again = b
+        .lease(req("q", "w2", SEC), 60 * SEC)
+        .await
+        .unwrap()
+        .unwrap();
+    (again, started.elapsed())
+}
+
+/// The unclaimed results of "q" are exactly `ids`, handed out in order.
+async fn assert_unclaimed_in_order(b: &Broker, ids: &[TaskId]) {
+    assert_eq!(stats(b, "q").results_unclaimed, ids.len() as u64);
+    for id in ids {
+        let result = b.next_result(q("q"), Duration::ZERO).await.unwrap();
+        assert_eq!(result.unwrap().task_id, *id);
+    }
+    b.check();
+}
+
 async fn put(b: &Broker, queue: &str, payload: &str) -> TaskId {
     b.put(task(queue, payload), Duration::ZERO)
         .await
@@ -151,21 +173,12 @@ async fn an_expired_lease_redelivers_exactly_at_expiry_to_the_head() {
     let second = put(&b, "q", "second").await;
     // The second task is free now; the first comes back only at expiry.
     assert_eq!(take(&b, "q", 60 * SEC).await.id, second);
-    let started = Instant::now();
-    let again = b
-        .lease(req("q", "w2", SEC), 60 * SEC)
-        .await
-        .unwrap()
-        .unwrap();
+    let (again, waited) = redelivered(&b).await;
     assert_eq!(again.id, first);
     assert_eq!(again.attempt, 2);
     assert_ne!(again.lease_id, t.lease_id);
     // Leased at t=0 for 5s; this call started at t=0 too.
-    assert_eq!(
-        started.elapsed(),
-        5 * SEC,
-        "redelivered at expiry, not before"
-    );
+    assert_eq!(waited, 5 * SEC, "redelivered at expiry, not before");
     assert_eq!(stats(&b, "q").redelivered, 1);
     b.check();
 }
@@ -214,13 +227,8 @@ async fn extend_moves_expiry_for_the_holder_only() {
     tokio::time::sleep(SEC).await;
     b.extend(t.lease_id, Some(5 * SEC)).unwrap();
     // The old expiry (t=2s) passes without redelivery; the new one is t=6s.
-    let started = Instant::now();
-    let again = b
-        .lease(req("q", "w2", SEC), 60 * SEC)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(started.elapsed(), 5 * SEC);
+    let (again, waited) = redelivered(&b).await;
+    assert_eq!(waited, 5 * SEC);
     assert_eq!(again.attempt, 2);
     // The first holder's lease is no longer current.
     assert!(matches!(
@@ -736,12 +744,7 @@ async fn a_dropped_result_stream_gives_back_what_it_held_in_order() {
     assert_eq!(stream.next().await.unwrap().task_id, ids[0]);
     assert_eq!(stats(&b, "q").results_unclaimed, 0);
     drop(stream);
-    assert_eq!(stats(&b, "q").results_unclaimed, 2);
-    for id in &ids[1..] {
-        let result = b.next_result(q("q"), Duration::ZERO).await.unwrap();
-        assert_eq!(result.unwrap().task_id, *id);
-    }
-    b.check();
+    assert_unclaimed_in_order(&b, &ids[1..]).await;
 }
 
 /// A result put back (it did not fit a batch) is the next one taken, and
@@ -757,12 +760,7 @@ async fn a_result_put_back_comes_next_or_goes_back_first() {
     let second = stream.next().await.unwrap();
     stream.put_back(second);
     drop(stream);
-    assert_eq!(stats(&b, "q").results_unclaimed, 2);
-    for id in &ids[1..] {
-        let result = b.next_result(q("q"), Duration::ZERO).await.unwrap();
-        assert_eq!(result.unwrap().task_id, *id);
-    }
-    b.check();
+    assert_unclaimed_in_order(&b, &ids[1..]).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -1075,14 +1073,9 @@ async fn extending_often_keeps_one_timer_entry() {
     }
     assert!(b.footprint().0 <= 2, "timer heap: {}", b.footprint().0);
     // The extended lease still expires, exactly 10s after the last extension.
-    let started = Instant::now();
-    let again = b
-        .lease(req("q", "w2", SEC), 60 * SEC)
-        .await
-        .unwrap()
-        .unwrap();
+    let (again, waited) = redelivered(&b).await;
     assert_eq!(again.attempt, 2);
-    assert_eq!(started.elapsed(), 10 * SEC - Duration::from_millis(1));
+    assert_eq!(waited, 10 * SEC - Duration::from_millis(1));
 }
 
 /// A lease shortened by an extension expires at the shorter time.

@@ -83,6 +83,24 @@ pub(super) fn poll_batch<S: BatchSource>(
     Poll::Ready(Some(Ok(batch)))
 }
 
+/// The answer of each item of a batched request, in order: `refused`
+/// holds, per item, the status it was refused with before it reached the
+/// broker (or `None`), and `answers` the broker's answers to the others,
+/// in order.
+pub(super) fn in_place<T>(
+    refused: impl IntoIterator<Item = Option<Status>>,
+    answers: impl IntoIterator<Item = Result<T, crate::broker::BrokerError>>,
+) -> impl Iterator<Item = Result<T, Status>> {
+    let mut answers = answers.into_iter();
+    refused.into_iter().map(move |refused| match refused {
+        Some(status) => Err(status),
+        None => answers
+            .next()
+            .expect("the broker answers every item it was given")
+            .map_err(Status::from),
+    })
+}
+
 /// An item's size inside a batch message (each batch's items are its
 /// field 1): its encoding plus the field's key and length, so that the
 /// batch's own size is the sum.

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use tonic::Status;
 
 use super::access::{permit_new_task, permit_task};
+use super::batch::in_place;
 use super::convert;
 use crate::auth::Access;
 use crate::broker::{Broker, LeaseId, LeaseRequest, Outcome, TaskState, WorkerId};
@@ -56,28 +57,16 @@ pub(super) fn put_tasks(
             Err(status) => slots.push(Some(status)),
         }
     }
-    let mut stored = broker.put_many(valid).into_iter();
-    let outcomes = slots
-        .into_iter()
-        .map(|slot| {
-            let result = match slot {
-                Some(status) => Err(status),
-                None => stored
-                    .next()
-                    .expect("one outcome per valid task")
-                    .map_err(Status::from),
-            };
-            pb::PutTaskOutcome {
-                outcome: Some(match result {
-                    Ok(put) => pb::put_task_outcome::Outcome::Ok(pb::PutTaskResponse {
-                        task_id: put.task_id.to_text(),
-                        duplicate: put.duplicate,
-                    }),
-                    Err(status) => {
-                        pb::put_task_outcome::Outcome::Error(convert::item_error(&status))
-                    }
+    let stored = broker.put_many(valid);
+    let outcomes = in_place(slots, stored)
+        .map(|result| pb::PutTaskOutcome {
+            outcome: Some(match result {
+                Ok(put) => pb::put_task_outcome::Outcome::Ok(pb::PutTaskResponse {
+                    task_id: put.task_id.to_text(),
+                    duplicate: put.duplicate,
                 }),
-            }
+                Err(status) => pb::put_task_outcome::Outcome::Error(convert::item_error(&status)),
+            }),
         })
         .collect();
     Ok(pb::PutTasksResponse { outcomes })

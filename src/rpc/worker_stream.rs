@@ -15,7 +15,7 @@ use tokio_stream::Stream;
 use tonic::{Status, Streaming};
 
 use super::access::worker_id;
-use super::batch::{BatchSource, poll_batch};
+use super::batch::{BatchSource, in_place, poll_batch};
 use super::outbound::{OUTBOUND_BUFFER, shutting_down, spawn_stream};
 use super::{convert, tasks};
 use crate::auth::Access;
@@ -298,7 +298,8 @@ fn put_results(
     access: &Access,
     requests: Vec<pb::PutResultRequest>,
 ) -> pb::ResultAckBatch {
-    let mut named = Vec::with_capacity(requests.len());
+    let mut names = Vec::with_capacity(requests.len());
+    let mut refused = Vec::with_capacity(requests.len());
     let mut valid = Vec::with_capacity(requests.len());
     for request in requests {
         let pb::PutResultRequest {
@@ -306,14 +307,16 @@ fn put_results(
             lease_id,
             outcome,
         } = request;
-        let refused = match tasks::result_request(broker, access, &task_id, &lease_id, outcome) {
-            Ok(result) => {
-                valid.push(result);
-                None
-            }
-            Err(status) => Some(status),
-        };
-        named.push((task_id, lease_id, refused));
+        refused.push(
+            match tasks::result_request(broker, access, &task_id, &lease_id, outcome) {
+                Ok(result) => {
+                    valid.push(result);
+                    None
+                }
+                Err(status) => Some(status),
+            },
+        );
+        names.push((task_id, lease_id));
     }
     let mut answers = Vec::with_capacity(valid.len());
     let mut valid = valid.into_iter();
@@ -324,19 +327,10 @@ fn put_results(
         }
         answers.extend(broker.complete_many(chunk));
     }
-    let mut answers = answers.into_iter();
-    let acks = named
+    let acks = names
         .into_iter()
-        .map(|(task_id, lease_id, refused)| {
-            let answer = match refused {
-                Some(status) => Err(status),
-                None => answers
-                    .next()
-                    .expect("one answer per valid result")
-                    .map_err(Status::from),
-            };
-            result_ack(task_id, lease_id, answer)
-        })
+        .zip(in_place(refused, answers))
+        .map(|((task_id, lease_id), answer)| result_ack(task_id, lease_id, answer))
         .collect();
     pb::ResultAckBatch { acks }
 }
