@@ -157,6 +157,11 @@ impl Access {
         self.role
     }
 
+    /// The queues the token is limited to; `None`: every queue.
+    pub fn queues(&self) -> Option<&[QueueName]> {
+        self.queues.as_deref()
+    }
+
     /// Whether the token is limited to some queues; only then do calls
     /// that name a task rather than a queue need the task's queue.
     pub fn limits_queues(&self) -> bool {

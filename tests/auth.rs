@@ -112,7 +112,8 @@ async fn server_with_roles() -> TestServer {
          worker-token worker\n\
          admin-token admin\n\
          emails-producer producer emails\n\
-         emails-worker worker emails,default-not\n",
+         emails-worker worker emails,default-not\n\
+         sa1-admin admin sa1\n",
     )
     .unwrap();
     let tokens = Tokens::from_file(&path).unwrap();
@@ -426,5 +427,48 @@ async fn a_worker_stream_is_limited_to_its_role_and_queues() {
         "subscribe outside the list",
     );
     assert!(open("emails-worker", "emails").await.is_ok());
+    server.shutdown().await;
+}
+
+/// GetStats used to ignore a token's queue list: an admin token limited to
+/// `sa1` got OK for `GetStats(queue="sb")` and saw every queue.
+#[tokio::test]
+async fn a_queue_limited_admin_sees_the_stats_of_its_queues_only() {
+    let server = server_with_roles().await;
+    let mut admin = server.client_with_token("admin-token").await;
+    for (queue, worker) in [("sa1", "w-a"), ("sb", "w-b")] {
+        admin.put_task(put(queue)).await.unwrap();
+        let mut take = get(queue);
+        take.worker_id = worker.into();
+        assert!(
+            admin
+                .get_task(take)
+                .await
+                .unwrap()
+                .into_inner()
+                .task
+                .is_some()
+        );
+    }
+    let mut scoped = server.client_with_token("sa1-admin").await;
+    let of = |queue: &str| pb::GetStatsRequest {
+        queue: queue.into(),
+    };
+    denied(scoped.get_stats(of("sb")).await, "another queue's stats");
+    let own = scoped.get_stats(of("sa1")).await.unwrap().into_inner();
+    assert_eq!(own.queues.len(), 1);
+    assert_eq!(
+        (own.queues[0].queue.as_str(), own.queues[0].leased),
+        ("sa1", 1)
+    );
+    let all = scoped.get_stats(of("")).await.unwrap().into_inner();
+    let queues: Vec<_> = all.queues.iter().map(|q| q.queue.as_str()).collect();
+    let workers: Vec<_> = all.workers.iter().map(|w| w.worker_id.as_str()).collect();
+    assert_eq!(queues, ["sa1"], "only the token's queues");
+    assert_eq!(workers, ["w-a"], "only the workers seen on them");
+    // An unlimited admin still sees everything.
+    let every = admin.get_stats(of("")).await.unwrap().into_inner();
+    assert_eq!(every.queues.len(), 2);
+    assert_eq!(every.workers.len(), 2);
     server.shutdown().await;
 }

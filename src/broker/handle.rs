@@ -343,9 +343,11 @@ impl Broker {
         Ok(guard.rx.try_recv().ok())
     }
 
-    /// Counters of one queue (or all) and the known workers.
-    pub fn stats(&self, queue: Option<&QueueName>) -> Stats {
-        self.state().stats(queue, Instant::now())
+    /// Counters of the queues in `only` (each one listed, with zeros for a
+    /// queue not made yet), or of all queues with `None`, and the workers
+    /// last seen on them.
+    pub fn stats(&self, only: Option<&[QueueName]>) -> Stats {
+        self.state().stats(only, Instant::now())
     }
 
     /// The queue a held task (or a held result) belongs to; a task's queue

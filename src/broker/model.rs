@@ -562,7 +562,7 @@ async fn run_sequence(rng: &mut impl Choices, source: &str, steps: usize) {
         b.check();
         for q in QUEUES {
             let s = b
-                .stats(Some(&QueueName::parse(q).unwrap()))
+                .stats(Some(&[QueueName::parse(q).unwrap()]))
                 .queues
                 .remove(0);
             assert_eq!(

@@ -84,7 +84,7 @@ fn fail(message: &str, retry: bool) -> Outcome {
 }
 
 fn stats(b: &Broker, queue: &str) -> QueueStats {
-    b.stats(Some(&q(queue))).queues.remove(0)
+    b.stats(Some(&[q(queue)])).queues.remove(0)
 }
 
 #[tokio::test(start_paused = true)]

@@ -86,11 +86,11 @@ impl WorkerTable {
             .retain(|_, w| w.in_flight > 0 || now.duration_since(w.last_seen) < timeout);
     }
 
-    /// The workers on `only` (or all), sorted by id, after forgetting the
-    /// silent idle ones.
+    /// The workers last seen on a queue of `only` (or all), sorted by id,
+    /// after forgetting the silent idle ones.
     pub(super) fn report(
         &mut self,
-        only: Option<&QueueName>,
+        only: Option<&[QueueName]>,
         clock: &Clock,
         now: Instant,
     ) -> Vec<WorkerInfo> {
@@ -98,7 +98,9 @@ impl WorkerTable {
         let mut workers: Vec<WorkerInfo> = self
             .records
             .iter()
-            .filter(|(_, w)| only.is_none_or(|o| w.queue.as_ref() == Some(o)))
+            .filter(|(_, w)| {
+                only.is_none_or(|names| w.queue.as_ref().is_some_and(|q| names.contains(q)))
+            })
             .map(|(id, w)| WorkerInfo {
                 worker: id.clone(),
                 queue: w.queue.clone(),

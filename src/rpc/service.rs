@@ -171,8 +171,8 @@ impl TaskQueue for TaskQueueService {
         &self,
         request: Request<pb::GetStatsRequest>,
     ) -> Result<Response<pb::GetStatsResponse>, Status> {
-        permit(&request, Call::GetStats)?;
-        let response = stats::get_stats(&self.broker, request.into_inner())?;
+        let access = permit(&request, Call::GetStats)?;
+        let response = stats::get_stats(&self.broker, &access, request.into_inner())?;
         Ok(Response::new(response))
     }
 }

@@ -1,20 +1,27 @@
-//! GetStats: counters of one queue or all, and the workers seen.
+//! GetStats: counters of one queue or all, and the workers seen. A token
+//! limited to some queues sees only those: a queue outside its list is
+//! PERMISSION_DENIED, and "all queues" means all of its queues.
 
 use tonic::Status;
 
 use super::convert;
+use crate::auth::Access;
 use crate::broker::Broker;
 use crate::pb;
 
-/// GetStats of `request.queue`, or of every queue when it is empty.
+/// GetStats of `request.queue`, or of every queue `access` may see when it
+/// is empty.
 pub(super) fn get_stats(
     broker: &Broker,
+    access: &Access,
     request: pb::GetStatsRequest,
 ) -> Result<pb::GetStatsResponse, Status> {
-    let queue = if request.queue.is_empty() {
-        None
+    let stats = if request.queue.is_empty() {
+        broker.stats(access.queues())
     } else {
-        Some(convert::queue(&request.queue)?)
+        let queue = convert::queue(&request.queue)?;
+        access.permit_queue(&queue)?;
+        broker.stats(Some(std::slice::from_ref(&queue)))
     };
-    Ok(convert::stats(broker.stats(queue.as_ref())))
+    Ok(convert::stats(stats))
 }

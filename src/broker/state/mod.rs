@@ -1252,20 +1252,26 @@ impl State {
 
     // ---- Stats ----
 
-    pub fn stats(&mut self, only: Option<&QueueName>, now: Instant) -> Stats {
-        let mut queues: Vec<QueueStats> = self
-            .queues
-            .iter()
-            .filter(|(name, _)| only.is_none_or(|o| o == *name))
-            .map(|(name, q)| q.stats(name, self.oldest_pending_age(q, now)))
-            .collect();
-        if let (Some(name), true) = (only, queues.is_empty()) {
-            queues.push(QueueStats {
-                queue: name.to_string(),
-                ..QueueStats::default()
-            });
-        }
+    pub fn stats(&mut self, only: Option<&[QueueName]>, now: Instant) -> Stats {
+        let mut queues: Vec<QueueStats> = match only {
+            None => self
+                .queues
+                .iter()
+                .map(|(name, q)| q.stats(name, self.oldest_pending_age(q, now)))
+                .collect(),
+            Some(names) => names
+                .iter()
+                .map(|name| match self.queues.get(name) {
+                    Some(q) => q.stats(name, self.oldest_pending_age(q, now)),
+                    None => QueueStats {
+                        queue: name.to_string(),
+                        ..QueueStats::default()
+                    },
+                })
+                .collect(),
+        };
         queues.sort_by(|a, b| a.queue.cmp(&b.queue));
+        queues.dedup_by(|a, b| a.queue == b.queue);
         let workers = self.workers.report(only, &self.clock, now);
         Stats { queues, workers }
     }
