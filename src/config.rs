@@ -1,33 +1,22 @@
-//! The command line: every flag documented (the doc is `--help`), each with
-//! a `TASKQ_*` environment twin and a named default, validated before
-//! anything binds a port. A bad value exits 2 with a message naming the flag.
+//! The server's configuration: the flags of `taskq serve` and the logging
+//! flags, every one documented (the doc is `--help`), each with a `TASKQ_*`
+//! environment twin and a named default, validated into a [`ServerConfig`]
+//! before anything binds a port. A bad value exits 2 with a message naming
+//! the flag. The command tree that holds these flags belongs to the
+//! binary's command line (the `cli` module), which this module never
+//! imports.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, ValueEnum};
 
 use crate::auth::Tokens;
 use crate::broker::BrokerConfig;
 use crate::server::{ServerConfig, TransportConfig};
 use crate::tls::{Identity, ServerTls, read_certificates};
-
-/// taskq: a task queue over gRPC.
-///
-/// Producers put tasks on named queues, workers anywhere lease them, run
-/// them and report results, and producers read the results back. Leases
-/// make sure a crashed worker never loses a task.
-#[derive(Debug, Parser)]
-#[command(name = "taskq", version, propagate_version = true)]
-pub struct Cli {
-    /// Logging options, for every subcommand.
-    #[command(flatten)]
-    pub log: LogArgs,
-    /// What to run.
-    #[command(subcommand)]
-    pub command: Command,
-}
+use crate::units::{parse_duration, parse_size, positive_count, positive_duration};
 
 /// How logs are written (to stderr).
 #[derive(Debug, Args)]
@@ -54,30 +43,6 @@ pub enum LogFormat {
     Text,
     /// One JSON object per event.
     Json,
-}
-
-/// The subcommands.
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the taskq server.
-    Serve(ServeArgs),
-    /// Run a program (or a built-in handler) on the tasks of a queue.
-    Worker(crate::cli::worker::WorkerArgs),
-    /// Put a task on a queue; print its id, or wait for its result.
-    Put(crate::cli::put::PutArgs),
-    /// Print a task's result (the output; exit 1 if it failed).
-    Result(crate::cli::result::ResultArgs),
-    /// Read the results of a queue in completion order, each once.
-    Results(crate::cli::result::ResultsArgs),
-    /// Show queues and workers.
-    Stats(crate::cli::stats::StatsArgs),
-    /// Exit 0 when the server is SERVING (for health checks).
-    Health(crate::cli::health::HealthArgs),
-    /// Show the whole system on this machine: a server, two workers and a
-    /// master that puts 10 numbers and prints their squares.
-    Demo(crate::cli::demo::DemoArgs),
-    /// Measure throughput and latency of the full task round trip.
-    Bench(crate::cli::bench::BenchArgs),
 }
 
 /// `taskq serve`: the server's flags.
@@ -393,92 +358,24 @@ impl ServeArgs {
     }
 }
 
-/// Parses a duration like `30s`, `1h 30m` or `250ms`.
-///
-/// # Errors
-/// A message clap shows next to the flag.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text)
-        .map_err(|e| format!("{e}; write durations like 30s, 5m, 1h or 250ms"))
-}
-
-fn positive_duration(text: &str) -> Result<Duration, String> {
-    let duration = parse_duration(text)?;
-    if duration.is_zero() {
-        return Err("must be longer than zero".into());
-    }
-    Ok(duration)
-}
-
-fn positive_count(text: &str) -> Result<usize, String> {
-    match text.trim().replace('_', "").parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(format!("{e}: write a whole number like 100000")),
-    }
-}
-
-/// Parses a size like `4MiB`, `512KB`, `1048576` or `1 GiB`: decimal
-/// (`KB`, `MB`, `GB`) and binary (`KiB`, `MiB`, `GiB`) units, any case.
-///
-/// # Errors
-/// A message clap shows next to the flag.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size: write sizes like 4MiB, 512KB or 1048576"))?;
-    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1_000,
-        "kib" => 1 << 10,
-        "m" | "mb" => 1_000_000,
-        "mib" => 1 << 20,
-        "g" | "gb" => 1_000_000_000,
-        "gib" => 1 << 30,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?}: use B, KB, KiB, MB, MiB, GB or GiB"
-            ));
-        }
-    };
-    number
-        .checked_mul(multiplier)
-        .ok_or_else(|| format!("{text:?} is too large"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
+    use clap::Parser;
 
-    #[test]
-    fn the_command_line_is_well_formed() {
-        Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn sizes_read_like_people_write_them() {
-        assert_eq!(parse_size("4MiB"), Ok(4 * 1024 * 1024));
-        assert_eq!(parse_size("512KB"), Ok(512_000));
-        assert_eq!(parse_size("1 gib"), Ok(1 << 30));
-        assert_eq!(parse_size("100"), Ok(100));
-        assert!(parse_size("4 parsecs").is_err());
-        assert!(parse_size("MiB").is_err());
-        assert!(parse_size("99999999999999999999GiB").is_err());
+    /// `taskq serve` on its own: the command tree that holds it is the
+    /// binary's, which this module does not import.
+    #[derive(Debug, Parser)]
+    #[command(name = "taskq serve")]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
     }
 
     fn serve(args: &[&str]) -> ServeArgs {
-        let mut argv = vec!["taskq", "serve"];
+        let mut argv = vec!["taskq serve"];
         argv.extend_from_slice(args);
-        match Cli::try_parse_from(argv).unwrap().command {
-            Command::Serve(args) => args,
-            other => panic!("parsed {other:?}"),
-        }
+        Cli::try_parse_from(argv).unwrap().serve
     }
 
     #[test]
@@ -492,12 +389,12 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_flag() {
-        let err = Cli::try_parse_from(["taskq", "serve", "--default-lease", "soon"]).unwrap_err();
+        let err = Cli::try_parse_from(["taskq serve", "--default-lease", "soon"]).unwrap_err();
         assert!(err.to_string().contains("--default-lease"), "{err}");
         assert_eq!(err.exit_code(), 2);
         let err = serve(&["--default-lease", "2h"]).into_config().unwrap_err();
         assert!(err.to_string().contains("--default-lease"), "{err}");
-        let err = Cli::try_parse_from(["taskq", "serve", "--queue-capacity", "0"]).unwrap_err();
+        let err = Cli::try_parse_from(["taskq serve", "--queue-capacity", "0"]).unwrap_err();
         assert!(err.to_string().contains("--queue-capacity"), "{err}");
     }
 

@@ -16,12 +16,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::time::Instant;
 
-use super::connect::ClientArgs;
-use super::{EXIT_FAILURE, config_error};
 use crate::broker::BrokerConfig;
+use crate::cli::connect::ClientArgs;
+use crate::cli::exit::{EXIT_FAILURE, config_error};
 use crate::client::Client;
-use crate::config::parse_duration;
 use crate::server::{self, ServerConfig};
+use crate::units::parse_duration;
 use crate::worker::{Mode, Worker, builtin};
 
 /// `taskq bench` flags.

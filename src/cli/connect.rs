@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{EXIT_FAILURE, config_error};
+use crate::cli::exit::{EXIT_FAILURE, config_error};
 use crate::client::{Client, ClientOptions, DEFAULT_SERVER};
-use crate::config::{ConfigError, parse_duration};
+use crate::config::ConfigError;
 use crate::tls::{ClientTls, Identity, read_certificates};
+use crate::units::parse_duration;
 
 /// How to reach the server.
 #[derive(Clone, Debug, Args)]

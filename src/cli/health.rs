@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::Args;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use super::EXIT_FAILURE;
-use super::connect::ClientArgs;
+use crate::cli::connect::ClientArgs;
+use crate::cli::exit::EXIT_FAILURE;
 
 /// `taskq health` flags.
 #[derive(Debug, Args)]

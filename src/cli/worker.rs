@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
-use super::connect::ClientArgs;
-use super::{EXIT_FAILURE, config_error};
-use crate::config::{ConfigError, parse_duration};
+use crate::cli::connect::ClientArgs;
+use crate::cli::exit::{EXIT_FAILURE, config_error};
+use crate::config::ConfigError;
+use crate::units::parse_duration;
 use crate::worker::exec::ExecHandler;
 use crate::worker::{Mode, Worker, builtin, default_worker_id};
 
