@@ -130,19 +130,51 @@ impl ClientError {
         }
     }
 
+    /// What the error tells the caller to do next.
+    pub fn class(&self) -> StatusClass {
+        match self {
+            Self::Connect { .. } => StatusClass::Transient,
+            Self::Rpc { code, .. } => StatusClass::of(*code),
+            Self::InvalidAddress { .. } | Self::Tls(_) | Self::InvalidToken => StatusClass::Refused,
+        }
+    }
+
     /// True when retrying later may work: the server is unreachable,
     /// restarting or overloaded.
     pub fn is_transient(&self) -> bool {
-        match self {
-            Self::Connect { .. } => true,
-            Self::Rpc { code, .. } => matches!(
-                code,
-                Code::Unavailable
-                    | Code::DeadlineExceeded
-                    | Code::ResourceExhausted
-                    | Code::Unknown
-            ),
-            _ => false,
+        self.class() == StatusClass::Transient
+    }
+}
+
+/// What a gRPC status code tells a client to do next. The one reading of
+/// codes in the crate: [`ClientError`] and the worker's streams both go by
+/// it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusClass {
+    /// Retry later: the server is unreachable, restarting or overloaded.
+    Transient,
+    /// The server refuses the caller or the request as such (a wrong
+    /// token, a role or queue not allowed, an invalid argument, a call it
+    /// does not serve): retrying will not help, fixing the set-up will.
+    Refused,
+    /// This call failed on its own terms (the task's state, a lost lease,
+    /// a server error): the caller decides whether to go on.
+    Failed,
+}
+
+impl StatusClass {
+    /// The class of a status code.
+    pub fn of(code: Code) -> Self {
+        match code {
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::ResourceExhausted
+            | Code::Unknown => Self::Transient,
+            Code::Unauthenticated
+            | Code::PermissionDenied
+            | Code::InvalidArgument
+            | Code::Unimplemented => Self::Refused,
+            _ => Self::Failed,
         }
     }
 }
@@ -546,6 +578,35 @@ mod tests {
         assert_eq!(error.code(), Some(Code::NotFound));
         assert!(!error.is_transient());
         assert!(ClientError::from(Status::unavailable("down")).is_transient());
+    }
+
+    #[test]
+    fn every_code_has_one_class() {
+        let transient = [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::ResourceExhausted,
+            Code::Unknown,
+        ];
+        let refused = [
+            Code::Unauthenticated,
+            Code::PermissionDenied,
+            Code::InvalidArgument,
+            Code::Unimplemented,
+        ];
+        for code in (0..=16).map(Code::from) {
+            let expected = if transient.contains(&code) {
+                StatusClass::Transient
+            } else if refused.contains(&code) {
+                StatusClass::Refused
+            } else {
+                StatusClass::Failed
+            };
+            assert_eq!(StatusClass::of(code), expected, "{code:?}");
+            let error = ClientError::from(Status::new(code, "x"));
+            assert_eq!(error.is_transient(), expected == StatusClass::Transient);
+        }
+        assert_eq!(ClientError::InvalidToken.class(), StatusClass::Refused);
     }
 
     #[test]
