@@ -196,31 +196,19 @@ pub struct ServeArgs {
     pub shutdown_grace: Duration,
 
     /// PEM certificate chain (leaf first): serve TLS. Needs --tls-key.
-    #[arg(
-        long,
-        env = "TASKQ_TLS_CERT",
-        value_name = "PATH",
-        requires = "tls_key"
-    )]
+    #[arg(long, env = "TASKQ_TLS_CERT", value_name = "PATH")]
+    #[arg(requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
 
     /// PEM private key of --tls-cert.
-    #[arg(
-        long,
-        env = "TASKQ_TLS_KEY",
-        value_name = "PATH",
-        requires = "tls_cert"
-    )]
+    #[arg(long, env = "TASKQ_TLS_KEY", value_name = "PATH")]
+    #[arg(requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
     /// PEM CA certificates: require clients to present a certificate that
     /// chains to one of them (mutual TLS). Needs --tls-cert.
-    #[arg(
-        long,
-        env = "TASKQ_TLS_CLIENT_CA",
-        value_name = "PATH",
-        requires = "tls_cert"
-    )]
+    #[arg(long, env = "TASKQ_TLS_CLIENT_CA", value_name = "PATH")]
+    #[arg(requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 }
 

@@ -50,12 +50,8 @@ pub struct ClientArgs {
     pub tls_client_cert: Option<PathBuf>,
 
     /// PEM private key of --tls-client-cert.
-    #[arg(
-        long,
-        env = "TASKQ_TLS_CLIENT_KEY",
-        value_name = "PATH",
-        requires = "tls_client_cert"
-    )]
+    #[arg(long, env = "TASKQ_TLS_CLIENT_KEY", value_name = "PATH")]
+    #[arg(requires = "tls_client_cert")]
     pub tls_client_key: Option<PathBuf>,
 }
 
