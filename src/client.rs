@@ -40,6 +40,12 @@ use crate::tls::ClientTls;
 /// The server address used when none is given.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
 
+/// Default of [`ClientOptions::connect_timeout`].
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Default of [`ClientOptions::call_timeout`].
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How to reach the server.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
@@ -58,8 +64,8 @@ impl Default for ClientOptions {
     fn default() -> Self {
         Self {
             token: None,
-            connect_timeout: Duration::from_secs(5),
-            call_timeout: Duration::from_secs(10),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
             tls: None,
         }
     }

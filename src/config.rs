@@ -13,8 +13,14 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use crate::auth::Tokens;
-use crate::broker::BrokerConfig;
-use crate::server::{ServerConfig, TransportConfig};
+use crate::broker::{
+    BrokerConfig, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_QUEUES, DEFAULT_MAX_RESULTS,
+    DEFAULT_MAX_WAITERS, DEFAULT_QUEUE_CAPACITY,
+};
+use crate::server::{
+    DEFAULT_MAX_BATCH, DEFAULT_MAX_CALLS, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_STREAMS_PER_CONNECTION, ServerConfig, TransportConfig,
+};
 use crate::tls::{Identity, ServerTls, read_certificates};
 use crate::units::{parse_duration, parse_size, positive_count, positive_duration};
 
@@ -45,6 +51,9 @@ pub enum LogFormat {
     Json,
 }
 
+/// Default of `--listen`: the loopback address clients try first.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+
 /// `taskq serve`: the server's flags.
 #[derive(Debug, Args)]
 #[command(after_help = "\
@@ -71,7 +80,7 @@ SIGNALS:
 pub struct ServeArgs {
     /// Address to listen on. Non-loopback addresses need tokens (or
     /// --allow-unauthenticated).
-    #[arg(long, env = "TASKQ_LISTEN", default_value = "127.0.0.1:50051")]
+    #[arg(long, env = "TASKQ_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
 
     /// File of accepted bearer tokens: `TOKEN [ROLE [QUEUE,...]]` per line
@@ -87,7 +96,7 @@ pub struct ServeArgs {
     /// Most unfinished (pending and leased) tasks per queue. A full queue
     /// makes PutTask wait for room until its deadline, then
     /// RESOURCE_EXHAUSTED.
-    #[arg(long, env = "TASKQ_QUEUE_CAPACITY", default_value = "100000", value_parser = positive_count)]
+    #[arg(long, env = "TASKQ_QUEUE_CAPACITY", default_value_t = DEFAULT_QUEUE_CAPACITY, value_parser = positive_count)]
     pub queue_capacity: usize,
 
     /// Largest task payload; larger is INVALID_ARGUMENT. E.g. `4MiB`, `512KB`.
@@ -108,7 +117,7 @@ pub struct ServeArgs {
     pub max_lease: Duration,
 
     /// Deliveries allowed for a task that asks for 0 (`max_attempts`).
-    #[arg(long, env = "TASKQ_DEFAULT_MAX_ATTEMPTS", default_value = "3",
+    #[arg(long, env = "TASKQ_DEFAULT_MAX_ATTEMPTS", default_value_t = DEFAULT_MAX_ATTEMPTS,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub default_max_attempts: u32,
 
@@ -124,7 +133,7 @@ pub struct ServeArgs {
     /// Most finished results held. At the bound the oldest result is dropped
     /// (GetResult for it is then NOT_FOUND) and counted in the queue's
     /// `results_evicted`.
-    #[arg(long, env = "TASKQ_MAX_RESULTS", default_value = "100000", value_parser = positive_count)]
+    #[arg(long, env = "TASKQ_MAX_RESULTS", default_value_t = DEFAULT_MAX_RESULTS, value_parser = positive_count)]
     pub max_results: usize,
 
     /// Silence after which a worker is reported not alive.
@@ -132,12 +141,12 @@ pub struct ServeArgs {
     pub worker_timeout: Duration,
 
     /// Most queues; a new queue past it is RESOURCE_EXHAUSTED.
-    #[arg(long, env = "TASKQ_MAX_QUEUES", default_value = "10000", value_parser = positive_count)]
+    #[arg(long, env = "TASKQ_MAX_QUEUES", default_value_t = DEFAULT_MAX_QUEUES, value_parser = positive_count)]
     pub max_queues: usize,
 
     /// Most calls waiting at once (GetTask and GetResult); more is
     /// RESOURCE_EXHAUSTED.
-    #[arg(long, env = "TASKQ_MAX_WAITERS", default_value = "100000", value_parser = positive_count)]
+    #[arg(long, env = "TASKQ_MAX_WAITERS", default_value_t = DEFAULT_MAX_WAITERS, value_parser = positive_count)]
     pub max_waiters: usize,
 
     /// Most bytes of payloads (of unfinished tasks) and result outputs held
@@ -147,12 +156,12 @@ pub struct ServeArgs {
     pub max_held_bytes: u64,
 
     /// Most tasks in one PutTasks call (and task ids in one WatchResults).
-    #[arg(long, env = "TASKQ_MAX_BATCH", default_value = "1000", value_parser = positive_count)]
+    #[arg(long, env = "TASKQ_MAX_BATCH", default_value_t = DEFAULT_MAX_BATCH, value_parser = positive_count)]
     pub max_batch: usize,
 
     /// Most connections open at once. A connection past it is closed as
     /// soon as it is accepted (logged, rate-limited).
-    #[arg(long, env = "TASKQ_MAX_CONNECTIONS", default_value = "10000", value_parser = positive_count)]
+    #[arg(long, env = "TASKQ_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = positive_count)]
     pub max_connections: usize,
 
     /// How long a new connection may take to send the start of its
@@ -164,12 +173,12 @@ pub struct ServeArgs {
     /// Most calls in progress across all connections, waiting calls
     /// included; past it a call is shed at once with RESOURCE_EXHAUSTED.
     /// Health checks are never shed.
-    #[arg(long, env = "TASKQ_MAX_CALLS", default_value = "20000", value_parser = positive_count)]
+    #[arg(long, env = "TASKQ_MAX_CALLS", default_value_t = DEFAULT_MAX_CALLS, value_parser = positive_count)]
     pub max_calls: usize,
 
     /// Most calls at once on one connection (HTTP/2 max concurrent
     /// streams); a client queues the rest on its side.
-    #[arg(long, env = "TASKQ_MAX_STREAMS_PER_CONNECTION", default_value = "1000",
+    #[arg(long, env = "TASKQ_MAX_STREAMS_PER_CONNECTION", default_value_t = DEFAULT_MAX_STREAMS_PER_CONNECTION,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams_per_connection: u32,
 
@@ -373,6 +382,55 @@ mod tests {
         assert_eq!(config.max_wait, Duration::from_secs(20));
         assert_eq!(config.shutdown_grace, Duration::from_secs(10));
         assert!(config.tokens.is_empty());
+    }
+
+    /// The defaults `taskq serve --help` shows (and a run without flags
+    /// gets) are the ones the library builds: [`BrokerConfig::default`],
+    /// [`ServerConfig::default`] and [`TransportConfig::default`], each
+    /// written once as a named constant. Every field is named, so a new
+    /// one fails to compile here until it is compared too.
+    #[test]
+    fn serve_without_flags_gets_the_library_defaults() {
+        let ServerConfig {
+            broker,
+            tokens,
+            max_wait,
+            shutdown_grace,
+            tls,
+            max_batch,
+            transport,
+        } = serve(&[]).into_config().unwrap();
+        let server = ServerConfig::default();
+        assert_eq!(broker, server.broker);
+        assert_eq!(broker, BrokerConfig::default());
+        assert_eq!(tokens.is_empty(), server.tokens.is_empty());
+        assert_eq!(max_wait, server.max_wait);
+        assert_eq!(shutdown_grace, server.shutdown_grace);
+        assert_eq!(tls.is_none(), server.tls.is_none());
+        assert_eq!(max_batch, server.max_batch);
+
+        let TransportConfig {
+            max_connections,
+            handshake_timeout,
+            max_calls,
+            max_streams_per_connection,
+            keepalive_interval,
+            keepalive_timeout,
+            max_connection_age,
+        } = transport;
+        let transport = TransportConfig::default();
+        assert_eq!(max_connections, transport.max_connections);
+        assert_eq!(handshake_timeout, transport.handshake_timeout);
+        assert_eq!(max_calls, transport.max_calls);
+        assert_eq!(
+            max_streams_per_connection,
+            transport.max_streams_per_connection
+        );
+        assert_eq!(keepalive_interval, transport.keepalive_interval);
+        assert_eq!(keepalive_timeout, transport.keepalive_timeout);
+        assert_eq!(max_connection_age, transport.max_connection_age);
+
+        assert_eq!(serve(&[]).listen.to_string(), DEFAULT_LISTEN);
     }
 
     #[test]

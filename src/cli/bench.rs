@@ -19,8 +19,8 @@ use tokio::time::Instant;
 use crate::broker::BrokerConfig;
 use crate::cli::connect::ClientArgs;
 use crate::cli::exit::{EXIT_FAILURE, config_error};
-use crate::client::Client;
-use crate::server::{self, ServerConfig};
+use crate::client::{Client, DEFAULT_CONNECT_TIMEOUT};
+use crate::server::{self, DEFAULT_MAX_BATCH, ServerConfig};
 use crate::units::parse_duration;
 use crate::worker::{Mode, Worker, builtin};
 
@@ -67,7 +67,8 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = BenchMode::Stream)]
     pub mode: BenchMode,
     /// Tasks per PutTasks call of each producer (stream mode).
-    #[arg(long, default_value = "64", value_parser = clap::value_parser!(u64).range(1..=1000))]
+    #[arg(long, default_value = "64",
+          value_parser = clap::value_parser!(u64).range(1..=DEFAULT_MAX_BATCH as u64))]
     pub batch: u64,
     /// How stream-mode producers read results. `queue`: each producer
     /// keeps one WatchResults(queue) stream open, the seed's shared result
@@ -166,7 +167,7 @@ pub async fn run(args: BenchArgs) -> ExitCode {
     let client_args = ClientArgs {
         server: args.server.clone().unwrap_or_default(),
         token_file: args.token_file.clone(),
-        connect_timeout: Duration::from_secs(5),
+        connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         timeout: Duration::from_secs(30),
         tls_ca: args.tls_ca.clone(),
         tls_domain: args.tls_domain.clone(),
@@ -692,7 +693,7 @@ async fn held_memory(
     let mut left = tasks;
     let mut held = 0;
     while left > 0 {
-        let n = left.min(1000);
+        let n = left.min(DEFAULT_MAX_BATCH as u64);
         left -= n;
         held += stored(&client.put_tasks(batch_of(&queue, &payload, n)).await?);
     }

@@ -16,7 +16,7 @@ pub struct HealthArgs {
     #[command(flatten)]
     pub client: ClientArgs,
     /// The service to ask about; "" is the server as a whole.
-    #[arg(long, default_value = "taskq.v1.TaskQueue")]
+    #[arg(long, default_value = crate::pb::task_queue_server::SERVICE_NAME)]
     pub service: String,
 }
 

@@ -65,10 +65,41 @@ pub enum Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::{ClientOptions, DEFAULT_SERVER};
+    use crate::worker::{DEFAULT_CONCURRENCY, DEFAULT_LEASE, DEFAULT_SHUTDOWN_GRACE, Mode};
     use clap::CommandFactory;
 
     #[test]
     fn the_command_line_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    /// The defaults `taskq worker --help` shows (and a run without those
+    /// flags gets) are the library's: the worker builder's named defaults
+    /// and [`ClientOptions::default`]. (`taskq serve`'s are checked next to
+    /// its flags, in `config`.)
+    #[test]
+    fn worker_and_client_flags_default_to_the_library_defaults() {
+        let argv = ["taskq", "worker", "--builtin", "echo"];
+        let Command::Worker(worker) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("not parsed as a worker");
+        };
+        assert_eq!(worker.concurrency as usize, DEFAULT_CONCURRENCY);
+        assert_eq!(worker.lease, DEFAULT_LEASE);
+        assert_eq!(worker.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        assert_eq!(Mode::from(worker.mode), Mode::default());
+
+        assert_eq!(worker.client.server, DEFAULT_SERVER);
+        let ClientOptions {
+            token,
+            connect_timeout,
+            call_timeout,
+            tls,
+        } = worker.client.options().unwrap();
+        let defaults = ClientOptions::default();
+        assert_eq!(token, defaults.token);
+        assert_eq!(connect_timeout, defaults.connect_timeout);
+        assert_eq!(call_timeout, defaults.call_timeout);
+        assert_eq!(tls.is_none(), defaults.tls.is_none());
     }
 }

@@ -54,8 +54,8 @@ pub struct PutArgs {
     pub lines: bool,
 }
 
-/// Tasks per PutTasks call of `--lines` (the server's default --max-batch).
-const LINES_BATCH: usize = 1000;
+/// Tasks per PutTasks call of `--lines`: the server's default --max-batch.
+const LINES_BATCH: usize = crate::server::DEFAULT_MAX_BATCH;
 
 fn parse_header(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
