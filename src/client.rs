@@ -40,6 +40,12 @@ use crate::tls::ClientTls;
 /// The server address used when none is given.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
 
+/// Default of [`ClientOptions::connect_timeout`].
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Default of [`ClientOptions::call_timeout`].
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How to reach the server.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
@@ -58,8 +64,8 @@ impl Default for ClientOptions {
     fn default() -> Self {
         Self {
             token: None,
-            connect_timeout: Duration::from_secs(5),
-            call_timeout: Duration::from_secs(10),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
             tls: None,
         }
     }
@@ -130,19 +136,51 @@ impl ClientError {
         }
     }
 
+    /// What the error tells the caller to do next.
+    pub fn class(&self) -> StatusClass {
+        match self {
+            Self::Connect { .. } => StatusClass::Transient,
+            Self::Rpc { code, .. } => StatusClass::of(*code),
+            Self::InvalidAddress { .. } | Self::Tls(_) | Self::InvalidToken => StatusClass::Refused,
+        }
+    }
+
     /// True when retrying later may work: the server is unreachable,
     /// restarting or overloaded.
     pub fn is_transient(&self) -> bool {
-        match self {
-            Self::Connect { .. } => true,
-            Self::Rpc { code, .. } => matches!(
-                code,
-                Code::Unavailable
-                    | Code::DeadlineExceeded
-                    | Code::ResourceExhausted
-                    | Code::Unknown
-            ),
-            _ => false,
+        self.class() == StatusClass::Transient
+    }
+}
+
+/// What a gRPC status code tells a client to do next. The one reading of
+/// codes in the crate: [`ClientError`] and the worker's streams both go by
+/// it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusClass {
+    /// Retry later: the server is unreachable, restarting or overloaded.
+    Transient,
+    /// The server refuses the caller or the request as such (a wrong
+    /// token, a role or queue not allowed, an invalid argument, a call it
+    /// does not serve): retrying will not help, fixing the set-up will.
+    Refused,
+    /// This call failed on its own terms (the task's state, a lost lease,
+    /// a server error): the caller decides whether to go on.
+    Failed,
+}
+
+impl StatusClass {
+    /// The class of a status code.
+    pub fn of(code: Code) -> Self {
+        match code {
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::ResourceExhausted
+            | Code::Unknown => Self::Transient,
+            Code::Unauthenticated
+            | Code::PermissionDenied
+            | Code::InvalidArgument
+            | Code::Unimplemented => Self::Refused,
+            _ => Self::Failed,
         }
     }
 }
@@ -546,6 +584,35 @@ mod tests {
         assert_eq!(error.code(), Some(Code::NotFound));
         assert!(!error.is_transient());
         assert!(ClientError::from(Status::unavailable("down")).is_transient());
+    }
+
+    #[test]
+    fn every_code_has_one_class() {
+        let transient = [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::ResourceExhausted,
+            Code::Unknown,
+        ];
+        let refused = [
+            Code::Unauthenticated,
+            Code::PermissionDenied,
+            Code::InvalidArgument,
+            Code::Unimplemented,
+        ];
+        for code in (0..=16).map(Code::from) {
+            let expected = if transient.contains(&code) {
+                StatusClass::Transient
+            } else if refused.contains(&code) {
+                StatusClass::Refused
+            } else {
+                StatusClass::Failed
+            };
+            assert_eq!(StatusClass::of(code), expected, "{code:?}");
+            let error = ClientError::from(Status::new(code, "x"));
+            assert_eq!(error.is_transient(), expected == StatusClass::Transient);
+        }
+        assert_eq!(ClientError::InvalidToken.class(), StatusClass::Refused);
     }
 
     #[test]

@@ -1,33 +1,28 @@
-//! The command line: every flag documented (the doc is `--help`), each with
-//! a `TASKQ_*` environment twin and a named default, validated before
-//! anything binds a port. A bad value exits 2 with a message naming the flag.
+//! The server's configuration: the flags of `taskq serve` and the logging
+//! flags, every one documented (the doc is `--help`), each with a `TASKQ_*`
+//! environment twin and a named default, validated into a [`ServerConfig`]
+//! before anything binds a port. A bad value exits 2 with a message naming
+//! the flag. The command tree that holds these flags belongs to the
+//! binary's command line (the `cli` module), which this module never
+//! imports.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, ValueEnum};
 
 use crate::auth::Tokens;
-use crate::broker::BrokerConfig;
-use crate::server::{ServerConfig, TransportConfig};
+use crate::broker::{
+    BrokerConfig, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_QUEUES, DEFAULT_MAX_RESULTS,
+    DEFAULT_MAX_WAITERS, DEFAULT_QUEUE_CAPACITY,
+};
+use crate::server::{
+    DEFAULT_MAX_BATCH, DEFAULT_MAX_CALLS, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_STREAMS_PER_CONNECTION, ServerConfig, TransportConfig,
+};
 use crate::tls::{Identity, ServerTls, read_certificates};
-
-/// taskq: a task queue over gRPC.
-///
-/// Producers put tasks on named queues, workers anywhere lease them, run
-/// them and report results, and producers read the results back. Leases
-/// make sure a crashed worker never loses a task.
-#[derive(Debug, Parser)]
-#[command(name = "taskq", version, propagate_version = true)]
-pub struct Cli {
-    /// Logging options, for every subcommand.
-    #[command(flatten)]
-    pub log: LogArgs,
-    /// What to run.
-    #[command(subcommand)]
-    pub command: Command,
-}
+use crate::units::{parse_duration, parse_size, positive_count, positive_duration};
 
 /// How logs are written (to stderr).
 #[derive(Debug, Args)]
@@ -56,29 +51,8 @@ pub enum LogFormat {
     Json,
 }
 
-/// The subcommands.
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the taskq server.
-    Serve(ServeArgs),
-    /// Run a program (or a built-in handler) on the tasks of a queue.
-    Worker(crate::cli::worker::WorkerArgs),
-    /// Put a task on a queue; print its id, or wait for its result.
-    Put(crate::cli::put::PutArgs),
-    /// Print a task's result (the output; exit 1 if it failed).
-    Result(crate::cli::result::ResultArgs),
-    /// Read the results of a queue in completion order, each once.
-    Results(crate::cli::result::ResultsArgs),
-    /// Show queues and workers.
-    Stats(crate::cli::stats::StatsArgs),
-    /// Exit 0 when the server is SERVING (for health checks).
-    Health(crate::cli::health::HealthArgs),
-    /// Show the whole system on this machine: a server, two workers and a
-    /// master that puts 10 numbers and prints their squares.
-    Demo(crate::cli::demo::DemoArgs),
-    /// Measure throughput and latency of the full task round trip.
-    Bench(crate::cli::bench::BenchArgs),
-}
+/// Default of `--listen`: the loopback address clients try first.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 
 /// `taskq serve`: the server's flags.
 #[derive(Debug, Args)]
@@ -106,7 +80,7 @@ SIGNALS:
 pub struct ServeArgs {
     /// Address to listen on. Non-loopback addresses need tokens (or
     /// --allow-unauthenticated).
-    #[arg(long, env = "TASKQ_LISTEN", default_value = "127.0.0.1:50051")]
+    #[arg(long, env = "TASKQ_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
 
     /// File of accepted bearer tokens: `TOKEN [ROLE [QUEUE,...]]` per line
@@ -122,7 +96,7 @@ pub struct ServeArgs {
     /// Most unfinished (pending and leased) tasks per queue. A full queue
     /// makes PutTask wait for room until its deadline, then
     /// RESOURCE_EXHAUSTED.
-    #[arg(long, env = "TASKQ_QUEUE_CAPACITY", default_value = "100000", value_parser = positive_count)]
+    #[arg(long, env = "TASKQ_QUEUE_CAPACITY", default_value_t = DEFAULT_QUEUE_CAPACITY, value_parser = positive_count)]
     pub queue_capacity: usize,
 
     /// Largest task payload; larger is INVALID_ARGUMENT. E.g. `4MiB`, `512KB`.
@@ -143,7 +117,7 @@ pub struct ServeArgs {
     pub max_lease: Duration,
 
     /// Deliveries allowed for a task that asks for 0 (`max_attempts`).
-    #[arg(long, env = "TASKQ_DEFAULT_MAX_ATTEMPTS", default_value = "3",
+    #[arg(long, env = "TASKQ_DEFAULT_MAX_ATTEMPTS", default_value_t = DEFAULT_MAX_ATTEMPTS,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub default_max_attempts: u32,
 
@@ -159,7 +133,7 @@ pub struct ServeArgs {
     /// Most finished results held. At the bound the oldest result is dropped
     /// (GetResult for it is then NOT_FOUND) and counted in the queue's
     /// `results_evicted`.
-    #[arg(long, env = "TASKQ_MAX_RESULTS", default_value = "100000", value_parser = positive_count)]
+    #[arg(long, env = "TASKQ_MAX_RESULTS", default_value_t = DEFAULT_MAX_RESULTS, value_parser = positive_count)]
     pub max_results: usize,
 
     /// Silence after which a worker is reported not alive.
@@ -167,12 +141,12 @@ pub struct ServeArgs {
     pub worker_timeout: Duration,
 
     /// Most queues; a new queue past it is RESOURCE_EXHAUSTED.
-    #[arg(long, env = "TASKQ_MAX_QUEUES", default_value = "10000", value_parser = positive_count)]
+    #[arg(long, env = "TASKQ_MAX_QUEUES", default_value_t = DEFAULT_MAX_QUEUES, value_parser = positive_count)]
     pub max_queues: usize,
 
     /// Most calls waiting at once (GetTask and GetResult); more is
     /// RESOURCE_EXHAUSTED.
-    #[arg(long, env = "TASKQ_MAX_WAITERS", default_value = "100000", value_parser = positive_count)]
+    #[arg(long, env = "TASKQ_MAX_WAITERS", default_value_t = DEFAULT_MAX_WAITERS, value_parser = positive_count)]
     pub max_waiters: usize,
 
     /// Most bytes of payloads (of unfinished tasks) and result outputs held
@@ -182,12 +156,12 @@ pub struct ServeArgs {
     pub max_held_bytes: u64,
 
     /// Most tasks in one PutTasks call (and task ids in one WatchResults).
-    #[arg(long, env = "TASKQ_MAX_BATCH", default_value = "1000", value_parser = positive_count)]
+    #[arg(long, env = "TASKQ_MAX_BATCH", default_value_t = DEFAULT_MAX_BATCH, value_parser = positive_count)]
     pub max_batch: usize,
 
     /// Most connections open at once. A connection past it is closed as
     /// soon as it is accepted (logged, rate-limited).
-    #[arg(long, env = "TASKQ_MAX_CONNECTIONS", default_value = "10000", value_parser = positive_count)]
+    #[arg(long, env = "TASKQ_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = positive_count)]
     pub max_connections: usize,
 
     /// How long a new connection may take to send the start of its
@@ -199,12 +173,12 @@ pub struct ServeArgs {
     /// Most calls in progress across all connections, waiting calls
     /// included; past it a call is shed at once with RESOURCE_EXHAUSTED.
     /// Health checks are never shed.
-    #[arg(long, env = "TASKQ_MAX_CALLS", default_value = "20000", value_parser = positive_count)]
+    #[arg(long, env = "TASKQ_MAX_CALLS", default_value_t = DEFAULT_MAX_CALLS, value_parser = positive_count)]
     pub max_calls: usize,
 
     /// Most calls at once on one connection (HTTP/2 max concurrent
     /// streams); a client queues the rest on its side.
-    #[arg(long, env = "TASKQ_MAX_STREAMS_PER_CONNECTION", default_value = "1000",
+    #[arg(long, env = "TASKQ_MAX_STREAMS_PER_CONNECTION", default_value_t = DEFAULT_MAX_STREAMS_PER_CONNECTION,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams_per_connection: u32,
 
@@ -231,31 +205,19 @@ pub struct ServeArgs {
     pub shutdown_grace: Duration,
 
     /// PEM certificate chain (leaf first): serve TLS. Needs --tls-key.
-    #[arg(
-        long,
-        env = "TASKQ_TLS_CERT",
-        value_name = "PATH",
-        requires = "tls_key"
-    )]
+    #[arg(long, env = "TASKQ_TLS_CERT", value_name = "PATH")]
+    #[arg(requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
 
     /// PEM private key of --tls-cert.
-    #[arg(
-        long,
-        env = "TASKQ_TLS_KEY",
-        value_name = "PATH",
-        requires = "tls_cert"
-    )]
+    #[arg(long, env = "TASKQ_TLS_KEY", value_name = "PATH")]
+    #[arg(requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
     /// PEM CA certificates: require clients to present a certificate that
     /// chains to one of them (mutual TLS). Needs --tls-cert.
-    #[arg(
-        long,
-        env = "TASKQ_TLS_CLIENT_CA",
-        value_name = "PATH",
-        requires = "tls_cert"
-    )]
+    #[arg(long, env = "TASKQ_TLS_CLIENT_CA", value_name = "PATH")]
+    #[arg(requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 }
 
@@ -393,92 +355,24 @@ impl ServeArgs {
     }
 }
 
-/// Parses a duration like `30s`, `1h 30m` or `250ms`.
-///
-/// # Errors
-/// A message clap shows next to the flag.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text)
-        .map_err(|e| format!("{e}; write durations like 30s, 5m, 1h or 250ms"))
-}
-
-fn positive_duration(text: &str) -> Result<Duration, String> {
-    let duration = parse_duration(text)?;
-    if duration.is_zero() {
-        return Err("must be longer than zero".into());
-    }
-    Ok(duration)
-}
-
-fn positive_count(text: &str) -> Result<usize, String> {
-    match text.trim().replace('_', "").parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(format!("{e}: write a whole number like 100000")),
-    }
-}
-
-/// Parses a size like `4MiB`, `512KB`, `1048576` or `1 GiB`: decimal
-/// (`KB`, `MB`, `GB`) and binary (`KiB`, `MiB`, `GiB`) units, any case.
-///
-/// # Errors
-/// A message clap shows next to the flag.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size: write sizes like 4MiB, 512KB or 1048576"))?;
-    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1_000,
-        "kib" => 1 << 10,
-        "m" | "mb" => 1_000_000,
-        "mib" => 1 << 20,
-        "g" | "gb" => 1_000_000_000,
-        "gib" => 1 << 30,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?}: use B, KB, KiB, MB, MiB, GB or GiB"
-            ));
-        }
-    };
-    number
-        .checked_mul(multiplier)
-        .ok_or_else(|| format!("{text:?} is too large"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
+    use clap::Parser;
 
-    #[test]
-    fn the_command_line_is_well_formed() {
-        Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn sizes_read_like_people_write_them() {
-        assert_eq!(parse_size("4MiB"), Ok(4 * 1024 * 1024));
-        assert_eq!(parse_size("512KB"), Ok(512_000));
-        assert_eq!(parse_size("1 gib"), Ok(1 << 30));
-        assert_eq!(parse_size("100"), Ok(100));
-        assert!(parse_size("4 parsecs").is_err());
-        assert!(parse_size("MiB").is_err());
-        assert!(parse_size("99999999999999999999GiB").is_err());
+    /// `taskq serve` on its own: the command tree that holds it is the
+    /// binary's, which this module does not import.
+    #[derive(Debug, Parser)]
+    #[command(name = "taskq serve")]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
     }
 
     fn serve(args: &[&str]) -> ServeArgs {
-        let mut argv = vec!["taskq", "serve"];
+        let mut argv = vec!["taskq serve"];
         argv.extend_from_slice(args);
-        match Cli::try_parse_from(argv).unwrap().command {
-            Command::Serve(args) => args,
-            other => panic!("parsed {other:?}"),
-        }
+        Cli::try_parse_from(argv).unwrap().serve
     }
 
     #[test]
@@ -490,14 +384,63 @@ mod tests {
         assert!(config.tokens.is_empty());
     }
 
+    /// The defaults `taskq serve --help` shows (and a run without flags
+    /// gets) are the ones the library builds: [`BrokerConfig::default`],
+    /// [`ServerConfig::default`] and [`TransportConfig::default`], each
+    /// written once as a named constant. Every field is named, so a new
+    /// one fails to compile here until it is compared too.
+    #[test]
+    fn serve_without_flags_gets_the_library_defaults() {
+        let ServerConfig {
+            broker,
+            tokens,
+            max_wait,
+            shutdown_grace,
+            tls,
+            max_batch,
+            transport,
+        } = serve(&[]).into_config().unwrap();
+        let server = ServerConfig::default();
+        assert_eq!(broker, server.broker);
+        assert_eq!(broker, BrokerConfig::default());
+        assert_eq!(tokens.is_empty(), server.tokens.is_empty());
+        assert_eq!(max_wait, server.max_wait);
+        assert_eq!(shutdown_grace, server.shutdown_grace);
+        assert_eq!(tls.is_none(), server.tls.is_none());
+        assert_eq!(max_batch, server.max_batch);
+
+        let TransportConfig {
+            max_connections,
+            handshake_timeout,
+            max_calls,
+            max_streams_per_connection,
+            keepalive_interval,
+            keepalive_timeout,
+            max_connection_age,
+        } = transport;
+        let transport = TransportConfig::default();
+        assert_eq!(max_connections, transport.max_connections);
+        assert_eq!(handshake_timeout, transport.handshake_timeout);
+        assert_eq!(max_calls, transport.max_calls);
+        assert_eq!(
+            max_streams_per_connection,
+            transport.max_streams_per_connection
+        );
+        assert_eq!(keepalive_interval, transport.keepalive_interval);
+        assert_eq!(keepalive_timeout, transport.keepalive_timeout);
+        assert_eq!(max_connection_age, transport.max_connection_age);
+
+        assert_eq!(serve(&[]).listen.to_string(), DEFAULT_LISTEN);
+    }
+
     #[test]
     fn bad_values_name_their_flag() {
-        let err = Cli::try_parse_from(["taskq", "serve", "--default-lease", "soon"]).unwrap_err();
+        let err = Cli::try_parse_from(["taskq serve", "--default-lease", "soon"]).unwrap_err();
         assert!(err.to_string().contains("--default-lease"), "{err}");
         assert_eq!(err.exit_code(), 2);
         let err = serve(&["--default-lease", "2h"]).into_config().unwrap_err();
         assert!(err.to_string().contains("--default-lease"), "{err}");
-        let err = Cli::try_parse_from(["taskq", "serve", "--queue-capacity", "0"]).unwrap_err();
+        let err = Cli::try_parse_from(["taskq serve", "--queue-capacity", "0"]).unwrap_err();
         assert!(err.to_string().contains("--queue-capacity"), "{err}");
     }
 

@@ -28,4 +28,5 @@ pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod units;
 pub mod worker;

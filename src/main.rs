@@ -4,8 +4,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use taskq::cli;
-use taskq::config::{Cli, Command};
+use taskq::cli::exit::{EXIT_FAILURE, config_error};
+use taskq::cli::{self, Cli, Command};
 
 /// mimalloc rather than the system allocator: a task's trip allocates and
 /// frees dozens of small buffers across threads, where glibc's malloc spent
@@ -20,13 +20,13 @@ fn main() -> ExitCode {
         args.log.filter = Some("warn".into());
     }
     if let Err(error) = taskq::telemetry::init(&args.log) {
-        return cli::config_error(error);
+        return config_error(error);
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("taskq: cannot start the async runtime: {error}");
-            return ExitCode::from(cli::EXIT_FAILURE);
+            return ExitCode::from(EXIT_FAILURE);
         }
     };
     runtime.block_on(async {

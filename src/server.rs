@@ -62,30 +62,63 @@ pub struct TransportConfig {
     pub max_connection_age: Option<Duration>,
 }
 
+/// Default of [`TransportConfig::max_connections`] (`--max-connections`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default of [`TransportConfig::handshake_timeout`] (`--handshake-timeout`).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of [`TransportConfig::max_calls`] (`--max-calls`).
+pub const DEFAULT_MAX_CALLS: usize = 20_000;
+/// Default of [`TransportConfig::max_streams_per_connection`]
+/// (`--max-streams-per-connection`).
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 1_000;
+/// Default of [`TransportConfig::keepalive_interval`] (`--keepalive-interval`).
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// Default of [`TransportConfig::keepalive_timeout`] (`--keepalive-timeout`).
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of [`TransportConfig::max_connection_age`]
+/// (`--max-connection-age`): an hour.
+pub const DEFAULT_MAX_CONNECTION_AGE: Duration = Duration::from_secs(3600);
+
 impl Default for TransportConfig {
     fn default() -> Self {
         Self {
-            max_connections: 10_000,
-            handshake_timeout: Duration::from_secs(10),
-            max_calls: 20_000,
-            max_streams_per_connection: 1_000,
-            keepalive_interval: Duration::from_secs(30),
-            keepalive_timeout: Duration::from_secs(10),
-            max_connection_age: Some(Duration::from_secs(3600)),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_calls: DEFAULT_MAX_CALLS,
+            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            max_connection_age: Some(DEFAULT_MAX_CONNECTION_AGE),
         }
     }
 }
 
+/// Default of [`ServerConfig::max_wait`] (`--max-wait`).
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(20);
+/// Default of [`ServerConfig::shutdown_grace`] (`--shutdown-grace`).
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Default of [`ServerConfig::max_batch`] (`--max-batch`): the gRPC
+/// layer's own, named here with the server's other defaults.
+pub const DEFAULT_MAX_BATCH: usize = crate::rpc::service::DEFAULT_MAX_BATCH;
+
+impl Default for ServerConfig {
+    /// The engine's defaults, no tokens, no TLS.
+    fn default() -> Self {
+        Self::new(BrokerConfig::default())
+    }
+}
+
 impl ServerConfig {
-    /// A configuration with the engine's defaults and no tokens.
+    /// A configuration with the given engine settings, the server's
+    /// defaults and no tokens.
     pub fn new(broker: BrokerConfig) -> Self {
         Self {
             broker,
             tokens: Tokens::none(),
-            max_wait: Duration::from_secs(20),
-            shutdown_grace: Duration::from_secs(10),
+            max_wait: DEFAULT_MAX_WAIT,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             tls: None,
-            max_batch: crate::rpc::service::DEFAULT_MAX_BATCH,
+            max_batch: DEFAULT_MAX_BATCH,
             transport: TransportConfig::default(),
         }
     }

@@ -34,22 +34,50 @@ pub struct BrokerConfig {
     pub max_held_bytes: usize,
 }
 
+/// Default of [`BrokerConfig::queue_capacity`] (`--queue-capacity`).
+pub const DEFAULT_QUEUE_CAPACITY: usize = 100_000;
+/// Default of [`BrokerConfig::max_payload`] (`--max-payload`): 4 MiB.
+pub const DEFAULT_MAX_PAYLOAD: usize = 4 << 20;
+/// Default of [`BrokerConfig::max_result`] (`--max-result`): 4 MiB.
+pub const DEFAULT_MAX_RESULT: usize = 4 << 20;
+/// Default of [`BrokerConfig::default_lease`] (`--default-lease`).
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// Default of [`BrokerConfig::max_lease`] (`--max-lease`): an hour.
+pub const DEFAULT_MAX_LEASE: Duration = Duration::from_secs(3600);
+/// Default of [`BrokerConfig::default_max_attempts`]
+/// (`--default-max-attempts`).
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Default of [`BrokerConfig::result_ttl`] (`--result-ttl`): an hour.
+pub const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(3600);
+/// Default of [`BrokerConfig::max_results`] (`--max-results`).
+pub const DEFAULT_MAX_RESULTS: usize = 100_000;
+/// Default of [`BrokerConfig::worker_timeout`] (`--worker-timeout`).
+pub const DEFAULT_WORKER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default of [`BrokerConfig::max_queues`] (`--max-queues`).
+pub const DEFAULT_MAX_QUEUES: usize = 10_000;
+/// Default of [`BrokerConfig::max_waiters`] (`--max-waiters`).
+pub const DEFAULT_MAX_WAITERS: usize = 100_000;
+/// Default of [`BrokerConfig::max_workers`] (no flag).
+pub const DEFAULT_MAX_WORKERS: usize = 10_000;
+/// Default of [`BrokerConfig::max_held_bytes`] (`--max-held-bytes`): 1 GiB.
+pub const DEFAULT_MAX_HELD_BYTES: usize = 1 << 30;
+
 impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
-            queue_capacity: 100_000,
-            max_payload: 4 * 1024 * 1024,
-            max_result: 4 * 1024 * 1024,
-            default_lease: Duration::from_secs(30),
-            max_lease: Duration::from_secs(3600),
-            default_max_attempts: 3,
-            result_ttl: Duration::from_secs(3600),
-            max_results: 100_000,
-            worker_timeout: Duration::from_secs(60),
-            max_queues: 10_000,
-            max_waiters: 100_000,
-            max_workers: 10_000,
-            max_held_bytes: 1 << 30,
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            max_result: DEFAULT_MAX_RESULT,
+            default_lease: DEFAULT_LEASE,
+            max_lease: DEFAULT_MAX_LEASE,
+            default_max_attempts: DEFAULT_MAX_ATTEMPTS,
+            result_ttl: DEFAULT_RESULT_TTL,
+            max_results: DEFAULT_MAX_RESULTS,
+            worker_timeout: DEFAULT_WORKER_TIMEOUT,
+            max_queues: DEFAULT_MAX_QUEUES,
+            max_waiters: DEFAULT_MAX_WAITERS,
+            max_workers: DEFAULT_MAX_WORKERS,
+            max_held_bytes: DEFAULT_MAX_HELD_BYTES,
         }
     }
 }

@@ -16,12 +16,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::time::Instant;
 
-use super::connect::ClientArgs;
-use super::{EXIT_FAILURE, config_error};
 use crate::broker::BrokerConfig;
-use crate::client::Client;
-use crate::config::parse_duration;
-use crate::server::{self, ServerConfig};
+use crate::cli::connect::ClientArgs;
+use crate::cli::exit::{EXIT_FAILURE, config_error};
+use crate::client::{Client, DEFAULT_CONNECT_TIMEOUT};
+use crate::server::{self, DEFAULT_MAX_BATCH, ServerConfig};
+use crate::units::parse_duration;
 use crate::worker::{Mode, Worker, builtin};
 
 /// `taskq bench` flags.
@@ -67,7 +67,8 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = BenchMode::Stream)]
     pub mode: BenchMode,
     /// Tasks per PutTasks call of each producer (stream mode).
-    #[arg(long, default_value = "64", value_parser = clap::value_parser!(u64).range(1..=1000))]
+    #[arg(long, default_value = "64",
+          value_parser = clap::value_parser!(u64).range(1..=DEFAULT_MAX_BATCH as u64))]
     pub batch: u64,
     /// How stream-mode producers read results. `queue`: each producer
     /// keeps one WatchResults(queue) stream open, the seed's shared result
@@ -166,7 +167,7 @@ pub async fn run(args: BenchArgs) -> ExitCode {
     let client_args = ClientArgs {
         server: args.server.clone().unwrap_or_default(),
         token_file: args.token_file.clone(),
-        connect_timeout: Duration::from_secs(5),
+        connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         timeout: Duration::from_secs(30),
         tls_ca: args.tls_ca.clone(),
         tls_domain: args.tls_domain.clone(),
@@ -388,32 +389,21 @@ async fn produce_each(args: &BenchArgs, producers: Vec<Client>, queue: &str) -> 
             )));
             continue;
         }
-        running.push(tokio::spawn(async move {
-            let mut latency = histogram();
-            let mut errors = 0;
-            for _ in 0..share {
-                let t0 = Instant::now();
+        let round_trip = (client, queue, payload);
+        running.push(load_loop(
+            share,
+            round_trip,
+            |(client, queue, payload)| async move {
                 let done = async {
                     let put = client.put(&queue, payload.clone()).await?;
                     client.result(&put.task_id, Duration::from_secs(30)).await
                 };
-                match done.await {
-                    Ok(Some(_)) => {
-                        let _ = latency.record(micros(t0));
-                    }
-                    _ => errors += 1,
-                }
-            }
-            (latency, errors)
-        }));
+                let ok = matches!(done.await, Ok(Some(_)));
+                ((client, queue, payload), ok)
+            },
+        ));
     }
-    let (latency, errors) = merge(running).await;
-    Phase {
-        count: latency.len(),
-        errors,
-        elapsed: started.elapsed(),
-        latency,
-    }
+    measured(started, running).await
 }
 
 /// A stream-mode producer: batches of `batch` tasks with PutTasks, each
@@ -608,6 +598,50 @@ fn batch_of(queue: &str, payload: &Bytes, n: u64) -> Vec<crate::pb::PutTaskReque
         .collect()
 }
 
+/// Spawns a load loop: `op` `times` in a row, each time on `state`, which
+/// it hands back with whether it succeeded (so the loop needs no clone per
+/// call); the latency of each success recorded, failures counted.
+fn load_loop<S, F, Fut>(
+    times: u64,
+    mut state: S,
+    op: F,
+) -> tokio::task::JoinHandle<(Histogram<u64>, u64)>
+where
+    S: Send + 'static,
+    F: Fn(S) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = (S, bool)> + Send,
+{
+    tokio::spawn(async move {
+        let mut latency = histogram();
+        let mut errors = 0;
+        for _ in 0..times {
+            let t0 = Instant::now();
+            let (back, ok) = op(state).await;
+            state = back;
+            if ok {
+                let _ = latency.record(micros(t0));
+            } else {
+                errors += 1;
+            }
+        }
+        (latency, errors)
+    })
+}
+
+/// The figures of the load loops of a phase that started at `started`.
+async fn measured(
+    started: Instant,
+    loops: Vec<tokio::task::JoinHandle<(Histogram<u64>, u64)>>,
+) -> Phase {
+    let (latency, errors) = merge(loops).await;
+    Phase {
+        count: latency.len(),
+        errors,
+        elapsed: started.elapsed(),
+        latency,
+    }
+}
+
 /// Joins the load loops and merges their latencies and error counts.
 async fn merge(
     loops: Vec<tokio::task::JoinHandle<(Histogram<u64>, u64)>>,
@@ -659,7 +693,7 @@ async fn held_memory(
     let mut left = tasks;
     let mut held = 0;
     while left > 0 {
-        let n = left.min(1000);
+        let n = left.min(DEFAULT_MAX_BATCH as u64);
         left -= n;
         held += stored(&client.put_tasks(batch_of(&queue, &payload, n)).await?);
     }
@@ -677,27 +711,10 @@ async fn baseline(clients: &[Client], calls: u64) -> Phase {
     let started = Instant::now();
     let mut running = Vec::new();
     for client in clients {
-        let client = client.clone();
-        running.push(tokio::spawn(async move {
-            let mut latency = histogram();
-            let mut errors = 0;
-            for _ in 0..per_client {
-                let t0 = Instant::now();
-                match client.stats("bench-baseline").await {
-                    Ok(_) => {
-                        let _ = latency.record(micros(t0));
-                    }
-                    Err(_) => errors += 1,
-                }
-            }
-            (latency, errors)
+        running.push(load_loop(per_client, client.clone(), |client| async move {
+            let ok = client.stats("bench-baseline").await.is_ok();
+            (client, ok)
         }));
     }
-    let (latency, errors) = merge(running).await;
-    Phase {
-        count: latency.len(),
-        errors,
-        elapsed: started.elapsed(),
-        latency,
-    }
+    measured(started, running).await
 }

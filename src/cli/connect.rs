@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{EXIT_FAILURE, config_error};
+use crate::cli::exit::{EXIT_FAILURE, config_error};
 use crate::client::{Client, ClientOptions, DEFAULT_SERVER};
-use crate::config::{ConfigError, parse_duration};
+use crate::config::ConfigError;
 use crate::tls::{ClientTls, Identity, read_certificates};
+use crate::units::parse_duration;
 
 /// How to reach the server.
 #[derive(Clone, Debug, Args)]
@@ -49,12 +50,8 @@ pub struct ClientArgs {
     pub tls_client_cert: Option<PathBuf>,
 
     /// PEM private key of --tls-client-cert.
-    #[arg(
-        long,
-        env = "TASKQ_TLS_CLIENT_KEY",
-        value_name = "PATH",
-        requires = "tls_client_cert"
-    )]
+    #[arg(long, env = "TASKQ_TLS_CLIENT_KEY", value_name = "PATH")]
+    #[arg(requires = "tls_client_cert")]
     pub tls_client_key: Option<PathBuf>,
 }
 

@@ -11,8 +11,8 @@ use clap::Args;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-use super::EXIT_FAILURE;
 use crate::broker::BrokerConfig;
+use crate::cli::exit::EXIT_FAILURE;
 use crate::client::{Client, ClientOptions};
 use crate::server::{self, ServerConfig};
 use crate::worker::{Worker, builtin};

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::Args;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use super::EXIT_FAILURE;
-use super::connect::ClientArgs;
+use crate::cli::connect::ClientArgs;
+use crate::cli::exit::EXIT_FAILURE;
 
 /// `taskq health` flags.
 #[derive(Debug, Args)]
@@ -16,7 +16,7 @@ pub struct HealthArgs {
     #[command(flatten)]
     pub client: ClientArgs,
     /// The service to ask about; "" is the server as a whole.
-    #[arg(long, default_value = "taskq.v1.TaskQueue")]
+    #[arg(long, default_value = crate::pb::task_queue_server::SERVICE_NAME)]
     pub service: String,
 }
 

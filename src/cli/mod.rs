@@ -1,9 +1,16 @@
-//! The subcommands of the `taskq` binary, one file each. Each is thin:
+//! The `taskq` binary's command line: the top-level parser ([`Cli`]), the
+//! subcommands ([`Command`]), and one file per subcommand. Each is thin:
 //! it turns flags into library calls and results into output.
+//!
+//! The server's own flags and their validation live in [`crate::config`];
+//! the value parsers (durations, sizes) in [`crate::units`]. The
+//! subcommand files import from their siblings (`connect`, `exit`), never
+//! from this one.
 
 pub mod bench;
 pub mod connect;
 pub mod demo;
+pub mod exit;
 pub mod health;
 pub mod put;
 pub mod result;
@@ -11,16 +18,88 @@ pub mod serve;
 pub mod stats;
 pub mod worker;
 
-use std::process::ExitCode;
+use clap::{Parser, Subcommand};
 
-/// Exit code for bad configuration or usage (as clap uses).
-pub const EXIT_CONFIG: u8 = 2;
+use crate::config::{LogArgs, ServeArgs};
 
-/// Exit code for a failure at run time.
-pub const EXIT_FAILURE: u8 = 1;
+/// taskq: a task queue over gRPC.
+///
+/// Producers put tasks on named queues, workers anywhere lease them, run
+/// them and report results, and producers read the results back. Leases
+/// make sure a crashed worker never loses a task.
+#[derive(Debug, Parser)]
+#[command(name = "taskq", version, propagate_version = true)]
+pub struct Cli {
+    /// Logging options, for every subcommand.
+    #[command(flatten)]
+    pub log: LogArgs,
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
 
-/// Prints a configuration error and returns its exit code.
-pub fn config_error(error: impl std::fmt::Display) -> ExitCode {
-    eprintln!("taskq: {error}");
-    ExitCode::from(EXIT_CONFIG)
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the taskq server.
+    Serve(ServeArgs),
+    /// Run a program (or a built-in handler) on the tasks of a queue.
+    Worker(worker::WorkerArgs),
+    /// Put a task on a queue; print its id, or wait for its result.
+    Put(put::PutArgs),
+    /// Print a task's result (the output; exit 1 if it failed).
+    Result(result::ResultArgs),
+    /// Read the results of a queue in completion order, each once.
+    Results(result::ResultsArgs),
+    /// Show queues and workers.
+    Stats(stats::StatsArgs),
+    /// Exit 0 when the server is SERVING (for health checks).
+    Health(health::HealthArgs),
+    /// Show the whole system on this machine: a server, two workers and a
+    /// master that puts 10 numbers and prints their squares.
+    Demo(demo::DemoArgs),
+    /// Measure throughput and latency of the full task round trip.
+    Bench(bench::BenchArgs),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::{ClientOptions, DEFAULT_SERVER};
+    use crate::worker::{DEFAULT_CONCURRENCY, DEFAULT_LEASE, DEFAULT_SHUTDOWN_GRACE, Mode};
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    /// The defaults `taskq worker --help` shows (and a run without those
+    /// flags gets) are the library's: the worker builder's named defaults
+    /// and [`ClientOptions::default`]. (`taskq serve`'s are checked next to
+    /// its flags, in `config`.)
+    #[test]
+    fn worker_and_client_flags_default_to_the_library_defaults() {
+        let argv = ["taskq", "worker", "--builtin", "echo"];
+        let Command::Worker(worker) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("not parsed as a worker");
+        };
+        assert_eq!(worker.concurrency as usize, DEFAULT_CONCURRENCY);
+        assert_eq!(worker.lease, DEFAULT_LEASE);
+        assert_eq!(worker.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        assert_eq!(Mode::from(worker.mode), Mode::default());
+
+        assert_eq!(worker.client.server, DEFAULT_SERVER);
+        let ClientOptions {
+            token,
+            connect_timeout,
+            call_timeout,
+            tls,
+        } = worker.client.options().unwrap();
+        let defaults = ClientOptions::default();
+        assert_eq!(token, defaults.token);
+        assert_eq!(connect_timeout, defaults.connect_timeout);
+        assert_eq!(call_timeout, defaults.call_timeout);
+        assert_eq!(tls.is_none(), defaults.tls.is_none());
+    }
 }

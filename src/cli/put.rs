@@ -9,11 +9,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::Args;
 
-use super::connect::ClientArgs;
-use super::result::print_result;
-use super::{EXIT_FAILURE, config_error};
-use crate::config::{ConfigError, parse_duration};
+use crate::cli::connect::ClientArgs;
+use crate::cli::exit::{EXIT_FAILURE, config_error};
+use crate::cli::result::print_result;
+use crate::config::ConfigError;
 use crate::pb;
+use crate::units::parse_duration;
 
 /// `taskq put` flags.
 #[derive(Debug, Args)]
@@ -53,8 +54,8 @@ pub struct PutArgs {
     pub lines: bool,
 }
 
-/// Tasks per PutTasks call of `--lines` (the server's default --max-batch).
-const LINES_BATCH: usize = 1000;
+/// Tasks per PutTasks call of `--lines`: the server's default --max-batch.
+const LINES_BATCH: usize = crate::server::DEFAULT_MAX_BATCH;
 
 fn parse_header(text: &str) -> Result<(String, String), String> {
     text.split_once('=')

@@ -7,10 +7,10 @@ use std::time::{Duration, SystemTime};
 use clap::Args;
 use serde_json::json;
 
-use super::EXIT_FAILURE;
-use super::connect::ClientArgs;
-use crate::config::parse_duration;
+use crate::cli::connect::ClientArgs;
+use crate::cli::exit::EXIT_FAILURE;
 use crate::pb;
+use crate::units::parse_duration;
 
 /// `taskq result` flags.
 #[derive(Debug, Args)]

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use tokio::net::TcpListener;
 
-use super::{EXIT_FAILURE, config_error};
 use crate::auth::Tokens;
+use crate::cli::exit::{EXIT_FAILURE, config_error};
 use crate::config::ServeArgs;
 use crate::server;
 

@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime};
 use clap::Args;
 use serde_json::json;
 
-use super::EXIT_FAILURE;
-use super::connect::ClientArgs;
+use crate::cli::connect::ClientArgs;
+use crate::cli::exit::EXIT_FAILURE;
 use crate::pb;
 
 /// `taskq stats` flags.

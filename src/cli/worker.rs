@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
-use super::connect::ClientArgs;
-use super::{EXIT_FAILURE, config_error};
-use crate::config::{ConfigError, parse_duration};
+use crate::cli::connect::ClientArgs;
+use crate::cli::exit::{EXIT_FAILURE, config_error};
+use crate::config::ConfigError;
+use crate::units::parse_duration;
 use crate::worker::exec::ExecHandler;
-use crate::worker::{Mode, Worker, builtin, default_worker_id};
+use crate::worker::{DEFAULT_CONCURRENCY, Mode, Worker, builtin, default_worker_id};
 
 /// `taskq worker` flags.
 #[derive(Debug, Args)]
@@ -35,7 +36,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "TASKQ_QUEUE", default_value = "")]
     pub queue: String,
     /// Tasks run at once.
-    #[arg(long, env = "TASKQ_CONCURRENCY", default_value = "1",
+    #[arg(long, env = "TASKQ_CONCURRENCY", default_value_t = DEFAULT_CONCURRENCY as u32,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub concurrency: u32,
     /// Lease asked for each task; kept alive while the task runs.
@@ -61,7 +62,7 @@ pub struct WorkerArgs {
     /// with `--concurrency` above 1, the tasks ready at once come in one
     /// message and their results go back in one); `unary`: GetTask/PutResult
     /// calls, for proxies without bidirectional streams.
-    #[arg(long, env = "TASKQ_WORKER_MODE", value_enum, default_value_t = WorkerMode::Stream)]
+    #[arg(long, env = "TASKQ_WORKER_MODE", value_enum, default_value_t = Mode::default().into())]
     pub mode: WorkerMode,
     /// The program and its arguments, after `--`.
     #[arg(last = true, value_name = "PROGRAM ARGS")]
@@ -82,6 +83,15 @@ impl From<WorkerMode> for Mode {
         match mode {
             WorkerMode::Stream => Mode::Stream,
             WorkerMode::Unary => Mode::Unary,
+        }
+    }
+}
+
+impl From<Mode> for WorkerMode {
+    fn from(mode: Mode) -> Self {
+        match mode {
+            Mode::Stream => WorkerMode::Stream,
+            Mode::Unary => WorkerMode::Unary,
         }
     }
 }

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{HandlerResult, TaskFailure};
 use crate::pb;
+use crate::worker::handler::{HandlerResult, TaskFailure};
 
 /// The seed's computation: the square of a decimal integer payload.
 ///

@@ -9,8 +9,8 @@ use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-use super::{HandlerResult, TaskFailure};
 use crate::pb;
+use crate::worker::handler::{HandlerResult, TaskFailure};
 
 /// How much of a failed program's stderr goes into the failure message.
 const STDERR_TAIL: usize = 2048;

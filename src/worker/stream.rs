@@ -4,8 +4,8 @@
 //! server has already given back the tasks it held.
 
 use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -13,11 +13,15 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tonic::Code;
 
-use super::{Backoff, HandlerResult, WorkerBuilder, WorkerError, WorkerReport};
-use crate::client::{ClientError, WorkerSender};
-use crate::pb::{
-    self, put_result_request::Outcome, server_message::Msg as Out, worker_message::Msg as In,
+use crate::client::{ClientError, StatusClass, WorkerSender};
+use crate::pb::{self, server_message::Msg as Out, worker_message::Msg as In};
+use crate::worker::backoff::Reconnect;
+use crate::worker::handler::{
+    Handler, HandlerResult, TaskFailure, catch_panics, outcome_of, poll_catching,
 };
+use crate::worker::lease::{self, Extension};
+use crate::worker::report::{Ran, WorkerReport};
+use crate::worker::settings::Settings;
 
 /// How one stream ended.
 enum StreamEnd {
@@ -29,20 +33,16 @@ enum StreamEnd {
     Refused(ClientError),
 }
 
-/// Runs the stream loop until `shutdown` resolves.
-pub(super) async fn run<F, Fut>(
-    ctx: WorkerBuilder,
-    handler: Arc<F>,
+/// Runs the stream loop until `shutdown` resolves; the error is the
+/// server's refusal of the worker.
+pub(crate) async fn run(
+    ctx: Settings,
+    handler: impl Handler,
     shutdown: impl Future<Output = ()>,
-) -> Result<WorkerReport, WorkerError>
-where
-    F: Fn(pb::Task) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = HandlerResult> + Send + 'static,
-{
+) -> Result<WorkerReport, ClientError> {
     tokio::pin!(shutdown);
     let mut report = WorkerReport::default();
-    let mut backoff = Backoff::default();
-    let mut outage: Option<Instant> = None;
+    let mut reconnect = Reconnect::default();
     loop {
         let subscribe = pb::Subscribe {
             queue: ctx.queue.clone(),
@@ -58,10 +58,7 @@ where
         };
         let end = match opened {
             Ok((tx, inbound)) => {
-                if let Some(since) = outage.take() {
-                    tracing::info!(after = ?since.elapsed(), "server reachable again");
-                }
-                backoff.reset();
+                reconnect.reached();
                 serve(&ctx, &handler, tx, inbound, shutdown.as_mut(), &mut report).await
             }
             Err(error) if error.is_transient() => StreamEnd::Broken(error.to_string()),
@@ -71,14 +68,10 @@ where
             StreamEnd::Shutdown => return Ok(report),
             StreamEnd::Refused(error) => {
                 tracing::error!(%error, "the server refused the worker; stopping");
-                return Err(WorkerError::Refused(error));
+                return Err(error);
             }
             StreamEnd::Broken(error) => {
-                if outage.is_none() {
-                    tracing::warn!(%error, "server unavailable; retrying with backoff");
-                    outage = Some(Instant::now());
-                }
-                let delay = backoff.next_delay();
+                let delay = reconnect.failed(&error);
                 tokio::select! {
                     () = &mut shutdown => return Ok(report),
                     () = tokio::time::sleep(delay) => {}
@@ -88,33 +81,19 @@ where
     }
 }
 
-fn refused(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        Code::Unauthenticated
-            | Code::PermissionDenied
-            | Code::InvalidArgument
-            | Code::Unimplemented
-    )
-}
-
 /// Largest `results` message the worker sends, unless it holds one result
 /// (the contract: StreamTasks, point 6).
 const RESULT_BATCH_BYTES: usize = 1 << 20;
 
 /// Serves one open stream until it breaks or the shutdown drain is done.
-async fn serve<F, Fut>(
-    ctx: &WorkerBuilder,
-    handler: &Arc<F>,
+async fn serve(
+    ctx: &Settings,
+    handler: &impl Handler,
     tx: WorkerSender,
     mut inbound: tonic::Streaming<pb::ServerMessage>,
     mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
     report: &mut WorkerReport,
-) -> StreamEnd
-where
-    F: Fn(pb::Task) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = HandlerResult> + Send + 'static,
-{
+) -> StreamEnd {
     let mut running = Running::default();
     let mut outbox = Outbox::default();
     let mut grace_ends: Option<Instant> = None;
@@ -152,7 +131,7 @@ where
                             // The lease is gone: another worker has the task.
                             if let Some(handle) = running.handles.remove(&ack.lease_id) {
                                 handle.abort();
-                                report.abandoned += 1;
+                                report.count(Ran::Abandoned);
                                 tracing::warn!(task_id = %ack.task_id, error = %error.message, "lease lost; dropping the task");
                             }
                         }
@@ -160,7 +139,9 @@ where
                 },
                 Ok(Some(_)) => {}
                 Ok(None) => return end(grace_ends.is_some(), "the server closed the stream".into()),
-                Err(status) if refused(&status) => return StreamEnd::Refused(status.into()),
+                Err(status) if StatusClass::of(status.code()) == StatusClass::Refused => {
+                    return StreamEnd::Refused(status.into());
+                }
                 Err(status) => return end(grace_ends.is_some(), ClientError::from(status).to_string()),
             },
             Some(done) = running.set.join_next_with_id(), if !running.set.is_empty() => {
@@ -189,10 +170,10 @@ where
     let acks = async {
         while let Ok(Some(message)) = inbound.message().await {
             match message.msg {
-                Some(Out::ResultAck(ack)) => tally(report, &ack),
+                Some(Out::ResultAck(ack)) => report.count(Ran::acknowledged(&ack)),
                 Some(Out::ResultAcks(batch)) => {
                     for ack in &batch.acks {
-                        tally(report, ack);
+                        report.count(Ran::acknowledged(ack));
                     }
                 }
                 _ => {}
@@ -210,27 +191,23 @@ where
 /// keeper. (A handler that computes for long without awaiting holds the
 /// stream up here; such work belongs in spawn_blocking, as anywhere on
 /// tokio.)
-async fn start<F, Fut>(
-    handler: &Arc<F>,
+async fn start(
+    handler: &impl Handler,
     task: pb::Task,
     lease: Duration,
     tx: &WorkerSender,
     running: &mut Running,
     outbox: &mut Outbox,
-) where
-    F: Fn(pb::Task) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = HandlerResult> + Send + 'static,
-{
+) {
     let ids = Ids {
         task_id: task.id.clone(),
         lease_id: task.lease_id.clone(),
     };
     let expires = task.lease_expires_at;
-    let mut work = Box::pin((**handler)(task));
-    let first = std::future::poll_fn(|cx| {
-        Poll::Ready(super::poll_catching(&ids.task_id, work.as_mut(), cx))
-    })
-    .await;
+    let mut work = Box::pin(handler.call(task));
+    let first =
+        std::future::poll_fn(|cx| Poll::Ready(poll_catching(&ids.task_id, work.as_mut(), cx)))
+            .await;
     match first {
         Poll::Ready(result) => outbox.push(ids, result),
         Poll::Pending => {
@@ -276,10 +253,7 @@ impl Running {
                 let Some(ids) = self.tasks_by_runner.remove(&error.id()) else {
                     return;
                 };
-                (
-                    ids,
-                    Err(super::TaskFailure::retryable("the task handler panicked")),
-                )
+                (ids, Err(TaskFailure::panicked()))
             }
         };
         self.handles.remove(&ids.lease_id);
@@ -310,17 +284,10 @@ struct Outbox {
 impl Outbox {
     fn push(&mut self, ids: Ids, result: HandlerResult) {
         self.unacked.push_back(result.is_ok());
-        let outcome = match result {
-            Ok(output) => Outcome::Output(output),
-            Err(failure) => Outcome::Failure(pb::Failure {
-                message: failure.message,
-                retry: failure.retry,
-            }),
-        };
         self.results.push(pb::PutResultRequest {
             task_id: ids.task_id,
             lease_id: ids.lease_id,
-            outcome: Some(outcome),
+            outcome: Some(outcome_of(result)),
         });
     }
 
@@ -334,19 +301,17 @@ impl Outbox {
             .as_ref()
             .is_some_and(|e| e.code == Code::InvalidArgument as i32);
         if success && refused_output {
-            let message = format!(
-                "the server refused the output: {}",
-                ack.error.as_ref().map_or("", |e| e.message.as_str())
-            );
+            let why = ack.error.as_ref().map_or("", |e| e.message.as_str());
+            let failure = TaskFailure::output_refused(why);
             self.push(
                 Ids {
                     task_id: ack.task_id,
                     lease_id: ack.lease_id,
                 },
-                Err(super::TaskFailure::fatal(message)),
+                Err(failure),
             );
         } else {
-            tally(report, &ack);
+            report.count(Ran::acknowledged(&ack));
         }
     }
 
@@ -406,17 +371,6 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-fn tally(report: &mut WorkerReport, ack: &pb::ResultAck) {
-    match (&ack.error, ack.state()) {
-        (Some(error), _) => {
-            tracing::warn!(task_id = %ack.task_id, error = %error.message, "result not accepted");
-            report.abandoned += 1;
-        }
-        (None, pb::TaskState::Succeeded) => report.succeeded += 1,
-        (None, _) => report.failed += 1,
-    }
-}
-
 /// Goes on with a handler that did not finish at its first poll, while
 /// extending its task's lease on the stream at a third of its length.
 async fn keep_leased<Fut>(
@@ -429,30 +383,29 @@ async fn keep_leased<Fut>(
 where
     Fut: Future<Output = HandlerResult> + Send + 'static,
 {
-    let granted = super::granted_lease(expires, lease);
+    let granted = lease::granted(expires, lease);
     let Ids { task_id, lease_id } = &ids;
-    let keep_alive = async {
-        let mut every = (granted / 3).max(Duration::from_millis(10));
-        loop {
-            tokio::time::sleep(every).await;
-            let extend = pb::ExtendLeaseRequest {
-                task_id: task_id.clone(),
-                lease_id: lease_id.clone(),
-                extend_by: prost_types::Duration::try_from(lease).ok(),
-            };
-            if !tx.send(In::Extend(extend)) {
+    // A lost lease comes back as an ExtendAck, which the stream loop
+    // handles: on the stream, the keeper itself never sees it.
+    let keep_alive = lease::keep(granted, || {
+        let extend = pb::ExtendLeaseRequest {
+            task_id: task_id.clone(),
+            lease_id: lease_id.clone(),
+            extend_by: prost_types::Duration::try_from(lease).ok(),
+        };
+        let sent = tx.send(In::Extend(extend));
+        async move {
+            if !sent {
                 // The stream is gone; the server already took the task back.
                 std::future::pending::<()>().await;
             }
-            // A third of what the server granted at delivery (it clamps
-            // extensions the same way), not of what was asked for.
-            every = (granted / 3).max(Duration::from_millis(10));
+            Extension::<Infallible>::Asked
         }
-    };
-    let work = super::catch_panics(task_id, work);
+    });
+    let work = catch_panics(task_id, work);
     tokio::select! {
         biased;
         result = work => result,
-        () = keep_alive => unreachable!("the lease keeper never returns"),
+        never = keep_alive => match never {},
     }
 }
