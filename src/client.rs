@@ -6,22 +6,6 @@
 //! (UNAVAILABLE) from "fix the request" (INVALID_ARGUMENT).
 //!
 //! This module does not depend on the engine or the server.
-//!
-//! # Examples
-//!
-//! ```no_run
-//! use std::time::Duration;
-//! use taskq::client::{Client, ClientOptions};
-//!
-//! # async fn demo() -> Result<(), taskq::client::ClientError> {
-//! let client = Client::connect("http://127.0.0.1:50051", ClientOptions::default()).await?;
-//! let put = client.put("squares", b"12".to_vec()).await?;
-//! if let Some(result) = client.result(&put.task_id, Duration::from_secs(10)).await? {
-//!     println!("{}", String::from_utf8_lossy(&result.output));
-//! }
-//! # Ok(())
-//! # }
-//! ```
 
 use std::time::Duration;
 
@@ -29,13 +13,14 @@ use bytes::Bytes;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Status};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::pb::{self, get_result_request::Target, task_queue_client::TaskQueueClient};
-use crate::tls::ClientTls;
+
+pub use crate::tls::{ClientTls, Identity, TlsError, read_certificates};
 
 /// The server address used when none is given.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
@@ -220,6 +205,44 @@ impl WorkerSender {
 
 /// A connection to a taskq server. Cheap to clone; clones share the
 /// connection, which reconnects by itself after the server comes back.
+///
+/// # Examples
+///
+/// Put a task and wait for its result (here a server and a worker run in
+/// the same program, on a free port):
+///
+/// ```
+/// use std::time::Duration;
+/// use taskq::client::{Client, ClientOptions};
+/// # use taskq::server::{self, ServerConfig};
+/// # use taskq::worker::{Worker, builtin};
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// # let address = format!("http://{}", listener.local_addr()?);
+/// # let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+/// # let server = tokio::spawn(server::run(ServerConfig::default(), listener, async {
+/// #     let _ = stopped.await;
+/// # }));
+/// # let worker_client = Client::connect_lazy(&address, ClientOptions::default())?;
+/// # let worker = Worker::builder(worker_client).queue("squares");
+/// # let (stop_worker, worker_stopped) = tokio::sync::oneshot::channel::<()>();
+/// # let square = |task: taskq::pb::Task| async move { builtin::square(&task.payload) };
+/// # let worker = tokio::spawn(worker.run_until(square, async {
+/// #     let _ = worker_stopped.await;
+/// # }));
+/// let client = Client::connect(&address, ClientOptions::default()).await?;
+/// let put = client.put("squares", b"12".to_vec()).await?;
+/// let result = client.result(&put.task_id, Duration::from_secs(10)).await?;
+/// assert_eq!(result.expect("done within 10s").output, "144".as_bytes());
+/// # let _ = stop_worker.send(());
+/// # worker.await??;
+/// # let _ = stop.send(());
+/// # server.await??;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 pub struct Client {
     queue: TaskQueueClient<InterceptedService<Channel, BearerToken>>,
@@ -256,7 +279,10 @@ fn endpoint(address: &str, options: &ClientOptions) -> Result<Endpoint, ClientEr
             config = config.domain_name(domain.clone());
         }
         if let Some(identity) = &tls.identity {
-            config = config.identity(Identity::from_pem(&identity.cert, &identity.key));
+            config = config.identity(tonic::transport::Identity::from_pem(
+                &identity.cert,
+                &identity.key,
+            ));
         }
         endpoint = endpoint
             .tls_config(config)

@@ -9,15 +9,18 @@ use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
-use crate::auth::{TokenAuth, Tokens};
-use crate::broker::{Broker, BrokerConfig};
+use crate::auth::TokenAuth;
+use crate::broker::Broker;
 use crate::limits::{Connections, GuardLayer};
 use crate::pb::task_queue_server::{SERVICE_NAME, TaskQueueServer};
 use crate::rpc::TaskQueueService;
-use crate::tls::ServerTls;
+
+pub use crate::auth::{TokenError, Tokens};
+pub use crate::broker::BrokerConfig;
+pub use crate::tls::{Identity, ServerTls, TlsError, read_certificates};
 
 /// Everything the server needs, validated.
 #[derive(Clone, Debug)]
@@ -153,6 +156,34 @@ pub enum ServerError {
 ///
 /// # Errors
 /// A [`ServerError`] when the transport fails.
+///
+/// # Examples
+///
+/// A server on a free loopback port, stopped by a oneshot (a program would
+/// pass its signal handler instead):
+///
+/// ```
+/// use taskq::server::{self, ServerConfig};
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let address = listener.local_addr()?;
+/// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+/// let server = tokio::spawn(server::run(ServerConfig::default(), listener, async {
+///     let _ = stopped.await;
+/// }));
+/// let client = taskq::client::Client::connect(
+///     &format!("http://{address}"),
+///     taskq::client::ClientOptions::default(),
+/// )
+/// .await?;
+/// assert_eq!(client.stats("").await?.queues.len(), 0);
+/// let _ = stop.send(());
+/// server.await??; // drained and stopped
+/// # Ok(())
+/// # }
+/// ```
 pub async fn run(
     config: ServerConfig,
     listener: TcpListener,
@@ -195,8 +226,10 @@ pub async fn run(
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut builder = Server::builder();
     if let Some(tls) = &config.tls {
-        let mut tls_config = ServerTlsConfig::new()
-            .identity(Identity::from_pem(&tls.identity.cert, &tls.identity.key));
+        let mut tls_config = ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
+            &tls.identity.cert,
+            &tls.identity.key,
+        ));
         if let Some(ca) = &tls.client_ca {
             tls_config = tls_config.client_ca_root(Certificate::from_pem(ca));
         }

@@ -10,7 +10,7 @@ use crate::config::{ConfigError, LogArgs, LogFormat};
 /// Sends logs to stderr with the filter and format asked for.
 ///
 /// # Errors
-/// A [`ConfigError`] naming `--log` when the filter does not parse.
+/// A `ConfigError` naming `--log` when the filter does not parse.
 pub fn init(args: &LogArgs) -> Result<(), ConfigError> {
     let (filter, flag) = match &args.filter {
         Some(filter) => (filter.clone(), "--log (TASKQ_LOG)"),

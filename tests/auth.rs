@@ -3,10 +3,10 @@
 mod common;
 
 use common::TestServer;
-use taskq::auth::Tokens;
-use taskq::broker::BrokerConfig;
 use taskq::pb;
+use taskq::server::BrokerConfig;
 use taskq::server::ServerConfig;
+use taskq::server::Tokens;
 use tonic::Code;
 
 const TOKEN: &str = "s3cret-token-for-tests";

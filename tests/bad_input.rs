@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{Client, TestServer};
-use taskq::broker::BrokerConfig;
 use taskq::pb::{self, worker_message::Msg as In};
+use taskq::server::BrokerConfig;
 use taskq::server::ServerConfig;
 use tokio_stream::StreamExt;
 use tonic::metadata::{BinaryMetadataValue, MetadataValue};

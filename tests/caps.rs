@@ -9,8 +9,8 @@ mod common;
 use std::time::Duration;
 
 use common::{Client, TestServer, eventually};
-use taskq::broker::BrokerConfig;
 use taskq::pb::{self, get_result_request::Target};
+use taskq::server::BrokerConfig;
 use tokio_stream::StreamExt as _;
 use tonic::Code;
 

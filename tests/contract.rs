@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{Client, TestServer, with_deadline};
-use taskq::broker::BrokerConfig;
 use taskq::pb::{self, get_result_request::Target, put_result_request::Outcome};
+use taskq::server::BrokerConfig;
 use tonic::Code;
 
 const LONG: Duration = Duration::from_secs(10);

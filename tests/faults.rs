@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::proxy::{Fault, Proxy};
 use common::{Client, TestServer, eventually, with_deadline};
-use taskq::broker::BrokerConfig;
 use taskq::pb::{self, server_message::Msg as Out, worker_message::Msg as In};
+use taskq::server::BrokerConfig;
 use taskq::server::{ServerConfig, TransportConfig};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;

@@ -9,8 +9,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::{Client, TestServer, eventually, with_deadline};
-use taskq::broker::BrokerConfig;
 use taskq::pb;
+use taskq::server::BrokerConfig;
 use taskq::server::{ServerConfig, TransportConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

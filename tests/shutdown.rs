@@ -103,7 +103,7 @@ async fn after_shutdown_new_calls_are_refused() {
 async fn a_stuck_call_is_cut_off_after_the_grace_period() {
     let config = taskq::server::ServerConfig {
         shutdown_grace: Duration::from_millis(300),
-        ..taskq::server::ServerConfig::new(taskq::broker::BrokerConfig::default())
+        ..taskq::server::ServerConfig::new(taskq::server::BrokerConfig::default())
     };
     let server = TestServer::with_config(config).await;
     let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();

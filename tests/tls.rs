@@ -8,10 +8,11 @@ use std::process::Command;
 
 use common::TestServer;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-use taskq::broker::BrokerConfig;
+use taskq::client::ClientTls;
 use taskq::client::{Client, ClientOptions};
+use taskq::server::BrokerConfig;
 use taskq::server::ServerConfig;
-use taskq::tls::{ClientTls, Identity, ServerTls};
+use taskq::server::{Identity, ServerTls};
 
 /// A CA and certificates it signed, as PEM files in a temporary folder.
 struct Pki {

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{TestServer, eventually};
-use taskq::broker::BrokerConfig;
 use taskq::client::{Client, ClientOptions};
 use taskq::pb;
+use taskq::server::BrokerConfig;
 use taskq::server::ServerConfig;
 use taskq::worker::exec::ExecHandler;
 use taskq::worker::{Mode, Worker, WorkerReport, builtin};
@@ -349,7 +349,7 @@ async fn a_task_past_the_grace_period_goes_back_at_once() {
 #[tokio::test]
 async fn a_refused_worker_stops_with_an_error() {
     let config = ServerConfig {
-        tokens: taskq::auth::Tokens::from_list("right-token", "test").unwrap(),
+        tokens: taskq::server::Tokens::from_list("right-token", "test").unwrap(),
         ..ServerConfig::new(BrokerConfig::default())
     };
     let server = TestServer::with_config(config).await;

@@ -4,4 +4,4 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| taskq::broker::model::replay(data));
+fuzz_target!(|data: &[u8]| taskq::fuzzing::engine_ops(data));

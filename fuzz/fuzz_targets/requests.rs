@@ -4,4 +4,4 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| taskq::rpc::fuzz::run(data));
+fuzz_target!(|data: &[u8]| taskq::fuzzing::requests(data));

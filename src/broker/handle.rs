@@ -173,11 +173,6 @@ impl Broker {
         Ok(ResultStream::new(self.clone(), id, flow, results))
     }
 
-    /// True once [`Broker::close`] has been called.
-    pub fn is_closed(&self) -> bool {
-        *self.inner.closed.borrow()
-    }
-
     /// Leases the oldest pending task of a queue, waiting up to `wait` for
     /// one. `Ok(None)` means the wait ended with no task.
     ///
@@ -442,6 +437,7 @@ impl WorkerStream {
     /// future. A task whose lease ended while it waited here (it expired,
     /// or a result came by another way) is skipped: it is no longer this
     /// stream's.
+    #[cfg(test)]
     pub async fn next(&mut self) -> Option<LeasedTask> {
         std::future::poll_fn(|cx| self.poll_next_task(cx)).await
     }
@@ -600,6 +596,7 @@ impl ResultStream {
     }
 
     /// [`ResultStream::poll_next_result`] as a future.
+    #[cfg(test)]
     pub async fn next(&mut self) -> Option<TaskResult> {
         std::future::poll_fn(|cx| self.poll_next_result(cx)).await
     }

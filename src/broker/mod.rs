@@ -34,15 +34,13 @@ mod waiters;
 mod workers;
 
 pub use config::{
-    BrokerConfig, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_HELD_BYTES, DEFAULT_MAX_LEASE,
-    DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_QUEUES, DEFAULT_MAX_RESULT, DEFAULT_MAX_RESULTS,
-    DEFAULT_MAX_WAITERS, DEFAULT_MAX_WORKERS, DEFAULT_QUEUE_CAPACITY, DEFAULT_RESULT_TTL,
-    DEFAULT_WORKER_TIMEOUT,
+    BrokerConfig, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_QUEUES, DEFAULT_MAX_RESULTS,
+    DEFAULT_MAX_WAITERS, DEFAULT_QUEUE_CAPACITY,
 };
 pub use handle::{Broker, ResultStream, Watch, WorkerStream, WorkerStreamControl};
 pub use types::{
-    BrokerError, DEFAULT_QUEUE, Holdings, LeaseId, LeaseRequest, LeasedTask, MAX_ATTEMPTS_LIMIT,
-    MAX_HEADER_BYTES, MAX_HEADERS, MAX_IDEMPOTENCY_KEY, NewTask, Outcome, PutOutcome, QueueName,
-    QueueStats, Stats, TaskId, TaskResult, TaskState, WorkerId, WorkerInfo,
+    BrokerError, Holdings, LeaseId, LeaseRequest, LeasedTask, NewTask, Outcome, PutOutcome,
+    QueueName, QueueStats, Stats, TaskId, TaskResult, TaskState, WorkerId, WorkerInfo,
 };
+#[cfg(any(test, feature = "fuzzing"))]
 pub use waiters::RESULT_STREAM_WINDOW;

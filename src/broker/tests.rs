@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use super::types::{DEFAULT_QUEUE, MAX_ATTEMPTS_LIMIT, MAX_HEADER_BYTES, MAX_HEADERS};
 use super::*;
 
 const SEC: Duration = Duration::from_secs(1);

@@ -238,7 +238,7 @@ impl TaskId {
 
     /// The id as `to_string` writes it, without the formatting machinery:
     /// one is written for every task and result sent.
-    pub fn to_text(&self) -> String {
+    pub fn to_text(self) -> String {
         let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
         self.0.hyphenated().encode_lower(&mut text).to_owned()
     }
@@ -274,15 +274,17 @@ impl LeaseId {
     }
 
     /// The lease as `to_string` writes it (`task/seq`), without the
-    /// formatting machinery: one is written for every task sent.
-    pub fn to_text(&self) -> String {
+    /// formatting machinery (tests; the server writes it with
+    /// [`LeaseId::to_text_after`]).
+    #[cfg(test)]
+    pub fn to_text(self) -> String {
         let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
         self.to_text_after(self.task.0.hyphenated().encode_lower(&mut id))
     }
 
     /// [`LeaseId::to_text`] from its task's id already written (by
     /// [`TaskId::to_text`]): a delivery writes both, and the id once.
-    pub fn to_text_after(&self, task_text: &str) -> String {
+    pub fn to_text_after(self, task_text: &str) -> String {
         debug_assert!(TaskId::parse(task_text) == Some(self.task));
         let mut text = String::with_capacity(task_text.len() + 11);
         text.push_str(task_text);

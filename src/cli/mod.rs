@@ -2,8 +2,8 @@
 //! subcommands ([`Command`]), and one file per subcommand. Each is thin:
 //! it turns flags into library calls and results into output.
 //!
-//! The server's own flags and their validation live in [`crate::config`];
-//! the value parsers (durations, sizes) in [`crate::units`]. The
+//! The server's own flags and their validation live in `config`;
+//! the value parsers (durations, sizes) in `units`. The
 //! subcommand files import from their siblings (`connect`, `exit`), never
 //! from this one.
 

@@ -33,5 +33,4 @@ mod status;
 mod tasks;
 mod worker_stream;
 
-pub use deadline::{answer_margin, grpc_timeout};
 pub use service::TaskQueueService;

@@ -29,30 +29,6 @@
 //! one lease keeper), `report.rs` (the one tally), `backoff.rs`
 //! (reconnecting), `settings.rs` (the builder's choices). The loops never
 //! import this file.
-//!
-//! # Examples
-//!
-//! ```no_run
-//! use bytes::Bytes;
-//! use taskq::client::{Client, ClientOptions};
-//! use taskq::worker::{TaskFailure, Worker};
-//!
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! let client = Client::connect_lazy("http://127.0.0.1:50051", ClientOptions::default())?;
-//! Worker::builder(client)
-//!     .queue("squares")
-//!     .concurrency(4)
-//!     .run(|task| async move {
-//!         let n: i64 = std::str::from_utf8(&task.payload)
-//!             .ok()
-//!             .and_then(|s| s.trim().parse().ok())
-//!             .ok_or_else(|| TaskFailure::fatal("payload is not an integer"))?;
-//!         Ok(Bytes::from((n * n).to_string()))
-//!     })
-//!     .await?;
-//! # Ok(())
-//! # }
-//! ```
 
 pub mod builtin;
 pub mod exec;
@@ -100,6 +76,58 @@ pub enum WorkerError {
 }
 
 /// Entry point of the worker runtime.
+///
+/// # Examples
+///
+/// A worker that squares integers, until told to stop (here with a server
+/// and a producer in the same program, on a free port):
+///
+/// ```
+/// use bytes::Bytes;
+/// use taskq::client::{Client, ClientOptions};
+/// use taskq::worker::{TaskFailure, Worker};
+/// # use std::time::Duration;
+/// # use taskq::server::{self, ServerConfig};
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// # let address = format!("http://{}", listener.local_addr()?);
+/// # let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
+/// # let server = tokio::spawn(server::run(ServerConfig::default(), listener, async {
+/// #     let _ = stopped.await;
+/// # }));
+/// let client = Client::connect_lazy(&address, ClientOptions::default())?;
+/// let (stop, stop_signal) = tokio::sync::oneshot::channel::<()>();
+/// let worker = Worker::builder(client)
+///     .queue("squares")
+///     .concurrency(4)
+///     .run_until(
+///         |task| async move {
+///             let n: i64 = std::str::from_utf8(&task.payload)
+///                 .ok()
+///                 .and_then(|s| s.trim().parse().ok())
+///                 .ok_or_else(|| TaskFailure::fatal("payload is not an integer"))?;
+///             Ok(Bytes::from((n * n).to_string()))
+///         },
+///         async {
+///             let _ = stop_signal.await;
+///         },
+///     );
+/// let worker = tokio::spawn(worker);
+/// # let producer = Client::connect(&address, ClientOptions::default()).await?;
+/// # let put = producer.put("squares", b"7".to_vec()).await?;
+/// # let result = producer.result(&put.task_id, Duration::from_secs(10)).await?;
+/// # assert_eq!(result.expect("done within 10s").output, "49".as_bytes());
+/// // ... later, on shutdown: the worker finishes what it runs, then reports.
+/// let _ = stop.send(());
+/// let report = worker.await??;
+/// assert_eq!(report.succeeded, 1);
+/// # let _ = stop_server.send(());
+/// # server.await??;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Worker;
 

@@ -6,8 +6,8 @@ pub mod proxy;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use taskq::broker::BrokerConfig;
 use taskq::pb::task_queue_client::TaskQueueClient;
+use taskq::server::BrokerConfig;
 use taskq::server::{self, ServerConfig, ServerError};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
