@@ -4,10 +4,22 @@
 
 use std::collections::HashMap;
 
-use super::{State, Status};
+use super::{QueueState, State, Status};
 use crate::broker::QueueName;
 
 impl State {
+    /// Sizes of the structures that may hold skipped entries: timer heap,
+    /// and the ready and unclaimed lines of all queues together.
+    #[cfg(test)]
+    pub fn footprint(&self) -> (usize, usize, usize) {
+        let (ready, unclaimed) = self
+            .queues
+            .values()
+            .map(QueueState::line_lengths)
+            .fold((0, 0), |(r, u), (qr, qu)| (r + qr, u + qu));
+        (self.timers.len(), ready, unclaimed)
+    }
+
     /// Returns what is wrong, if anything: counters that disagree with the
     /// tasks and results they count, a pending task not exactly once in its
     /// line, waiters' slots that disagree with the waiters registered.

@@ -1288,16 +1288,4 @@ impl State {
             .max()
             .unwrap_or_default()
     }
-
-    /// Sizes of the structures that may hold skipped entries: timer heap,
-    /// and the ready and unclaimed lines of all queues together.
-    #[cfg(test)]
-    pub fn footprint(&self) -> (usize, usize, usize) {
-        let (ready, unclaimed) = self
-            .queues
-            .values()
-            .map(QueueState::line_lengths)
-            .fold((0, 0), |(r, u), (qr, qu)| (r + qr, u + qu));
-        (self.timers.len(), ready, unclaimed)
-    }
 }
