@@ -113,7 +113,10 @@ async fn server_with_roles() -> TestServer {
          admin-token admin\n\
          emails-producer producer emails\n\
          emails-worker worker emails,default-not\n\
-         sa1-admin admin sa1\n",
+         sa1-admin admin sa1\n\
+         mine-producer producer mine\n\
+         mine-worker worker mine\n\
+         mine-admin admin mine\n",
     )
     .unwrap();
     let tokens = Tokens::from_file(&path).unwrap();
@@ -470,5 +473,154 @@ async fn a_queue_limited_admin_sees_the_stats_of_its_queues_only() {
     let every = admin.get_stats(of("")).await.unwrap().into_inner();
     assert_eq!(every.queues.len(), 2);
     assert_eq!(every.workers.len(), 2);
+    server.shutdown().await;
+}
+
+/// One call of the table below, on `queue`, as a token sees it: `Ok` when
+/// the call got past authorization (whatever the engine said then), the
+/// PERMISSION_DENIED status when it did not.
+async fn try_call(
+    client: &mut common::AuthClient,
+    call: &str,
+    queue: &str,
+    task: &str,
+) -> Result<(), tonic::Status> {
+    use pb::worker_message::Msg;
+    let denied = |status: tonic::Status| {
+        if status.code() == Code::PermissionDenied {
+            Err(status)
+        } else {
+            Ok(())
+        }
+    };
+    let by_queue = || pb::WatchResultsRequest {
+        target: Some(pb::watch_results_request::Target::Queue(queue.into())),
+    };
+    // A lease of the task that is not its current one: past authorization
+    // the engine answers ABORTED, never PERMISSION_DENIED.
+    let stale_lease = format!("{task}/99");
+    let answer = match call {
+        "PutTask" => client.put_task(put(queue)).await.map(drop),
+        "PutTasks" => {
+            let batch = pb::PutTasksRequest {
+                tasks: vec![put(queue)],
+            };
+            match client.put_tasks(batch).await {
+                Ok(answer) => match &answer.get_ref().outcomes[0].outcome {
+                    Some(pb::put_task_outcome::Outcome::Error(e))
+                        if e.code == Code::PermissionDenied as i32 =>
+                    {
+                        return Err(tonic::Status::permission_denied(e.message.clone()));
+                    }
+                    _ => Ok(()),
+                },
+                Err(status) => Err(status),
+            }
+        }
+        "GetResult" => {
+            let request = pb::GetResultRequest {
+                target: Some(pb::get_result_request::Target::Queue(queue.into())),
+                max_wait: Some(prost_types::Duration::default()),
+            };
+            client.get_result(request).await.map(drop)
+        }
+        "WatchResults" => client.watch_results(by_queue()).await.map(drop),
+        "WatchResultBatches" => client.watch_result_batches(by_queue()).await.map(drop),
+        "GetTask" => client.get_task(get(queue)).await.map(drop),
+        "StreamTasks" => {
+            let subscribe = pb::WorkerMessage {
+                msg: Some(Msg::Subscribe(pb::Subscribe {
+                    queue: queue.into(),
+                    max_in_flight: 0,
+                    ..Default::default()
+                })),
+            };
+            client
+                .stream_tasks(tokio_stream::iter(vec![subscribe]))
+                .await
+                .map(drop)
+        }
+        "ExtendLease" => client
+            .extend_lease(pb::ExtendLeaseRequest {
+                task_id: task.into(),
+                lease_id: stale_lease,
+                extend_by: None,
+            })
+            .await
+            .map(drop),
+        "PutResult" => client
+            .put_result(pb::PutResultRequest {
+                task_id: task.into(),
+                lease_id: stale_lease,
+                outcome: Some(pb::put_result_request::Outcome::Output(
+                    b"x".to_vec().into(),
+                )),
+            })
+            .await
+            .map(drop),
+        "GetStats" => client
+            .get_stats(pb::GetStatsRequest {
+                queue: queue.into(),
+            })
+            .await
+            .map(drop),
+        other => panic!("no such call in the table: {other}"),
+    };
+    answer.or_else(denied)
+}
+
+/// Every call x every role x a token for all queues and one limited to
+/// `mine`, on `mine` and on `other`: a call gets past authorization exactly
+/// when its role may make it (admin: all) and its queue is the token's.
+#[tokio::test]
+async fn every_call_by_every_role_and_scope_follows_the_table() {
+    let server = server_with_roles().await;
+    // A task in each queue, for the calls that name a task.
+    let mut admin = server.client_with_token("admin-token").await;
+    let mut tasks = std::collections::HashMap::new();
+    for queue in ["mine", "other"] {
+        let id = admin
+            .put_task(put(queue))
+            .await
+            .unwrap()
+            .into_inner()
+            .task_id;
+        tasks.insert(queue, id);
+    }
+    let calls = [
+        ("PutTask", "producer"),
+        ("PutTasks", "producer"),
+        ("GetResult", "producer"),
+        ("WatchResults", "producer"),
+        ("WatchResultBatches", "producer"),
+        ("GetTask", "worker"),
+        ("StreamTasks", "worker"),
+        ("ExtendLease", "worker"),
+        ("PutResult", "worker"),
+        ("GetStats", "admin"),
+    ];
+    let mut checked = 0;
+    for role in ["producer", "worker", "admin"] {
+        for (token, limited) in [
+            (format!("{role}-token"), false),
+            (format!("mine-{role}"), true),
+        ] {
+            let mut client = server.client_with_token(&token).await;
+            for (call, needs) in calls {
+                for queue in ["mine", "other"] {
+                    let role_may = role == "admin" || role == needs;
+                    let queue_may = !limited || queue == "mine";
+                    let answer = try_call(&mut client, call, queue, &tasks[queue]).await;
+                    assert_eq!(
+                        answer.is_ok(),
+                        role_may && queue_may,
+                        "{token} calling {call} on {queue}: {answer:?}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 3 * 2 * 10 * 2);
     server.shutdown().await;
 }
