@@ -395,25 +395,39 @@ async fn producer(url: String, p: usize, tasks: usize, shared: Arc<Shared>, stop
                 ..Default::default()
             })
             .collect();
-        while Instant::now() < stop {
+        // Tasks refused for want of room are put again after a pause, as a
+        // producer would; a batch whose answer is lost, whole.
+        let mut left = requests;
+        while !left.is_empty() && Instant::now() < stop {
             let batch = pb::PutTasksRequest {
-                tasks: requests.clone(),
+                tasks: left.clone(),
             };
             let answer =
                 tokio::time::timeout(Duration::from_secs(2), client.put_tasks(batch)).await;
             let Ok(Ok(answer)) = answer else {
                 continue;
             };
-            let mut history = shared.history.lock().unwrap();
-            for (request, outcome) in requests.iter().zip(answer.into_inner().outcomes) {
-                match outcome.outcome {
-                    Some(pb::put_task_outcome::Outcome::Ok(ok)) => {
-                        history.put.insert(ok.task_id, request.payload.clone());
+            let mut full = Vec::new();
+            {
+                let mut history = shared.history.lock().unwrap();
+                for (request, outcome) in left.into_iter().zip(answer.into_inner().outcomes) {
+                    match outcome.outcome {
+                        Some(pb::put_task_outcome::Outcome::Ok(ok)) => {
+                            history.put.insert(ok.task_id, request.payload.clone());
+                        }
+                        Some(pb::put_task_outcome::Outcome::Error(e))
+                            if e.code == tonic::Code::ResourceExhausted as i32 =>
+                        {
+                            full.push(request);
+                        }
+                        other => panic!("a put refused under load: {other:?}"),
                     }
-                    other => panic!("a put refused under load: {other:?}"),
                 }
             }
-            break;
+            left = full;
+            if !left.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
     }
 }

@@ -902,6 +902,106 @@ async fn every_waiting_call_is_cancellation_safe() {
     }
 }
 
+/// The other half of cancellation safety: every waiting call, polled k
+/// times, then handed what it waits for (inside the lock, as the broker
+/// does), then dropped before it is polled again, for every k up to the
+/// poll that completes it. What it was handed goes back; nothing is taken
+/// or stored by a call nobody reads; and polled on, it completes.
+#[tokio::test(start_paused = true)]
+async fn every_waiting_call_gives_back_what_it_was_handed_when_dropped() {
+    for k in 1..=3 {
+        for drop_it in [true, false] {
+            let b = Broker::new(BrokerConfig {
+                queue_capacity: 1,
+                ..BrokerConfig::default()
+            });
+            let what = format!("k={k}, dropped={drop_it}");
+
+            // GetTask: a task arrives for it, then it is dropped.
+            // Boxed, so that dropping it drops the call.
+            let mut lease = Box::pin(b.lease(req("a", "w", SEC), 10 * SEC));
+            for _ in 0..k {
+                assert!(futures_poll_once(lease.as_mut()).await.is_none());
+            }
+            let id = put(&b, "a", "task").await;
+            if drop_it {
+                drop(lease);
+                let s = stats(&b, "a");
+                assert_eq!((s.pending, s.leased), (1, 0), "{what}: the task came back");
+                let again = take(&b, "a", SEC).await;
+                assert_eq!((again.id, again.attempt), (id, 1), "{what}: not counted");
+            } else {
+                let leased = lease.await.unwrap().expect("handed the task");
+                assert_eq!(leased.id, id);
+            }
+            b.check();
+
+            // A put waiting for room: room comes, then it is dropped.
+            let held = put(&b, "full", "first").await;
+            let mut waiting_put = Box::pin(b.put(task("full", "second"), 10 * SEC));
+            for _ in 0..k {
+                assert!(futures_poll_once(waiting_put.as_mut()).await.is_none());
+            }
+            let t = take(&b, "full", SEC).await;
+            assert_eq!(t.id, held);
+            b.complete(t.lease_id, ok("done")).unwrap();
+            if drop_it {
+                drop(waiting_put);
+                assert_eq!(stats(&b, "full").pending, 0, "{what}: a dropped put stored");
+            } else {
+                waiting_put.await.expect("stored once room came");
+                assert_eq!(stats(&b, "full").pending, 1);
+            }
+            b.check();
+
+            // GetResult by id: the result comes, then it is dropped.
+            let unfinished = put(&b, "r", "x").await;
+            let mut by_id = Box::pin(b.result(unfinished, 10 * SEC));
+            for _ in 0..k {
+                assert!(futures_poll_once(by_id.as_mut()).await.is_none());
+            }
+            let t = take(&b, "r", SEC).await;
+            b.complete(t.lease_id, ok("out")).unwrap();
+            if drop_it {
+                drop(by_id);
+            } else {
+                let result = by_id.await.unwrap().expect("the result");
+                assert_eq!(result.output, Bytes::from("out"));
+            }
+            // Not consumed either way: it is still there by id and by queue.
+            assert!(
+                b.result(unfinished, Duration::ZERO)
+                    .await
+                    .unwrap()
+                    .is_some()
+            );
+            assert_eq!(stats(&b, "r").results_unclaimed, 1, "{what}");
+            b.check();
+
+            // GetResult by queue: the result is handed to it, then it is
+            // dropped: the result goes back to the head of the queue's.
+            let mut by_queue = Box::pin(b.next_result(q("n"), 10 * SEC));
+            for _ in 0..k {
+                assert!(futures_poll_once(by_queue.as_mut()).await.is_none());
+            }
+            let done = put(&b, "n", "y").await;
+            let t = take(&b, "n", SEC).await;
+            b.complete(t.lease_id, ok("y")).unwrap();
+            if drop_it {
+                drop(by_queue);
+                assert_eq!(stats(&b, "n").results_unclaimed, 1, "{what}: given back");
+                let next = b.next_result(q("n"), Duration::ZERO).await.unwrap();
+                assert_eq!(next.map(|r| r.task_id), Some(done));
+            } else {
+                let result = by_queue.await.unwrap().expect("the result");
+                assert_eq!(result.task_id, done);
+                assert_eq!(stats(&b, "n").results_unclaimed, 0);
+            }
+            b.check();
+        }
+    }
+}
+
 /// Polls `fut` up to k times, then drops it. True if it finished.
 async fn poll_then_drop<F: std::future::Future>(k: usize, fut: F) -> bool {
     tokio::pin!(fut);
