@@ -3,11 +3,13 @@
 //! calls in progress given a grace period.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
@@ -134,6 +136,38 @@ impl ServerConfig {
     }
 }
 
+/// The listening socket as the server's stream of connections, closed
+/// when the drain starts. The transport stops accepting then but keeps its
+/// stream (and so the socket) until every connection is done; closing the
+/// socket itself makes the kernel refuse new connections at once.
+#[derive(Clone)]
+struct Listening(Arc<Mutex<Option<TcpListener>>>);
+
+impl Listening {
+    fn new(listener: TcpListener) -> Self {
+        Self(Arc::new(Mutex::new(Some(listener))))
+    }
+
+    /// Closes the socket: new connections are refused.
+    fn close(&self) {
+        drop(self.0.lock().unwrap_or_else(PoisonError::into_inner).take());
+    }
+}
+
+impl Stream for Listening {
+    type Item = std::io::Result<tokio::net::TcpStream>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let listener = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match listener.as_ref() {
+            Some(listener) => listener
+                .poll_accept(cx)
+                .map(|accepted| Some(accepted.map(|(stream, _)| stream))),
+            None => Poll::Ready(None),
+        }
+    }
+}
+
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -212,7 +246,8 @@ pub async fn run(
     let addr = listener.local_addr()?;
     let transport = &config.transport;
     let connections = Connections::new(transport.max_connections, transport.handshake_timeout);
-    let incoming = TcpListenerStream::new(listener).filter_map(move |stream| {
+    let listening = Listening::new(listener);
+    let incoming = listening.clone().filter_map(move |stream| {
         let stream = match stream {
             Ok(stream) => stream,
             Err(error) => return Some(Err(error)),
@@ -287,6 +322,9 @@ pub async fn run(
     health
         .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
         .await;
+    // New connections are refused from now on (clients go elsewhere at
+    // once, rather than wait in the listen queue until the server stops).
+    listening.close();
     broker.close();
     let _ = stop.send(());
     let result = match tokio::time::timeout(config.shutdown_grace, &mut serving).await {

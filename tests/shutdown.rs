@@ -120,6 +120,115 @@ async fn a_stuck_call_is_cut_off_after_the_grace_period() {
     // Frames are handled in order: once the ping is answered, the server
     // has the open stream.
     ping.ping(h2::Ping::opaque()).await.unwrap();
+    let started = std::time::Instant::now();
     server.shutdown().await;
+    let took = started.elapsed();
+    // The stuck call held the drain for the whole grace, and no longer
+    // than the grace and a generous margin.
+    assert!(took >= Duration::from_millis(300), "stopped after {took:?}");
+    assert!(took < Duration::from_secs(10), "stopped after {took:?}");
     connection.abort();
+}
+
+/// New calls are refused while the drain is still going (here held open
+/// by a worker stream with a task it has not reported), not only once the
+/// server has stopped; the report still goes in and ends the drain.
+#[tokio::test]
+async fn during_the_drain_new_calls_are_refused_and_reports_go_in() {
+    use pb::{server_message::Msg as Out, worker_message::Msg as In};
+    let mut server = TestServer::spawn().await;
+    let mut client = server.client().await;
+    let put = |payload: &str| pb::PutTaskRequest {
+        queue: "q".into(),
+        payload: payload.as_bytes().to_vec().into(),
+        ..Default::default()
+    };
+    client.put_task(put("held")).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::WorkerMessage {
+        msg: Some(In::Subscribe(pb::Subscribe {
+            queue: "q".into(),
+            max_in_flight: 1,
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut worker = server.client().await;
+    let mut inbound = worker
+        .stream_tasks(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let task = match inbound.message().await.unwrap().unwrap().msg {
+        Some(Out::Task(task)) => task,
+        other => panic!("expected the task, got {other:?}"),
+    };
+    let mut health = HealthClient::new(server.channel().await);
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: "taskq.v1.TaskQueue".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().status(),
+        ServingStatus::Serving
+    );
+
+    server.signal_shutdown();
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().status(),
+        ServingStatus::NotServing
+    );
+    // The drain is on (the stream still holds its task): a new call is not
+    // served, on the stream's own connection (the server sent it GOAWAY)
+    // or on a new one (the listener is closed). How a client words that is
+    // its transport's: tonic says CANCELLED or UNAVAILABLE, or UNKNOWN for
+    // a reset connection; every one of them means "go elsewhere".
+    // Refused at once: a new connection is not left in the listen queue
+    // until the server stops (the drain here lasts until the report).
+    let at_once = Duration::from_secs(5);
+    let mut stream_connection = worker.clone();
+    let on_the_stream_connection = stream_connection.put_task(put("late"));
+    let on_a_new_connection = client.put_task(put("late"));
+    for refused in [
+        tokio::time::timeout(at_once, on_the_stream_connection).await,
+        tokio::time::timeout(at_once, on_a_new_connection).await,
+    ] {
+        let refused = refused
+            .expect("refused at once, not held until the stop")
+            .unwrap_err();
+        let transport = refused.message().contains("transport error")
+            || refused.message().contains("canceled")
+            || refused.code() == tonic::Code::Unavailable;
+        assert!(
+            transport,
+            "a call during the drain was answered: {refused:?}"
+        );
+    }
+    // The worker's report still goes in, and then its stream is let go.
+    tx.send(pb::WorkerMessage {
+        msg: Some(In::Result(pb::PutResultRequest {
+            task_id: task.id.clone(),
+            lease_id: task.lease_id.clone(),
+            outcome: Some(pb::put_result_request::Outcome::Output(
+                b"ok".to_vec().into(),
+            )),
+        })),
+    })
+    .await
+    .unwrap();
+    match inbound.message().await.unwrap().unwrap().msg {
+        Some(Out::ResultAck(ack)) => {
+            assert!(ack.error.is_none(), "{ack:?}");
+            assert_eq!(ack.state, pb::TaskState::Succeeded as i32);
+        }
+        other => panic!("expected the result's ack, got {other:?}"),
+    }
+    let ended = inbound.message().await.unwrap_err();
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    drop((watch, health, client, worker, tx, inbound));
+    server.shutdown().await;
 }
