@@ -342,7 +342,7 @@ pub async fn run(args: BenchArgs) -> ExitCode {
         .unwrap_or_else(|| format!("bench-{}", std::process::id()));
     let deadline = Instant::now() + args.timeout;
     // Held to the end: the memory phase must not reuse its memory.
-    let ledger = Arc::new(Ledger::new(args.payload_bytes));
+    let ledger = Arc::new(Ledger::new(args.tasks, args.payload_bytes));
     let outcome = tokio::time::timeout_at(deadline + WIND_DOWN, async {
         let (baseline, round_trip) =
             measure(&args, &address, options.clone(), &queue, &ledger, deadline).await?;

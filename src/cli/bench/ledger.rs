@@ -4,15 +4,14 @@
 //! SUCCEEDED, and its output is what the bench's handler (`echo`) makes of
 //! that task's payload. Everything else is counted apart, in [`Faults`].
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::Mutex;
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use tokio::time::Instant;
-use uuid::Uuid;
 
+use crate::broker::{IdMap, TaskId};
 use crate::pb;
 
 use FaultKind::{Duplicated, Failed, Lost, Wrong};
@@ -160,27 +159,20 @@ pub(super) struct Ledger {
 #[derive(Debug)]
 struct Books {
     /// Every task put this run, by id, with its put stamp until its
-    /// result is read, then [`SEEN`]: 24 bytes an entry. Seen tasks stay,
-    /// so that a second result for one is a duplicate, not a stranger.
-    tasks: HashMap<Key, Stamp>,
+    /// result is read, then [`SEEN`]: 24 bytes an entry, made room for at
+    /// the start (so the map never grows and rehashes mid-run). Seen tasks
+    /// stay, so that a second result for one is a duplicate, not a
+    /// stranger.
+    tasks: IdMap<TaskId, Stamp>,
     /// Results read before their put was recorded (a result can reach a
     /// reader before the put's answer reaches its producer), with the
     /// stamp they were read at; checked when the put is recorded.
-    early: HashMap<Key, (pb::Result, Stamp)>,
+    early: IdMap<TaskId, (pb::Result, Stamp)>,
     /// Tasks put whose result has not been read.
     outstanding: u64,
     refused: u64,
     latency: Histogram<u64>,
     faults: Faults,
-}
-
-/// A task id as the books keep it: its 128 bits as two words (two rather
-/// than one `u128`, which would align each entry to 16 bytes).
-type Key = (u64, u64);
-
-/// The key of a task id; `None` for text that is no task id taskq makes.
-fn key(id: &str) -> Option<Key> {
-    Uuid::try_parse(id).ok().map(|id| id.as_u64_pair())
 }
 
 /// Latency histograms: 1 µs to 10 minutes, 3 significant digits.
@@ -189,14 +181,15 @@ pub(super) fn histogram() -> Histogram<u64> {
 }
 
 impl Ledger {
-    /// Empty books for tasks with payloads of `payload_bytes`.
-    pub(super) fn new(payload_bytes: usize) -> Self {
+    /// Empty books for up to `tasks` tasks with payloads of
+    /// `payload_bytes`.
+    pub(super) fn new(tasks: u64, payload_bytes: usize) -> Self {
         Self {
             epoch: Instant::now(),
             payload: Payload::new(payload_bytes),
             books: Mutex::new(Books {
-                tasks: HashMap::new(),
-                early: HashMap::new(),
+                tasks: IdMap::with_capacity_and_hasher(tasks as usize, Default::default()),
+                early: IdMap::default(),
                 outstanding: 0,
                 refused: 0,
                 latency: histogram(),
@@ -236,7 +229,7 @@ impl Ledger {
         let books = &mut *books;
         let mut settled = 0;
         for id in ids {
-            let Some(key) = key(id) else {
+            let Some(key) = TaskId::parse(id) else {
                 books.faults[Wrong].add(id, "the server gave the task an id that is not a UUID");
                 settled += 1;
                 continue;
@@ -248,17 +241,25 @@ impl Ledger {
                     books.faults[Duplicated].add(id, "the server gave the id to two tasks");
                     settled += 1;
                 }
-                Entry::Vacant(slot) => match books.early.remove(&key) {
-                    Some((result, read_at)) => {
-                        slot.insert(SEEN);
-                        settled += 1;
-                        books.judge(&self.payload, &result, stamp, read_at);
+                Entry::Vacant(slot) => {
+                    // Results read early are rare: the map is empty most
+                    // of the time, and then not looked into.
+                    let early = match books.early.is_empty() {
+                        true => None,
+                        false => books.early.remove(&key),
+                    };
+                    match early {
+                        Some((result, read_at)) => {
+                            slot.insert(SEEN);
+                            settled += 1;
+                            books.judge(&self.payload, &result, stamp, read_at);
+                        }
+                        None => {
+                            slot.insert(stamp);
+                            books.outstanding += 1;
+                        }
                     }
-                    None => {
-                        slot.insert(stamp);
-                        books.outstanding += 1;
-                    }
-                },
+                }
             }
         }
         settled
@@ -272,7 +273,7 @@ impl Ledger {
         let books = &mut *books;
         let mut settled = 0;
         for result in results {
-            let Some(key) = key(&result.task_id) else {
+            let Some(key) = TaskId::parse(&result.task_id) else {
                 books.faults[Wrong].add(&result.task_id, "a result for an id that is not a UUID");
                 continue;
             };
@@ -310,10 +311,7 @@ impl Ledger {
         if books.outstanding > 0 {
             let lost = books.tasks.iter().find(|(_, stamp)| **stamp != SEEN);
             if let Some((key, _)) = lost {
-                faults[Lost].add(
-                    Uuid::from_u64_pair(key.0, key.1),
-                    "put, but no result was read",
-                );
+                faults[Lost].add(key, "put, but no result was read");
             }
             // The books counted them all along.
             faults[Lost].count = books.outstanding;
@@ -357,6 +355,7 @@ impl Books {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use uuid::Uuid;
 
     fn id(n: u128) -> String {
         Uuid::from_u128(n).hyphenated().to_string()
@@ -379,7 +378,7 @@ mod tests {
 
     #[test]
     fn echoed_results_of_tasks_put_check_out() {
-        let ledger = Ledger::new(64);
+        let ledger = Ledger::new(10, 64);
         assert_eq!(put(&ledger, 3, 7), 0);
         let settled = ledger.read((1..=3).map(|n| result(&ledger, n, 7)));
         assert_eq!(settled, 3);
@@ -391,7 +390,7 @@ mod tests {
 
     #[test]
     fn each_kind_of_fault_is_counted_apart() {
-        let ledger = Ledger::new(16);
+        let ledger = Ledger::new(10, 16);
         ledger.refused(2);
         put(&ledger, 5, 100);
         let mut failed = result(&ledger, 2, 100);
@@ -432,7 +431,7 @@ mod tests {
     /// reaches another producer: it is checked when the put is recorded.
     #[test]
     fn a_result_read_before_its_put_is_recorded_is_checked_then() {
-        let ledger = Ledger::new(8);
+        let ledger = Ledger::new(10, 8);
         assert_eq!(ledger.read([result(&ledger, 1, 5)]), 0);
         let mut wrong = result(&ledger, 2, 5);
         wrong.output = Bytes::from_static(b"12345678");
@@ -447,7 +446,7 @@ mod tests {
 
     #[test]
     fn results_never_matched_by_a_put_are_wrong_and_ids_not_uuids_too() {
-        let ledger = Ledger::new(8);
+        let ledger = Ledger::new(10, 8);
         ledger.read([result(&ledger, 1, 5)]);
         let mut odd = result(&ledger, 2, 5);
         odd.task_id = "not-an-id".into();
