@@ -64,6 +64,29 @@ fn environment_twins_are_read() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("--default-lease"));
 }
 
+/// `taskq bench --workers 0` loads the workers already on a server's
+/// queue: without a server and a queue to name there is nothing to load,
+/// so it exits 2 naming both and saying how to start a worker.
+#[test]
+fn bench_without_its_own_workers_needs_a_server_and_a_queue() {
+    for args in [
+        &["bench", "--workers", "0"][..],
+        &["bench", "--workers", "0", "--server", "http://127.0.0.1:1"],
+        &["bench", "--workers", "0", "--queue", "q"],
+    ] {
+        let output = taskq()
+            .args(args)
+            .env_remove("TASKQ_SERVER")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        for says in ["--workers 0", "--server", "--queue", "taskq worker"] {
+            assert!(stderr.contains(says), "{args:?}: no {says:?} in {stderr}");
+        }
+    }
+}
+
 /// SIGTERM: the server drains, logs what it held, and exits 0.
 #[test]
 fn sigterm_drains_and_exits_0() {

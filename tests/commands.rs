@@ -4,11 +4,17 @@
 mod common;
 
 use std::process::{Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use common::TestServer;
 use taskq::pb;
+use taskq::worker::{HandlerResult, TaskFailure, Worker};
 use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 fn taskq() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_taskq"));
@@ -508,7 +514,224 @@ async fn bench_runs_and_its_counts_add_up() {
         let report: serde_json::Value = serde_json::from_str(stdout(&output).trim()).unwrap();
         assert_eq!(report["round_trip"]["count"], 200, "{mode}: {report}");
         assert_eq!(report["round_trip"]["errors"], 0, "{mode}: {report}");
+        for fault in ["lost", "duplicated", "wrong", "failed"] {
+            assert_eq!(report["round_trip"][fault], 0, "{mode}: {report}");
+        }
         assert_eq!(report["held_tasks_measured"], 100, "{mode}: {report}");
         assert!(report["baseline_unary"]["count"].as_u64().unwrap() > 0);
     }
+}
+
+/// A worker of the library's on `queue`, 16 tasks at once, whose
+/// `answer(n, task)` answers the `n`th task it takes (from 0), or never
+/// when `None`. The sender stops it; a task never answered is given up
+/// 100 ms later.
+fn answering_worker<F>(
+    client: taskq::client::Client,
+    queue: &str,
+    answer: F,
+) -> (oneshot::Sender<()>, JoinHandle<()>)
+where
+    F: Fn(u64, &pb::Task) -> Option<HandlerResult> + Send + Sync + 'static,
+{
+    let taken = AtomicU64::new(0);
+    let handler = move |task: pb::Task| {
+        let answer = answer(taken.fetch_add(1, Ordering::Relaxed), &task);
+        async move {
+            match answer {
+                Some(answer) => answer,
+                None => std::future::pending().await,
+            }
+        }
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let worker = Worker::builder(client)
+        .queue(queue)
+        .concurrency(16)
+        .shutdown_grace(Duration::from_millis(100))
+        .run_until(handler, async {
+            let _ = stopped.await;
+        });
+    let worker = tokio::spawn(async move {
+        worker.await.expect("the worker ran");
+    });
+    (stop, worker)
+}
+
+/// Stops a worker from [`answering_worker`] and joins it.
+async fn stop_worker((stop, worker): (oneshot::Sender<()>, JoinHandle<()>)) {
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(30), worker)
+        .await
+        .expect("the worker stops within 30s")
+        .unwrap();
+}
+
+/// `taskq bench` with its own workers off (`--workers 0`), loading
+/// `queue` on `server`; its exit code, stdout and stderr.
+async fn bench_on(
+    server: &TestServer,
+    queue: &str,
+    args: &[&str],
+) -> (Option<i32>, String, String) {
+    let output = tokio::time::timeout(
+        Duration::from_secs(120),
+        taskq()
+            .args(["bench", "--server", &server.url(), "--workers", "0"])
+            .args(["--queue", queue, "--tasks", "100", "--producers", "2"])
+            .args(["--batch", "8", "--fill", "0"])
+            .args(args)
+            .output(),
+    )
+    .await
+    .expect("the bench finishes within 120s")
+    .unwrap();
+    (output.status.code(), stdout(&output), stderr(&output))
+}
+
+/// The number after `label` in the bench's human output.
+fn count_after(text: &str, label: &str) -> u64 {
+    let rest = &text[text
+        .find(label)
+        .unwrap_or_else(|| panic!("no {label:?} in {text}"))
+        + label.len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits
+        .parse()
+        .unwrap_or_else(|_| panic!("no count after {label:?} in {text}"))
+}
+
+/// The bench used to count results without looking at them: a FAILED
+/// result counted as done in unary mode, and a wrong output anywhere. Now
+/// a worker on the queue that answers some tasks with the wrong output
+/// and fails others makes every mode exit 1, with each kind counted apart
+/// (the counts are the worker's own) and a message that says what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_counts_wrong_and_failed_results_apart_and_exits_1() {
+    let server = TestServer::spawn().await;
+    for (mode, results) in [("stream", "queue"), ("stream", "ids"), ("unary", "queue")] {
+        let queue = format!("bad-{mode}-{results}");
+        let (wrong, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (wrong_given, failed_given) = (wrong.clone(), failed.clone());
+        let worker = answering_worker(server.taskq_client().await, &queue, move |n, task| {
+            Some(match n % 5 {
+                1 => {
+                    wrong_given.fetch_add(1, Ordering::Relaxed);
+                    let mut output = task.payload.to_vec();
+                    output[0] ^= 1;
+                    Ok(Bytes::from(output))
+                }
+                3 => {
+                    failed_given.fetch_add(1, Ordering::Relaxed);
+                    Err(TaskFailure::fatal("refused on purpose"))
+                }
+                _ => Ok(task.payload.clone()),
+            })
+        });
+        let args = ["--mode", mode, "--results", results, "--json"];
+        let (code, out, err) = bench_on(&server, &queue, &args).await;
+        stop_worker(worker).await;
+        assert_eq!(code, Some(1), "{mode}/{results}: {out}\n{err}");
+        let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        let round_trip = &report["round_trip"];
+        let (wrong, failed) = (
+            wrong.load(Ordering::Relaxed),
+            failed.load(Ordering::Relaxed),
+        );
+        assert!(
+            wrong > 0 && failed > 0,
+            "the worker answered wrongly: {report}"
+        );
+        assert_eq!(round_trip["wrong"], wrong, "{mode}/{results}: {report}");
+        assert_eq!(round_trip["failed"], failed, "{mode}/{results}: {report}");
+        assert_eq!(round_trip["lost"], 0, "{mode}/{results}: {report}");
+        assert_eq!(round_trip["duplicated"], 0, "{mode}/{results}: {report}");
+        assert_eq!(round_trip["count"], 100 - wrong - failed, "{report}");
+        for kind in ["wrong", "failed"] {
+            assert!(round_trip["first_faults"][kind].is_string(), "{report}");
+        }
+        let says = [
+            format!("wrong {wrong}: "),
+            format!("failed {failed}: "),
+            "--builtin echo".into(),
+            "refused on purpose".into(),
+        ];
+        for says in says {
+            assert!(
+                err.contains(&says),
+                "{mode}/{results}: no {says:?} in {err}"
+            );
+        }
+    }
+
+    // The human output counts them too.
+    let worker = answering_worker(server.taskq_client().await, "bad-text", |n, _| {
+        Some(match n % 2 {
+            0 => Ok(Bytes::from_static(b"not the payload")),
+            _ => Err(TaskFailure::fatal("refused on purpose")),
+        })
+    });
+    let (code, out, err) = bench_on(&server, "bad-text", &[]).await;
+    stop_worker(worker).await;
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert_eq!(count_after(&out, "results checked: "), 0, "{out}");
+    assert_eq!(
+        count_after(&out, "wrong ") + count_after(&out, "failed "),
+        100,
+        "{out}"
+    );
+    assert!(
+        count_after(&out, "wrong ") > 0 && count_after(&out, "failed ") > 0,
+        "{out}"
+    );
+    server.shutdown().await;
+}
+
+/// With `--workers 0` the bench uses the workers already on the queue: a
+/// right one (echo) passes every check and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_with_workers_0_uses_the_queues_workers() {
+    let server = TestServer::spawn().await;
+    for mode in ["stream", "unary"] {
+        let queue = format!("echo-{mode}");
+        let worker = answering_worker(server.taskq_client().await, &queue, |_, task| {
+            Some(Ok(task.payload.clone()))
+        });
+        let (code, out, err) = bench_on(&server, &queue, &["--mode", mode, "--json"]).await;
+        stop_worker(worker).await;
+        assert_eq!(code, Some(0), "{mode}: {out}\n{err}");
+        let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        let round_trip = &report["round_trip"];
+        assert_eq!(round_trip["count"], 100, "{mode}: {report}");
+        for fault in ["errors", "lost", "duplicated", "wrong", "failed"] {
+            assert_eq!(round_trip[fault], 0, "{mode}: {report}");
+        }
+        assert_eq!(round_trip["timed_out"], false, "{mode}: {report}");
+        assert_eq!(report["workers"], 0);
+    }
+    server.shutdown().await;
+}
+
+/// A task whose result never comes is lost when `--timeout` ends the run:
+/// counted, and the run exits 1 saying so. (The timeout is what is tested
+/// here, not a wait for something else.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_counts_a_task_never_answered_as_lost_at_the_timeout() {
+    let server = TestServer::spawn().await;
+    let worker = answering_worker(server.taskq_client().await, "silent", |n, task| {
+        (n != 7).then(|| Ok(task.payload.clone()))
+    });
+    let (code, out, err) = bench_on(&server, "silent", &["--timeout", "3s", "--json"]).await;
+    stop_worker(worker).await;
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let round_trip = &report["round_trip"];
+    assert_eq!(round_trip["lost"], 1, "{report}");
+    assert_eq!(round_trip["count"], 99, "{report}");
+    assert_eq!(round_trip["timed_out"], true, "{report}");
+    assert!(
+        err.contains("lost 1: ") && err.contains("--timeout"),
+        "{err}"
+    );
+    server.shutdown().await;
 }

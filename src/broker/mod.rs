@@ -38,6 +38,7 @@ pub use config::{
     DEFAULT_MAX_WAITERS, DEFAULT_QUEUE_CAPACITY,
 };
 pub use handle::{Broker, ResultStream, Watch, WorkerStream, WorkerStreamControl};
+pub(crate) use types::IdMap;
 pub use types::{
     BrokerError, Holdings, LeaseId, LeaseRequest, LeasedTask, NewTask, Outcome, PutOutcome,
     QueueName, QueueStats, Stats, TaskId, TaskResult, TaskState, WorkerId, WorkerInfo,

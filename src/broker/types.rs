@@ -189,7 +189,7 @@ impl std::hash::Hash for TaskId {
 /// word step, then murmur3's finaliser so that every bit of the key
 /// reaches the bits the table indexes by.
 #[derive(Clone, Copy, Debug, Default)]
-pub(super) struct IdHasher(u64);
+pub(crate) struct IdHasher(u64);
 
 impl std::hash::Hasher for IdHasher {
     fn write(&mut self, bytes: &[u8]) {
@@ -218,8 +218,9 @@ impl std::hash::Hasher for IdHasher {
     }
 }
 
-/// A map keyed by something the broker made: see [`IdHasher`].
-pub(super) type IdMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;
+/// A map keyed by something the broker made: see [`IdHasher`]. (`taskq
+/// bench` keeps its books of task ids in one too.)
+pub(crate) type IdMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;
 /// A set of things the broker made: see [`IdHasher`].
 pub(super) type IdSet<K> = std::collections::HashSet<K, std::hash::BuildHasherDefault<IdHasher>>;
 

@@ -2,6 +2,8 @@
 //! trip of a task (put → get → result → result read by the producer), next
 //! to a baseline of plain unary calls on the same server in the same run.
 
+mod ledger;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -23,6 +25,8 @@ use crate::client::{Client, DEFAULT_CONNECT_TIMEOUT};
 use crate::server::{self, DEFAULT_MAX_BATCH, ServerConfig};
 use crate::units::parse_duration;
 use crate::worker::{Mode, Worker, builtin};
+
+use ledger::{FaultKind, Faults, Ledger, histogram};
 
 /// `taskq bench` flags.
 #[derive(Debug, Args)]
@@ -47,16 +51,28 @@ pub struct BenchArgs {
     /// reading each result back.
     #[arg(long, default_value = "16", value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub producers: u64,
-    /// Workers, each with its own connection.
-    #[arg(long, default_value = "4", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    /// Workers the bench starts, each with its own connection, running
+    /// the `echo` builtin. 0 starts none and uses the workers already on
+    /// the --queue of the --server (both needed then): start them with
+    /// `taskq worker --queue QUEUE --builtin echo`, since every result is
+    /// checked against the echo of its payload.
+    #[arg(long, default_value = "4", value_parser = clap::value_parser!(u64).range(0..=1024))]
     pub workers: u64,
+    /// The queue the round trip uses; default `bench-<pid>`, one nobody
+    /// else uses. Every result on it must belong to a task this run put:
+    /// give the bench a queue of its own.
+    #[arg(long)]
+    pub queue: Option<String>,
     /// Tasks each worker runs at once.
     #[arg(long, default_value = "16", value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub concurrency: u64,
-    /// Payload size of each task.
+    /// Payload size of each task. In the round trip at least 8: a payload
+    /// starts with the time of its put, which its result must echo.
     #[arg(long, default_value = "64")]
     pub payload_bytes: usize,
-    /// Give up after this long in all.
+    /// Give up after this long: the round trip stops, and tasks put whose
+    /// result was not read count as lost (closing down may take up to 10s
+    /// more).
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     pub timeout: Duration,
     /// Print one JSON object instead of text.
@@ -154,16 +170,131 @@ impl Phase {
     }
 }
 
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+/// The round trip's figures, counting only results that checked out, and
+/// what the checks found in the others.
+#[derive(Debug)]
+struct RoundTrip {
+    /// `count` and the latencies are of results that checked out; `errors`
+    /// are tasks that could not be put.
+    figures: Phase,
+    faults: Faults,
+    /// Whether `--timeout` ended the round trip.
+    timed_out: bool,
+}
+
+impl RoundTrip {
+    /// The round trip that started at `started`, from its books.
+    fn from_books(ledger: &Ledger, started: Instant, timed_out: bool) -> Self {
+        let tally = ledger.tally();
+        Self {
+            figures: Phase {
+                count: tally.latency.len(),
+                errors: tally.refused,
+                elapsed: started.elapsed(),
+                latency: tally.latency,
+            },
+            faults: tally.faults,
+            timed_out,
+        }
+    }
+
+    fn passed(&self) -> bool {
+        self.figures.errors == 0 && self.faults.total() == 0 && !self.timed_out
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        let mut figures = self.figures.to_json("tasks");
+        let mut first = serde_json::Map::new();
+        for (kind, fault) in self.faults.kinds() {
+            figures[kind.name()] = json!(fault.count);
+            first.insert(kind.name().into(), json!(fault.first));
+        }
+        figures["first_faults"] = first.into();
+        figures["timed_out"] = json!(self.timed_out);
+        figures
+    }
+
+    /// The human output's line about the checks.
+    fn checks_line(&self) -> String {
+        let faults: Vec<String> = self
+            .faults
+            .kinds()
+            .map(|(kind, fault)| format!("{} {}", kind.name(), fault.count))
+            .collect();
+        format!(
+            "results checked: {} as expected (a task of this run, read once, SUCCEEDED, output = payload); {}",
+            self.figures.count,
+            faults.join(", ")
+        )
+    }
+
+    /// What went wrong and what to do about it, for a run that did not
+    /// pass: a line per kind of fault, with the first of its kind.
+    fn failure(&self, args: &BenchArgs, queue: &str) -> String {
+        let workers = if args.workers == 0 {
+            format!("the workers on queue {queue} (yours to start, with --workers 0)")
+        } else {
+            "the bench's workers".to_string()
+        };
+        let mut lines = vec![format!(
+            "taskq bench: the round trip failed its checks: {} of {} tasks as expected",
+            self.figures.count, args.tasks
+        )];
+        if self.timed_out {
+            lines.push(format!(
+                "  not finished within --timeout {}: give fewer tasks or a longer --timeout, or check that {workers} are running",
+                humantime::format_duration(args.timeout)
+            ));
+        }
+        if self.figures.errors > 0 {
+            lines.push(format!(
+                "  not put {}: PutTask(s) failed or were refused: see the server's log and its limits (taskq serve --help)",
+                self.figures.errors
+            ));
+        }
+        for (kind, fault) in self.faults.kinds() {
+            if fault.count == 0 {
+                continue;
+            }
+            let meaning = match kind {
+                FaultKind::Lost => format!(
+                    "put, but no result read by the end of the run: check that {workers} are running, and the server's log"
+                ),
+                FaultKind::Duplicated => "a result read twice for one task (or one id given to two tasks): the server handed it out more than once; report it with this command line".to_string(),
+                FaultKind::Wrong => format!(
+                    "an output that is not the echo of its task's payload, or a result of a task this run did not put: {workers} must run the echo builtin (taskq worker --builtin echo), and nothing else may use queue {queue}"
+                ),
+                FaultKind::Failed => format!(
+                    "results not SUCCEEDED (the first one's error is below): see the log of {workers}"
+                ),
+            };
+            lines.push(format!("  {} {}: {meaning}", kind.name(), fault.count));
+            if let Some(first) = &fault.first {
+                lines.push(format!("    first: {first}"));
+            }
+        }
+        lines.join("\n")
+    }
 }
 
 fn micros(since: Instant) -> u64 {
     (since.elapsed().as_micros() as u64).max(1)
 }
 
+/// Closing down after the round trip (stopping the workers, the memory
+/// phase) may take this long beyond `--timeout`.
+const WIND_DOWN: Duration = Duration::from_secs(10);
+
+/// How long a unary producer waits for each result (GetResult by id).
+const RESULT_WAIT: Duration = Duration::from_secs(30);
+
 /// Runs the benchmark and prints its figures.
 pub async fn run(args: BenchArgs) -> ExitCode {
+    if args.workers == 0 && (args.server.is_none() || args.queue.is_none()) {
+        return config_error(
+            "--workers 0 uses the workers already on a running server's queue: give --server and --queue, and start echo workers on that queue (taskq worker --queue QUEUE --builtin echo)",
+        );
+    }
     let client_args = ClientArgs {
         server: args.server.clone().unwrap_or_default(),
         token_file: args.token_file.clone(),
@@ -205,22 +336,32 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             address
         }
     };
-    let outcome = tokio::time::timeout(args.timeout, async {
-        let phases = measure(&args, &address, options.clone()).await?;
+    let queue = args
+        .queue
+        .clone()
+        .unwrap_or_else(|| format!("bench-{}", std::process::id()));
+    let deadline = Instant::now() + args.timeout;
+    // Held to the end: the memory phase must not reuse its memory.
+    let ledger = Arc::new(Ledger::new(args.tasks, args.payload_bytes));
+    let outcome = tokio::time::timeout_at(deadline + WIND_DOWN, async {
+        let (baseline, round_trip) =
+            measure(&args, &address, options.clone(), &queue, &ledger, deadline).await?;
         // Memory is read from this process: only meaningful when the
         // server is embedded.
         let memory = match embedded {
-            Some(_) if args.fill > 0 => Some(held_memory(&args, &address, options).await?),
+            Some(_) if args.fill > 0 && !round_trip.timed_out => {
+                Some(held_memory(&args, &address, options).await?)
+            }
             _ => None,
         };
-        Ok::<_, crate::client::ClientError>((phases, memory))
+        Ok::<_, crate::client::ClientError>((baseline, round_trip, memory))
     })
     .await;
     if let Some((stop, server)) = embedded {
         let _ = stop.send(());
         let _ = server.await;
     }
-    let ((baseline, round_trip), memory) = match outcome {
+    let (baseline, round_trip, memory) = match outcome {
         Ok(Ok(figures)) => figures,
         Ok(Err(error)) => {
             eprintln!("taskq bench: {error}");
@@ -244,12 +385,13 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             "tasks": args.tasks, "producers": args.producers, "workers": args.workers,
             "concurrency": args.concurrency, "payload_bytes": args.payload_bytes,
             "server": target,
+            "queue": queue,
             "mode": format!("{:?}", args.mode).to_lowercase(),
             "batch": args.batch,
             "results": format!("{:?}", args.results).to_lowercase(),
             "batches": args.batches,
             "baseline_unary": baseline.to_json("calls"),
-            "round_trip": round_trip.to_json("tasks"),
+            "round_trip": round_trip.to_json(),
             "held_bytes_per_task": memory.map(|m| m.bytes_per_task()),
             "held_tasks_measured": memory.map(|m| m.tasks),
         });
@@ -265,14 +407,14 @@ pub async fn run(args: BenchArgs) -> ExitCode {
         } else {
             String::new()
         };
+        let workers = if args.workers == 0 {
+            format!("the workers already on queue {queue}")
+        } else {
+            format!("{} workers x {} in flight", args.workers, args.concurrency)
+        };
         println!(
-            "taskq bench ({:?} mode): {} tasks, {} producers{batches}, {} workers x {} in flight, {}-byte payloads, {target}",
-            args.mode,
-            args.tasks,
-            args.producers,
-            args.workers,
-            args.concurrency,
-            args.payload_bytes
+            "taskq bench ({:?} mode): {} tasks, {} producers{batches}, {workers}, {}-byte payloads, {target}",
+            args.mode, args.tasks, args.producers, args.payload_bytes
         );
         println!(
             "{}",
@@ -283,8 +425,11 @@ pub async fn run(args: BenchArgs) -> ExitCode {
         );
         println!(
             "{}",
-            round_trip.line("round trip: put → get → result → read", "tasks")
+            round_trip
+                .figures
+                .line("round trip: put → get → result → read", "tasks")
         );
+        println!("{}", round_trip.checks_line());
         if args.mode == BenchMode::Unary {
             println!(
                 "a task costs 4 unary calls: the baseline allows at most {:.0} tasks/s",
@@ -301,10 +446,11 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             );
         }
     }
-    if round_trip.errors > 0 {
-        ExitCode::from(EXIT_FAILURE)
-    } else {
+    if round_trip.passed() {
         ExitCode::SUCCESS
+    } else {
+        eprintln!("{}", round_trip.failure(&args, &queue));
+        ExitCode::from(EXIT_FAILURE)
     }
 }
 
@@ -312,14 +458,16 @@ async fn measure(
     args: &BenchArgs,
     address: &str,
     options: crate::client::ClientOptions,
-) -> Result<(Phase, Phase), crate::client::ClientError> {
+    queue: &str,
+    ledger: &Arc<Ledger>,
+    deadline: Instant,
+) -> Result<(Phase, RoundTrip), crate::client::ClientError> {
     let mut producers = Vec::new();
     for _ in 0..args.producers {
         producers.push(Client::connect(address, options.clone()).await?);
     }
     let baseline = baseline(&producers, args.tasks.min(20_000)).await;
 
-    let queue = format!("bench-{}", std::process::id());
     let mut workers = Vec::new();
     for i in 0..args.workers {
         let client = Client::connect(address, options.clone()).await?;
@@ -329,7 +477,7 @@ async fn measure(
                 BenchMode::Stream => Mode::Stream,
                 BenchMode::Unary => Mode::Unary,
             })
-            .queue(queue.clone())
+            .queue(queue)
             .concurrency(args.concurrency as usize)
             .worker_id(format!("bench-worker-{i}"))
             .poll_wait(Duration::from_secs(1));
@@ -344,9 +492,9 @@ async fn measure(
     }
 
     let round_trip = if args.mode == BenchMode::Stream && args.results == ResultsBy::Queue {
-        produce_by_queue(args, producers, &queue).await
+        produce_by_queue(args, producers, queue, ledger, deadline).await
     } else {
-        produce_each(args, producers, &queue).await
+        produce_each(args, producers, queue, ledger, deadline).await
     };
     for (stop, worker) in workers {
         let _ = stop.send(());
@@ -360,50 +508,66 @@ fn share_of(args: &BenchArgs, i: usize) -> u64 {
     args.tasks / args.producers + u64::from((i as u64) < args.tasks % args.producers)
 }
 
+/// The ids of the tasks a PutTasks call stored.
+fn ids_of(outcomes: &[crate::pb::PutTaskOutcome]) -> impl Iterator<Item = &str> {
+    outcomes.iter().filter_map(|o| match &o.outcome {
+        Some(crate::pb::put_task_outcome::Outcome::Ok(ok)) => Some(ok.task_id.as_str()),
+        _ => None,
+    })
+}
+
 /// How many of a PutTasks call's tasks were stored.
 fn stored(outcomes: &[crate::pb::PutTaskOutcome]) -> u64 {
-    outcomes
-        .iter()
-        .filter(|o| matches!(o.outcome, Some(crate::pb::put_task_outcome::Outcome::Ok(_))))
-        .count() as u64
+    ids_of(outcomes).count() as u64
 }
 
 /// Producers that each wait for their own results: unary (PutTask, then
-/// GetResult by id), or stream mode with `--results ids`.
-async fn produce_each(args: &BenchArgs, producers: Vec<Client>, queue: &str) -> Phase {
-    let payload = Bytes::from(vec![b'x'; args.payload_bytes]);
+/// GetResult by id), or stream mode with `--results ids`. Each stops at
+/// `deadline`.
+async fn produce_each(
+    args: &BenchArgs,
+    producers: Vec<Client>,
+    queue: &str,
+    ledger: &Arc<Ledger>,
+    deadline: Instant,
+) -> RoundTrip {
     let started = Instant::now();
     let mut running = Vec::new();
     for (i, client) in producers.into_iter().enumerate() {
         let share = share_of(args, i);
-        let queue = queue.to_string();
-        let payload = payload.clone();
-        if args.mode == BenchMode::Stream {
-            running.push(tokio::spawn(produce_batches(
-                client,
-                queue,
-                payload,
-                share,
-                args.batch,
-                args.batches,
-            )));
-            continue;
-        }
-        let round_trip = (client, queue, payload);
-        running.push(load_loop(
-            share,
-            round_trip,
-            |(client, queue, payload)| async move {
-                let done = async {
-                    let put = client.put(&queue, payload.clone()).await?;
-                    client.result(&put.task_id, Duration::from_secs(30)).await
-                };
-                let ok = matches!(done.await, Ok(Some(_)));
-                ((client, queue, payload), ok)
-            },
-        ));
+        let (queue, books) = (queue.to_string(), ledger.clone());
+        running.push(if args.mode == BenchMode::Stream {
+            let batches = produce_batches(client, queue, share, args.batch, args.batches, books);
+            tokio::spawn(tokio::time::timeout_at(deadline, batches))
+        } else {
+            let one_by_one = produce_one_by_one(client, queue, share, books);
+            tokio::spawn(tokio::time::timeout_at(deadline, one_by_one))
+        });
     }
-    measured(started, running).await
+    let mut timed_out = false;
+    for producer in running {
+        timed_out |= producer.await.expect("a producer panicked").is_err();
+    }
+    RoundTrip::from_books(ledger, started, timed_out)
+}
+
+/// A unary producer: each task put with PutTask, then its result read
+/// with GetResult by id.
+async fn produce_one_by_one(client: Client, queue: String, share: u64, ledger: Arc<Ledger>) {
+    for _ in 0..share {
+        let stamp = ledger.stamp();
+        match client.put(&queue, ledger.payload(stamp)).await {
+            Ok(put) => {
+                ledger.put([put.task_id.as_str()], stamp);
+                // Without a result (an error, or none within the wait) the
+                // task stays outstanding: lost, unless read later.
+                if let Ok(Some(result)) = client.result(&put.task_id, RESULT_WAIT).await {
+                    ledger.read([result]);
+                }
+            }
+            Err(_) => ledger.refused(1),
+        }
+    }
 }
 
 /// A stream-mode producer: batches of `batch` tasks with PutTasks, each
@@ -412,19 +576,18 @@ async fn produce_each(args: &BenchArgs, producers: Vec<Client>, queue: &str) -> 
 async fn produce_batches(
     client: Client,
     queue: String,
-    payload: Bytes,
     share: u64,
     batch: u64,
     batches: bool,
-) -> (Histogram<u64>, u64) {
-    let mut latency = histogram();
-    let mut errors = 0;
+    ledger: Arc<Ledger>,
+) {
     let mut left = share;
     while left > 0 {
         let n = left.min(batch);
         left -= n;
-        let t0 = Instant::now();
-        let ids: Vec<String> = match client.put_tasks(batch_of(&queue, &payload, n)).await {
+        let stamp = ledger.stamp();
+        let put = client.put_tasks(batch_of(&queue, &ledger.payload(stamp), n));
+        let ids: Vec<String> = match put.await {
             Ok(outcomes) => outcomes
                 .into_iter()
                 .filter_map(|o| match o.outcome {
@@ -434,20 +597,15 @@ async fn produce_batches(
                 .collect(),
             Err(_) => Vec::new(),
         };
-        errors += n - ids.len() as u64;
-        let expected = ids.len() as u64;
-        let mut got = 0;
+        ledger.refused(n - ids.len() as u64);
+        ledger.put(ids.iter().map(String::as_str), stamp);
         let target = crate::pb::watch_results_request::Target::TaskIds(crate::pb::TaskIds { ids });
         if let Ok(mut results) = ResultFeed::open(&client, target, batches).await {
             while let Ok(Some(read)) = results.next_batch().await {
-                let waited = micros(t0);
-                let _ = latency.record_n(waited, read.len() as u64);
-                got += read.len() as u64;
+                ledger.read(read);
             }
         }
-        errors += expected - got;
     }
-    (latency, errors)
 }
 
 /// Results as they come, from WatchResults (one per message) or from
@@ -482,69 +640,62 @@ impl ResultFeed {
 /// Stream mode with `--results queue`: every producer puts batches with
 /// PutTasks and reads results from its own WatchResults(queue) stream, the
 /// seed's result queue shared by all. A result may reach any producer, so
-/// each payload starts with its batch's put time (nanoseconds since the
-/// run started, little-endian) and the echo handler hands it back in the
-/// output: the latency needs no shared table. At most `producers x batch`
-/// tasks are unfinished at once, the same as with `--results ids`.
-async fn produce_by_queue(args: &BenchArgs, clients: Vec<Client>, queue: &str) -> Phase {
+/// the books are shared: each task's put time is kept with its id. At most
+/// `producers x batch` tasks are unfinished at once, the same as with
+/// `--results ids`. Producers and readers stop at `deadline`.
+async fn produce_by_queue(
+    args: &BenchArgs,
+    clients: Vec<Client>,
+    queue: &str,
+    ledger: &Arc<Ledger>,
+    deadline: Instant,
+) -> RoundTrip {
     let total = args.tasks;
     let window = Arc::new(Semaphore::new((args.producers * args.batch) as usize));
-    // Results read plus tasks that could not be put: the run ends at `total`.
+    // Tasks read for the first time plus tasks that could not be put: the
+    // run ends at `total`.
     let settled = Arc::new(AtomicU64::new(0));
     let (finished, _) = watch::channel(false);
     let settle = {
-        let settled = settled.clone();
-        let finished = finished.clone();
+        let (settled, finished, window) = (settled.clone(), finished.clone(), window.clone());
         move |n: u64| {
+            if n == 0 {
+                return;
+            }
+            window.add_permits(n as usize);
             if settled.fetch_add(n, Ordering::AcqRel) + n >= total {
                 finished.send_replace(true);
             }
         }
     };
     let started = Instant::now();
-    let mut readers = Vec::new();
-    let mut producers = Vec::new();
+    let mut running = Vec::new();
     for (i, client) in clients.into_iter().enumerate() {
         let share = share_of(args, i);
         let target = crate::pb::watch_results_request::Target::Queue(queue.into());
         let results = ResultFeed::open(&client, target, args.batches).await;
         let mut done = finished.subscribe();
-        let (window_r, settle_r) = (window.clone(), settle.clone());
-        readers.push(tokio::spawn(async move {
-            let mut latency = histogram();
-            let mut errors = 0;
+        let (books, settle_read) = (ledger.clone(), settle.clone());
+        let read = async move {
             let Ok(mut results) = results else {
-                return (latency, 0);
+                return;
             };
-            // The bookkeeping (window, count, end of run) is done once per
-            // message, so the reader's own cost stays per result read.
+            // The books are kept once per message, so the reader's own
+            // cost stays per result read.
             loop {
                 let read = tokio::select! {
                     read = results.next_batch() => read,
                     _ = done.wait_for(|finished| *finished) => break,
                 };
                 let Ok(Some(read)) = read else { break };
-                let now = started.elapsed();
-                for result in &read {
-                    match result.output.first_chunk::<8>() {
-                        Some(sent) if result.state == crate::pb::TaskState::Succeeded as i32 => {
-                            let sent = Duration::from_nanos(u64::from_le_bytes(*sent));
-                            let waited = now.saturating_sub(sent);
-                            let _ = latency.record((waited.as_micros() as u64).max(1));
-                        }
-                        _ => errors += 1,
-                    }
-                }
-                window_r.add_permits(read.len());
-                settle_r(read.len() as u64);
+                settle_read(books.read(read));
             }
-            (latency, errors)
-        }));
+        };
+        running.push(tokio::spawn(tokio::time::timeout_at(deadline, read)));
         let (queue, window, settle) = (queue.to_string(), window.clone(), settle.clone());
-        let (batch, payload_bytes) = (args.batch, args.payload_bytes);
-        producers.push(tokio::spawn(async move {
+        let (books, batch) = (ledger.clone(), args.batch);
+        let put = async move {
             let mut left = share;
-            let mut errors = 0;
             while left > 0 {
                 let n = left.min(batch);
                 left -= n;
@@ -552,39 +703,24 @@ async fn produce_by_queue(args: &BenchArgs, clients: Vec<Client>, queue: &str) -
                     break;
                 };
                 permits.forget();
-                let sent = started.elapsed().as_nanos() as u64;
-                let mut payload = sent.to_le_bytes().to_vec();
-                payload.resize(payload_bytes.max(8), b'x');
-                let stored = match client
-                    .put_tasks(batch_of(&queue, &Bytes::from(payload), n))
-                    .await
-                {
-                    Ok(outcomes) => stored(&outcomes),
-                    Err(_) => 0,
+                let stamp = books.stamp();
+                let put = client.put_tasks(batch_of(&queue, &books.payload(stamp), n));
+                let (stored, settled) = match put.await {
+                    Ok(outcomes) => (stored(&outcomes), books.put(ids_of(&outcomes), stamp)),
+                    Err(_) => (0, 0),
                 };
-                if stored < n {
-                    errors += n - stored;
-                    window.add_permits((n - stored) as usize);
-                    settle(n - stored);
-                }
+                books.refused(n - stored);
+                // Tasks not put, and tasks whose result was read first.
+                settle(n - stored + settled);
             }
-            errors
-        }));
+        };
+        running.push(tokio::spawn(tokio::time::timeout_at(deadline, put)));
     }
-    let mut errors = 0;
-    for producer in producers {
-        errors += producer.await.expect("a load loop panicked");
+    let mut timed_out = false;
+    for task in running {
+        timed_out |= task.await.expect("a load loop panicked").is_err();
     }
-    let (latency, read_errors) = merge(readers).await;
-    let elapsed = started.elapsed();
-    let received = latency.len() + read_errors;
-    Phase {
-        count: latency.len(),
-        // Tasks put but never read back count as errors too.
-        errors: errors + read_errors + (total - errors).saturating_sub(received),
-        elapsed,
-        latency,
-    }
+    RoundTrip::from_books(ledger, started, timed_out)
 }
 
 /// `n` tasks with the same queue and payload, for PutTasks.
