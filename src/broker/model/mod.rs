@@ -1,7 +1,14 @@
 //! Model-based checking: sequences of operations run against the broker
-//! and against a small reference model written for clarity, not speed.
-//! After every step, what a client can observe (return values, results,
-//! queue counters) must agree, and the broker's bookkeeping must hold.
+//! and against a small reference model written for clarity, not speed
+//! (`reference.rs`). After every step, what a client can observe (return
+//! values, deliveries, results, queue counters, what a worker stream
+//! holds) must agree, and the broker's bookkeeping must hold.
+//!
+//! The operations: put (with ttl, idempotency keys and tasks the broker
+//! must refuse) and `put_many`, lease, extend, complete and
+//! `complete_many`, results by id and by queue, result streams, worker
+//! streams (open with a window, take deliveries, change the window, drop),
+//! and time passing on the paused clock (leases and ttls running out).
 //!
 //! The operations come from a [`Choices`] source: a seeded generator in the
 //! unit tests (a failure names the seed and the step), or the fuzzer's
@@ -9,12 +16,15 @@
 //! `fuzz/corpus/engine_ops` and replayed by a unit test. Compiled only for
 //! tests and the `fuzzing` feature.
 
-use std::collections::{BTreeMap, VecDeque};
+mod reference;
+
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
 
 use super::*;
+use reference::{Admit, Counts, MAX_PAYLOAD, MAX_RESULTS, Model, QUEUE_CAPACITY, Spec};
 
 /// Where a sequence's choices come from.
 pub trait Choices {
@@ -73,326 +83,17 @@ pub fn replay(data: &[u8]) {
     runtime.block_on(run_sequence(&mut Input(data), "fuzz input", 4096));
 }
 
-#[derive(Clone, Debug, PartialEq)]
-enum ModelState {
-    Pending,
-    Leased {
-        seq: u32,
-        expires: u64,
-    },
-    Finished {
-        state: TaskState,
-        output: Bytes,
-        error: String,
-        by_lease: u32,
-        outcome: Option<Outcome>,
-    },
-}
-
-#[derive(Clone, Debug)]
-struct ModelTask {
-    queue: &'static str,
-    attempt: u32,
-    max_attempts: u32,
-    lease_seq: u32,
-    state: ModelState,
-    last_retry: Option<(u32, String)>,
-}
-
-/// A WatchResults(queue) stream as the model sees it: the results set
-/// aside for it, and whether it was passed over while full.
-struct ModelResultStream {
-    queue: &'static str,
-    in_hand: VecDeque<TaskId>,
-    starved: bool,
-    /// A result taken and put back: the next one taken, outside the window.
-    front: Option<TaskId>,
-}
-
-/// The reference: queues as plain lists, time as milliseconds.
-#[derive(Default)]
-struct Model {
-    now: u64,
-    tasks: BTreeMap<TaskId, ModelTask>,
-    lines: BTreeMap<&'static str, VecDeque<TaskId>>,
-    /// Results not handed out, in completion order.
-    results: BTreeMap<&'static str, VecDeque<TaskId>>,
-    /// Open result result_streams by number, and each queue's turn order.
-    result_streams: BTreeMap<usize, ModelResultStream>,
-    turns: BTreeMap<&'static str, VecDeque<usize>>,
-}
-
-impl Model {
-    fn put(&mut self, id: TaskId, queue: &'static str, max_attempts: u32) {
-        self.tasks.insert(
-            id,
-            ModelTask {
-                queue,
-                attempt: 0,
-                max_attempts,
-                lease_seq: 0,
-                state: ModelState::Pending,
-                last_retry: None,
-            },
-        );
-        self.lines.entry(queue).or_default().push_back(id);
-    }
-
-    fn lease(&mut self, queue: &'static str, lease_ms: u64) -> Option<(TaskId, u32)> {
-        let id = self.lines.entry(queue).or_default().pop_front()?;
-        let task = self.tasks.get_mut(&id).unwrap();
-        task.attempt += 1;
-        task.lease_seq += 1;
-        task.state = ModelState::Leased {
-            seq: task.lease_seq,
-            expires: self.now + lease_ms,
-        };
-        Some((id, task.attempt))
-    }
-
-    fn finish(
-        &mut self,
-        id: TaskId,
-        state: TaskState,
-        output: Bytes,
-        error: String,
-        by_lease: u32,
-        outcome: Option<Outcome>,
-    ) {
-        let task = self.tasks.get_mut(&id).unwrap();
-        if task.state == ModelState::Pending {
-            self.lines.get_mut(task.queue).unwrap().retain(|t| *t != id);
-        }
-        task.state = ModelState::Finished {
-            state,
-            output,
-            error,
-            by_lease,
-            outcome,
-        };
-        let queue = task.queue;
-        self.results.entry(queue).or_default().push_back(id);
-        self.hand_out(queue);
-    }
-
-    /// Results go to the result_streams with room, in turns; a full one is
-    /// marked to ask again when half empty.
-    fn hand_out(&mut self, queue: &'static str) {
-        while !self.results.entry(queue).or_default().is_empty() {
-            let turns = self.turns.entry(queue).or_default();
-            let mut chosen = None;
-            for _ in 0..turns.len() {
-                let r = turns.pop_front().unwrap();
-                turns.push_back(r);
-                let stream = self.result_streams.get_mut(&r).unwrap();
-                if stream.in_hand.len() < RESULT_STREAM_WINDOW {
-                    chosen = Some(r);
-                    break;
-                }
-                stream.starved = true;
-            }
-            let Some(r) = chosen else { return };
-            let id = self.results.get_mut(queue).unwrap().pop_front().unwrap();
-            self.result_streams
-                .get_mut(&r)
-                .unwrap()
-                .in_hand
-                .push_back(id);
-        }
-    }
-
-    fn open_result_stream(&mut self, number: usize, queue: &'static str) {
-        let stream = ModelResultStream {
-            queue,
-            in_hand: VecDeque::new(),
-            starved: false,
-            front: None,
-        };
-        self.result_streams.insert(number, stream);
-        self.turns.entry(queue).or_default().push_back(number);
-        self.hand_out(queue);
-    }
-
-    fn take(&mut self, number: usize) -> Option<TaskId> {
-        let stream = self.result_streams.get_mut(&number).unwrap();
-        if let Some(id) = stream.front.take() {
-            return Some(id);
-        }
-        let id = stream.in_hand.pop_front()?;
-        if stream.in_hand.len() <= RESULT_STREAM_WINDOW / 2 && stream.starved {
-            stream.starved = false;
-            let queue = stream.queue;
-            self.hand_out(queue);
-        }
-        Some(id)
-    }
-
-    fn put_back(&mut self, number: usize, id: TaskId) {
-        self.result_streams.get_mut(&number).unwrap().front = Some(id);
-    }
-
-    /// What the result stream held goes back to the head, in order: the result
-    /// put back first.
-    fn drop_result_stream(&mut self, number: usize) {
-        let stream = self.result_streams.remove(&number).unwrap();
-        self.turns
-            .get_mut(stream.queue)
-            .unwrap()
-            .retain(|r| *r != number);
-        let results = self.results.entry(stream.queue).or_default();
-        for id in stream.in_hand.into_iter().rev() {
-            results.push_front(id);
-        }
-        if let Some(id) = stream.front {
-            results.push_front(id);
-        }
-        self.hand_out(stream.queue);
-    }
-
-    /// Leases that ran out by `now`, in deadline order (then id order, as
-    /// the broker's heap pops them): back to the head, or FAILED.
-    fn advance(&mut self, ms: u64) {
-        self.now += ms;
-        let mut due: Vec<(u64, TaskId)> = self
-            .tasks
-            .iter()
-            .filter_map(|(id, t)| match t.state {
-                ModelState::Leased { expires, .. } if expires <= self.now => Some((expires, *id)),
-                _ => None,
-            })
-            .collect();
-        due.sort();
-        for (_, id) in due {
-            let task = self.tasks.get_mut(&id).unwrap();
-            if task.attempt >= task.max_attempts {
-                self.finish(
-                    id,
-                    TaskState::Failed,
-                    Bytes::new(),
-                    "lease expired".into(),
-                    0,
-                    None,
-                );
-            } else {
-                task.state = ModelState::Pending;
-                self.lines.get_mut(task.queue).unwrap().push_front(id);
-            }
-        }
-    }
-
-    fn extend(&mut self, id: TaskId, seq: u32, by_ms: u64) -> Result<(), &'static str> {
-        let Some(task) = self.tasks.get_mut(&id) else {
-            return Err("not found");
-        };
-        match &mut task.state {
-            ModelState::Finished { .. } => Err("finished"),
-            ModelState::Leased { seq: s, expires } if *s == seq && *expires > self.now => {
-                *expires = self.now + by_ms;
-                Ok(())
-            }
-            _ => Err("stale"),
-        }
-    }
-
-    fn complete(
-        &mut self,
-        id: TaskId,
-        seq: u32,
-        outcome: Outcome,
-    ) -> Result<TaskState, &'static str> {
-        let now = self.now;
-        let Some(task) = self.tasks.get_mut(&id) else {
-            return Err("not found");
-        };
-        if let Outcome::Failure {
-            message,
-            retry: true,
-        } = &outcome
-        {
-            if task
-                .last_retry
-                .as_ref()
-                .is_some_and(|(s, m)| *s == seq && m == message)
-            {
-                return Ok(match &task.state {
-                    ModelState::Pending => TaskState::Pending,
-                    ModelState::Leased { .. } => TaskState::Leased,
-                    ModelState::Finished { state, .. } => *state,
-                });
-            }
-        }
-        if let ModelState::Finished {
-            state,
-            by_lease,
-            outcome: done,
-            ..
-        } = &task.state
-        {
-            return if *by_lease == seq && done.as_ref() == Some(&outcome) {
-                Ok(*state)
-            } else {
-                Err("conflict")
-            };
-        }
-        if seq == 0 || seq > task.lease_seq {
-            return Err("stale");
-        }
-        let current = matches!(task.state, ModelState::Leased { seq: s, expires } if s == seq && expires > now);
-        match outcome.clone() {
-            Outcome::Success(output) => {
-                self.finish(
-                    id,
-                    TaskState::Succeeded,
-                    output,
-                    String::new(),
-                    seq,
-                    Some(outcome),
-                );
-                Ok(TaskState::Succeeded)
-            }
-            Outcome::Failure { message, retry } => {
-                if !current {
-                    return Err("stale");
-                }
-                if retry && task.attempt < task.max_attempts {
-                    task.state = ModelState::Pending;
-                    task.last_retry = Some((seq, message));
-                    let queue = task.queue;
-                    self.lines.get_mut(queue).unwrap().push_front(id);
-                    Ok(TaskState::Pending)
-                } else {
-                    self.finish(
-                        id,
-                        TaskState::Failed,
-                        Bytes::new(),
-                        message,
-                        seq,
-                        Some(outcome),
-                    );
-                    Ok(TaskState::Failed)
-                }
-            }
-        }
-    }
-
-    fn next_result(&mut self, queue: &'static str) -> Option<TaskId> {
-        self.results.entry(queue).or_default().pop_front()
-    }
-
-    fn counts(&self, queue: &str) -> (u64, u64, u64, u64) {
-        let mut c = (0, 0, 0, 0);
-        for t in self.tasks.values().filter(|t| t.queue == queue) {
-            match &t.state {
-                ModelState::Pending => c.0 += 1,
-                ModelState::Leased { .. } => c.1 += 1,
-                ModelState::Finished {
-                    state: TaskState::Succeeded,
-                    ..
-                } => c.2 += 1,
-                ModelState::Finished { .. } => c.3 += 1,
-            }
-        }
-        c
+/// The broker under test: limits small enough that short sequences reach
+/// them (the model knows them).
+fn config() -> BrokerConfig {
+    BrokerConfig {
+        queue_capacity: QUEUE_CAPACITY,
+        max_payload: MAX_PAYLOAD,
+        max_results: MAX_RESULTS,
+        // Longer than any sequence runs (at most 4096 steps, each sleeping
+        // at most 2.5 s): results leave by count only, as in the model.
+        result_ttl: Duration::from_secs(24 * 3600),
+        ..BrokerConfig::default()
     }
 }
 
@@ -402,175 +103,396 @@ fn kind(error: &BrokerError) -> &'static str {
         BrokerError::TaskFinished(_) => "finished",
         BrokerError::StaleLease { .. } => "stale",
         BrokerError::ResultConflict(_) => "conflict",
+        BrokerError::PayloadTooLarge { .. } => "payload",
+        BrokerError::InvalidArgument(_) => "invalid",
+        BrokerError::QueueFull { .. } => "full",
         _ => "other",
     }
 }
 
 const QUEUES: [&str; 2] = ["a", "b"];
+/// Idempotency keys: few, so that they repeat.
+const KEYS: [&str; 3] = ["k0", "k1", "k2"];
+/// Open streams of each kind at most.
+const MAX_STREAMS: usize = 3;
+
+fn queue_name(queue: &str) -> QueueName {
+    QueueName::parse(queue).expect("the runner's queue names are valid")
+}
+
+impl Spec {
+    /// A task to put, now and then one the broker must refuse.
+    fn choose(rng: &mut impl Choices, queue: &'static str, step: usize) -> Self {
+        let payload = if rng.below(10) == 0 {
+            Bytes::from(vec![b'x'; MAX_PAYLOAD + 1])
+        } else {
+            Bytes::from(step.to_string())
+        };
+        let max_attempts = match rng.below(12) {
+            0 => 0,
+            1 => types::MAX_ATTEMPTS_LIMIT + 1,
+            n => 1 + n as u32 % 3,
+        };
+        let ttl_ms = match rng.below(16) {
+            0..=4 => Some(100 * (1 + rng.below(30))),
+            5 => Some(0),
+            _ => None,
+        };
+        let key = (rng.below(3) == 0).then(|| KEYS[rng.below(3) as usize]);
+        Self {
+            queue,
+            payload,
+            max_attempts,
+            ttl_ms,
+            key,
+        }
+    }
+
+    fn task(&self) -> NewTask {
+        NewTask {
+            queue: Some(queue_name(self.queue)),
+            payload: self.payload.clone(),
+            idempotency_key: self.key.map(String::from),
+            max_attempts: self.max_attempts,
+            ttl: self.ttl_ms.map(Duration::from_millis),
+            ..NewTask::default()
+        }
+    }
+}
+
+fn outcome(rng: &mut impl Choices) -> Outcome {
+    match rng.below(4) {
+        0 => Outcome::Success(Bytes::from_static(b"ok")),
+        1 => Outcome::Success(Bytes::from_static(b"other")),
+        2 => Outcome::Failure {
+            message: "flaky".into(),
+            retry: true,
+        },
+        _ => Outcome::Failure {
+            message: "broken".into(),
+            retry: false,
+        },
+    }
+}
+
+/// One poll, as a response stream's transport would make it: what is
+/// ready now, or nothing.
+fn poll_now<T>(poll: impl FnOnce(&mut Context<'_>) -> Poll<Option<T>>) -> Option<T> {
+    match poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(item) => item,
+        Poll::Pending => None,
+    }
+}
+
+/// The broker and its model side by side, and what a client holds
+/// between steps: every lease it was handed (so that stale and repeated
+/// reports happen), the ids it put, its open streams (numbered as the
+/// model's).
+struct Runner {
+    b: Broker,
+    model: Model,
+    leases: Vec<LeaseId>,
+    ids: Vec<TaskId>,
+    result_streams: Vec<(usize, ResultStream)>,
+    worker_streams: Vec<(usize, WorkerStream)>,
+    next_stream: usize,
+}
+
+impl Runner {
+    /// A put's answer against the model's; a new task is stored in the
+    /// model under the broker's id.
+    fn check_put(&mut self, spec: &Spec, got: &Result<PutOutcome, BrokerError>, at: &str) {
+        match (self.model.admit(spec), got) {
+            (Ok(Admit::New), Ok(out)) if !out.duplicate => {
+                self.model.store(out.task_id, spec);
+                self.ids.push(out.task_id);
+            }
+            (Ok(Admit::Duplicate(id)), Ok(out)) if out.duplicate && out.task_id == id => {}
+            (Err(expected), Err(error)) if kind(error) == expected => {}
+            (expected, got) => {
+                panic!("{at}: put {spec:?}: the model says {expected:?}, the broker {got:?}")
+            }
+        }
+    }
+
+    async fn put(&mut self, rng: &mut impl Choices, queue: &'static str, step: usize, at: &str) {
+        let spec = Spec::choose(rng, queue, step);
+        let got = self.b.put(spec.task(), Duration::ZERO).await;
+        self.check_put(&spec, &got, at);
+    }
+
+    /// A batch, its tasks in either queue: each answer as a put one after
+    /// another would give it.
+    fn put_many(&mut self, rng: &mut impl Choices, step: usize, at: &str) {
+        let specs: Vec<Spec> = (0..1 + rng.below(4))
+            .map(|_| {
+                let queue = QUEUES[rng.below(2) as usize];
+                Spec::choose(rng, queue, step)
+            })
+            .collect();
+        let got = self.b.put_many(specs.iter().map(Spec::task).collect());
+        assert_eq!(got.len(), specs.len(), "{at}: put_many answers");
+        for (spec, got) in specs.iter().zip(&got) {
+            self.check_put(spec, got, at);
+        }
+    }
+
+    async fn lease(&mut self, rng: &mut impl Choices, queue: &'static str, at: &str) {
+        let lease_ms = 1000 * (1 + rng.below(3));
+        let request = LeaseRequest {
+            queue: queue_name(queue),
+            worker: WorkerId::new("w").unwrap(),
+            lease_duration: Some(Duration::from_millis(lease_ms)),
+        };
+        let got = self.b.lease(request, Duration::ZERO).await.unwrap();
+        let expected = self.model.lease(queue, lease_ms);
+        assert_eq!(
+            got.as_ref().map(|t| (t.id, t.attempt)),
+            expected,
+            "{at}: lease"
+        );
+        if let Some(t) = got {
+            self.leases.push(t.lease_id);
+        }
+    }
+
+    fn any_lease(&self, rng: &mut impl Choices) -> LeaseId {
+        self.leases[rng.below(self.leases.len() as u64) as usize]
+    }
+
+    fn extend(&mut self, rng: &mut impl Choices, at: &str) {
+        let lease = self.any_lease(rng);
+        let by_ms = 1000 * (1 + rng.below(3));
+        let got = self.b.extend(lease, Some(Duration::from_millis(by_ms)));
+        let expected = self.model.extend(lease.task, lease.seq, by_ms);
+        assert_eq!(
+            got.map(|_| ()).map_err(|e| kind(&e)),
+            expected,
+            "{at}: extend {lease}"
+        );
+    }
+
+    fn complete(&mut self, rng: &mut impl Choices, at: &str) {
+        let lease = self.any_lease(rng);
+        let outcome = outcome(rng);
+        let got = self.b.complete(lease, outcome.clone());
+        let expected = self.model.complete(lease.task, lease.seq, outcome);
+        assert_eq!(
+            got.map_err(|e| kind(&e)),
+            expected,
+            "{at}: complete {lease}"
+        );
+    }
+
+    /// A worker's `results` batch: each answer as `complete` one after
+    /// another would give it.
+    fn complete_many(&mut self, rng: &mut impl Choices, at: &str) {
+        let reports: Vec<(LeaseId, Outcome)> = (0..1 + rng.below(3))
+            .map(|_| (self.any_lease(rng), outcome(rng)))
+            .collect();
+        let got = self.b.complete_many(reports.clone());
+        assert_eq!(got.len(), reports.len(), "{at}: complete_many answers");
+        for ((lease, outcome), got) in reports.into_iter().zip(got) {
+            let expected = self.model.complete(lease.task, lease.seq, outcome);
+            assert_eq!(
+                got.map_err(|e| kind(&e)),
+                expected,
+                "{at}: complete_many {lease}"
+            );
+        }
+    }
+
+    async fn result(&mut self, rng: &mut impl Choices, at: &str) {
+        let id = self.ids[rng.below(self.ids.len() as u64) as usize];
+        let got = self.b.result(id, Duration::ZERO).await;
+        assert_eq!(
+            got.map(|r| r.map(|r| (r.state, r.output, r.attempts)))
+                .map_err(|e| kind(&e)),
+            self.model.result(id),
+            "{at}: result {id}"
+        );
+    }
+
+    async fn next_result(&mut self, queue: &'static str, at: &str) {
+        let got = self
+            .b
+            .next_result(queue_name(queue), Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(
+            got.map(|r| r.task_id),
+            self.model.next_result(queue),
+            "{at}: next result"
+        );
+    }
+
+    fn open_result_stream(&mut self, queue: &'static str) {
+        let stream = self.b.open_result_stream(&queue_name(queue)).unwrap();
+        self.result_streams.push((self.next_stream, stream));
+        self.model.open_result_stream(self.next_stream, queue);
+        self.next_stream += 1;
+    }
+
+    fn drop_result_stream(&mut self, rng: &mut impl Choices) {
+        let at = rng.below(self.result_streams.len() as u64) as usize;
+        let (number, stream) = self.result_streams.remove(at);
+        drop(stream);
+        self.model.drop_result_stream(number);
+    }
+
+    fn take_result(&mut self, rng: &mut impl Choices, at: &str) {
+        let i = rng.below(self.result_streams.len() as u64) as usize;
+        let (number, stream) = &mut self.result_streams[i];
+        let got = poll_now(|cx| stream.poll_next_result(cx));
+        let id = got.as_ref().map(|r| r.task_id);
+        assert_eq!(
+            id,
+            self.model.take_result(*number),
+            "{at}: result stream {number} takes"
+        );
+        // Now and then the result does not fit a batch: put back.
+        if let Some(result) = got
+            && rng.below(3) == 0
+        {
+            self.model.put_back_result(*number, result.task_id);
+            stream.put_back(result);
+        }
+    }
+
+    fn open_worker_stream(&mut self, rng: &mut impl Choices, queue: &'static str) {
+        let window = rng.below(5) as u32;
+        // Some leases long enough that the stream still holds its tasks
+        // when it is dropped.
+        let lease_ms = [1000, 3000, 20_000][rng.below(3) as usize];
+        let request = LeaseRequest {
+            queue: queue_name(queue),
+            worker: WorkerId::new("s").unwrap(),
+            lease_duration: Some(Duration::from_millis(lease_ms)),
+        };
+        let stream = self.b.open_worker_stream(request, window).unwrap();
+        self.worker_streams.push((self.next_stream, stream));
+        self.model
+            .open_worker_stream(self.next_stream, queue, lease_ms, window);
+        self.next_stream += 1;
+    }
+
+    fn drop_worker_stream(&mut self, rng: &mut impl Choices) {
+        let at = rng.below(self.worker_streams.len() as u64) as usize;
+        let (number, stream) = self.worker_streams.remove(at);
+        drop(stream);
+        self.model.drop_worker_stream(number);
+    }
+
+    fn set_window(&mut self, rng: &mut impl Choices) {
+        let (number, stream) =
+            &self.worker_streams[rng.below(self.worker_streams.len() as u64) as usize];
+        let window = rng.below(5) as u32;
+        stream.control().set_window(window);
+        self.model.set_window(*number, window);
+    }
+
+    /// The worker stream's handle polled once, as its response stream
+    /// would; the lease taken joins those reported on.
+    fn take_task(&mut self, rng: &mut impl Choices, at: &str) {
+        let i = rng.below(self.worker_streams.len() as u64) as usize;
+        let (number, stream) = &mut self.worker_streams[i];
+        let got = poll_now(|cx| stream.poll_next_task(cx));
+        let expected = self.model.take_task(*number);
+        assert_eq!(
+            got.as_ref().map(|t| (t.id, t.attempt, t.lease_id.seq)),
+            expected.map(|d| (d.id, d.attempt, d.seq)),
+            "{at}: worker stream {number} takes"
+        );
+        let (Some(task), Some(delivery)) = (got, expected) else {
+            return;
+        };
+        self.leases.push(task.lease_id);
+        // Now and then the task does not fit a batch: put back.
+        if rng.below(4) == 0 {
+            stream.put_back(task);
+            self.model.put_back_task(*number, delivery);
+        }
+    }
+
+    async fn sleep(&mut self, rng: &mut impl Choices) {
+        let ms = 100 * rng.below(26);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        // Let the timer task handle what fell due at this instant.
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+        self.model.advance(ms);
+    }
+
+    /// What a client can see without changing anything, against the
+    /// model, and the broker's own bookkeeping.
+    fn compare(&self, at: &str) {
+        self.b.check();
+        for queue in QUEUES {
+            let s = self.b.stats(Some(&[queue_name(queue)])).queues.remove(0);
+            let got = Counts {
+                pending: s.pending,
+                leased: s.leased,
+                succeeded: s.succeeded,
+                failed: s.failed,
+                redelivered: s.redelivered,
+                results_unclaimed: s.results_unclaimed,
+                results_evicted: s.results_evicted,
+            };
+            assert_eq!(got, self.model.counts(queue), "{at}: counts of {queue}");
+        }
+        for (number, stream) in &self.worker_streams {
+            assert_eq!(
+                (stream.control().outstanding(), stream.ready()),
+                self.model.worker_stream_view(*number),
+                "{at}: worker stream {number}: leased through it, ready"
+            );
+        }
+    }
+}
 
 /// Runs one sequence against both; panics naming its source and the step
 /// on the first disagreement.
 async fn run_sequence(rng: &mut impl Choices, source: &str, steps: usize) {
-    let b = Broker::new(BrokerConfig::default());
-    let mut model = Model::default();
-    // Every lease ever handed out, so stale and repeated reports happen.
-    let mut leases: Vec<LeaseId> = Vec::new();
-    let mut ids: Vec<TaskId> = Vec::new();
-    // Open result result_streams: (number, stream), numbered as the model's.
-    let mut result_streams: Vec<(usize, ResultStream)> = Vec::new();
-    let mut next_stream = 0;
+    let mut run = Runner {
+        b: Broker::new(config()),
+        model: Model::default(),
+        leases: Vec::new(),
+        ids: Vec::new(),
+        result_streams: Vec::new(),
+        worker_streams: Vec::new(),
+        next_stream: 0,
+    };
     for step in 0..steps {
         if rng.exhausted() {
             break;
         }
         let at = format!("{source}, step {step}");
         let queue = QUEUES[rng.below(2) as usize];
-        match rng.below(112) {
-            0..=19 => {
-                let max_attempts = 1 + rng.below(3) as u32;
-                let task = NewTask {
-                    queue: Some(QueueName::parse(queue).unwrap()),
-                    payload: Bytes::from(step.to_string()),
-                    max_attempts,
-                    ..NewTask::default()
-                };
-                let id = b.put(task, Duration::ZERO).await.unwrap().task_id;
-                model.put(id, queue, max_attempts);
-                ids.push(id);
+        let leases = !run.leases.is_empty();
+        let results = !run.result_streams.is_empty();
+        let workers = !run.worker_streams.is_empty();
+        match rng.below(130) {
+            0..=19 => run.put(rng, queue, step, &at).await,
+            20..=34 => run.lease(rng, queue, &at).await,
+            35..=44 if leases => run.extend(rng, &at),
+            45..=64 if leases => run.complete(rng, &at),
+            65..=69 if leases => run.complete_many(rng, &at),
+            70..=79 if !run.ids.is_empty() => run.result(rng, &at).await,
+            80..=84 => run.next_result(queue, &at).await,
+            85..=89 => run.put_many(rng, step, &at),
+            100..=102 if run.result_streams.len() < MAX_STREAMS => run.open_result_stream(queue),
+            103 if results => run.drop_result_stream(rng),
+            104..=111 if results => run.take_result(rng, &at),
+            112..=114 if run.worker_streams.len() < MAX_STREAMS => {
+                run.open_worker_stream(rng, queue);
             }
-            20..=39 => {
-                let lease_ms = 1000 * (1 + rng.below(3));
-                let request = LeaseRequest {
-                    queue: QueueName::parse(queue).unwrap(),
-                    worker: WorkerId::new("w").unwrap(),
-                    lease_duration: Some(Duration::from_millis(lease_ms)),
-                };
-                let got = b.lease(request, Duration::ZERO).await.unwrap();
-                let expected = model.lease(queue, lease_ms);
-                assert_eq!(
-                    got.as_ref().map(|t| (t.id, t.attempt)),
-                    expected,
-                    "{at}: lease"
-                );
-                if let Some(t) = got {
-                    leases.push(t.lease_id);
-                }
-            }
-            40..=49 if !leases.is_empty() => {
-                let lease = leases[rng.below(leases.len() as u64) as usize];
-                let by_ms = 1000 * (1 + rng.below(3));
-                let got = b.extend(lease, Some(Duration::from_millis(by_ms)));
-                let expected = model.extend(lease.task, lease.seq, by_ms);
-                assert_eq!(
-                    got.map(|_| ()).map_err(|e| kind(&e)),
-                    expected,
-                    "{at}: extend {lease}"
-                );
-            }
-            50..=74 if !leases.is_empty() => {
-                let lease = leases[rng.below(leases.len() as u64) as usize];
-                let outcome = match rng.below(4) {
-                    0 => Outcome::Success(Bytes::from_static(b"ok")),
-                    1 => Outcome::Success(Bytes::from_static(b"other")),
-                    2 => Outcome::Failure {
-                        message: "flaky".into(),
-                        retry: true,
-                    },
-                    _ => Outcome::Failure {
-                        message: "broken".into(),
-                        retry: false,
-                    },
-                };
-                let got = b.complete(lease, outcome.clone());
-                let expected = model.complete(lease.task, lease.seq, outcome);
-                assert_eq!(
-                    got.map_err(|e| kind(&e)),
-                    expected,
-                    "{at}: complete {lease}"
-                );
-            }
-            75..=84 if !ids.is_empty() => {
-                let id = ids[rng.below(ids.len() as u64) as usize];
-                let got = b.result(id, Duration::ZERO).await.unwrap();
-                let expected = match &model.tasks[&id].state {
-                    ModelState::Finished { state, output, .. } => Some((*state, output.clone())),
-                    _ => None,
-                };
-                assert_eq!(
-                    got.map(|r| (r.state, r.output)),
-                    expected,
-                    "{at}: result {id}"
-                );
-            }
-            85..=89 => {
-                let got = b
-                    .next_result(QueueName::parse(queue).unwrap(), Duration::ZERO)
-                    .await
-                    .unwrap();
-                assert_eq!(
-                    got.map(|r| r.task_id),
-                    model.next_result(queue),
-                    "{at}: next result"
-                );
-            }
-            100..=102 if result_streams.len() < 3 => {
-                let stream = b
-                    .open_result_stream(&QueueName::parse(queue).unwrap())
-                    .unwrap();
-                result_streams.push((next_stream, stream));
-                model.open_result_stream(next_stream, queue);
-                next_stream += 1;
-            }
-            103 if !result_streams.is_empty() => {
-                let (number, stream) =
-                    result_streams.remove(rng.below(result_streams.len() as u64) as usize);
-                drop(stream);
-                model.drop_result_stream(number);
-            }
-            104..=111 if !result_streams.is_empty() => {
-                let at_stream = rng.below(result_streams.len() as u64) as usize;
-                let (number, stream) = &mut result_streams[at_stream];
-                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-                let got = match stream.poll_next_result(&mut cx) {
-                    std::task::Poll::Ready(result) => result,
-                    std::task::Poll::Pending => None,
-                };
-                let id = got.as_ref().map(|r| r.task_id);
-                assert_eq!(
-                    id,
-                    model.take(*number),
-                    "{at}: result stream {number} takes"
-                );
-                // Now and then the result does not fit a batch: put back.
-                if let Some(result) = got
-                    && rng.below(3) == 0
-                {
-                    model.put_back(*number, result.task_id);
-                    stream.put_back(result);
-                }
-            }
-            _ => {
-                let ms = 100 * rng.below(26);
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-                // Let the timer task handle what fell due at this instant.
-                for _ in 0..4 {
-                    tokio::task::yield_now().await;
-                }
-                model.advance(ms);
-            }
+            115..=116 if workers => run.drop_worker_stream(rng),
+            117 if workers => run.set_window(rng),
+            118..=129 if workers => run.take_task(rng, &at),
+            _ => run.sleep(rng).await,
         }
-        b.check();
-        for q in QUEUES {
-            let s = b
-                .stats(Some(&[QueueName::parse(q).unwrap()]))
-                .queues
-                .remove(0);
-            assert_eq!(
-                (s.pending, s.leased, s.succeeded, s.failed),
-                model.counts(q),
-                "{at}: counts of {q}"
-            );
-        }
+        run.compare(&at);
     }
 }
 
