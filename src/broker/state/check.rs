@@ -20,6 +20,12 @@ impl State {
         (self.timers.len(), ready, unclaimed)
     }
 
+    /// Waiters registered now (their slots out): GetTask and GetResult
+    /// calls, watches, worker and result streams.
+    pub fn waiters(&self) -> usize {
+        self.slots.out()
+    }
+
     /// Returns what is wrong, if anything: counters that disagree with the
     /// tasks and results they count, a pending task not exactly once in its
     /// line, waiters' slots that disagree with the waiters registered.
