@@ -175,6 +175,18 @@ fn outcome(rng: &mut impl Choices) -> Outcome {
     }
 }
 
+/// An index into a list of `len` (more than 0) items.
+fn index(rng: &mut impl Choices, len: usize) -> usize {
+    rng.below(len as u64) as usize
+}
+
+/// Drops one of `streams` (a client leaving), and returns its number.
+fn drop_one<T>(rng: &mut impl Choices, streams: &mut Vec<(usize, T)>) -> usize {
+    let (number, stream) = streams.remove(index(rng, streams.len()));
+    drop(stream);
+    number
+}
+
 /// One poll, as a response stream's transport would make it: what is
 /// ready now, or nothing.
 fn poll_now<T>(poll: impl FnOnce(&mut Context<'_>) -> Poll<Option<T>>) -> Option<T> {
@@ -257,7 +269,7 @@ impl Runner {
     }
 
     fn any_lease(&self, rng: &mut impl Choices) -> LeaseId {
-        self.leases[rng.below(self.leases.len() as u64) as usize]
+        self.leases[index(rng, self.leases.len())]
     }
 
     fn extend(&mut self, rng: &mut impl Choices, at: &str) {
@@ -303,7 +315,7 @@ impl Runner {
     }
 
     async fn result(&mut self, rng: &mut impl Choices, at: &str) {
-        let id = self.ids[rng.below(self.ids.len() as u64) as usize];
+        let id = self.ids[index(rng, self.ids.len())];
         let got = self.b.result(id, Duration::ZERO).await;
         assert_eq!(
             got.map(|r| r.map(|r| (r.state, r.output, r.attempts)))
@@ -334,14 +346,12 @@ impl Runner {
     }
 
     fn drop_result_stream(&mut self, rng: &mut impl Choices) {
-        let at = rng.below(self.result_streams.len() as u64) as usize;
-        let (number, stream) = self.result_streams.remove(at);
-        drop(stream);
+        let number = drop_one(rng, &mut self.result_streams);
         self.model.drop_result_stream(number);
     }
 
     fn take_result(&mut self, rng: &mut impl Choices, at: &str) {
-        let i = rng.below(self.result_streams.len() as u64) as usize;
+        let i = index(rng, self.result_streams.len());
         let (number, stream) = &mut self.result_streams[i];
         let got = poll_now(|cx| stream.poll_next_result(cx));
         let id = got.as_ref().map(|r| r.task_id);
@@ -377,15 +387,12 @@ impl Runner {
     }
 
     fn drop_worker_stream(&mut self, rng: &mut impl Choices) {
-        let at = rng.below(self.worker_streams.len() as u64) as usize;
-        let (number, stream) = self.worker_streams.remove(at);
-        drop(stream);
+        let number = drop_one(rng, &mut self.worker_streams);
         self.model.drop_worker_stream(number);
     }
 
     fn set_window(&mut self, rng: &mut impl Choices) {
-        let (number, stream) =
-            &self.worker_streams[rng.below(self.worker_streams.len() as u64) as usize];
+        let (number, stream) = &self.worker_streams[index(rng, self.worker_streams.len())];
         let window = rng.below(5) as u32;
         stream.control().set_window(window);
         self.model.set_window(*number, window);
@@ -394,7 +401,7 @@ impl Runner {
     /// The worker stream's handle polled once, as its response stream
     /// would; the lease taken joins those reported on.
     fn take_task(&mut self, rng: &mut impl Choices, at: &str) {
-        let i = rng.below(self.worker_streams.len() as u64) as usize;
+        let i = index(rng, self.worker_streams.len());
         let (number, stream) = &mut self.worker_streams[i];
         let got = poll_now(|cx| stream.poll_next_task(cx));
         let expected = self.model.take_task(*number);
