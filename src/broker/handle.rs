@@ -395,6 +395,14 @@ impl Broker {
             panic!("broker inconsistent: {problem}");
         }
     }
+
+    /// Waiters registered now: calls waiting, watches, worker and result
+    /// streams. Once every call and stream is gone, none may be left.
+    #[cfg(any(test, feature = "fuzzing"))]
+    #[doc(hidden)]
+    pub fn waiters(&self) -> usize {
+        self.state().waiters()
+    }
 }
 
 /// Now + `wait`, or a day from now for waits past any sane deadline.

@@ -1483,6 +1483,26 @@ async fn a_closed_stream_gives_its_tasks_back_at_once() {
     b.check();
 }
 
+/// Regression: a closed stream gave its tasks back in the order of a hash
+/// set, so the queue's order after a close was anyone's guess.
+#[tokio::test(start_paused = true)]
+async fn a_closed_stream_gives_its_tasks_back_oldest_first() {
+    let b = broker();
+    let mut sub = b.open_worker_stream(req("q", "s1", 3600 * SEC), 8).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        ids.push(put(&b, "q", &i.to_string()).await);
+    }
+    for id in &ids {
+        assert_eq!(next_now(&mut sub).await.unwrap().id, *id);
+    }
+    drop(sub);
+    for id in &ids {
+        assert_eq!(take(&b, "q", SEC).await.id, *id);
+    }
+    b.check();
+}
+
 #[tokio::test(start_paused = true)]
 async fn streams_take_turns_and_waiting_calls_go_first() {
     let b = broker();

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use super::{QueueState, State, Status};
+use super::{State, Status};
 use crate::broker::QueueName;
 
 impl State {
@@ -15,9 +15,15 @@ impl State {
         let (ready, unclaimed) = self
             .queues
             .values()
-            .map(QueueState::line_lengths)
+            .map(super::QueueState::line_lengths)
             .fold((0, 0), |(r, u), (qr, qu)| (r + qr, u + qu));
         (self.timers.len(), ready, unclaimed)
+    }
+
+    /// Waiters registered now (their slots out): GetTask and GetResult
+    /// calls, watches, worker and result streams.
+    pub fn waiters(&self) -> usize {
+        self.slots.out()
     }
 
     /// Returns what is wrong, if anything: counters that disagree with the

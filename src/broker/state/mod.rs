@@ -619,8 +619,8 @@ impl State {
     }
 
     /// Ends a worker stream: every task still leased through it goes back
-    /// to the head of its queue at once (or fails, out of attempts or ttl),
-    /// as if its lease had run out now.
+    /// to the head of its queue at once, oldest first (or fails, out of
+    /// attempts or ttl), as if its lease had run out now.
     pub fn close_stream(&mut self, stream: StreamId, now: Instant) {
         let Some(record) = self.streams.remove(&stream) else {
             return;
@@ -628,9 +628,15 @@ impl State {
         if let Some(queue) = self.queues.get_mut(&record.queue) {
             queue.streams.retain(|sid| *sid != stream);
         }
-        for id in &record.outstanding {
-            if self.leased_through_stream(*id, stream) {
-                self.lease_lost(*id, now);
+        // Newest first, each to the head of the line: the line then starts
+        // with the oldest, in the order the tasks were made, and not in the
+        // order the set happens to hash them (which the model-based test
+        // could not predict).
+        let mut held: Vec<TaskId> = record.outstanding.into_iter().collect();
+        held.sort_unstable_by(|a, b| b.cmp(a));
+        for id in held {
+            if self.leased_through_stream(id, stream) {
+                self.lease_lost(id, now);
             }
         }
         self.dispatch(&record.queue, now);
