@@ -74,7 +74,10 @@ pub enum ClientError {
     #[error("the token has characters that cannot be sent in a gRPC header")]
     InvalidToken,
     /// No connection could be made.
-    #[error("cannot connect to {address}: {source}; is the server running and reachable?")]
+    #[error(
+        "cannot connect to {address}: {}; is the server running and reachable?",
+        with_causes(.source)
+    )]
     Connect {
         /// The address.
         address: String,
@@ -104,12 +107,33 @@ fn code_name(code: Code) -> String {
 }
 
 impl From<Status> for ClientError {
+    /// The status's message, followed by the causes the transport gave for
+    /// it (a refused certificate, a reset connection), which the message
+    /// alone ("transport error") does not say.
     fn from(status: Status) -> Self {
         Self::Rpc {
             code: status.code(),
-            message: status.message().to_string(),
+            message: with_causes(&status),
         }
     }
+}
+
+/// An error's text followed by its causes' (a transport error's refused
+/// certificate or reset connection), each once.
+fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = match error.downcast_ref::<Status>() {
+        Some(status) => status.message().to_string(),
+        None => error.to_string(),
+    };
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        let more = error.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = error.source();
+    }
+    text
 }
 
 impl ClientError {
