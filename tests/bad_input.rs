@@ -600,15 +600,7 @@ async fn bad_messages_on_an_open_stream() {
     let mut client = server.client().await;
     client.put_task(put("q")).await.unwrap();
     let (tx, outbound) = tokio::sync::mpsc::channel(8);
-    tx.send(pb::WorkerMessage {
-        msg: Some(In::Subscribe(pb::Subscribe {
-            queue: "q".into(),
-            max_in_flight: 1,
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
+    tx.send(common::subscribe("q", 1)).await.unwrap();
     let mut replies = client
         .stream_tasks(tokio_stream::wrappers::ReceiverStream::new(outbound))
         .await

@@ -323,17 +323,7 @@ async fn an_aged_connection_moves_new_calls_and_keeps_its_streams() {
         }
     })
     .await;
-    tx.send(pb::WorkerMessage {
-        msg: Some(In::Result(pb::PutResultRequest {
-            task_id: task.id.clone(),
-            lease_id: task.lease_id.clone(),
-            outcome: Some(pb::put_result_request::Outcome::Output(
-                b"ok".to_vec().into(),
-            )),
-        })),
-    })
-    .await
-    .unwrap();
+    tx.send(common::succeeded(&task, b"ok")).await.unwrap();
     let Some(Out::ResultAck(ack)) = replies.next().await.unwrap().unwrap().msg else {
         panic!("an ack on the old connection's stream");
     };

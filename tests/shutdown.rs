@@ -9,11 +9,11 @@ use common::{TestServer, with_deadline};
 use taskq::pb;
 use tokio_stream::StreamExt;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse, health_client::HealthClient};
 
-#[tokio::test]
-async fn shutdown_drains_in_order() {
-    let mut server = TestServer::spawn().await;
+/// A watch on the task-queue service's health, past its first answer
+/// (SERVING).
+async fn serving_watch(server: &TestServer) -> tonic::Streaming<HealthCheckResponse> {
     let mut health = HealthClient::new(server.channel().await);
     let mut watch = health
         .watch(HealthCheckRequest {
@@ -24,6 +24,13 @@ async fn shutdown_drains_in_order() {
         .into_inner();
     let first = watch.next().await.unwrap().unwrap();
     assert_eq!(first.status(), ServingStatus::Serving);
+    watch
+}
+
+#[tokio::test]
+async fn shutdown_drains_in_order() {
+    let mut server = TestServer::spawn().await;
+    let mut watch = serving_watch(&server).await;
 
     // A worker long-polling with a one-minute deadline.
     let mut worker = server.client().await;
@@ -80,7 +87,6 @@ async fn shutdown_drains_in_order() {
         .expect("the results stream ends during the drain");
     assert_eq!(ended.unwrap_err().code(), tonic::Code::Unavailable);
     drop(watch);
-    drop(health);
     drop(client);
     server.shutdown().await;
 }
@@ -135,7 +141,7 @@ async fn a_stuck_call_is_cut_off_after_the_grace_period() {
 /// server has stopped; the report still goes in and ends the drain.
 #[tokio::test]
 async fn during_the_drain_new_calls_are_refused_and_reports_go_in() {
-    use pb::{server_message::Msg as Out, worker_message::Msg as In};
+    use pb::server_message::Msg as Out;
     let mut server = TestServer::spawn().await;
     let mut client = server.client().await;
     let put = |payload: &str| pb::PutTaskRequest {
@@ -145,15 +151,7 @@ async fn during_the_drain_new_calls_are_refused_and_reports_go_in() {
     };
     client.put_task(put("held")).await.unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::WorkerMessage {
-        msg: Some(In::Subscribe(pb::Subscribe {
-            queue: "q".into(),
-            max_in_flight: 1,
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
+    tx.send(common::subscribe("q", 1)).await.unwrap();
     let mut worker = server.client().await;
     let mut inbound = worker
         .stream_tasks(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -164,18 +162,7 @@ async fn during_the_drain_new_calls_are_refused_and_reports_go_in() {
         Some(Out::Task(task)) => task,
         other => panic!("expected the task, got {other:?}"),
     };
-    let mut health = HealthClient::new(server.channel().await);
-    let mut watch = health
-        .watch(HealthCheckRequest {
-            service: "taskq.v1.TaskQueue".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        watch.next().await.unwrap().unwrap().status(),
-        ServingStatus::Serving
-    );
+    let mut watch = serving_watch(&server).await;
 
     server.signal_shutdown();
     assert_eq!(
@@ -209,17 +196,7 @@ async fn during_the_drain_new_calls_are_refused_and_reports_go_in() {
         );
     }
     // The worker's report still goes in, and then its stream is let go.
-    tx.send(pb::WorkerMessage {
-        msg: Some(In::Result(pb::PutResultRequest {
-            task_id: task.id.clone(),
-            lease_id: task.lease_id.clone(),
-            outcome: Some(pb::put_result_request::Outcome::Output(
-                b"ok".to_vec().into(),
-            )),
-        })),
-    })
-    .await
-    .unwrap();
+    tx.send(common::succeeded(&task, b"ok")).await.unwrap();
     match inbound.message().await.unwrap().unwrap().msg {
         Some(Out::ResultAck(ack)) => {
             assert!(ack.error.is_none(), "{ack:?}");
@@ -229,6 +206,6 @@ async fn during_the_drain_new_calls_are_refused_and_reports_go_in() {
     }
     let ended = inbound.message().await.unwrap_err();
     assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
-    drop((watch, health, client, worker, tx, inbound));
+    drop((watch, client, worker, tx, inbound));
     server.shutdown().await;
 }

@@ -132,3 +132,29 @@ pub fn with_deadline<T>(message: T, timeout: Duration) -> Request<T> {
     request.set_timeout(timeout);
     request
 }
+
+/// A worker stream's first message: subscribe to `queue` with a window.
+pub fn subscribe(queue: &str, max_in_flight: u32) -> taskq::pb::WorkerMessage {
+    use taskq::pb;
+    pb::WorkerMessage {
+        msg: Some(pb::worker_message::Msg::Subscribe(pb::Subscribe {
+            queue: queue.into(),
+            max_in_flight,
+            ..Default::default()
+        })),
+    }
+}
+
+/// A worker stream's report of `task` succeeded with `output`.
+pub fn succeeded(task: &taskq::pb::Task, output: &[u8]) -> taskq::pb::WorkerMessage {
+    use taskq::pb;
+    pb::WorkerMessage {
+        msg: Some(pb::worker_message::Msg::Result(pb::PutResultRequest {
+            task_id: task.id.clone(),
+            lease_id: task.lease_id.clone(),
+            outcome: Some(pb::put_result_request::Outcome::Output(
+                output.to_vec().into(),
+            )),
+        })),
+    }
+}
