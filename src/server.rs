@@ -136,6 +136,20 @@ impl ServerConfig {
     }
 }
 
+/// The drain's first steps, in this order: health turns NOT_SERVING (so
+/// probes and balancers stop sending work here), and only then does the
+/// broker close, answering the calls that wait. A worker whose long-poll
+/// comes back empty and asks again is thus never routed back here.
+async fn begin_drain(health: &tonic_health::server::HealthReporter, broker: &Broker) {
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+    broker.close();
+}
+
 /// The listening socket as the server's stream of connections, closed
 /// when the drain starts. The transport stops accepting then but keeps its
 /// stream (and so the socket) until every connection is done; closing the
@@ -316,16 +330,10 @@ pub async fn run(
     }
 
     tracing::info!(grace = ?config.shutdown_grace, "shutdown signal: draining");
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    health
-        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-        .await;
+    begin_drain(&health, &broker).await;
     // New connections are refused from now on (clients go elsewhere at
     // once, rather than wait in the listen queue until the server stops).
     listening.close();
-    broker.close();
     let _ = stop.send(());
     let result = match tokio::time::timeout(config.shutdown_grace, &mut serving).await {
         Ok(ended) => ended?.map_err(ServerError::from),
@@ -345,4 +353,74 @@ pub async fn run(
         "taskq stopped; held tasks and results were in memory only and are dropped"
     );
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use tokio_stream::StreamExt;
+    use tonic_health::ServingStatus;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus as Status;
+    use tonic_health::pb::health_server::Health;
+    use tonic_health::server::{HealthReporter, HealthService};
+
+    use super::{BrokerConfig, SERVICE_NAME, begin_drain};
+    use crate::broker::{Broker, LeaseRequest, QueueName, WorkerId};
+
+    /// Health turns NOT_SERVING before any waiting call is answered. Each
+    /// side records when it wakes; on this single-threaded runtime woken
+    /// tasks run in the order they were woken, so the record is the order
+    /// in which the drain did the two things.
+    #[tokio::test(flavor = "current_thread")]
+    async fn health_turns_before_any_waiting_call_is_answered() {
+        let health = HealthReporter::new();
+        let service = HealthService::from_health_reporter(health.clone());
+        health
+            .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+            .await;
+        let broker = Broker::new(BrokerConfig::default());
+        let order = Arc::new(Mutex::new(Vec::new()));
+
+        let request = tonic::Request::new(HealthCheckRequest {
+            service: SERVICE_NAME.into(),
+        });
+        let mut watch = service.watch(request).await.unwrap().into_inner();
+        let first = watch.next().await.unwrap().unwrap();
+        assert_eq!(first.status(), Status::Serving);
+        let watcher = tokio::spawn({
+            let order = order.clone();
+            async move {
+                while let Some(Ok(answer)) = watch.next().await {
+                    if answer.status() == Status::NotServing {
+                        order.lock().unwrap().push("health");
+                        return;
+                    }
+                }
+            }
+        });
+        let waiter = tokio::spawn({
+            let (broker, order) = (broker.clone(), order.clone());
+            async move {
+                let request = LeaseRequest {
+                    queue: QueueName::parse("q").unwrap(),
+                    worker: WorkerId::new("w").unwrap(),
+                    lease_duration: None,
+                };
+                let task = broker.lease(request, Duration::from_secs(600)).await;
+                order.lock().unwrap().push("waiting call");
+                assert!(task.unwrap().is_none(), "answered empty by the drain");
+            }
+        });
+        // Both wait now.
+        tokio::task::yield_now().await;
+        assert!(order.lock().unwrap().is_empty());
+
+        begin_drain(&health, &broker).await;
+        watcher.await.unwrap();
+        waiter.await.unwrap();
+        assert_eq!(*order.lock().unwrap(), ["health", "waiting call"]);
+    }
 }
