@@ -4,16 +4,26 @@
 //! runtime set-up as `taskq bench`'s embedded server. Not part of taskq.
 //!
 //! ```sh
-//! cargo run --release --example echo_ceiling -- 200000 16 1024
+//! cargo run --release --example echo_ceiling -- 200000 16 1024      # unary, and bidi one item per message
+//! cargo run --release --example echo_ceiling -- 200000 16 1024 40   # bidi only, 40 items per message
 //! ```
-//! Arguments: messages, connections (callers), messages in flight per
-//! stream. Prints one JSON line.
+//! Arguments: items, connections (callers), items in flight per stream,
+//! items per message (default 1). With one item per message it measures
+//! unary calls and the `Bidi` stream; with more, only the `BidiBatches`
+//! stream, whose messages carry that many items each (as taskq's
+//! StreamTasks and WatchResultBatches messages carry many tasks or
+//! results), with the same items in flight. Prints one JSON line.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -21,9 +31,9 @@ mod echo {
     tonic::include_proto!("taskq.bench.v1");
 }
 
-use echo::Message;
 use echo::echo_client::EchoClient;
 use echo::echo_server::{Echo, EchoServer};
+use echo::{Batch, Message};
 
 /// The allocator `taskq` itself runs on, so that the ceiling and taskq
 /// are measured alike.
@@ -48,6 +58,16 @@ impl Echo for Service {
         let inbound = request.into_inner();
         Ok(Response::new(Box::pin(inbound)))
     }
+
+    type BidiBatchesStream = Pin<Box<dyn Stream<Item = Result<Batch, Status>> + Send>>;
+
+    async fn bidi_batches(
+        &self,
+        request: Request<Streaming<Batch>>,
+    ) -> Result<Response<Self::BidiBatchesStream>, Status> {
+        let inbound = request.into_inner();
+        Ok(Response::new(Box::pin(inbound)))
+    }
 }
 
 fn percentile(sorted: &[u64], q: f64) -> f64 {
@@ -58,15 +78,55 @@ fn percentile(sorted: &[u64], q: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
+/// One stream: `n` copies of `message` sent with at most `window` of them
+/// unanswered, the echoes read back. Returns how many came back.
+async fn echo_stream<M, F, Fut>(open: F, message: M, n: u64, window: usize) -> u64
+where
+    M: Clone + Send + 'static,
+    F: FnOnce(ReceiverStream<M>) -> Fut,
+    Fut: Future<Output = Result<Response<Streaming<M>>, Status>>,
+{
+    let (tx, rx) = mpsc::channel::<M>(window);
+    let mut replies = open(ReceiverStream::new(rx))
+        .await
+        .expect("open the echo stream")
+        .into_inner();
+    let credit = Arc::new(Semaphore::new(window));
+    let sender = {
+        let credit = credit.clone();
+        tokio::spawn(async move {
+            for _ in 0..n {
+                credit.acquire().await.expect("open").forget();
+                if tx.send(message.clone()).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let mut got = 0;
+    while got < n {
+        match replies.next().await {
+            Some(Ok(_)) => {
+                got += 1;
+                credit.add_permits(1);
+            }
+            _ => break,
+        }
+    }
+    let _ = sender.await;
+    got
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<u64> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
-    let messages = *args.first().unwrap_or(&200_000);
-    let callers = *args.get(1).unwrap_or(&16);
-    let window = *args.get(2).unwrap_or(&1024) as usize;
+    let items = *args.first().unwrap_or(&200_000);
+    let callers = (*args.get(1).unwrap_or(&16)).max(1);
+    let window = (*args.get(2).unwrap_or(&1024)).max(1) as usize;
+    let batch = (*args.get(3).unwrap_or(&1)).max(1);
 
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -78,13 +138,46 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let url = format!("http://{addr}");
     let payload = Bytes::from_static(b"12345678");
-
-    // Unary: `callers` connections, each calling one after another.
-    let unary_calls = messages.min(100_000);
     let mut clients = Vec::new();
     for _ in 0..callers {
         clients.push(EchoClient::connect(url.clone()).await?);
     }
+
+    if batch > 1 {
+        // The same items in flight per stream as one per message: fewer,
+        // larger messages.
+        let window = (window / batch as usize).max(1);
+        let message = Batch {
+            items: vec![Message { payload }; batch as usize],
+        };
+        let started = Instant::now();
+        let mut handles = Vec::new();
+        for mut client in clients {
+            let n = items / callers / batch;
+            let message = message.clone();
+            handles.push(tokio::spawn(async move {
+                let open = |rx| async move { client.bidi_batches(rx).await };
+                echo_stream(open, message, n, window).await
+            }));
+        }
+        let mut messages = 0;
+        for h in handles {
+            messages += h.await?;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let report = json!({
+            "items_per_message": batch,
+            "bidi_messages_per_second": (messages as f64 / secs).round(),
+            "bidi_items_per_second": ((messages * batch) as f64 / secs).round(),
+            "callers": callers,
+            "window_items": window * batch as usize,
+        });
+        println!("{report}");
+        return Ok(());
+    }
+
+    // Unary: `callers` connections, each calling one after another.
+    let unary_calls = items.min(100_000);
     let started = Instant::now();
     let mut handles = Vec::new();
     for mut client in clients.clone() {
@@ -116,59 +209,30 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     let mut handles = Vec::new();
     for mut client in clients {
-        let payload = payload.clone();
-        let n = messages / callers;
+        let message = Message {
+            payload: payload.clone(),
+        };
+        let n = items / callers;
         handles.push(tokio::spawn(async move {
-            let (tx, rx) = tokio::sync::mpsc::channel::<Message>(window);
-            let mut replies = client
-                .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-                .expect("bidi")
-                .into_inner();
-            let credit = std::sync::Arc::new(tokio::sync::Semaphore::new(window));
-            let sender = {
-                let credit = credit.clone();
-                tokio::spawn(async move {
-                    for _ in 0..n {
-                        credit.acquire().await.expect("open").forget();
-                        if tx
-                            .send(Message {
-                                payload: payload.clone(),
-                            })
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                })
-            };
-            let mut got = 0;
-            while got < n {
-                match replies.next().await {
-                    Some(Ok(_)) => {
-                        got += 1;
-                        credit.add_permits(1);
-                    }
-                    _ => break,
-                }
-            }
-            let _ = sender.await;
-            got
+            let open = |rx| async move { client.bidi(rx).await };
+            echo_stream(open, message, n, window).await
         }));
     }
     let mut bidi = 0;
     for h in handles {
         bidi += h.await?;
     }
-    let bidi_secs = started.elapsed().as_secs_f64();
-
-    println!(
-        "{{\"unary_calls_per_second\": {:.0}, \"unary_p50_ms\": {:.3}, \"unary_p99_ms\": {:.3}, \"bidi_messages_per_second\": {:.0}, \"callers\": {callers}, \"window\": {window}}}",
-        unary.len() as f64 / unary_secs,
-        percentile(&unary, 0.50),
-        percentile(&unary, 0.99),
-        bidi as f64 / bidi_secs,
-    );
+    let bidi_per_second = (bidi as f64 / started.elapsed().as_secs_f64()).round();
+    let report = json!({
+        "unary_calls_per_second": (unary.len() as f64 / unary_secs).round(),
+        "unary_p50_ms": percentile(&unary, 0.50),
+        "unary_p99_ms": percentile(&unary, 0.99),
+        "items_per_message": 1,
+        "bidi_messages_per_second": bidi_per_second,
+        "bidi_items_per_second": bidi_per_second,
+        "callers": callers,
+        "window_items": window,
+    });
+    println!("{report}");
     Ok(())
 }
