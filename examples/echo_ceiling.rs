@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 mod echo {
@@ -43,30 +44,36 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Default)]
 struct Service;
 
+/// A stream of echoes, as the service's streaming calls answer.
+type Echoes<M> = Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>;
+
+/// Answers a stream with itself: each message back as it came.
+fn echo_back<M: Send + 'static>(request: Request<Streaming<M>>) -> Response<Echoes<M>> {
+    Response::new(Box::pin(request.into_inner()))
+}
+
 #[tonic::async_trait]
 impl Echo for Service {
     async fn unary(&self, request: Request<Message>) -> Result<Response<Message>, Status> {
         Ok(Response::new(request.into_inner()))
     }
 
-    type BidiStream = Pin<Box<dyn Stream<Item = Result<Message, Status>> + Send>>;
+    type BidiStream = Echoes<Message>;
 
     async fn bidi(
         &self,
         request: Request<Streaming<Message>>,
-    ) -> Result<Response<Self::BidiStream>, Status> {
-        let inbound = request.into_inner();
-        Ok(Response::new(Box::pin(inbound)))
+    ) -> Result<Response<Echoes<Message>>, Status> {
+        Ok(echo_back(request))
     }
 
-    type BidiBatchesStream = Pin<Box<dyn Stream<Item = Result<Batch, Status>> + Send>>;
+    type BidiBatchesStream = Echoes<Batch>;
 
     async fn bidi_batches(
         &self,
         request: Request<Streaming<Batch>>,
-    ) -> Result<Response<Self::BidiBatchesStream>, Status> {
-        let inbound = request.into_inner();
-        Ok(Response::new(Box::pin(inbound)))
+    ) -> Result<Response<Echoes<Batch>>, Status> {
+        Ok(echo_back(request))
     }
 }
 
@@ -78,8 +85,37 @@ fn percentile(sorted: &[u64], q: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
-/// One stream: `n` copies of `message` sent with at most `window` of them
-/// unanswered, the echoes read back. Returns how many came back.
+/// One stream per client, all at once, each opened with `open`: `n`
+/// copies of `message` sent on each with at most `window` of them
+/// unanswered, the echoes read back. Returns the echoes per second.
+async fn echo_streams<M, F, Fut>(
+    clients: Vec<EchoClient<Channel>>,
+    open: F,
+    message: M,
+    n: u64,
+    window: usize,
+) -> f64
+where
+    M: Clone + Send + 'static,
+    F: Fn(EchoClient<Channel>, ReceiverStream<M>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<Response<Streaming<M>>, Status>> + Send + 'static,
+{
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for client in clients {
+        let (open, message) = (open.clone(), message.clone());
+        let open = move |rx| open(client, rx);
+        handles.push(tokio::spawn(echo_stream(open, message, n, window)));
+    }
+    let mut echoed = 0;
+    for handle in handles {
+        echoed += handle.await.expect("an echo stream panicked");
+    }
+    echoed as f64 / started.elapsed().as_secs_f64()
+}
+
+/// One stream, opened by `open`: see [`echo_streams`]. Returns how many
+/// echoes came back.
 async fn echo_stream<M, F, Fut>(open: F, message: M, n: u64, window: usize) -> u64
 where
     M: Clone + Send + 'static,
@@ -150,25 +186,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let message = Batch {
             items: vec![Message { payload }; batch as usize],
         };
-        let started = Instant::now();
-        let mut handles = Vec::new();
-        for mut client in clients {
-            let n = items / callers / batch;
-            let message = message.clone();
-            handles.push(tokio::spawn(async move {
-                let open = |rx| async move { client.bidi_batches(rx).await };
-                echo_stream(open, message, n, window).await
-            }));
-        }
-        let mut messages = 0;
-        for h in handles {
-            messages += h.await?;
-        }
-        let secs = started.elapsed().as_secs_f64();
+        let open =
+            |mut client: EchoClient<Channel>, rx| async move { client.bidi_batches(rx).await };
+        let rate = echo_streams(clients, open, message, items / callers / batch, window).await;
         let report = json!({
             "items_per_message": batch,
-            "bidi_messages_per_second": (messages as f64 / secs).round(),
-            "bidi_items_per_second": ((messages * batch) as f64 / secs).round(),
+            "bidi_messages_per_second": rate.round(),
+            "bidi_items_per_second": (rate * batch as f64).round(),
             "callers": callers,
             "window_items": window * batch as usize,
         });
@@ -206,23 +230,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     unary.sort_unstable();
 
     // Bidi: one stream per connection, `window` messages in flight each.
-    let started = Instant::now();
-    let mut handles = Vec::new();
-    for mut client in clients {
-        let message = Message {
-            payload: payload.clone(),
-        };
-        let n = items / callers;
-        handles.push(tokio::spawn(async move {
-            let open = |rx| async move { client.bidi(rx).await };
-            echo_stream(open, message, n, window).await
-        }));
-    }
-    let mut bidi = 0;
-    for h in handles {
-        bidi += h.await?;
-    }
-    let bidi_per_second = (bidi as f64 / started.elapsed().as_secs_f64()).round();
+    let open = |mut client: EchoClient<Channel>, rx| async move { client.bidi(rx).await };
+    let message = Message { payload };
+    let bidi_per_second = echo_streams(clients, open, message, items / callers, window)
+        .await
+        .round();
     let report = json!({
         "unary_calls_per_second": (unary.len() as f64 / unary_secs).round(),
         "unary_p50_ms": percentile(&unary, 0.50),
