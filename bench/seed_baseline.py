@@ -3,10 +3,20 @@ exposing a task queue and a result queue over the network with an auth
 key; one master, two worker processes, no sleep. Written here from the
 seed's description (../shared/seed/distributed-queue.txt).
 
-    python3 bench/seed_baseline.py --tasks 20000
+    python3 bench/seed_baseline.py --tasks 20000                  # all put, then all read
+    python3 bench/seed_baseline.py --tasks 20000 --in-flight 1024
+    python3 bench/seed_baseline.py --tasks 5000 --in-flight 1     # closed loop
 
 Prints one JSON line: tasks/s and the round-trip latency percentiles
-(put by the master -> result read by the master).
+(put by the master -> result read by the master), with the bound on tasks
+in flight they were measured under.
+
+Without --in-flight the master puts every task before it reads any
+result, as the seed does: the latency then includes waiting behind the
+whole run's backlog (up to --tasks in flight), not the cost of one task.
+With --in-flight N the master puts while fewer than N tasks are
+unfinished and reads a result when N are, the same bound taskq's bench
+keeps (producers x batch); N = 1 is a closed loop, one task at a time.
 """
 
 import argparse
@@ -53,6 +63,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", type=int, default=20000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--in-flight", type=int, default=0,
+                        help="most tasks put and not yet read back (0: all of them)")
     args = parser.parse_args()
 
     QueueManager.register("get_task_queue", callable=get_task_queue)
@@ -65,11 +77,14 @@ def main():
     for p in procs:
         p.start()
 
+    in_flight = args.in_flight if args.in_flight > 0 else args.tasks
     latencies = []
+    put = 0
     started = time.perf_counter()
-    for n in range(args.tasks):
-        tasks.put((time.perf_counter(), n))
-    for _ in range(args.tasks):
+    while len(latencies) < args.tasks:
+        while put < args.tasks and put - len(latencies) < in_flight:
+            tasks.put((time.perf_counter(), put))
+            put += 1
         sent_at, _ = results.get(timeout=60)
         latencies.append(time.perf_counter() - sent_at)
     elapsed = time.perf_counter() - started
@@ -83,6 +98,7 @@ def main():
     pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
     print(json.dumps({
         "tasks": args.tasks,
+        "in_flight": in_flight,
         "tasks_per_second": args.tasks / elapsed,
         "p50_ms": pick(0.50),
         "p99_ms": pick(0.99),

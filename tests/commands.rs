@@ -519,6 +519,24 @@ async fn bench_runs_and_its_counts_add_up() {
         }
         assert_eq!(report["held_tasks_measured"], 100, "{mode}: {report}");
         assert!(report["baseline_unary"]["count"].as_u64().unwrap() > 0);
+        // Every task reached the worker and every result a producer, in
+        // messages of one (unary) or of up to the batch (stream).
+        let messages = &report["round_trip"]["messages"];
+        assert_eq!(messages["tasks_received"], 200, "{mode}: {report}");
+        assert_eq!(messages["results_read"], 200, "{mode}: {report}");
+        for (leg, mean) in [("task", "tasks"), ("result", "results")] {
+            let sent = messages[format!("{leg}_messages")].as_u64().unwrap();
+            assert!((1..=200).contains(&sent), "{mode}: {report}");
+            let per_message = report["round_trip"][format!("{mean}_per_message")].as_f64();
+            // Within a rounding of the decimal in the JSON.
+            let off = (per_message.unwrap() - 200.0 / sent as f64).abs();
+            assert!(off < 1e-9, "{mode}: {report}");
+            if mode == "unary" {
+                assert_eq!(sent, 200, "one per GetTask or GetResult: {report}");
+            }
+        }
+        let both = report["round_trip"]["items_per_message"].as_f64().unwrap();
+        assert!(both >= 1.0, "{mode}: {report}");
     }
 }
 
@@ -708,6 +726,12 @@ async fn bench_with_workers_0_uses_the_queues_workers() {
         }
         assert_eq!(round_trip["timed_out"], false, "{mode}: {report}");
         assert_eq!(report["workers"], 0);
+        // The workers are not the bench's: what they received is unknown.
+        assert_eq!(round_trip["tasks_per_message"], serde_json::Value::Null);
+        assert_eq!(
+            round_trip["messages"]["results_read"], 100,
+            "{mode}: {report}"
+        );
     }
     server.shutdown().await;
 }

@@ -26,7 +26,7 @@ use crate::server::{self, DEFAULT_MAX_BATCH, ServerConfig};
 use crate::units::parse_duration;
 use crate::worker::{Mode, Worker, builtin};
 
-use ledger::{FaultKind, Faults, Ledger, histogram};
+use ledger::{FaultKind, Faults, Ledger, PerMessage, histogram};
 
 /// `taskq bench` flags.
 #[derive(Debug, Args)]
@@ -180,6 +180,11 @@ struct RoundTrip {
     faults: Faults,
     /// Whether `--timeout` ended the round trip.
     timed_out: bool,
+    /// The tasks the bench's workers received and the messages they came
+    /// in; `None` with `--workers 0` (the workers are not the bench's).
+    tasks_received: Option<PerMessage>,
+    /// The results the producers read and the messages they came in.
+    results_read: PerMessage,
 }
 
 impl RoundTrip {
@@ -195,7 +200,17 @@ impl RoundTrip {
             },
             faults: tally.faults,
             timed_out,
+            tasks_received: None,
+            results_read: tally.results_read,
         }
+    }
+
+    /// Items per message on the stream path's two legs to clients, tasks
+    /// to workers and results to producers, together (results alone when
+    /// the workers are not the bench's): the batch the echo ceiling of
+    /// bench/compare.sh is run with.
+    fn items_per_message(&self) -> Option<f64> {
+        (self.results_read + self.tasks_received.unwrap_or_default()).mean()
     }
 
     fn passed(&self) -> bool {
@@ -211,7 +226,28 @@ impl RoundTrip {
         }
         figures["first_faults"] = first.into();
         figures["timed_out"] = json!(self.timed_out);
+        let tasks = self.tasks_received;
+        figures["tasks_per_message"] = json!(tasks.and_then(PerMessage::mean));
+        figures["results_per_message"] = json!(self.results_read.mean());
+        figures["items_per_message"] = json!(self.items_per_message());
+        figures["messages"] = json!({
+            "task_messages": tasks.map(|t| t.messages),
+            "tasks_received": tasks.map(|t| t.items),
+            "result_messages": self.results_read.messages,
+            "results_read": self.results_read.items,
+        });
         figures
+    }
+
+    /// The human output's line about items per message.
+    fn per_message_line(&self) -> String {
+        let mean = |m: Option<f64>| m.map_or_else(|| "-".to_string(), |m| format!("{m:.1}"));
+        format!(
+            "per message: {} tasks to a worker, {} results to a producer, {} both (means)",
+            mean(self.tasks_received.and_then(PerMessage::mean)),
+            mean(self.results_read.mean()),
+            mean(self.items_per_message())
+        )
     }
 
     /// The human output's line about the checks.
@@ -430,6 +466,7 @@ pub async fn run(args: BenchArgs) -> ExitCode {
                 .line("round trip: put → get → result → read", "tasks")
         );
         println!("{}", round_trip.checks_line());
+        println!("{}", round_trip.per_message_line());
         if args.mode == BenchMode::Unary {
             println!(
                 "a task costs 4 unary calls: the baseline allows at most {:.0} tasks/s",
@@ -491,14 +528,24 @@ async fn measure(
         workers.push((stop, tokio::spawn(run)));
     }
 
-    let round_trip = if args.mode == BenchMode::Stream && args.results == ResultsBy::Queue {
+    let mut round_trip = if args.mode == BenchMode::Stream && args.results == ResultsBy::Queue {
         produce_by_queue(args, producers, queue, ledger, deadline).await
     } else {
         produce_each(args, producers, queue, ledger, deadline).await
     };
+    let mut received = PerMessage::default();
     for (stop, worker) in workers {
         let _ = stop.send(());
-        let _ = worker.await;
+        if let Ok(Ok(report)) = worker.await {
+            received = received
+                + PerMessage {
+                    messages: report.task_messages,
+                    items: report.tasks_received,
+                };
+        }
+    }
+    if args.workers > 0 {
+        round_trip.tasks_received = Some(received);
     }
     Ok((baseline, round_trip))
 }

@@ -15,9 +15,22 @@ pub struct WorkerReport {
     /// Tasks still running when the shutdown grace ran out, handed back to
     /// the queue unfinished.
     pub interrupted: u64,
+    /// Tasks the server sent.
+    pub tasks_received: u64,
+    /// The messages those tasks came in: on the stream path a `task` or a
+    /// `tasks` message each, so `tasks_received / task_messages` is the
+    /// mean batch the server sent; on the unary path a GetTask answer per
+    /// task.
+    pub task_messages: u64,
 }
 
 impl WorkerReport {
+    /// Counts a message from the server that carried `tasks` tasks.
+    pub(crate) fn received(&mut self, tasks: usize) {
+        self.task_messages += 1;
+        self.tasks_received += tasks as u64;
+    }
+
     /// Counts a task that ended.
     pub(crate) fn count(&mut self, ran: Ran) {
         match ran {

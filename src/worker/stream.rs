@@ -111,11 +111,13 @@ async fn serve(
             message = inbound.message() => match message {
                 Ok(Some(pb::ServerMessage { msg: Some(msg) })) => match msg {
                     Out::Task(task) => {
+                        report.received(1);
                         start(handler, task, ctx.lease, &tx, &mut running, &mut outbox).await;
                     }
                     Out::Tasks(batch) => {
                         // A server that sends batches takes them.
                         outbox.batches = true;
+                        report.received(batch.tasks.len());
                         for task in batch.tasks {
                             start(handler, task, ctx.lease, &tx, &mut running, &mut outbox).await;
                         }

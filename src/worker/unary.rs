@@ -64,6 +64,7 @@ pub(crate) async fn run(
             Ok(task) => {
                 reconnect.reached();
                 if let Some(task) = task {
+                    report.received(1);
                     let run = run_task(ctx.clone(), handler.clone(), task, interrupted.clone());
                     running.spawn(async move {
                         let ran = run.await;

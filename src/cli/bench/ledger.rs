@@ -133,6 +133,40 @@ impl std::ops::IndexMut<FaultKind> for Faults {
     }
 }
 
+/// How many items came in how many messages: the mean batch of one leg of
+/// the round trip.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct PerMessage {
+    /// Messages seen.
+    pub(super) messages: u64,
+    /// Items (tasks or results) they carried.
+    pub(super) items: u64,
+}
+
+impl PerMessage {
+    /// Counts a message that carried `items` items.
+    pub(super) fn add(&mut self, items: u64) {
+        self.messages += 1;
+        self.items += items;
+    }
+
+    /// Items per message; `None` before any message.
+    pub(super) fn mean(self) -> Option<f64> {
+        (self.messages > 0).then(|| self.items as f64 / self.messages as f64)
+    }
+}
+
+impl std::ops::Add for PerMessage {
+    type Output = Self;
+
+    fn add(self, other: Self) -> Self {
+        Self {
+            messages: self.messages + other.messages,
+            items: self.items + other.items,
+        }
+    }
+}
+
 /// What a run's books hold at its end.
 #[derive(Debug)]
 pub(super) struct Tally {
@@ -143,6 +177,9 @@ pub(super) struct Tally {
     pub(super) refused: u64,
     /// Results that did not check out.
     pub(super) faults: Faults,
+    /// The results read (checked out or not), and the messages they came
+    /// in.
+    pub(super) results_read: PerMessage,
 }
 
 /// The books of a run, shared by its producers and result readers. Each
@@ -173,6 +210,7 @@ struct Books {
     refused: u64,
     latency: Histogram<u64>,
     faults: Faults,
+    results_read: PerMessage,
 }
 
 /// Latency histograms: 1 µs to 10 minutes, 3 significant digits.
@@ -194,6 +232,7 @@ impl Ledger {
                 refused: 0,
                 latency: histogram(),
                 faults: Faults::default(),
+                results_read: PerMessage::default(),
             }),
         }
     }
@@ -265,14 +304,17 @@ impl Ledger {
         settled
     }
 
-    /// Checks results just read. Returns how many tasks they settle: tasks
-    /// put by this run whose result is read for the first time.
+    /// Checks the results of one message just read. Returns how many
+    /// tasks they settle: tasks put by this run whose result is read for
+    /// the first time.
     pub(super) fn read(&self, results: impl IntoIterator<Item = pb::Result>) -> u64 {
         let read_at = self.stamp();
         let mut books = self.books();
         let books = &mut *books;
         let mut settled = 0;
+        let mut count = 0;
         for result in results {
+            count += 1;
             let Some(key) = TaskId::parse(&result.task_id) else {
                 books.faults[Wrong].add(&result.task_id, "a result for an id that is not a UUID");
                 continue;
@@ -297,6 +339,7 @@ impl Ledger {
                 },
             }
         }
+        books.results_read.add(count);
         settled
     }
 
@@ -323,6 +366,7 @@ impl Ledger {
             latency: std::mem::replace(&mut books.latency, histogram()),
             refused: books.refused,
             faults,
+            results_read: books.results_read,
         }
     }
 }
@@ -386,6 +430,20 @@ mod tests {
         assert_eq!(tally.faults, Faults::default());
         assert_eq!(tally.latency.len(), 3);
         assert_eq!(tally.refused, 0);
+    }
+
+    #[test]
+    fn results_are_counted_with_the_messages_they_came_in() {
+        let ledger = Ledger::new(10, 8);
+        put(&ledger, 5, 7);
+        ledger.read((1..=3).map(|n| result(&ledger, n, 7)));
+        ledger.read([result(&ledger, 4, 7)]);
+        // A duplicate and a stranger are read too, so they count.
+        ledger.read([result(&ledger, 4, 7), result(&ledger, 99, 7)]);
+        let read = ledger.tally().results_read;
+        assert_eq!((read.messages, read.items), (3, 6));
+        assert_eq!(read.mean(), Some(2.0));
+        assert_eq!(PerMessage::default().mean(), None);
     }
 
     #[test]
