@@ -3,7 +3,8 @@
 //!
 //! Tokens come from a file or `TASKQ_TOKENS`, never from the command line,
 //! where `ps` would show them. Each line of a token file is
-//! `TOKEN [ROLE [QUEUE,...]]`: a role (`producer`, `worker` or `admin`)
+//! `TOKEN [ROLE [QUEUE,...]]`: a role (`producer`, `worker`, `monitor` or
+//! `admin`)
 //! and optionally the queues the token may touch. A line with only a token
 //! means full access, so files written before roles keep working.
 //!
@@ -29,7 +30,9 @@ pub enum Role {
     Producer,
     /// Takes tasks, extends leases and reports results.
     Worker,
-    /// Everything, and the only role that reads statistics.
+    /// Reads statistics and metrics (GetStats, `/metrics`), nothing else.
+    Monitor,
+    /// Everything.
     Admin,
 }
 
@@ -39,6 +42,7 @@ impl Role {
         match self {
             Role::Producer => "producer",
             Role::Worker => "worker",
+            Role::Monitor => "monitor",
             Role::Admin => "admin",
         }
     }
@@ -47,13 +51,15 @@ impl Role {
         match text {
             "producer" => Some(Role::Producer),
             "worker" => Some(Role::Worker),
+            "monitor" => Some(Role::Monitor),
             "admin" => Some(Role::Admin),
             _ => None,
         }
     }
 }
 
-/// A call of `taskq.v1.TaskQueue`, for the authorization table.
+/// A call of `taskq.v1.TaskQueue`, or a read of the HTTP listener's
+/// `/metrics`, for the authorization table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Call {
     /// `PutTask`.
@@ -76,11 +82,13 @@ pub enum Call {
     PutResult,
     /// `GetStats`.
     GetStats,
+    /// `GET /metrics` on the HTTP listener.
+    ReadMetrics,
 }
 
 impl Call {
     /// Every call, for tables over them all.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::PutTask,
         Self::PutTasks,
         Self::GetResult,
@@ -91,6 +99,7 @@ impl Call {
         Self::ExtendLease,
         Self::PutResult,
         Self::GetStats,
+        Self::ReadMetrics,
     ];
 }
 
@@ -105,7 +114,7 @@ impl Call {
             | Call::WatchResults
             | Call::WatchResultBatches => Role::Producer,
             Call::GetTask | Call::StreamTasks | Call::ExtendLease | Call::PutResult => Role::Worker,
-            Call::GetStats => Role::Admin,
+            Call::GetStats | Call::ReadMetrics => Role::Monitor,
         }
     }
 
@@ -121,6 +130,7 @@ impl Call {
             Call::ExtendLease => "ExtendLease",
             Call::PutResult => "PutResult",
             Call::GetStats => "GetStats",
+            Call::ReadMetrics => "/metrics",
         }
     }
 }
@@ -319,7 +329,7 @@ impl Tokens {
                 None => Role::Admin,
                 Some(name) => Role::parse(name).ok_or_else(|| {
                     bad(format!(
-                        "unknown role {name:?}: write producer, worker or admin"
+                        "unknown role {name:?}: write producer, worker, monitor or admin"
                     ))
                 })?,
             };
@@ -629,6 +639,7 @@ mod tests {
             allowed(Role::Worker),
             [GetTask, StreamTasks, ExtendLease, PutResult]
         );
+        assert_eq!(allowed(Role::Monitor), [GetStats, ReadMetrics]);
         assert_eq!(allowed(Role::Admin), all);
         let denied = Access::new(Role::Worker, None)
             .permit(GetStats)

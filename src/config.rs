@@ -19,7 +19,8 @@ use crate::broker::{
 };
 use crate::server::{
     DEFAULT_MAX_BATCH, DEFAULT_MAX_CALLS, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_STREAMS_PER_CONNECTION, ServerConfig, TransportConfig,
+    DEFAULT_MAX_STREAMS_PER_CONNECTION, DEFAULT_METRICS_MAX_QUEUES, HttpConfig, ServerConfig,
+    TransportConfig,
 };
 use crate::tls::{Identity, ServerTls, read_certificates};
 use crate::units::{parse_duration, parse_size, positive_count, positive_duration};
@@ -54,6 +55,24 @@ pub enum LogFormat {
 /// Default of `--listen`: the loopback address clients try first.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 
+/// Default of `--http-listen`: beside the gRPC port, on loopback.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:50052";
+
+/// The value of `--http-listen`: an address, or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpListen(pub Option<SocketAddr>);
+
+impl std::str::FromStr for HttpListen {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "off" => Ok(Self(None)),
+            addr => addr.parse().map(|addr| Self(Some(addr))),
+        }
+    }
+}
+
 /// `taskq serve`: the server's flags.
 #[derive(Debug, Args)]
 #[command(after_help = "\
@@ -62,13 +81,15 @@ AUTHENTICATION AND ROLES:
   with full access), never from a flag. Each line of the file is
       TOKEN [ROLE [QUEUE,...]]
   ROLE is producer (PutTask, PutTasks, GetResult, WatchResults), worker
-  (GetTask, StreamTasks, ExtendLease, PutResult) or admin (every call; the
-  only role for GetStats). QUEUE,... limits the token to those queues. A
+  (GetTask, StreamTasks, ExtendLease, PutResult), monitor (GetStats and the
+  HTTP /metrics) or admin (every call). QUEUE,... limits the token to those
+  queues (a token with a queue list may not read /metrics). A
   line with only a token has full access; blank lines and # comments are
   skipped. A call outside its role or queues gets PERMISSION_DENIED.
   Clients send `authorization: Bearer <token>`. grpc.health.v1.Health needs
-  no token. Without tokens the server only listens on a loopback address,
-  unless --allow-unauthenticated is given.
+  no token, nor do /healthz and /readyz. Without tokens the server only
+  listens (gRPC and HTTP) on a loopback address, unless
+  --allow-unauthenticated is given.
 
 SIGNALS:
   SIGHUP: the token file is read again; if it does not parse, the error is
@@ -204,6 +225,24 @@ pub struct ServeArgs {
     #[arg(long, env = "TASKQ_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// Address of the HTTP listener: `/metrics` (Prometheus), `/healthz`
+    /// and `/readyz` (probes). `off`: none. Non-loopback addresses need
+    /// tokens (or --allow-unauthenticated). Plain HTTP, even with TLS on
+    /// gRPC.
+    #[arg(long, env = "TASKQ_HTTP_LISTEN", default_value = DEFAULT_HTTP_LISTEN, value_name = "ADDR|off")]
+    pub http_listen: HttpListen,
+
+    /// Serve `/metrics` without a token even when tokens are configured
+    /// (otherwise it needs a monitor or admin token).
+    #[arg(long, env = "TASKQ_METRICS_OPEN")]
+    pub metrics_open: bool,
+
+    /// Most queues with their own `queue` label in `/metrics`: the first
+    /// ones seen keep theirs; the others are summed under
+    /// `queue="_other"` and counted in `taskq_metrics_queues_folded`.
+    #[arg(long, env = "TASKQ_METRICS_MAX_QUEUES", default_value_t = DEFAULT_METRICS_MAX_QUEUES, value_parser = positive_count)]
+    pub metrics_max_queues: usize,
+
     /// PEM certificate chain (leaf first): serve TLS. Needs --tls-key.
     #[arg(long, env = "TASKQ_TLS_CERT", value_name = "PATH")]
     #[arg(requires = "tls_key")]
@@ -269,16 +308,9 @@ impl ServeArgs {
             }
         }
         let tokens = self.load_tokens()?;
-        if tokens.is_empty() && !self.listen.ip().is_loopback() && !self.allow_unauthenticated {
-            return Err(ConfigError::new(
-                "--listen (TASKQ_LISTEN)",
-                format!(
-                    "{} is not a loopback address and no tokens are configured: set \
-                     --token-file or TASKQ_TOKENS, listen on 127.0.0.1, or pass \
-                     --allow-unauthenticated to accept anyone who can reach the port",
-                    self.listen
-                ),
-            ));
+        self.check_exposed("--listen (TASKQ_LISTEN)", self.listen, &tokens)?;
+        if let HttpListen(Some(http)) = self.http_listen {
+            self.check_exposed("--http-listen (TASKQ_HTTP_LISTEN)", http, &tokens)?;
         }
         Ok(ServerConfig {
             broker: BrokerConfig {
@@ -310,7 +342,33 @@ impl ServeArgs {
                 keepalive_timeout: self.keepalive_timeout,
                 max_connection_age: Some(self.max_connection_age).filter(|age| !age.is_zero()),
             },
+            http: HttpConfig {
+                listen: self.http_listen.0,
+                metrics_open: self.metrics_open,
+                metrics_max_queues: self.metrics_max_queues,
+            },
         })
+    }
+
+    /// Protected mode: a listener on a non-loopback `addr` needs tokens,
+    /// unless --allow-unauthenticated.
+    fn check_exposed(
+        &self,
+        flag: &'static str,
+        addr: SocketAddr,
+        tokens: &Tokens,
+    ) -> Result<(), ConfigError> {
+        if tokens.is_empty() && !addr.ip().is_loopback() && !self.allow_unauthenticated {
+            return Err(ConfigError::new(
+                flag,
+                format!(
+                    "{addr} is not a loopback address and no tokens are configured: set \
+                     --token-file or TASKQ_TOKENS, listen on 127.0.0.1, or pass \
+                     --allow-unauthenticated to accept anyone who can reach the port"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn load_tls(&self) -> Result<Option<ServerTls>, ConfigError> {
@@ -399,6 +457,7 @@ mod tests {
             tls,
             max_batch,
             transport,
+            http,
         } = serve(&[]).into_config().unwrap();
         let server = ServerConfig::default();
         assert_eq!(broker, server.broker);
@@ -431,6 +490,36 @@ mod tests {
         assert_eq!(max_connection_age, transport.max_connection_age);
 
         assert_eq!(serve(&[]).listen.to_string(), DEFAULT_LISTEN);
+
+        // The library binds no HTTP listener unless asked; the binary's
+        // default is DEFAULT_HTTP_LISTEN. The rest is the library's.
+        let library = HttpConfig::default();
+        assert_eq!(library.listen, None);
+        assert_eq!(http.listen, Some(DEFAULT_HTTP_LISTEN.parse().unwrap()));
+        assert_eq!(
+            HttpConfig {
+                listen: None,
+                ..http
+            },
+            library
+        );
+    }
+
+    #[test]
+    fn the_http_listener_can_be_off_and_is_protected_like_grpc() {
+        let config = serve(&["--http-listen", "off"]).into_config().unwrap();
+        assert_eq!(config.http.listen, None);
+        let err = serve(&["--http-listen", "0.0.0.0:50052"])
+            .into_config()
+            .unwrap_err();
+        assert!(err.to_string().contains("--http-listen"), "{err}");
+        assert!(
+            serve(&["--http-listen", "0.0.0.0:50052", "--allow-unauthenticated"])
+                .into_config()
+                .is_ok()
+        );
+        let err = Cli::try_parse_from(["taskq serve", "--http-listen", "nowhere"]).unwrap_err();
+        assert!(err.to_string().contains("--http-listen"), "{err}");
     }
 
     #[test]

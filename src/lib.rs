@@ -15,7 +15,8 @@
 //! Inside (see ARCHITECTURE.md), from the inside out: `broker` (the queue
 //! engine, no transport types), `rpc` (the gRPC layer onto it), `auth`
 //! (tokens, roles, the interceptor), `limits` (caps in front of the
-//! services), `tls`, `config` and `units` (the server's flags and the
+//! services), `http` and `metrics` (the HTTP listener: Prometheus metrics
+//! and probes), `tls`, `config` and `units` (the server's flags and the
 //! values they take), `codec` (the wire codec the generated code uses),
 //! `shutdown`, `telemetry` and `cli` (the `taskq` binary's commands).
 #![forbid(unsafe_code)]
@@ -30,7 +31,9 @@ pub mod client;
 #[doc(hidden)]
 pub mod codec;
 pub(crate) mod config;
+pub(crate) mod http;
 pub(crate) mod limits;
+pub(crate) mod metrics;
 pub mod pb;
 pub(crate) mod rpc;
 pub mod server;

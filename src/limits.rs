@@ -59,6 +59,13 @@ impl Connections {
         }
     }
 
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.max
+            .min(Semaphore::MAX_PERMITS)
+            .saturating_sub(self.open.available_permits())
+    }
+
     /// Takes a slot for `stream`, or `None` when all are taken: the caller
     /// drops the stream, which closes it. The first refusal and every
     /// 1,000th after it are logged, so a flood cannot flood the log.
@@ -218,6 +225,8 @@ pub fn panicked() -> Status {
 pub struct GuardLayer {
     calls: Arc<AtomicUsize>,
     max_calls: usize,
+    /// Calls shed since start; touched only when one is.
+    shed: Arc<AtomicU64>,
 }
 
 impl GuardLayer {
@@ -226,7 +235,13 @@ impl GuardLayer {
         Self {
             calls: Arc::new(AtomicUsize::new(0)),
             max_calls,
+            shed: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Calls shed since start.
+    pub fn shed(&self) -> u64 {
+        self.shed.load(Ordering::Relaxed)
     }
 }
 
@@ -261,6 +276,7 @@ impl<S> Layer<S> for GuardLayer {
             inner,
             calls: self.calls.clone(),
             max_calls: self.max_calls,
+            shed: self.shed.clone(),
         }
     }
 }
@@ -271,6 +287,7 @@ pub struct Guard<S> {
     inner: S,
     calls: Arc<AtomicUsize>,
     max_calls: usize,
+    shed: Arc<AtomicU64>,
 }
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Guard<S>
@@ -294,6 +311,7 @@ where
             match CallSlot::take(&self.calls, self.max_calls) {
                 Some(slot) => Some(slot),
                 None => {
+                    self.shed.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(max_calls = self.max_calls, "call shed");
                     return Guarded::Answered(Some(
                         Status::resource_exhausted(format!(

@@ -16,12 +16,14 @@ use tonic_health::ServingStatus;
 
 use crate::auth::TokenAuth;
 use crate::broker::Broker;
+use crate::http::Sources;
 use crate::limits::{Connections, GuardLayer};
 use crate::pb::task_queue_server::{SERVICE_NAME, TaskQueueServer};
 use crate::rpc::TaskQueueService;
 
 pub use crate::auth::{TokenError, Tokens};
 pub use crate::broker::BrokerConfig;
+pub use crate::http::{DEFAULT_METRICS_MAX_QUEUES, HttpConfig};
 pub use crate::tls::{Identity, ServerTls, TlsError, read_certificates};
 
 /// Everything the server needs, validated.
@@ -41,6 +43,8 @@ pub struct ServerConfig {
     pub max_batch: usize,
     /// Caps and timers of connections and calls.
     pub transport: TransportConfig,
+    /// The HTTP listener (metrics, probes).
+    pub http: HttpConfig,
 }
 
 /// What bounds connections and calls, in front of the engine's own caps.
@@ -125,6 +129,7 @@ impl ServerConfig {
             tls: None,
             max_batch: DEFAULT_MAX_BATCH,
             transport: TransportConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 
@@ -182,6 +187,35 @@ impl Stream for Listening {
     }
 }
 
+/// The HTTP listener's task, aborted if the server returns before it has
+/// stopped it.
+struct HttpServing(Option<tokio::task::JoinHandle<std::io::Result<()>>>);
+
+impl HttpServing {
+    /// Waits up to `grace` for the HTTP listener to finish its requests
+    /// after its shutdown signal; a failure is logged, not returned: gRPC
+    /// served regardless.
+    async fn stop(mut self, grace: Duration) {
+        let Some(task) = self.0.as_mut() else {
+            return;
+        };
+        match tokio::time::timeout(grace, task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => tracing::error!(%error, "HTTP listener failed"),
+            Ok(Err(error)) => tracing::error!(%error, "HTTP listener task ended abnormally"),
+            Err(_) => tracing::warn!("HTTP requests still running after the grace period"),
+        }
+    }
+}
+
+impl Drop for HttpServing {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
+}
+
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -200,10 +234,13 @@ pub enum ServerError {
 }
 
 /// Serves `taskq.v1.TaskQueue` and `grpc.health.v1.Health` on `listener`
-/// until `shutdown` resolves, then drains and returns.
+/// until `shutdown` resolves, then drains and returns. With
+/// [`HttpConfig::listen`] set, it binds that address too and serves the
+/// HTTP endpoints there ([`run_with_http`] takes a bound one instead).
 ///
 /// # Errors
-/// A [`ServerError`] when the transport fails.
+/// A [`ServerError`] when the transport fails or the HTTP address cannot
+/// be bound.
 ///
 /// # Examples
 ///
@@ -237,8 +274,29 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    let http = match config.http.listen {
+        Some(addr) => Some(TcpListener::bind(addr).await?),
+        None => None,
+    };
+    run_with_http(config, listener, http, shutdown).await
+}
+
+/// [`run`], with the HTTP endpoints (`/metrics`, `/healthz`, `/readyz`)
+/// on `http` when it is given, whatever [`HttpConfig::listen`] says. The
+/// HTTP listener drains with gRPC: `/readyz` turns 503 when the drain
+/// starts, and the listener closes when gRPC has stopped.
+///
+/// # Errors
+/// A [`ServerError`] when the transport fails.
+pub async fn run_with_http(
+    config: ServerConfig,
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
     let broker = Broker::new(config.broker.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
+    let health_probe = tonic_health::server::HealthService::from_health_reporter(health.clone());
     let queue_service = TaskQueueServer::new(
         TaskQueueService::new(broker.clone(), config.max_wait).with_max_batch(config.max_batch),
     )
@@ -260,6 +318,16 @@ pub async fn run(
     let addr = listener.local_addr()?;
     let transport = &config.transport;
     let connections = Connections::new(transport.max_connections, transport.handshake_timeout);
+    let guard = GuardLayer::new(transport.max_calls);
+    let sources = Sources {
+        broker: broker.clone(),
+        tokens: config.tokens.clone(),
+        health: health_probe,
+        connections: connections.clone(),
+        guard: guard.clone(),
+        metrics_open: config.http.metrics_open,
+        labels: crate::metrics::QueueLabels::new(config.http.metrics_max_queues),
+    };
     let listening = Listening::new(listener);
     let incoming = listening.clone().filter_map(move |stream| {
         let stream = match stream {
@@ -295,7 +363,7 @@ pub async fn run(
         builder = builder.max_connection_age(age);
     }
     let serve = builder
-        .layer(GuardLayer::new(transport.max_calls))
+        .layer(guard)
         .add_service(health_service)
         .add_service(queue_service)
         .add_service(InterceptedService::new(reflection_v1, auth.clone()))
@@ -309,8 +377,17 @@ pub async fn run(
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
         .await;
     let mut serving = tokio::spawn(serve);
+    let http_addr = http.as_ref().map(TcpListener::local_addr).transpose()?;
+    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let http_serving = http.map(|http| {
+        tokio::spawn(crate::http::serve(http, sources, async {
+            let _ = http_stopped.await;
+        }))
+    });
+    let http_serving = HttpServing(http_serving);
     tracing::info!(
         %addr,
+        http = %http_addr.map_or_else(|| "off".to_string(), |a| format!("http://{a}/metrics")),
         auth = if config.tokens.is_empty() { "none" } else { "bearer tokens" },
         tls = match &config.tls {
             None => "off",
@@ -346,6 +423,8 @@ pub async fn run(
             Ok(())
         }
     };
+    let _ = http_stop.send(());
+    http_serving.stop(config.shutdown_grace).await;
     let held = broker.holdings();
     tracing::info!(
         tasks = held.tasks,

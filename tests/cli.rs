@@ -10,6 +10,8 @@ use taskq::pb::{self, task_queue_client::TaskQueueClient};
 fn taskq() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_taskq"));
     command.env_remove("TASKQ_TOKENS").env_remove("RUST_LOG");
+    // A free port for the HTTP listener: these servers run side by side.
+    command.env("TASKQ_HTTP_LISTEN", "127.0.0.1:0");
     command
 }
 

@@ -174,6 +174,7 @@ fn serve(args: &[&str]) -> (Option<i32>, String) {
         .arg("serve")
         .args(args)
         .env_remove("TASKQ_TOKENS")
+        .env("TASKQ_HTTP_LISTEN", "127.0.0.1:0")
         .output()
         .unwrap();
     (

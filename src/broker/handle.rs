@@ -19,7 +19,7 @@ use super::config::BrokerConfig;
 use super::state::{PutRefused, State};
 use super::types::{
     BrokerError, Holdings, LeaseId, LeaseRequest, LeasedTask, NewTask, Outcome, PutOutcome,
-    QueueName, Stats, TaskId, TaskResult, TaskState,
+    QueueName, Snapshot, Stats, TaskId, TaskResult, TaskState,
 };
 use super::waiters::{ResultStreamFlow, ResultStreamId, StreamId, WaiterId};
 
@@ -352,6 +352,12 @@ impl Broker {
     /// [`BrokerError::TaskNotFound`] when no such task or result is held.
     pub fn task_queue(&self, task: TaskId) -> Result<QueueName, BrokerError> {
         self.state().task_queue(task)
+    }
+
+    /// Every queue's counters and the broker-wide ones, for monitoring, in
+    /// one short section under the lock that scans no task.
+    pub fn snapshot(&self) -> Snapshot {
+        self.state().snapshot(Instant::now())
     }
 
     /// How many unfinished tasks and results are held.

@@ -41,7 +41,7 @@ pub use handle::{Broker, ResultStream, Watch, WorkerStream, WorkerStreamControl}
 pub(crate) use types::IdMap;
 pub use types::{
     BrokerError, Holdings, LeaseId, LeaseRequest, LeasedTask, NewTask, Outcome, PutOutcome,
-    QueueName, QueueStats, Stats, TaskId, TaskResult, TaskState, WorkerId, WorkerInfo,
+    QueueName, QueueStats, Snapshot, Stats, TaskId, TaskResult, TaskState, WorkerId, WorkerInfo,
 };
 #[cfg(any(test, feature = "fuzzing"))]
 pub use waiters::RESULT_STREAM_WINDOW;

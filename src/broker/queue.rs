@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use super::retention::Report;
 use super::timers::COMPACT_SLACK;
 use super::waiters::{ResultStreamId, ResultWaiter, StreamId, TaskWaiter, WaiterId};
 use super::{QueueName, QueueStats, TaskId};
@@ -28,10 +29,18 @@ pub(super) struct QueueState {
     ready: VecDeque<TaskId>,
     pending: u64,
     leased: u64,
-    pub succeeded: u64,
-    pub failed: u64,
-    pub redelivered: u64,
-    pub results_evicted: u64,
+    /// Tasks stored since start.
+    enqueued: u64,
+    /// Hand-outs since start, redeliveries included.
+    delivered: u64,
+    succeeded: u64,
+    /// Failures since start, those whose ttl ran out included.
+    failed: u64,
+    /// Failures because the task's ttl ran out (also in `failed`).
+    expired: u64,
+    retried_after_error: u64,
+    retried_after_lease_expiry: u64,
+    results_evicted: u64,
     pub task_waiters: VecDeque<TaskWaiter>,
     /// Worker streams on this queue, in round-robin order.
     pub streams: VecDeque<StreamId>,
@@ -80,6 +89,7 @@ impl QueueState {
         }
         self.ready.push_back(id);
         self.pending += 1;
+        self.enqueued += 1;
     }
 
     /// The entry at the head of the ready line (it may be stale).
@@ -97,6 +107,18 @@ impl QueueState {
     pub(super) fn leased_one(&mut self) {
         self.pending -= 1;
         self.leased += 1;
+        self.delivered += 1;
+    }
+
+    /// A leased task's failure was retried: it is going back to the line.
+    pub(super) fn retried_after_error(&mut self) {
+        self.retried_after_error += 1;
+    }
+
+    /// A leased task's lease ran out with attempts left: it is going back
+    /// to the line.
+    pub(super) fn retried_after_lease_expiry(&mut self) {
+        self.retried_after_lease_expiry += 1;
     }
 
     /// A leased task goes back to the head of the line.
@@ -110,16 +132,19 @@ impl QueueState {
     /// room. Its result joins the line of unclaimed results, behind those
     /// not yet handed out, so that readers by queue get them in completion
     /// order.
-    pub(super) fn finished(&mut self, id: TaskId, was_leased: bool, succeeded: bool) {
+    pub(super) fn finished(&mut self, id: TaskId, was_leased: bool, report: Report) {
         if was_leased {
             self.leased -= 1;
         } else {
             self.pending -= 1;
         }
-        if succeeded {
-            self.succeeded += 1;
-        } else {
-            self.failed += 1;
+        match report {
+            Report::Success => self.succeeded += 1,
+            Report::Expired => {
+                self.failed += 1;
+                self.expired += 1;
+            }
+            Report::AttemptsUsed | Report::Failure { .. } => self.failed += 1,
         }
         if self.room_wanted {
             self.room_wanted = false;
@@ -185,11 +210,17 @@ impl QueueState {
             leased: self.leased,
             succeeded: self.succeeded,
             failed: self.failed,
-            redelivered: self.redelivered,
+            redelivered: self.retried_after_error + self.retried_after_lease_expiry,
             oldest_pending_age,
             results_unclaimed: self.results_unclaimed,
             results_evicted: self.results_evicted,
             waiting_workers: self.task_waiters.len() as u64,
+            enqueued: self.enqueued,
+            delivered: self.delivered,
+            expired: self.expired,
+            retried_after_error: self.retried_after_error,
+            retried_after_lease_expiry: self.retried_after_lease_expiry,
+            worker_streams: self.streams.len() as u64,
         }
     }
 

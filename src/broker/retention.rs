@@ -50,8 +50,10 @@ pub(super) struct FinishedRest {
 /// are in the result.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Report {
-    /// The server finished it (ttl, attempts used up).
-    Server,
+    /// The server failed it: its ttl ran out.
+    Expired,
+    /// The server failed it: its last lease ran out.
+    AttemptsUsed,
     Success,
     Failure {
         retry: bool,

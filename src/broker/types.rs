@@ -579,6 +579,35 @@ pub struct QueueStats {
     pub results_evicted: u64,
     /// GetTask calls waiting on this queue.
     pub waiting_workers: u64,
+    /// Tasks stored since start.
+    pub enqueued: u64,
+    /// Hand-outs since start, redeliveries included.
+    pub delivered: u64,
+    /// Failures because the task's ttl ran out (also counted in `failed`).
+    pub expired: u64,
+    /// Leased tasks that failed with retry and went back for another
+    /// attempt (part of `redelivered`).
+    pub retried_after_error: u64,
+    /// Leased tasks whose lease ran out and went back for another attempt
+    /// (part of `redelivered`).
+    pub retried_after_lease_expiry: u64,
+    /// Worker streams open on this queue.
+    pub worker_streams: u64,
+}
+
+/// The engine's numbers for monitoring, taken under one lock: every
+/// queue's counters and the broker-wide ones. Built from counters kept as
+/// tasks move; taking it scans no task.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// One entry per queue, sorted by name.
+    pub queues: Vec<QueueStats>,
+    /// Bytes of payloads and result outputs held.
+    pub held_bytes: u64,
+    /// `--max-held-bytes`.
+    pub held_bytes_limit: u64,
+    /// Workers seen within `--worker-timeout`.
+    pub workers_alive: u64,
 }
 
 /// What the broker knows of one worker.

@@ -86,6 +86,15 @@ impl WorkerTable {
             .retain(|_, w| w.in_flight > 0 || now.duration_since(w.last_seen) < timeout);
     }
 
+    /// How many workers were seen within the timeout: one pass over the
+    /// table, which `--max-workers` bounds.
+    pub(super) fn alive(&self, now: Instant) -> u64 {
+        let alive = self.records.values();
+        alive
+            .filter(|w| now.duration_since(w.last_seen) < self.timeout)
+            .count() as u64
+    }
+
     /// The workers last seen on a queue of `only` (or all), sorted by id,
     /// after forgetting the silent idle ones.
     pub(super) fn report(

@@ -1,4 +1,5 @@
-//! `taskq serve`: validate the flags, bind, serve until SIGTERM or Ctrl-C.
+//! `taskq serve`: validate the flags, bind (gRPC, then HTTP), serve until
+//! SIGTERM or Ctrl-C.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,19 +19,19 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         Ok(config) => config,
         Err(error) => return config_error(error),
     };
-    let listener = match TcpListener::bind(listen).await {
-        Ok(listener) => listener,
-        Err(error) => {
-            eprintln!(
-                "taskq: cannot listen on {listen}: {error}; is another server using it? \
-                 choose another --listen"
-            );
-            return ExitCode::from(EXIT_FAILURE);
-        }
+    let Some(listener) = bind(listen, "--listen").await else {
+        return ExitCode::from(EXIT_FAILURE);
+    };
+    let http = match config.http.listen {
+        Some(addr) => match bind(addr, "--http-listen (or `off`)").await {
+            Some(http) => Some(http),
+            None => return ExitCode::from(EXIT_FAILURE),
+        },
+        None => None,
     };
     let reload =
         token_file.map(|path| tokio::spawn(reload_tokens_on_hangup(path, config.tokens.clone())));
-    let served = server::run(config, listener, crate::shutdown::signal()).await;
+    let served = server::run_with_http(config, listener, http, crate::shutdown::signal()).await;
     if let Some(reload) = reload {
         reload.abort();
     }
@@ -39,6 +40,20 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         Err(error) => {
             tracing::error!(%error, "server failed");
             ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// Binds `addr`, or says why not and which flag to change.
+async fn bind(addr: std::net::SocketAddr, flag: &str) -> Option<TcpListener> {
+    match TcpListener::bind(addr).await {
+        Ok(listener) => Some(listener),
+        Err(error) => {
+            eprintln!(
+                "taskq: cannot listen on {addr}: {error}; is another server using it? \
+                 choose another {flag}"
+            );
+            None
         }
     }
 }

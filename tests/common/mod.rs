@@ -22,6 +22,8 @@ pub type AuthClient = TaskQueueClient<InterceptedService<Channel, AddToken>>;
 
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The HTTP listener's address, for servers started `with_http`.
+    pub http: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     handle: JoinHandle<Result<(), ServerError>>,
 }
@@ -49,9 +51,39 @@ impl TestServer {
         }));
         Self {
             addr,
+            http: None,
             stop: Some(stop),
             handle,
         }
+    }
+
+    /// A server with its HTTP listener (metrics, probes), both on free
+    /// loopback ports.
+    pub async fn with_http(config: ServerConfig) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (addr, http_addr) = (listener.local_addr().unwrap(), http.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(server::run_with_http(config, listener, Some(http), async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            http: Some(http_addr),
+            stop: Some(stop),
+            handle,
+        }
+    }
+
+    /// `GET path` on the HTTP listener with an optional bearer token and
+    /// `Accept`: the status and the body.
+    pub async fn http_get(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        accept: Option<&str>,
+    ) -> (u16, String) {
+        http_get(self.http.expect("started with_http"), path, token, accept).await
     }
 
     pub async fn channel(&self) -> Channel {
@@ -157,4 +189,49 @@ pub fn succeeded(task: &taskq::pb::Task, output: &[u8]) -> taskq::pb::WorkerMess
             )),
         })),
     }
+}
+
+/// `GET path` on `addr` over HTTP/1.1 (hyper's client on one connection):
+/// the status and the body. Bounded to 10 s.
+pub async fn http_get(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    accept: Option<&str>,
+) -> (u16, String) {
+    use http_body_util::{BodyExt, Empty};
+    let fetch = async {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let mut request = http::Request::get(path).header("host", addr.to_string());
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        if let Some(accept) = accept {
+            request = request.header("accept", accept);
+        }
+        let response = sender
+            .send_request(request.body(Empty::<bytes::Bytes>::new()).unwrap())
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    };
+    tokio::time::timeout(Duration::from_secs(10), fetch)
+        .await
+        .expect("HTTP answer within 10s")
+}
+
+/// A token file in a fresh temporary directory, one `TOKEN ROLE` a line.
+pub fn token_file(name: &str, lines: &[&str]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("taskq-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tokens");
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    path
 }

@@ -66,6 +66,7 @@ class Server:
             f.write("# interop\n%s\n%s producer\n%s worker jobs\n" % (TOKEN, PRODUCER_TOKEN, WORKER_TOKEN))
         env = dict(os.environ)
         env.pop("TASKQ_TOKENS", None)
+        env["TASKQ_HTTP_LISTEN"] = "127.0.0.1:0"  # a free port: not the default's
         self.proc = subprocess.Popen(
             [taskq, "serve", "--listen", "127.0.0.1:0", "--token-file", tokens, *extra],
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, text=True,

@@ -13,6 +13,7 @@
 
 #[cfg(any(test, feature = "fuzzing"))]
 mod check;
+mod snapshot;
 mod task;
 
 use std::collections::hash_map::Entry;
@@ -785,7 +786,7 @@ impl State {
                     let entry = self.tasks.get_mut(&lease_id.task).expect("held");
                     entry.extras_mut().last_retry = Some((lease_id.seq, message));
                     let queue = entry.queue.clone();
-                    self.known_queue(&queue).redelivered += 1;
+                    self.known_queue(&queue).retried_after_error();
                     self.dispatch(&queue, now);
                     Ok(TaskState::Pending)
                 } else {
@@ -853,7 +854,7 @@ impl State {
                 })
             })
         });
-        let succeeded = result.state == TaskState::Succeeded;
+        let report = ended.report;
         let first = self.results.insert(
             id,
             Box::new(Finished {
@@ -874,7 +875,7 @@ impl State {
             Status::Pending => (false, false),
         };
         self.known_queue(&queue_name)
-            .finished(id, was_leased, succeeded);
+            .finished(id, was_leased, report);
         self.dispatch_results(&queue_name);
         if first {
             // The timer may sleep past this result's retention otherwise.
@@ -897,7 +898,7 @@ impl State {
             error: "task expired: its ttl ran out before it finished".into(),
             worker,
             by_lease: 0,
-            report: Report::Server,
+            report: Report::Expired,
         };
         self.finish(id, ended, now);
     }
@@ -1244,14 +1245,14 @@ impl State {
                 error,
                 worker: Some(worker),
                 by_lease: 0,
-                report: Report::Server,
+                report: Report::AttemptsUsed,
             };
             self.finish(id, ended, now);
         } else {
             tracing::debug!(task_id = %id, worker_id = %worker, "lease expired; task requeued");
             self.release(id);
             let queue = self.tasks[&id].queue.clone();
-            self.known_queue(&queue).redelivered += 1;
+            self.known_queue(&queue).retried_after_lease_expiry();
             self.dispatch(&queue, now);
         }
     }
