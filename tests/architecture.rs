@@ -156,10 +156,97 @@ fn the_import_cycle_check_finds_cycles() {
     assert_eq!(cycle.len(), 4, "{cycle:?}");
 }
 
+/// Lease and ttl timing runs on tokio's clock (`tokio::time::Instant`):
+/// monotonic, and paused in the engine's tests, which is how those tests
+/// check expiry to the millisecond. So the engine never reads
+/// `std::time::Instant`, and reads the wall clock only in `clock.rs`, once
+/// at start, to date what it shows clients (README, I12).
+#[test]
+fn the_engine_times_leases_on_the_tokio_clock_only() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/broker");
+    let files = sources(&root);
+    assert!(files.len() >= 4, "found the engine's files");
+    let mut clocks = 0;
+    for (path, text) in files {
+        clocks += usize::from(text.contains("tokio::time::Instant"));
+        // Unit tests compare wall-clock times they are shown.
+        let wall_clock_allowed = path.ends_with("/clock.rs") || path.ends_with("/tests.rs");
+        for read in std_clock_reads(&text) {
+            if read == "SystemTime::now" && wall_clock_allowed {
+                continue;
+            }
+            panic!("{path} reads {read}: time leases with tokio::time::Instant");
+        }
+    }
+    assert!(clocks >= 3, "found the engine's clock imports");
+}
+
+/// The clock check itself: what it must find, and what it must let pass.
+#[test]
+fn the_clock_check_finds_std_clock_reads() {
+    let cases = [
+        (
+            "use std::time::{Duration, Instant};",
+            vec!["std::time::Instant"],
+        ),
+        ("use std::time::Instant as Now;", vec!["std::time::Instant"]),
+        (
+            "use std::{sync::Arc, time::{Instant, SystemTime}};",
+            vec!["std::time::Instant"],
+        ),
+        ("use std::time::*;", vec!["std::time::*"]),
+        ("use std::time;", vec!["std::time"]),
+        (
+            "let t = std::time::Instant::now();",
+            vec!["std::time::Instant"],
+        ),
+        (
+            "let t = ::std::time::Instant::now();",
+            vec!["std::time::Instant"],
+        ),
+        ("let w = SystemTime::now();", vec!["SystemTime::now"]),
+        (
+            "use tokio::time::Instant;\nfn f() { Instant::now(); }",
+            vec![],
+        ),
+        ("use std::time::{Duration, SystemTime};", vec![]),
+        ("// not std::time::Instant, a comment\n", vec![]),
+    ];
+    for (text, expected) in cases {
+        assert_eq!(std_clock_reads(text), expected, "{text}");
+    }
+}
+
+/// What `text` reads of the standard library's clocks: `std::time::Instant`
+/// (imported or named in code), the whole of `std::time` (a glob or the
+/// module, through which it could be named unseen), and `SystemTime::now`.
+fn std_clock_reads(text: &str) -> Vec<&'static str> {
+    let mut reads = Vec::new();
+    for leaf in imports::use_leaves(text) {
+        let leaf: Vec<&str> = leaf.iter().map(String::as_str).collect();
+        let read = match leaf.as_slice() {
+            ["std", "time", "Instant"] => "std::time::Instant",
+            ["std", "time", "*"] => "std::time::*",
+            ["std", "time"] => "std::time",
+            _ => continue,
+        };
+        reads.push(read);
+    }
+    let code = imports::strip_comments(text);
+    if code.contains("std::time::Instant") && !reads.contains(&"std::time::Instant") {
+        reads.push("std::time::Instant");
+    }
+    if code.contains("SystemTime::now") {
+        reads.push("SystemTime::now");
+    }
+    reads
+}
+
 mod imports {
-    //! A reader of the crate's module tree, enough for the cycle check:
-    //! it knows `mod` files, `use` trees, inline `crate::`/`super::`
-    //! paths, `pub use` re-exports and inline modules (`mod tests { }`).
+    //! A reader of the crate's module tree, enough for the cycle check
+    //! and the clock check: it knows `mod` files, `use` trees, inline
+    //! `crate::`/`super::` paths, `pub use` re-exports and inline modules
+    //! (`mod tests { }`).
 
     use std::collections::{BTreeMap, BTreeSet};
     use std::path::Path;
@@ -356,7 +443,7 @@ mod imports {
     }
 
     /// The text without comments (string literals are kept as they are).
-    fn strip_comments(text: &str) -> String {
+    pub fn strip_comments(text: &str) -> String {
         let mut out = String::with_capacity(text.len());
         let mut chars = text.chars().peekable();
         let mut in_string = false;
@@ -395,6 +482,15 @@ mod imports {
             }
         }
         out
+    }
+
+    /// The path of every leaf of the `use` trees in `text` (comments
+    /// skipped).
+    pub fn use_leaves(text: &str) -> Vec<Vec<String>> {
+        paths(&strip_comments(text))
+            .into_iter()
+            .map(|(_, _, path)| path)
+            .collect()
     }
 
     fn is_ident(c: char) -> bool {
