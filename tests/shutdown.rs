@@ -29,7 +29,13 @@ async fn serving_watch(server: &TestServer) -> tonic::Streaming<HealthCheckRespo
 
 #[tokio::test]
 async fn shutdown_drains_in_order() {
-    let mut server = TestServer::spawn().await;
+    // A grace far longer than any wait below: the drain (held open by the
+    // health watch's own connection) cannot end before health is checked.
+    let config = taskq::server::ServerConfig {
+        shutdown_grace: Duration::from_secs(60),
+        ..taskq::server::ServerConfig::new(taskq::server::BrokerConfig::default())
+    };
+    let mut server = TestServer::with_config(config).await;
     let mut watch = serving_watch(&server).await;
 
     // A worker long-polling with a one-minute deadline.
@@ -68,7 +74,13 @@ async fn shutdown_drains_in_order() {
         .into_inner();
 
     server.signal_shutdown();
-    let next = watch.next().await.unwrap().unwrap();
+    // Guards against health turned only once the drain is over: a probe
+    // must see NOT_SERVING while calls are still being drained.
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .expect("health turns NOT_SERVING as the drain starts, not when it ends")
+        .unwrap()
+        .unwrap();
     assert_eq!(
         next.status(),
         ServingStatus::NotServing,
