@@ -478,18 +478,19 @@ async fn a_batch_of_tasks_stays_within_one_mebibyte() {
     server.shutdown().await;
 }
 
+/// Two readers of a queue's results take turns: each result goes to one
+/// of them, never to both (a stream that copied every result to every
+/// reader would pass with one reader).
 #[tokio::test]
 async fn watch_results_by_queue_delivers_each_result_once() {
     let server = TestServer::spawn().await;
     let mut client = server.client().await;
-    let watch = |target| pb::WatchResultsRequest {
-        target: Some(target),
+    let by_queue = || pb::WatchResultsRequest {
+        target: Some(pb::watch_results_request::Target::Queue("q".into())),
     };
-    let mut watcher = client
-        .watch_results(watch(pb::watch_results_request::Target::Queue("q".into())))
-        .await
-        .unwrap()
-        .into_inner();
+    // Opened one after the other: the first is first in turn.
+    let mut first = client.watch_results(by_queue()).await.unwrap().into_inner();
+    let mut second = client.watch_results(by_queue()).await.unwrap().into_inner();
     let ids = put_many(&mut client, "q", 5).await;
     let mut worker = WorkerStream::open(&mut client, "q", "w", 5).await;
     for _ in 0..5 {
@@ -497,13 +498,22 @@ async fn watch_results_by_queue_delivers_each_result_once() {
         worker.finish(&task, "r").await;
     }
     let mut seen = HashSet::new();
-    for _ in 0..5 {
+    for turn in 0..5 {
+        let watcher = if turn % 2 == 0 {
+            &mut first
+        } else {
+            &mut second
+        };
         let result = tokio::time::timeout(WAIT, watcher.next())
             .await
             .unwrap()
             .unwrap()
             .unwrap();
-        assert!(seen.insert(result.task_id));
+        assert!(
+            seen.insert(result.task_id.clone()),
+            "{} handed out twice",
+            result.task_id
+        );
     }
     assert_eq!(seen, ids.iter().cloned().collect());
     // Handed out once: GetResult(queue) finds nothing left.
