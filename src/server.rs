@@ -498,7 +498,12 @@ mod tests {
         assert!(order.lock().unwrap().is_empty());
 
         begin_drain(&health, &broker).await;
-        watcher.await.unwrap();
+        // Bounded, so that a drain that does not turn health fails here
+        // rather than hanging the test run.
+        tokio::time::timeout(Duration::from_secs(5), watcher)
+            .await
+            .expect("health turns NOT_SERVING when the drain begins")
+            .unwrap();
         waiter.await.unwrap();
         assert_eq!(*order.lock().unwrap(), ["health", "waiting call"]);
     }
