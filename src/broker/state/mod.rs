@@ -36,7 +36,7 @@ use super::waiters::{
 use super::workers::WorkerTable;
 use super::{
     BrokerConfig, BrokerError, Holdings, LeaseId, LeasedTask, NewTask, Outcome, PutOutcome,
-    QueueName, QueueStats, Stats, TaskId, TaskResult, TaskState, WorkerId,
+    QueueName, Stats, TaskId, TaskResult, TaskState, WorkerId,
 };
 use task::{Ended, Extras, Lease, Status, TaskEntry, state_of, timer_is_live};
 
@@ -1260,39 +1260,8 @@ impl State {
     // ---- Stats ----
 
     pub fn stats(&mut self, only: Option<&[QueueName]>, now: Instant) -> Stats {
-        let mut queues: Vec<QueueStats> = match only {
-            None => self
-                .queues
-                .iter()
-                .map(|(name, q)| q.stats(name, self.oldest_pending_age(q, now)))
-                .collect(),
-            Some(names) => names
-                .iter()
-                .map(|name| match self.queues.get(name) {
-                    Some(q) => q.stats(name, self.oldest_pending_age(q, now)),
-                    None => QueueStats {
-                        queue: name.to_string(),
-                        ..QueueStats::default()
-                    },
-                })
-                .collect(),
-        };
-        queues.sort_by(|a, b| a.queue.cmp(&b.queue));
-        queues.dedup_by(|a, b| a.queue == b.queue);
+        let queues = self.queue_stats(only, now);
         let workers = self.workers.report(only, &self.clock, now);
         Stats { queues, workers }
-    }
-
-    /// The age of the oldest of the first pending tasks in line. Retried
-    /// tasks go to the head, so the oldest task is among the first ones;
-    /// looking at a bounded number keeps stats cheap on long queues.
-    fn oldest_pending_age(&self, queue: &QueueState, now: Instant) -> Duration {
-        queue
-            .ready_head(OLDEST_SCAN)
-            .filter_map(|id| self.tasks.get(id))
-            .filter(|e| matches!(e.status, Status::Pending))
-            .map(|e| now.duration_since(self.clock.instant(e.created_at)))
-            .max()
-            .unwrap_or_default()
     }
 }
