@@ -18,9 +18,9 @@ use crate::broker::{
     DEFAULT_MAX_WAITERS, DEFAULT_QUEUE_CAPACITY,
 };
 use crate::server::{
-    DEFAULT_MAX_BATCH, DEFAULT_MAX_CALLS, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_STREAMS_PER_CONNECTION, DEFAULT_METRICS_MAX_QUEUES, HttpConfig, ServerConfig,
-    TransportConfig,
+    DEFAULT_MAX_BATCH, DEFAULT_MAX_CALLS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING,
+    DEFAULT_MAX_STREAMS_PER_CONNECTION, DEFAULT_METRICS_MAX_QUEUES, DEFAULT_POOL_SIZE,
+    DEFAULT_SCHEMA, HttpConfig, PostgresConfig, ServerConfig, StoreConfig, TransportConfig,
 };
 use crate::tls::{Identity, ServerTls, read_certificates};
 use crate::units::{parse_duration, parse_size, positive_count, positive_duration};
@@ -175,6 +175,34 @@ pub struct ServeArgs {
     /// about 300 bytes per task, under the memory the server may use.
     #[arg(long, env = "TASKQ_MAX_HELD_BYTES", default_value = "1GiB", value_parser = parse_size)]
     pub max_held_bytes: u64,
+
+    /// Where tasks and results live: `memory` (this process only: fastest,
+    /// lost on restart, one server) or a PostgreSQL URL
+    /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DB` (durable once
+    /// acknowledged; several servers may share it). Migrations are applied
+    /// at start (or ahead, with `taskq migrate`).
+    #[arg(long, env = "TASKQ_STORE", default_value = "memory", value_parser = parse_store)]
+    pub store: StoreChoice,
+
+    /// The PostgreSQL schema holding taskq's tables (with --store postgres://…).
+    #[arg(long, env = "TASKQ_STORE_SCHEMA", default_value = DEFAULT_SCHEMA)]
+    pub store_schema: String,
+
+    /// Connections to PostgreSQL per server (with --store postgres://…),
+    /// besides the one that listens for notifications.
+    #[arg(long, env = "TASKQ_STORE_POOL", default_value_t = DEFAULT_POOL_SIZE, value_parser = positive_count)]
+    pub store_pool: usize,
+
+    /// Longest a PostgreSQL statement may run before it is cancelled and
+    /// the call answered UNAVAILABLE.
+    #[arg(long, env = "TASKQ_STORE_STATEMENT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub store_statement_timeout: Duration,
+
+    /// Most puts and results waiting for their PostgreSQL transaction;
+    /// more wait for room, so a slow database cannot grow the server's
+    /// memory without limit.
+    #[arg(long, env = "TASKQ_STORE_MAX_PENDING", default_value_t = DEFAULT_MAX_PENDING, value_parser = positive_count)]
+    pub store_max_pending: usize,
 
     /// Most tasks in one PutTasks call (and task ids in one WatchResults).
     #[arg(long, env = "TASKQ_MAX_BATCH", default_value_t = DEFAULT_MAX_BATCH, value_parser = positive_count)]
@@ -347,7 +375,28 @@ impl ServeArgs {
                 metrics_open: self.metrics_open,
                 metrics_max_queues: self.metrics_max_queues,
             },
+            store: self.store_config()?,
         })
+    }
+
+    /// The store the flags name, checked.
+    fn store_config(&self) -> Result<StoreConfig, ConfigError> {
+        match &self.store {
+            StoreChoice::Memory => Ok(StoreConfig::Memory),
+            StoreChoice::Postgres(url) => {
+                let config = PostgresConfig {
+                    url: url.clone(),
+                    schema: self.store_schema.clone(),
+                    pool_size: self.store_pool,
+                    statement_timeout: self.store_statement_timeout,
+                    max_pending: self.store_max_pending,
+                };
+                config
+                    .validate()
+                    .map_err(|problem| ConfigError::new("--store (TASKQ_STORE)", &problem))?;
+                Ok(StoreConfig::Postgres(config))
+            }
+        }
     }
 
     /// Protected mode: a listener on a non-loopback `addr` needs tokens,
@@ -545,5 +594,24 @@ mod tests {
                 .is_ok()
         );
         assert!(serve(&["--listen", "[::1]:50051"]).into_config().is_ok());
+    }
+}
+
+/// `--store`: memory, or a PostgreSQL URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreChoice {
+    /// In this process.
+    Memory,
+    /// PostgreSQL at this URL.
+    Postgres(String),
+}
+
+fn parse_store(text: &str) -> Result<StoreChoice, String> {
+    if text == "memory" {
+        Ok(StoreChoice::Memory)
+    } else if PostgresConfig::is_url(text) {
+        Ok(StoreChoice::Postgres(text.to_owned()))
+    } else {
+        Err("use `memory` or a URL postgres://USER@HOST:PORT/DB (postgresql:// too)".into())
     }
 }

@@ -22,10 +22,10 @@ use tonic_health::pb::health_server::Health;
 use tonic_health::server::HealthService;
 
 use crate::auth::{Call, Tokens};
-use crate::broker::Broker;
 use crate::limits::{Connections, GuardLayer};
 pub use crate::metrics::DEFAULT_METRICS_MAX_QUEUES;
 use crate::metrics::{Format, QueueLabels, TransportNumbers, render};
+use crate::store::Store;
 
 /// Where the HTTP listener listens and how `/metrics` is guarded.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,8 +55,8 @@ impl Default for HttpConfig {
 }
 
 /// Everything the handlers read.
-pub(crate) struct Sources {
-    pub broker: Broker,
+pub(crate) struct Sources<S> {
+    pub store: S,
     pub tokens: Tokens,
     pub health: HealthService,
     pub connections: Connections,
@@ -69,15 +69,15 @@ pub(crate) struct Sources {
 ///
 /// # Errors
 /// When the listener fails.
-pub(crate) async fn serve(
+pub(crate) async fn serve<S: Store>(
     listener: TcpListener,
-    sources: Sources,
+    sources: Sources<S>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let router = Router::new()
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics::<S>))
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route("/readyz", get(readyz::<S>))
         .with_state(Arc::new(sources));
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
@@ -99,7 +99,7 @@ fn refuse(Refusal(status, message): Refusal) -> Response {
 }
 
 /// Checks the bearer token of a `/metrics` request.
-fn authorize(sources: &Sources, headers: &HeaderMap) -> Result<(), Refusal> {
+fn authorize<S>(sources: &Sources<S>, headers: &HeaderMap) -> Result<(), Refusal> {
     if sources.metrics_open || sources.tokens.is_empty() {
         return Ok(());
     }
@@ -124,7 +124,7 @@ fn authorize(sources: &Sources, headers: &HeaderMap) -> Result<(), Refusal> {
     Ok(())
 }
 
-async fn metrics(State(sources): State<Arc<Sources>>, headers: HeaderMap) -> Response {
+async fn metrics<S: Store>(State(sources): State<Arc<Sources<S>>>, headers: HeaderMap) -> Response {
     if let Err(refusal) = authorize(&sources, &headers) {
         return refuse(refusal);
     }
@@ -137,12 +137,13 @@ async fn metrics(State(sources): State<Arc<Sources>>, headers: HeaderMap) -> Res
         connections: sources.connections.open() as u64,
         calls_shed: sources.guard.shed(),
     };
-    let body = render(
-        &sources.broker.snapshot(),
-        transport,
-        &sources.labels,
-        format,
-    );
+    let snapshot = match sources.store.snapshot().await {
+        Ok(snapshot) => snapshot,
+        Err(error) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n")).into_response();
+        }
+    };
+    let body = render(&snapshot, transport, &sources.labels, format);
     ([(header::CONTENT_TYPE, format.content_type())], body).into_response()
 }
 
@@ -153,7 +154,7 @@ async fn healthz() -> &'static str {
 
 /// 200 while the gRPC health service reports SERVING, 503 otherwise (from
 /// the start of a drain): the same truth as `grpc.health.v1`.
-async fn readyz(State(sources): State<Arc<Sources>>) -> (StatusCode, &'static str) {
+async fn readyz<S: Store>(State(sources): State<Arc<Sources<S>>>) -> (StatusCode, &'static str) {
     let request = tonic::Request::new(HealthCheckRequest {
         service: String::new(),
     });

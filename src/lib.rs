@@ -38,6 +38,7 @@ pub mod pb;
 pub(crate) mod rpc;
 pub mod server;
 pub(crate) mod shutdown;
+pub(crate) mod store;
 #[doc(hidden)]
 pub mod telemetry;
 pub(crate) mod tls;

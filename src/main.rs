@@ -40,6 +40,7 @@ fn main() -> ExitCode {
             Command::Health(health) => cli::health::run(health).await,
             Command::Demo(demo) => cli::demo::run(demo).await,
             Command::Bench(bench) => cli::bench::run(bench).await,
+            Command::Migrate(migrate) => cli::migrate::run(migrate).await,
         }
     })
 }

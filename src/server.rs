@@ -20,10 +20,16 @@ use crate::http::Sources;
 use crate::limits::{Connections, GuardLayer};
 use crate::pb::task_queue_server::{SERVICE_NAME, TaskQueueServer};
 use crate::rpc::TaskQueueService;
+use crate::store::Store;
+use crate::store::postgres::PgStore;
 
 pub use crate::auth::{TokenError, Tokens};
 pub use crate::broker::BrokerConfig;
 pub use crate::http::{DEFAULT_METRICS_MAX_QUEUES, HttpConfig};
+pub use crate::store::postgres::{
+    DEFAULT_MAX_PENDING, DEFAULT_POOL_SIZE, DEFAULT_SCHEMA, DEFAULT_STATEMENT_TIMEOUT, PgError,
+    PostgresConfig, migrate,
+};
 pub use crate::tls::{Identity, ServerTls, TlsError, read_certificates};
 
 /// Everything the server needs, validated.
@@ -45,6 +51,18 @@ pub struct ServerConfig {
     pub transport: TransportConfig,
     /// The HTTP listener (metrics, probes).
     pub http: HttpConfig,
+    /// Where tasks and results live.
+    pub store: StoreConfig,
+}
+
+/// Where the server keeps tasks and results (`--store`).
+#[derive(Clone, Debug, Default)]
+pub enum StoreConfig {
+    /// In this process's memory: the fastest, lost on restart, one server.
+    #[default]
+    Memory,
+    /// In PostgreSQL: durable once acknowledged, shared by servers.
+    Postgres(PostgresConfig),
 }
 
 /// What bounds connections and calls, in front of the engine's own caps.
@@ -130,6 +148,7 @@ impl ServerConfig {
             max_batch: DEFAULT_MAX_BATCH,
             transport: TransportConfig::default(),
             http: HttpConfig::default(),
+            store: StoreConfig::Memory,
         }
     }
 
@@ -145,7 +164,7 @@ impl ServerConfig {
 /// probes and balancers stop sending work here), and only then does the
 /// broker close, answering the calls that wait. A worker whose long-poll
 /// comes back empty and asks again is thus never routed back here.
-async fn begin_drain(health: &tonic_health::server::HealthReporter, broker: &Broker) {
+async fn begin_drain(health: &tonic_health::server::HealthReporter, broker: &impl Store) {
     health
         .set_service_status("", ServingStatus::NotServing)
         .await;
@@ -231,6 +250,9 @@ pub enum ServerError {
     /// The server task panicked or was cancelled.
     #[error("server task ended abnormally: {0}")]
     Join(#[from] tokio::task::JoinError),
+    /// The store could not be opened at start.
+    #[error("the postgres store cannot be opened: {0}; check --store and that the database is up")]
+    Store(#[from] PgError),
 }
 
 /// Serves `taskq.v1.TaskQueue` and `grpc.health.v1.Health` on `listener`
@@ -294,7 +316,26 @@ pub async fn run_with_http(
     http: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let broker = Broker::new(config.broker.clone());
+    match &config.store {
+        StoreConfig::Memory => {
+            let broker = Broker::new(config.broker.clone());
+            serve(broker, config, listener, http, shutdown).await
+        }
+        StoreConfig::Postgres(store) => {
+            let store = PgStore::connect(store, config.broker.clone()).await?;
+            serve(store, config, listener, http, shutdown).await
+        }
+    }
+}
+
+/// Serves `broker` (the store chosen) until `shutdown`, then drains.
+async fn serve<S: Store>(
+    broker: S,
+    config: ServerConfig,
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let health_probe = tonic_health::server::HealthService::from_health_reporter(health.clone());
     let queue_service = TaskQueueServer::new(
@@ -320,7 +361,7 @@ pub async fn run_with_http(
     let connections = Connections::new(transport.max_connections, transport.handshake_timeout);
     let guard = GuardLayer::new(transport.max_calls);
     let sources = Sources {
-        broker: broker.clone(),
+        store: broker.clone(),
         tokens: config.tokens.clone(),
         health: health_probe,
         connections: connections.clone(),
@@ -395,6 +436,7 @@ pub async fn run_with_http(
             Some(_) => "mutual",
         },
         tokens = config.tokens.len(),
+        store = broker.kind(),
         "taskq serving"
     );
 
@@ -426,11 +468,18 @@ pub async fn run_with_http(
     let _ = http_stop.send(());
     http_serving.stop(config.shutdown_grace).await;
     let held = broker.holdings();
-    tracing::info!(
-        tasks = held.tasks,
-        results = held.results,
-        "taskq stopped; held tasks and results were in memory only and are dropped"
-    );
+    if broker.kind() == "memory" {
+        tracing::info!(
+            tasks = held.tasks,
+            results = held.results,
+            "taskq stopped; held tasks and results were in memory only and are dropped"
+        );
+    } else {
+        tracing::info!(
+            store = broker.kind(),
+            "taskq stopped; tasks and results stay in the store"
+        );
+    }
     result
 }
 

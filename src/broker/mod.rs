@@ -38,10 +38,10 @@ pub use config::{
     DEFAULT_MAX_WAITERS, DEFAULT_QUEUE_CAPACITY,
 };
 pub use handle::{Broker, ResultStream, Watch, WorkerStream, WorkerStreamControl};
-pub(crate) use types::IdMap;
 pub use types::{
     BrokerError, Holdings, LeaseId, LeaseRequest, LeasedTask, NewTask, Outcome, PutOutcome,
     QueueName, QueueStats, Snapshot, Stats, TaskId, TaskResult, TaskState, WorkerId, WorkerInfo,
 };
+pub(crate) use types::{IdMaker, IdMap};
 #[cfg(any(test, feature = "fuzzing"))]
 pub use waiters::RESULT_STREAM_WINDOW;

@@ -232,6 +232,16 @@ impl TaskId {
         Self(Uuid::now_v7())
     }
 
+    /// The id as a UUID, for stores that keep it as one.
+    pub(crate) fn as_uuid(self) -> Uuid {
+        self.0
+    }
+
+    /// The id a store kept as a UUID.
+    pub(crate) fn from_uuid(id: Uuid) -> Self {
+        Self(id)
+    }
+
     /// Parses the text form; `None` when it is not a task id.
     pub fn parse(text: &str) -> Option<Self> {
         Uuid::try_parse(text).ok().map(Self)
@@ -382,7 +392,7 @@ impl NewTask {
     /// # Errors
     /// [`BrokerError::PayloadTooLarge`], or [`BrokerError::InvalidArgument`]
     /// naming the field and its limit.
-    pub(super) fn validate(&self, max_payload: usize) -> Result<(), BrokerError> {
+    pub(crate) fn validate(&self, max_payload: usize) -> Result<(), BrokerError> {
         if self.payload.len() > max_payload {
             return Err(BrokerError::PayloadTooLarge {
                 size: self.payload.len(),
@@ -495,7 +505,7 @@ impl Outcome {
     ///
     /// # Errors
     /// [`BrokerError::ResultTooLarge`] for an output past the limit.
-    pub(super) fn within(self, limit: usize) -> Result<Self, BrokerError> {
+    pub(crate) fn within(self, limit: usize) -> Result<Self, BrokerError> {
         match self {
             Self::Success(output) if output.len() > limit => Err(BrokerError::ResultTooLarge {
                 size: output.len(),
@@ -711,6 +721,15 @@ pub enum BrokerError {
     /// The broker is draining for shutdown.
     #[error("the server is shutting down: retry against another instance or after restart")]
     ShuttingDown,
+    /// The store behind the server cannot be reached or failed (the
+    /// message names it); nothing was changed unless the answer says so.
+    #[error("the {store} store is unavailable: {reason}; retry shortly")]
+    StoreUnavailable {
+        /// Which store: `postgres`.
+        store: &'static str,
+        /// What failed, for the operator.
+        reason: String,
+    },
 }
 
 impl BrokerError {

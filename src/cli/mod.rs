@@ -12,6 +12,7 @@ pub mod connect;
 pub mod demo;
 pub mod exit;
 pub mod health;
+pub mod migrate;
 pub mod put;
 pub mod result;
 pub mod serve;
@@ -60,6 +61,9 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Measure throughput and latency of the full task round trip.
     Bench(bench::BenchArgs),
+    /// Apply the PostgreSQL store's schema migrations (servers also apply
+    /// them at start).
+    Migrate(migrate::MigrateArgs),
 }
 
 #[cfg(test)]

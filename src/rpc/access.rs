@@ -4,7 +4,8 @@
 use tonic::{Request, Status};
 
 use crate::auth::{Access, Call};
-use crate::broker::{Broker, NewTask, QueueName, TaskId, WorkerId};
+use crate::broker::{NewTask, QueueName, TaskId, WorkerId};
+use crate::store::Store;
 
 /// What the caller may do, checked against `call`: the [`Access`] the
 /// token interceptor attached.
@@ -29,9 +30,13 @@ pub(super) fn permit<T>(request: &Request<T>, call: Call) -> Result<Access, Stat
 /// # Errors
 /// NOT_FOUND for an unknown task, PERMISSION_DENIED for a task of another
 /// queue.
-pub(super) fn permit_task(broker: &Broker, access: &Access, task: TaskId) -> Result<(), Status> {
+pub(super) async fn permit_task<S: Store>(
+    store: &S,
+    access: &Access,
+    task: TaskId,
+) -> Result<(), Status> {
     if access.limits_queues() {
-        access.permit_queue(&broker.task_queue(task)?)?;
+        access.permit_queue(&store.task_queue(task).await?)?;
     }
     Ok(())
 }

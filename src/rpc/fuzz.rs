@@ -45,7 +45,7 @@ use super::TaskQueueService;
 use super::results::{ResultBatches, Results};
 use super::worker_stream::ServerMessages;
 use crate::auth::Access;
-use crate::broker::{Broker, BrokerConfig};
+use crate::broker::{Broker, BrokerConfig, ResultStream, WorkerStream};
 use crate::codec::WireCodec;
 use crate::pb::{
     self, server_message::Msg as Out, task_queue_server::TaskQueue, worker_message::Msg as In,
@@ -140,10 +140,10 @@ enum Open {
     /// and the server's messages.
     Worker {
         to_server: Option<mpsc::UnboundedSender<Result<pb::WorkerMessage, Status>>>,
-        from_server: ServerMessages,
+        from_server: ServerMessages<WorkerStream>,
     },
-    Results(Results),
-    Batches(ResultBatches),
+    Results(Results<ResultStream>),
+    Batches(ResultBatches<ResultStream>),
 }
 
 impl Open {
@@ -279,7 +279,7 @@ impl Known {
 
 /// The service, its broker, and what a client holds between operations.
 struct Harness {
-    service: TaskQueueService,
+    service: TaskQueueService<Broker>,
     broker: Broker,
     known: Known,
     open: VecDeque<Open>,

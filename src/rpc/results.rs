@@ -20,12 +20,13 @@ use super::batch::{BatchSource, in_batch_len, poll_batch};
 use super::convert;
 use super::outbound::{OUTBOUND_BUFFER, shutting_down, spawn_stream};
 use crate::auth::Access;
-use crate::broker::{Broker, ResultStream, TaskResult, Watch};
+use crate::broker::TaskResult;
 use crate::pb;
+use crate::store::{ResultDeliveries, ResultWatch, Store};
 
 /// GetResult: a task's result, or the queue's next, waiting up to `wait`.
-pub(super) async fn get_result(
-    broker: &Broker,
+pub(super) async fn get_result<S: Store>(
+    broker: &S,
     access: &Access,
     request: pb::GetResultRequest,
     wait: Duration,
@@ -34,7 +35,7 @@ pub(super) async fn get_result(
     let result = match request.target {
         Some(Target::TaskId(id)) => {
             let task = convert::task_id(&id)?;
-            permit_task(broker, access, task)?;
+            permit_task(broker, access, task).await?;
             broker.result(task, wait).await?
         }
         Some(Target::Queue(queue)) => {
@@ -54,9 +55,9 @@ pub(super) async fn get_result(
 }
 
 /// WatchResults' outbound side, one result per message.
-pub enum Results {
+pub enum Results<R> {
     /// By queue: results straight from the broker's result stream.
-    Queue(QueueResults),
+    Queue(QueueResults<R>),
     /// By task ids: results from the task that waits for them.
     Tasks(TaskResults),
 }
@@ -64,15 +65,15 @@ pub enum Results {
 /// A queue's results, from its result stream in the broker. When the
 /// broker closes, the stream ends with UNAVAILABLE once it has sent what it
 /// held.
-pub struct QueueResults {
-    results: ResultStream,
+pub struct QueueResults<R> {
+    results: R,
     /// The final UNAVAILABLE has been taken.
     ended: bool,
     /// A status that followed results in a batch: the next message.
     held: Option<Status>,
 }
 
-impl BatchSource for QueueResults {
+impl<R: ResultDeliveries> BatchSource for QueueResults<R> {
     type Item = TaskResult;
     type Wire = pb::Result;
 
@@ -163,7 +164,7 @@ fn poll_one<S: BatchSource>(
         .map(|item| item.map(|item| item.map(S::convert)))
 }
 
-impl Stream for Results {
+impl<R: ResultDeliveries> Stream for Results<R> {
     type Item = Result<pb::Result, Status>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -176,15 +177,15 @@ impl Stream for Results {
 
 /// WatchResultBatches' outbound side: [`Results`], with the results ready
 /// at once sent together, up to the batch bound.
-pub struct ResultBatches(Results);
+pub struct ResultBatches<R>(Results<R>);
 
-impl ResultBatches {
-    pub(super) fn new(results: Results) -> Self {
+impl<R> ResultBatches<R> {
+    pub(super) fn new(results: Results<R>) -> Self {
         Self(results)
     }
 }
 
-impl Stream for ResultBatches {
+impl<R: ResultDeliveries> Stream for ResultBatches<R> {
     type Item = Result<pb::ResultBatch, Status>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -198,18 +199,18 @@ impl Stream for ResultBatches {
 
 /// WatchResults: the queue's results as they finish, or the listed tasks'
 /// results as each exists.
-pub(super) fn watch_results(
-    broker: &Broker,
+pub(super) async fn watch_results<S: Store>(
+    broker: &S,
     access: &Access,
     request: pb::WatchResultsRequest,
     max_batch: usize,
-) -> Result<Results, Status> {
+) -> Result<Results<S::ResultStream>, Status> {
     use pb::watch_results_request::Target;
     match request.target {
         Some(Target::Queue(queue)) => {
             let queue = convert::queue(&queue)?;
             access.permit_queue(&queue)?;
-            let results = broker.open_result_stream(&queue)?;
+            let results = broker.open_result_stream(&queue).await?;
             Ok(Results::Queue(QueueResults {
                 results,
                 ended: false,
@@ -229,10 +230,10 @@ pub(super) fn watch_results(
                 .map(|text| convert::task_id(text))
                 .collect::<Result<Vec<_>, _>>()?;
             for id in &ids {
-                permit_task(broker, access, *id)?;
+                permit_task(broker, access, *id).await?;
             }
             // Every id is checked before anything is sent.
-            let watch = broker.watch(&ids)?;
+            let watch = broker.watch(&ids).await?;
             let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
             spawn_stream(
                 "WatchResults",
@@ -252,9 +253,9 @@ pub(super) fn watch_results(
 
 /// Sends the watched tasks' results as they arrive, until each has come,
 /// the client leaves, or the broker closes.
-async fn watch_tasks(
-    broker: Broker,
-    mut results: Watch,
+async fn watch_tasks<S: Store>(
+    broker: S,
+    mut results: S::Watch,
     mut remaining: usize,
     tx: mpsc::Sender<Result<pb::Result, Status>>,
 ) {

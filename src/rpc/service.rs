@@ -12,24 +12,24 @@ use super::results::{ResultBatches, Results};
 use super::worker_stream::ServerMessages;
 use super::{convert, deadline, results, stats, tasks, worker_stream};
 use crate::auth::Call;
-use crate::broker::Broker;
 use crate::pb::{self, task_queue_server::TaskQueue};
+use crate::store::Store;
 
 /// Default of `--max-batch`.
 pub const DEFAULT_MAX_BATCH: usize = 1000;
 
-/// The gRPC service in front of a [`Broker`].
+/// The gRPC service in front of a [`Store`].
 #[derive(Clone, Debug)]
-pub struct TaskQueueService {
-    broker: Broker,
+pub struct TaskQueueService<S> {
+    broker: S,
     max_wait: Duration,
     max_batch: usize,
 }
 
-impl TaskQueueService {
+impl<S: Store> TaskQueueService<S> {
     /// A service over `broker`; blocking calls without a deadline wait at
     /// most `max_wait`.
-    pub fn new(broker: Broker, max_wait: Duration) -> Self {
+    pub fn new(broker: S, max_wait: Duration) -> Self {
         Self {
             broker,
             max_wait,
@@ -63,7 +63,7 @@ impl TaskQueueService {
 }
 
 #[tonic::async_trait]
-impl TaskQueue for TaskQueueService {
+impl<S: Store> TaskQueue for TaskQueueService<S> {
     async fn put_task(
         &self,
         request: Request<pb::PutTaskRequest>,
@@ -92,7 +92,7 @@ impl TaskQueue for TaskQueueService {
         request: Request<pb::ExtendLeaseRequest>,
     ) -> Result<Response<pb::ExtendLeaseResponse>, Status> {
         let access = permit(&request, Call::ExtendLease)?;
-        let expires_at = tasks::extend_lease(&self.broker, &access, request.into_inner())?;
+        let expires_at = tasks::extend_lease(&self.broker, &access, request.into_inner()).await?;
         Ok(Response::new(pb::ExtendLeaseResponse {
             lease_expires_at: Some(convert::timestamp(expires_at)),
         }))
@@ -103,7 +103,7 @@ impl TaskQueue for TaskQueueService {
         request: Request<pb::PutResultRequest>,
     ) -> Result<Response<pb::PutResultResponse>, Status> {
         let access = permit(&request, Call::PutResult)?;
-        let state = tasks::put_result(&self.broker, &access, request.into_inner())?;
+        let state = tasks::put_result(&self.broker, &access, request.into_inner()).await?;
         Ok(Response::new(pb::PutResultResponse {
             state: convert::state(state).into(),
         }))
@@ -126,11 +126,11 @@ impl TaskQueue for TaskQueueService {
     ) -> Result<Response<pb::PutTasksResponse>, Status> {
         let access = permit(&request, Call::PutTasks)?;
         let response =
-            tasks::put_tasks(&self.broker, &access, request.into_inner(), self.max_batch)?;
+            tasks::put_tasks(&self.broker, &access, request.into_inner(), self.max_batch).await?;
         Ok(Response::new(response))
     }
 
-    type StreamTasksStream = ServerMessages;
+    type StreamTasksStream = ServerMessages<S::WorkerStream>;
 
     async fn stream_tasks(
         &self,
@@ -143,7 +143,7 @@ impl TaskQueue for TaskQueueService {
         Ok(Response::new(stream))
     }
 
-    type WatchResultsStream = Results;
+    type WatchResultsStream = Results<S::ResultStream>;
 
     async fn watch_results(
         &self,
@@ -151,11 +151,12 @@ impl TaskQueue for TaskQueueService {
     ) -> Result<Response<Self::WatchResultsStream>, Status> {
         let access = permit(&request, Call::WatchResults)?;
         let stream =
-            results::watch_results(&self.broker, &access, request.into_inner(), self.max_batch)?;
+            results::watch_results(&self.broker, &access, request.into_inner(), self.max_batch)
+                .await?;
         Ok(Response::new(stream))
     }
 
-    type WatchResultBatchesStream = ResultBatches;
+    type WatchResultBatchesStream = ResultBatches<S::ResultStream>;
 
     async fn watch_result_batches(
         &self,
@@ -163,7 +164,8 @@ impl TaskQueue for TaskQueueService {
     ) -> Result<Response<Self::WatchResultBatchesStream>, Status> {
         let access = permit(&request, Call::WatchResultBatches)?;
         let stream =
-            results::watch_results(&self.broker, &access, request.into_inner(), self.max_batch)?;
+            results::watch_results(&self.broker, &access, request.into_inner(), self.max_batch)
+                .await?;
         Ok(Response::new(ResultBatches::new(stream)))
     }
 
@@ -172,7 +174,7 @@ impl TaskQueue for TaskQueueService {
         request: Request<pb::GetStatsRequest>,
     ) -> Result<Response<pb::GetStatsResponse>, Status> {
         let access = permit(&request, Call::GetStats)?;
-        let response = stats::get_stats(&self.broker, &access, request.into_inner())?;
+        let response = stats::get_stats(&self.broker, &access, request.into_inner()).await?;
         Ok(Response::new(response))
     }
 }

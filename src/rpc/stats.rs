@@ -6,22 +6,22 @@ use tonic::Status;
 
 use super::convert;
 use crate::auth::Access;
-use crate::broker::Broker;
 use crate::pb;
+use crate::store::Store;
 
 /// GetStats of `request.queue`, or of every queue `access` may see when it
 /// is empty.
-pub(super) fn get_stats(
-    broker: &Broker,
+pub(super) async fn get_stats<S: Store>(
+    broker: &S,
     access: &Access,
     request: pb::GetStatsRequest,
 ) -> Result<pb::GetStatsResponse, Status> {
     let stats = if request.queue.is_empty() {
-        broker.stats(access.queues())
+        broker.stats(access.queues()).await?
     } else {
         let queue = convert::queue(&request.queue)?;
         access.permit_queue(&queue)?;
-        broker.stats(Some(std::slice::from_ref(&queue)))
+        broker.stats(Some(std::slice::from_ref(&queue))).await?
     };
     Ok(convert::stats(stats))
 }

@@ -16,7 +16,7 @@ impl From<BrokerError> for Status {
             BrokerError::StaleLease { .. } => Code::Aborted,
             BrokerError::TaskFinished(_) => Code::FailedPrecondition,
             BrokerError::ResultConflict(_) => Code::AlreadyExists,
-            BrokerError::ShuttingDown => Code::Unavailable,
+            BrokerError::ShuttingDown | BrokerError::StoreUnavailable { .. } => Code::Unavailable,
         };
         Status::new(code, error.to_string())
     }

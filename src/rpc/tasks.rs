@@ -10,12 +10,13 @@ use super::access::{permit_new_task, permit_task};
 use super::batch::in_place;
 use super::convert;
 use crate::auth::Access;
-use crate::broker::{Broker, LeaseId, LeaseRequest, Outcome, TaskState, WorkerId};
+use crate::broker::{LeaseId, LeaseRequest, Outcome, TaskState, WorkerId};
 use crate::pb;
+use crate::store::Store;
 
 /// PutTask: convert, check the queue, store (waiting up to `wait` for room).
-pub(super) async fn put_task(
-    broker: &Broker,
+pub(super) async fn put_task<S: Store>(
+    broker: &S,
     access: &Access,
     request: pb::PutTaskRequest,
     wait: Duration,
@@ -30,8 +31,8 @@ pub(super) async fn put_task(
 }
 
 /// PutTasks: every task validated and stored on its own, under one lock.
-pub(super) fn put_tasks(
-    broker: &Broker,
+pub(super) async fn put_tasks<S: Store>(
+    broker: &S,
     access: &Access,
     request: pb::PutTasksRequest,
     max_batch: usize,
@@ -57,7 +58,7 @@ pub(super) fn put_tasks(
             Err(status) => slots.push(Some(status)),
         }
     }
-    let stored = broker.put_many(valid);
+    let stored = broker.put_many(valid).await;
     let outcomes = in_place(slots, stored)
         .map(|result| pb::PutTaskOutcome {
             outcome: Some(match result {
@@ -73,8 +74,8 @@ pub(super) fn put_tasks(
 }
 
 /// GetTask: lease the queue's next task to `worker`, waiting up to `wait`.
-pub(super) async fn get_task(
-    broker: &Broker,
+pub(super) async fn get_task<S: Store>(
+    broker: &S,
     access: &Access,
     request: pb::GetTaskRequest,
     worker: WorkerId,
@@ -93,21 +94,21 @@ pub(super) async fn get_task(
 }
 
 /// An ExtendLease, unary or on a worker stream: convert, then extend.
-pub(super) fn extend_lease(
-    broker: &Broker,
+pub(super) async fn extend_lease<S: Store>(
+    broker: &S,
     access: &Access,
     request: pb::ExtendLeaseRequest,
 ) -> Result<SystemTime, Status> {
     let task = convert::task_id(&request.task_id)?;
-    permit_task(broker, access, task)?;
+    permit_task(broker, access, task).await?;
     let lease_id = convert::lease_id(task, &request.lease_id)?;
     let extend_by = convert::duration("extend_by", request.extend_by)?;
-    Ok(broker.extend(lease_id, extend_by)?)
+    Ok(broker.extend(lease_id, extend_by).await?)
 }
 
 /// A PutResult, unary or on a worker stream: convert, then complete.
-pub(super) fn put_result(
-    broker: &Broker,
+pub(super) async fn put_result<S: Store>(
+    broker: &S,
     access: &Access,
     request: pb::PutResultRequest,
 ) -> Result<TaskState, Status> {
@@ -117,21 +118,22 @@ pub(super) fn put_result(
         &request.task_id,
         &request.lease_id,
         request.outcome,
-    )?;
-    Ok(broker.complete(lease_id, outcome)?)
+    )
+    .await?;
+    Ok(broker.complete(lease_id, outcome).await?)
 }
 
 /// A result's lease and outcome from the wire, checked against `access`:
 /// what PutResult, unary or on a stream, hands the broker.
-pub(super) fn result_request(
-    broker: &Broker,
+pub(super) async fn result_request<S: Store>(
+    broker: &S,
     access: &Access,
     task_id: &str,
     lease_id: &str,
     outcome: Option<pb::put_result_request::Outcome>,
 ) -> Result<(LeaseId, Outcome), Status> {
     let task = convert::task_id(task_id)?;
-    permit_task(broker, access, task)?;
+    permit_task(broker, access, task).await?;
     let lease_id = convert::lease_id(task, lease_id)?;
     Ok((lease_id, convert::outcome(outcome)?))
 }

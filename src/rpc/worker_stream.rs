@@ -19,10 +19,9 @@ use super::batch::{BatchSource, in_place, poll_batch};
 use super::outbound::{OUTBOUND_BUFFER, shutting_down, spawn_stream};
 use super::{convert, tasks};
 use crate::auth::Access;
-use crate::broker::{
-    Broker, LeaseRequest, LeasedTask, TaskState, WorkerStream, WorkerStreamControl,
-};
+use crate::broker::{LeaseRequest, LeasedTask, TaskState};
 use crate::pb::{self, server_message::Msg as Out, worker_message::Msg as In};
+use crate::store::{Store, TaskDeliveries, WindowControl};
 
 /// Largest window (and batch) a worker stream may ask for.
 pub const MAX_IN_FLIGHT: u32 = 10_000;
@@ -37,12 +36,12 @@ const COMPLETE_CHUNK: usize = 256;
 /// StreamTasks: reads the subscribe message, opens the worker stream, and
 /// serves the worker's messages from a task of its own until either side
 /// ends it.
-pub(super) async fn stream_tasks(
-    broker: &Broker,
+pub(super) async fn stream_tasks<S: Store>(
+    broker: &S,
     access: Access,
     mut inbound: Streaming<pb::WorkerMessage>,
     peer: Option<std::net::SocketAddr>,
-) -> Result<ServerMessages, Status> {
+) -> Result<ServerMessages<S::WorkerStream>, Status> {
     let first = tokio::time::timeout(SUBSCRIBE_WAIT, inbound.message())
         .await
         .map_err(|_| {
@@ -62,7 +61,9 @@ pub(super) async fn stream_tasks(
         lease_duration: convert::duration("lease", subscribe.lease)?,
     };
     access.permit_queue(&request.queue)?;
-    let stream = broker.open_worker_stream(request, subscribe.max_in_flight)?;
+    let stream = broker
+        .open_worker_stream(request, subscribe.max_in_flight)
+        .await?;
     let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
     let report = tx.clone();
     spawn_stream(
@@ -93,8 +94,8 @@ fn check_window(field: &str, value: u32) -> Result<(), Status> {
 /// channel in between: bench/README.md). It owns the [`WorkerStream`], so
 /// when the transport drops it (the worker left) or it ends, what the
 /// stream holds goes back to its queue at once.
-pub struct ServerMessages {
-    stream: WorkerStream,
+pub struct ServerMessages<W> {
+    stream: W,
     replies: mpsc::Receiver<Result<pb::ServerMessage, Status>>,
     /// Tasks per message at most; 0 or 1 sends each in a `task` message.
     max_batch: usize,
@@ -102,12 +103,12 @@ pub struct ServerMessages {
 
 /// The tasks delivered to a worker stream, as a batch's source. One clock
 /// reading serves the whole batch.
-struct Deliveries<'a> {
-    stream: &'a mut WorkerStream,
+struct Deliveries<'a, W> {
+    stream: &'a mut W,
     now: Option<Instant>,
 }
 
-impl BatchSource for Deliveries<'_> {
+impl<W: TaskDeliveries> BatchSource for Deliveries<'_, W> {
     type Item = LeasedTask;
     type Wire = pb::Task;
 
@@ -139,7 +140,7 @@ impl BatchSource for Deliveries<'_> {
     }
 }
 
-impl Stream for ServerMessages {
+impl<W: TaskDeliveries> Stream for ServerMessages<W> {
     type Item = Result<pb::ServerMessage, Status>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -176,10 +177,10 @@ impl Stream for ServerMessages {
 
 /// Reads a worker's messages: results and extensions answered with acks,
 /// window changes, and the drain.
-async fn serve_inbound(
-    broker: Broker,
+async fn serve_inbound<S: Store>(
+    broker: S,
     access: Access,
-    control: WorkerStreamControl,
+    control: <S::WorkerStream as TaskDeliveries>::Control,
     mut inbound: Streaming<pb::WorkerMessage>,
     tx: mpsc::Sender<Result<pb::ServerMessage, Status>>,
 ) {
@@ -200,7 +201,7 @@ async fn serve_inbound(
                     // The worker closed its side, or the stream broke.
                     Ok(None) | Err(_) => break,
                 };
-                match handle(&broker, &access, &control, message, draining) {
+                match handle(&broker, &access, &control, message, draining).await {
                     Ok(Some(reply)) => {
                         if tx.send(Ok(reply)).await.is_err() {
                             break;
@@ -231,20 +232,23 @@ async fn serve_inbound(
 
 /// One message from a worker: a result or an extension answered with its
 /// ack, or a new window.
-fn handle(
-    broker: &Broker,
+async fn handle<S: Store>(
+    broker: &S,
     access: &Access,
-    control: &WorkerStreamControl,
+    control: &impl WindowControl,
     message: pb::WorkerMessage,
     draining: bool,
 ) -> Result<Option<pb::ServerMessage>, Status> {
     let reply = match message.msg {
-        Some(In::Result(request)) => Out::ResultAck(put_result(broker, access, request)),
-        Some(In::Results(batch)) => Out::ResultAcks(put_results(broker, access, batch.results)),
+        Some(In::Result(request)) => Out::ResultAck(put_result(broker, access, request).await),
+        Some(In::Results(batch)) => {
+            Out::ResultAcks(put_results(broker, access, batch.results).await)
+        }
         Some(In::Extend(request)) => {
             let task_id = request.task_id.clone();
             let lease_id = request.lease_id.clone();
-            let (lease_expires_at, error) = match tasks::extend_lease(broker, access, request) {
+            let (lease_expires_at, error) = match tasks::extend_lease(broker, access, request).await
+            {
                 Ok(at) => (Some(convert::timestamp(at)), None),
                 Err(status) => (None, Some(convert::item_error(&status))),
             };
@@ -278,14 +282,20 @@ fn handle(
 }
 
 /// One result from a stream, as PutResult, answered by its ack.
-fn put_result(broker: &Broker, access: &Access, request: pb::PutResultRequest) -> pb::ResultAck {
+async fn put_result<S: Store>(
+    broker: &S,
+    access: &Access,
+    request: pb::PutResultRequest,
+) -> pb::ResultAck {
     let pb::PutResultRequest {
         task_id,
         lease_id,
         outcome,
     } = request;
-    let answer = tasks::result_request(broker, access, &task_id, &lease_id, outcome)
-        .and_then(|(lease_id, outcome)| Ok(broker.complete(lease_id, outcome)?));
+    let answer = match tasks::result_request(broker, access, &task_id, &lease_id, outcome).await {
+        Ok((lease_id, outcome)) => broker.complete(lease_id, outcome).await.map_err(Into::into),
+        Err(status) => Err(status),
+    };
     result_ack(task_id, lease_id, answer)
 }
 
@@ -293,8 +303,8 @@ fn put_result(broker: &Broker, access: &Access, request: pb::PutResultRequest) -
 /// valid ones completed [`COMPLETE_CHUNK`] per hold of the lock (a worker
 /// may send as many as fit its message, and other calls should not wait
 /// for all), one ack per result in order.
-fn put_results(
-    broker: &Broker,
+async fn put_results<S: Store>(
+    broker: &S,
     access: &Access,
     requests: Vec<pb::PutResultRequest>,
 ) -> pb::ResultAckBatch {
@@ -308,7 +318,7 @@ fn put_results(
             outcome,
         } = request;
         refused.push(
-            match tasks::result_request(broker, access, &task_id, &lease_id, outcome) {
+            match tasks::result_request(broker, access, &task_id, &lease_id, outcome).await {
                 Ok(result) => {
                     valid.push(result);
                     None
@@ -325,7 +335,7 @@ fn put_results(
         if chunk.is_empty() {
             break;
         }
-        answers.extend(broker.complete_many(chunk));
+        answers.extend(broker.complete_many(chunk).await);
     }
     let acks = names
         .into_iter()

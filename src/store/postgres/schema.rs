@@ -1,0 +1,129 @@
+//! The schema: versioned migrations embedded in the binary, applied in
+//! order under an advisory lock, so that servers starting together apply
+//! each once. `taskq migrate --store URL` runs the same code ahead of a
+//! deploy.
+
+use tokio_postgres::Client;
+
+use super::PgError;
+
+/// Key of the advisory lock held while migrating (any fixed number that
+/// other applications on the database are unlikely to use: "taskq" in
+/// ASCII).
+const MIGRATION_LOCK: i64 = 0x7461_736b_71;
+
+/// The migrations, in order; `{s}` stands for the schema. Never edit one
+/// that has shipped: add the next.
+const MIGRATIONS: &[(i32, &str)] = &[(1, V1)];
+
+/// Version 1: tasks, results and per-queue counters.
+const V1: &str = r"
+-- One row per task, from its put until retention drops its result.
+-- state: 0 pending, 1 leased, 2 succeeded, 3 failed.
+-- fillfactor below 100 leaves room in each page, so that the many updates
+-- of a task's life (lease, result) stay heap-only (HOT) and skip the
+-- indexes that do not change.
+CREATE TABLE {s}.tasks (
+    id uuid PRIMARY KEY,                -- UUIDv7: time-ordered, the FIFO order
+    queue text NOT NULL,
+    state smallint NOT NULL DEFAULT 0,
+    payload bytea NOT NULL,
+    headers text,                        -- JSON object; NULL when none
+    idempotency_key text,
+    attempt integer NOT NULL DEFAULT 0,  -- deliveries so far
+    max_attempts integer NOT NULL,
+    lease_seq integer NOT NULL DEFAULT 0, -- the current (last issued) lease
+    lease_until timestamptz,             -- set while leased: the fence's clock
+    worker text,                         -- holder of the current lease
+    created_at timestamptz NOT NULL DEFAULT now(),
+    expires_at timestamptz,              -- ttl, from the put
+    by_lease integer,                    -- lease that reported the result (or last retry)
+    output bytea,
+    error text,                          -- failure message (or last retried one)
+    finished_at timestamptz,
+    claimed boolean NOT NULL DEFAULT false -- handed out by queue (GetResult(queue), WatchResults)
+) WITH (fillfactor = 80);
+
+-- Claims: a queue's pending tasks in id order. Partial, so the index holds
+-- only what waits, however many results are kept.
+CREATE INDEX tasks_ready ON {s}.tasks (queue, id) WHERE state = 0;
+
+-- The lease sweep: leased tasks by expiry.
+CREATE INDEX tasks_leases ON {s}.tasks (lease_until) WHERE state = 1;
+
+-- The ttl sweep: unfinished tasks that have a ttl, by expiry.
+CREATE INDEX tasks_ttl ON {s}.tasks (expires_at)
+    WHERE state < 2 AND expires_at IS NOT NULL;
+
+-- Results by queue, handed out once, in completion order.
+CREATE INDEX tasks_unclaimed ON {s}.tasks (queue, finished_at, id)
+    WHERE state >= 2 AND NOT claimed;
+
+-- Retention: finished rows by age.
+CREATE INDEX tasks_finished ON {s}.tasks (finished_at) WHERE state >= 2;
+
+-- Idempotency keys are unique per queue while the task is held.
+CREATE UNIQUE INDEX tasks_idempotency ON {s}.tasks (queue, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+
+-- Unfinished tasks per queue, kept in the transactions that put and finish
+-- them: the capacity check across all servers reads one row.
+CREATE TABLE {s}.queues (
+    name text PRIMARY KEY,
+    unfinished bigint NOT NULL DEFAULT 0
+);
+";
+
+/// Applies every migration the database lacks, under the advisory lock.
+/// Returns the versions applied now.
+///
+/// # Errors
+/// [`PgError`] when the database refuses a statement.
+pub(crate) async fn migrate(client: &mut Client, schema: &str) -> Result<Vec<i32>, PgError> {
+    let transaction = client.transaction().await?;
+    transaction
+        .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    transaction
+        .batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema};
+             CREATE TABLE IF NOT EXISTS {schema}.migrations (
+                 version integer PRIMARY KEY,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             );"
+        ))
+        .await?;
+    let applied: Vec<i32> = transaction
+        .query(&format!("SELECT version FROM {schema}.migrations"), &[])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let mut now = Vec::new();
+    for (version, sql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        transaction
+            .batch_execute(&sql.replace("{s}", schema))
+            .await?;
+        transaction
+            .execute(
+                &format!("INSERT INTO {schema}.migrations (version) VALUES ($1)"),
+                &[version],
+            )
+            .await?;
+        now.push(*version);
+    }
+    if let Some(newest) = applied.iter().max() {
+        let known = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+        if *newest > known {
+            return Err(PgError::Schema(format!(
+                "the database's schema {schema} is at version {newest}, newer than this \
+                 binary knows ({known}): run a newer taskq"
+            )));
+        }
+    }
+    transaction.commit().await?;
+    Ok(now)
+}

@@ -1,0 +1,226 @@
+//! Wake-ups from the database: one connection per server LISTENs on the
+//! schema's two channels, and each notification wakes the local waiters it
+//! concerns. Every transaction that makes tasks ready (put, retry, lease
+//! expiry, a stream's give-back) or finishes tasks sends a NOTIFY, which the
+//! database delivers at commit: a woken waiter always finds the row.
+//!
+//! - `<schema>_tasks`, payload the queue name: tasks became ready there.
+//! - `<schema>_results`, payload `queue` then a newline and task ids
+//!   separated by commas: those tasks finished.
+//!
+//! A notification lost while the listening connection is down is made up
+//! for by waking every waiter when it comes back: each looks again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use crate::broker::TaskId;
+
+/// Who waits for what on this server.
+#[derive(Debug, Default)]
+pub(crate) struct Wakeups {
+    /// Per queue: tasks became ready.
+    tasks: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Per queue: results finished.
+    results: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Per task: its result exists. Each waiter (a GetResult, a watch)
+    /// registers its own `Notify`.
+    task_results: Mutex<HashMap<TaskId, Vec<Arc<Notify>>>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Wakeups {
+    /// The `Notify` woken when tasks of `queue` become ready. Queues are
+    /// few; their entries stay.
+    pub(crate) fn tasks(&self, queue: &str) -> Arc<Notify> {
+        lock(&self.tasks).entry(queue.into()).or_default().clone()
+    }
+
+    /// The `Notify` woken when results of `queue` finish.
+    pub(crate) fn results(&self, queue: &str) -> Arc<Notify> {
+        lock(&self.results).entry(queue.into()).or_default().clone()
+    }
+
+    /// Registers `notify` to be woken when any of `ids` finishes; the
+    /// returned guard unregisters it.
+    pub(crate) fn watch_tasks(
+        self: &Arc<Self>,
+        ids: &[TaskId],
+        notify: &Arc<Notify>,
+    ) -> TaskWatchGuard {
+        let mut map = lock(&self.task_results);
+        for id in ids {
+            map.entry(*id).or_default().push(notify.clone());
+        }
+        TaskWatchGuard {
+            wakeups: self.clone(),
+            ids: ids.to_vec(),
+            notify: notify.clone(),
+        }
+    }
+
+    /// Wakes everyone: after the listening connection was lost, any
+    /// notification may have been missed.
+    pub(crate) fn wake_all(&self) {
+        for notify in lock(&self.tasks).values() {
+            notify.notify_waiters();
+            notify.notify_one();
+        }
+        for notify in lock(&self.results).values() {
+            notify.notify_waiters();
+            notify.notify_one();
+        }
+        for waiters in lock(&self.task_results).values() {
+            for notify in waiters {
+                notify.notify_one();
+            }
+        }
+    }
+
+    /// Tasks became ready on `queue`: wake one claimer and every waiter.
+    pub(crate) fn tasks_ready(&self, queue: &str) {
+        if let Some(notify) = lock(&self.tasks).get(queue) {
+            notify.notify_waiters();
+            notify.notify_one();
+        }
+    }
+
+    fn finished(&self, payload: &str) {
+        let (queue, ids) = payload.split_once('\n').unwrap_or((payload, ""));
+        if let Some(notify) = lock(&self.results).get(queue) {
+            notify.notify_waiters();
+            notify.notify_one();
+        }
+        let map = lock(&self.task_results);
+        if map.is_empty() {
+            return;
+        }
+        for id in ids.split(',').filter_map(TaskId::parse) {
+            for notify in map.get(&id).into_iter().flatten() {
+                notify.notify_one();
+            }
+        }
+    }
+}
+
+/// Unregisters a task watch when dropped.
+pub(crate) struct TaskWatchGuard {
+    wakeups: Arc<Wakeups>,
+    ids: Vec<TaskId>,
+    notify: Arc<Notify>,
+}
+
+impl Drop for TaskWatchGuard {
+    fn drop(&mut self) {
+        let mut map = lock(&self.wakeups.task_results);
+        for id in &self.ids {
+            if let Some(waiters) = map.get_mut(id) {
+                waiters.retain(|n| !Arc::ptr_eq(n, &self.notify));
+                if waiters.is_empty() {
+                    map.remove(id);
+                }
+            }
+        }
+    }
+}
+
+/// The channel names of `schema`.
+pub(crate) fn channels(schema: &str) -> (String, String) {
+    (format!("{schema}_tasks"), format!("{schema}_results"))
+}
+
+/// Listens until `wakeups` has no other owner, reconnecting with a backoff
+/// while the database is unreachable.
+pub(crate) async fn listen(
+    config: tokio_postgres::Config,
+    schema: String,
+    wakeups: std::sync::Weak<Wakeups>,
+    ready: tokio::sync::oneshot::Sender<()>,
+) {
+    let (tasks_channel, results_channel) = channels(&schema);
+    let mut ready = Some(ready);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if wakeups.strong_count() == 0 {
+            return;
+        }
+        match config.clone_for_listen().connect(NoTls).await {
+            Ok((client, mut connection)) => {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                let drive = tokio::spawn(async move {
+                    loop {
+                        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                            Some(Ok(message)) => {
+                                if tx.send(message).is_err() {
+                                    return;
+                                }
+                            }
+                            Some(Err(error)) => {
+                                tracing::warn!(%error, "postgres store: listening connection lost");
+                                return;
+                            }
+                            None => return,
+                        }
+                    }
+                });
+                let listened = client
+                    .batch_execute(&format!(
+                        "LISTEN \"{tasks_channel}\"; LISTEN \"{results_channel}\";"
+                    ))
+                    .await;
+                if let Err(error) = listened {
+                    tracing::warn!(%error, "postgres store: LISTEN failed");
+                    drive.abort();
+                } else {
+                    backoff = Duration::from_millis(100);
+                    if let Some(ready) = ready.take() {
+                        let _ = ready.send(());
+                    }
+                    // Anything missed while not listening: look again.
+                    if let Some(wakeups) = wakeups.upgrade() {
+                        wakeups.wake_all();
+                    }
+                    while let Some(message) = rx.recv().await {
+                        let Some(wakeups) = wakeups.upgrade() else {
+                            drive.abort();
+                            return;
+                        };
+                        if let AsyncMessage::Notification(note) = message {
+                            if note.channel() == tasks_channel {
+                                wakeups.tasks_ready(note.payload());
+                            } else if note.channel() == results_channel {
+                                wakeups.finished(note.payload());
+                            }
+                        }
+                    }
+                    drop(client);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?backoff, "postgres store: cannot connect to listen");
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// A listening connection runs no statements that could time out.
+trait ForListen {
+    fn clone_for_listen(&self) -> tokio_postgres::Config;
+}
+
+impl ForListen for tokio_postgres::Config {
+    fn clone_for_listen(&self) -> tokio_postgres::Config {
+        let mut config = self.clone();
+        config.application_name("taskq-listen");
+        config
+    }
+}

@@ -1,0 +1,488 @@
+//! Group commit: puts and results that arrive together share one
+//! transaction. Calls hand their work to a bounded queue; each of a few
+//! writer tasks takes everything queued when it is free, writes it with
+//! multi-row statements (`unnest` of arrays), commits once, and answers
+//! every caller. While one writer waits for its commit to reach the disk,
+//! the next gathers the following batch, so the commits overlap and no
+//! call pays one commit of its own under load.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use tokio::sync::{Mutex as AsyncMutex, mpsc, oneshot};
+use tokio_postgres::Transaction;
+use uuid::Uuid;
+
+use super::{Inner, PgError, state_of};
+use crate::broker::{
+    BrokerError, LeaseId, NewTask, Outcome, PutOutcome, QueueName, TaskId, TaskState,
+};
+
+/// Most tasks and results one transaction takes.
+const MAX_BATCH_ITEMS: usize = 2_000;
+
+/// Work for a writer.
+pub(crate) enum Job {
+    /// Store tasks (already validated, with their queue and ids).
+    Put {
+        tasks: Vec<Prepared>,
+        answer: oneshot::Sender<Vec<Result<PutOutcome, BrokerError>>>,
+    },
+    /// Record results.
+    Complete {
+        results: Vec<(LeaseId, Outcome)>,
+        answer: oneshot::Sender<Vec<Result<TaskState, BrokerError>>>,
+    },
+}
+
+impl Job {
+    fn items(&self) -> usize {
+        match self {
+            Job::Put { tasks, .. } => tasks.len(),
+            Job::Complete { results, .. } => results.len(),
+        }
+    }
+}
+
+/// A task ready to insert.
+pub(crate) struct Prepared {
+    pub id: TaskId,
+    pub queue: QueueName,
+    pub task: NewTask,
+    pub max_attempts: u32,
+}
+
+/// The queue writers take their work from.
+pub(crate) type Jobs = Arc<AsyncMutex<mpsc::Receiver<Job>>>;
+
+/// One writer: takes what is queued, writes it in one transaction, answers.
+pub(crate) async fn run(inner: std::sync::Weak<Inner>, jobs: Jobs) {
+    loop {
+        let batch = {
+            let mut jobs = jobs.lock().await;
+            let Some(first) = jobs.recv().await else {
+                return;
+            };
+            let mut items = first.items();
+            let mut batch = vec![first];
+            while items < MAX_BATCH_ITEMS {
+                match jobs.try_recv() {
+                    Ok(job) => {
+                        items += job.items();
+                        batch.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        let Some(inner) = inner.upgrade() else { return };
+        write(&inner, batch).await;
+    }
+}
+
+/// Writes one batch and answers its callers; on a database error every
+/// caller hears UNAVAILABLE and nothing of the batch is kept.
+async fn write(inner: &Inner, batch: Vec<Job>) {
+    let mut puts = Vec::new();
+    let mut completes = Vec::new();
+    let mut put_answers = Vec::new();
+    let mut complete_answers = Vec::new();
+    for job in batch {
+        match job {
+            Job::Put { tasks, answer } => {
+                put_answers.push((tasks.len(), answer));
+                puts.extend(tasks);
+            }
+            Job::Complete { results, answer } => {
+                complete_answers.push((results.len(), answer));
+                completes.extend(results);
+            }
+        }
+    }
+    let written = async {
+        let mut client = inner.pool.get().await?;
+        let transaction = client.transaction().await?;
+        let put_results = if puts.is_empty() {
+            Vec::new()
+        } else {
+            put_tasks(inner, &transaction, puts).await?
+        };
+        let complete_results = if completes.is_empty() {
+            Vec::new()
+        } else {
+            complete(inner, &transaction, completes).await?
+        };
+        transaction.commit().await?;
+        Ok::<_, PgError>((put_results, complete_results))
+    }
+    .await;
+    match written {
+        Ok((put_results, complete_results)) => {
+            let mut put_results = put_results.into_iter();
+            for (n, answer) in put_answers {
+                let _ = answer.send(put_results.by_ref().take(n).collect());
+            }
+            let mut complete_results = complete_results.into_iter();
+            for (n, answer) in complete_answers {
+                let _ = answer.send(complete_results.by_ref().take(n).collect());
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "postgres store: a write transaction failed");
+            let error = error.into_broker();
+            for (n, answer) in put_answers {
+                let _ = answer.send(vec![Err(error.clone()); n]);
+            }
+            for (n, answer) in complete_answers {
+                let _ = answer.send(vec![Err(error.clone()); n]);
+            }
+        }
+    }
+}
+
+/// Inserts tasks: room checked per queue across all servers (the queue's
+/// counter row, locked in name order so writers never deadlock), duplicates
+/// by idempotency key answered with the first task's id.
+async fn put_tasks(
+    inner: &Inner,
+    transaction: &Transaction<'_>,
+    tasks: Vec<Prepared>,
+) -> Result<Vec<Result<PutOutcome, BrokerError>>, PgError> {
+    let sql = &inner.sql;
+    let mut names: Vec<String> = tasks.iter().map(|t| t.queue.as_str().to_owned()).collect();
+    names.sort_unstable();
+    names.dedup();
+    transaction.execute(&sql.ensure_queues, &[&names]).await?;
+    let mut room: HashMap<String, i64> = HashMap::new();
+    let capacity = i64::try_from(inner.broker.queue_capacity).unwrap_or(i64::MAX);
+    for row in transaction.query(&sql.lock_queues, &[&names]).await? {
+        let name: String = row.get(0);
+        let unfinished: i64 = row.get(1);
+        room.insert(name, capacity - unfinished);
+    }
+    // Tasks within room, in order; the others are refused at once.
+    let mut answers: Vec<Option<Result<PutOutcome, BrokerError>>> = Vec::with_capacity(tasks.len());
+    let mut rows = Rows::default();
+    for task in &tasks {
+        let left = room.entry(task.queue.as_str().to_owned()).or_insert(0);
+        if *left <= 0 {
+            answers.push(Some(Err(BrokerError::QueueFull {
+                queue: task.queue.clone(),
+                capacity: inner.broker.queue_capacity,
+            })));
+            continue;
+        }
+        *left -= 1;
+        answers.push(None);
+        rows.push(task)?;
+    }
+    let inserted: std::collections::HashSet<Uuid> = if rows.ids.is_empty() {
+        Default::default()
+    } else {
+        transaction
+            .query(
+                &sql.insert_tasks,
+                &[
+                    &rows.ids,
+                    &rows.queues,
+                    &rows.payloads,
+                    &rows.headers,
+                    &rows.keys,
+                    &rows.max_attempts,
+                    &rows.ttls,
+                ],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect()
+    };
+    // Tasks not inserted met an idempotency key already held.
+    let mut duplicates: HashMap<(String, String), Uuid> = HashMap::new();
+    let (dup_queues, dup_keys): (Vec<String>, Vec<String>) = tasks
+        .iter()
+        .filter(|t| !inserted.contains(&t.id.as_uuid()))
+        .filter_map(|t| {
+            t.task
+                .idempotency_key
+                .clone()
+                .map(|key| (t.queue.as_str().to_owned(), key))
+        })
+        .unzip();
+    if !dup_queues.is_empty() {
+        for row in transaction
+            .query(&sql.find_keys, &[&dup_queues, &dup_keys])
+            .await?
+        {
+            duplicates.insert((row.get(0), row.get(1)), row.get(2));
+        }
+    }
+    let mut added: BTreeMap<String, i64> = BTreeMap::new();
+    let mut results = Vec::with_capacity(tasks.len());
+    for (task, answer) in tasks.iter().zip(answers) {
+        if let Some(answer) = answer {
+            results.push(answer);
+            continue;
+        }
+        if inserted.contains(&task.id.as_uuid()) {
+            *added.entry(task.queue.as_str().to_owned()).or_default() += 1;
+            results.push(Ok(PutOutcome {
+                task_id: task.id,
+                duplicate: false,
+            }));
+            continue;
+        }
+        let first = task
+            .task
+            .idempotency_key
+            .as_ref()
+            .and_then(|key| duplicates.get(&(task.queue.as_str().to_owned(), key.clone())));
+        results.push(match first {
+            Some(first) => Ok(PutOutcome {
+                task_id: TaskId::from_uuid(*first),
+                duplicate: true,
+            }),
+            // Its twin was dropped between the insert and the look-up: only
+            // retention deletes rows, and it never deletes unfinished ones.
+            None => Err(BrokerError::StoreUnavailable {
+                store: "postgres",
+                reason: "a duplicate's first task vanished; put it again".into(),
+            }),
+        });
+    }
+    if !added.is_empty() {
+        let (names, counts): (Vec<String>, Vec<i64>) = added.into_iter().unzip();
+        transaction
+            .execute(&sql.add_unfinished, &[&names, &counts])
+            .await?;
+        transaction
+            .execute(&sql.notify_tasks, &[&inner.channels.0, &names])
+            .await?;
+    }
+    Ok(results)
+}
+
+/// The columns of an insert, one array each.
+#[derive(Default)]
+struct Rows {
+    ids: Vec<Uuid>,
+    queues: Vec<String>,
+    payloads: Vec<Vec<u8>>,
+    headers: Vec<Option<String>>,
+    keys: Vec<Option<String>>,
+    max_attempts: Vec<i32>,
+    ttls: Vec<Option<f64>>,
+}
+
+impl Rows {
+    fn push(&mut self, task: &Prepared) -> Result<(), PgError> {
+        self.ids.push(task.id.as_uuid());
+        self.queues.push(task.queue.as_str().to_owned());
+        self.payloads.push(task.task.payload.to_vec());
+        self.headers.push(if task.task.headers.is_empty() {
+            None
+        } else {
+            Some(
+                serde_json::to_string(&task.task.headers)
+                    .map_err(|e| PgError::Encode(e.to_string()))?,
+            )
+        });
+        self.keys.push(task.task.idempotency_key.clone());
+        self.max_attempts
+            .push(i32::try_from(task.max_attempts).unwrap_or(i32::MAX));
+        self.ttls.push(task.task.ttl.map(|ttl| ttl.as_secs_f64()));
+        Ok(())
+    }
+}
+
+/// Records results. Successes from any lease of an unfinished task are
+/// taken (the first wins); failures need the current, unexpired lease, and
+/// go back to pending while attempts and ttl allow a retry. Whatever no
+/// statement changed is explained by a look at the row: a repeat of the
+/// same report answers the state again, anything else is refused.
+async fn complete(
+    inner: &Inner,
+    transaction: &Transaction<'_>,
+    results: Vec<(LeaseId, Outcome)>,
+) -> Result<Vec<Result<TaskState, BrokerError>>, PgError> {
+    let sql = &inner.sql;
+    let mut answers: Vec<Option<Result<TaskState, BrokerError>>> =
+        Vec::with_capacity(results.len());
+    let mut ok = (Vec::new(), Vec::new(), Vec::new());
+    let mut failed = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut checked = Vec::with_capacity(results.len());
+    for (lease, outcome) in results {
+        match outcome.within(inner.broker.max_result) {
+            Err(error) => {
+                answers.push(Some(Err(error)));
+                checked.push(None);
+            }
+            Ok(outcome) => {
+                answers.push(None);
+                let seq = i32::try_from(lease.seq).unwrap_or(i32::MAX);
+                match &outcome {
+                    Outcome::Success(output) => {
+                        ok.0.push(lease.task.as_uuid());
+                        ok.1.push(seq);
+                        ok.2.push(output.to_vec());
+                    }
+                    Outcome::Failure { message, retry } => {
+                        failed.0.push(lease.task.as_uuid());
+                        failed.1.push(seq);
+                        failed.2.push(message.clone());
+                        failed.3.push(*retry);
+                    }
+                }
+                checked.push(Some((lease, outcome)));
+            }
+        }
+    }
+    // What each statement changed: task → (queue, state now).
+    let mut changed: HashMap<Uuid, (String, i16)> = HashMap::new();
+    if !ok.0.is_empty() {
+        for row in transaction
+            .query(&sql.complete_ok, &[&ok.0, &ok.1, &ok.2])
+            .await?
+        {
+            changed.insert(row.get(0), (row.get(1), row.get(2)));
+        }
+    }
+    if !failed.0.is_empty() {
+        for row in transaction
+            .query(
+                &sql.complete_failed,
+                &[&failed.0, &failed.1, &failed.2, &failed.3],
+            )
+            .await?
+        {
+            changed.insert(row.get(0), (row.get(1), row.get(2)));
+        }
+    }
+    // The rest: look at the rows.
+    let unexplained: Vec<Uuid> = checked
+        .iter()
+        .flatten()
+        .map(|(lease, _)| lease.task.as_uuid())
+        .filter(|id| !changed.contains_key(id))
+        .collect();
+    let mut rows: HashMap<Uuid, tokio_postgres::Row> = HashMap::new();
+    if !unexplained.is_empty() {
+        for row in transaction.query(&sql.report_view, &[&unexplained]).await? {
+            rows.insert(row.get(0), row);
+        }
+    }
+    let mut finished: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
+    let mut retried: Vec<String> = Vec::new();
+    // One answer per report; a task changed once answers its first report
+    // and explains the rest by its row.
+    let mut answered: std::collections::HashSet<Uuid> = Default::default();
+    let mut out = Vec::with_capacity(answers.len());
+    for (answer, checked) in answers.into_iter().zip(checked) {
+        if let Some(answer) = answer {
+            out.push(answer);
+            continue;
+        }
+        let (lease, outcome) = checked.expect("checked when not answered");
+        let id = lease.task.as_uuid();
+        if let Some((queue, state)) = changed.get(&id) {
+            if answered.insert(id) {
+                let state = state_of(*state);
+                match state {
+                    TaskState::Pending => retried.push(queue.clone()),
+                    _ => finished.entry(queue.clone()).or_default().push(id),
+                }
+                out.push(Ok(state));
+                continue;
+            }
+        }
+        out.push(match rows.get(&id) {
+            None if changed.contains_key(&id) => Ok(changed
+                .get(&id)
+                .map(|(_, s)| state_of(*s))
+                .expect("changed")),
+            None => Err(BrokerError::TaskNotFound(lease.task.to_string())),
+            Some(row) => explain(row, lease, &outcome),
+        });
+    }
+    if !finished.is_empty() {
+        let names: Vec<String> = finished.keys().cloned().collect();
+        let counts: Vec<i64> = finished.values().map(|ids| -(ids.len() as i64)).collect();
+        transaction
+            .execute(&sql.add_unfinished, &[&names, &counts])
+            .await?;
+        for (queue, ids) in &finished {
+            notify_finished(inner, transaction, queue, ids).await?;
+        }
+    }
+    if !retried.is_empty() {
+        retried.sort_unstable();
+        retried.dedup();
+        transaction
+            .execute(&sql.notify_tasks, &[&inner.channels.0, &retried])
+            .await?;
+    }
+    Ok(out)
+}
+
+/// Why a report changed nothing, from the task's row: a repeat of the
+/// report that set its state answers that state; otherwise the lease is
+/// stale or the result conflicts.
+fn explain(
+    row: &tokio_postgres::Row,
+    lease: LeaseId,
+    outcome: &Outcome,
+) -> Result<TaskState, BrokerError> {
+    let state = state_of(row.get::<_, i16>(1));
+    let lease_seq: i32 = row.get(2);
+    let by_lease: Option<i32> = row.get(3);
+    let output: Option<Vec<u8>> = row.get(4);
+    let error: Option<String> = row.get(5);
+    let seq = i32::try_from(lease.seq).unwrap_or(i32::MAX);
+    let by_this = by_lease == Some(seq);
+    let repeat = match outcome {
+        Outcome::Failure {
+            message,
+            retry: true,
+        } => by_this && error.as_deref() == Some(message.as_str()) && state != TaskState::Succeeded,
+        Outcome::Failure {
+            message,
+            retry: false,
+        } => by_this && state == TaskState::Failed && error.as_deref() == Some(message.as_str()),
+        Outcome::Success(given) => {
+            by_this && state == TaskState::Succeeded && output.as_deref() == Some(&given[..])
+        }
+    };
+    if repeat {
+        return Ok(state);
+    }
+    let finished = matches!(state, TaskState::Succeeded | TaskState::Failed);
+    if !finished || seq == 0 || seq > lease_seq {
+        return Err(BrokerError::stale(lease));
+    }
+    Err(BrokerError::ResultConflict(lease.task))
+}
+
+/// NOTIFY of finished tasks, in payloads under PostgreSQL's 8,000 bytes.
+pub(crate) async fn notify_finished(
+    inner: &Inner,
+    transaction: &Transaction<'_>,
+    queue: &str,
+    ids: &[Uuid],
+) -> Result<(), PgError> {
+    for chunk in ids.chunks(150) {
+        let mut payload = String::with_capacity(queue.len() + 1 + chunk.len() * 37);
+        payload.push_str(queue);
+        payload.push('\n');
+        for (i, id) in chunk.iter().enumerate() {
+            if i > 0 {
+                payload.push(',');
+            }
+            payload.push_str(&id.to_string());
+        }
+        transaction
+            .execute(&inner.sql.notify, &[&inner.channels.1, &payload])
+            .await?;
+    }
+    Ok(())
+}
