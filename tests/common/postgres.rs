@@ -371,7 +371,17 @@ impl Cluster {
                 "--locale=C",
             ])
             .output();
-        check(initdb, "initdb")?;
+        check(initdb, "initdb").map_err(|error| {
+            if as_postgres_user {
+                format!(
+                    "{error}\n(initdb runs as the postgres user, which must be able to enter {}: \
+                     point TMPDIR at a folder it can reach, such as /tmp)",
+                    cluster.folder.display()
+                )
+            } else {
+                error
+            }
+        })?;
         let mut settings = format!(
             "\n# tests/common/postgres.rs\n\
              listen_addresses = '127.0.0.1'\n\
