@@ -1,6 +1,8 @@
-//! A real server on 127.0.0.1:0 for integration tests, with clients.
+//! A real server on 127.0.0.1:0 for integration tests, with clients; a
+//! real PostgreSQL in `postgres`, a faulty network in `proxy`.
 #![allow(dead_code)]
 
+pub mod postgres;
 pub mod proxy;
 
 use std::net::SocketAddr;
