@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use taskq::pb::task_queue_client::TaskQueueClient;
 use taskq::server::BrokerConfig;
-use taskq::server::{self, ServerConfig, ServerError};
+use taskq::server::{self, PostgresConfig, ServerConfig, ServerError, StoreConfig};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -24,6 +24,8 @@ pub type AuthClient = TaskQueueClient<InterceptedService<Channel, AddToken>>;
 
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The database of a server on the PostgreSQL store.
+    pub database: Option<postgres::TestDatabase>,
     /// The HTTP listener's address, for servers started `with_http`.
     pub http: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
@@ -44,7 +46,8 @@ impl TestServer {
     }
 
     /// A server on a given address: used to restart one where it was.
-    pub async fn at(addr: SocketAddr, config: ServerConfig) -> Self {
+    pub async fn at(addr: SocketAddr, mut config: ServerConfig) -> Self {
+        let database = use_store_under_test(&mut config).await;
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -53,6 +56,7 @@ impl TestServer {
         }));
         Self {
             addr,
+            database,
             http: None,
             stop: Some(stop),
             handle,
@@ -61,7 +65,8 @@ impl TestServer {
 
     /// A server with its HTTP listener (metrics, probes), both on free
     /// loopback ports.
-    pub async fn with_http(config: ServerConfig) -> Self {
+    pub async fn with_http(mut config: ServerConfig) -> Self {
+        let database = use_store_under_test(&mut config).await;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (addr, http_addr) = (listener.local_addr().unwrap(), http.local_addr().unwrap());
@@ -71,6 +76,7 @@ impl TestServer {
         }));
         Self {
             addr,
+            database,
             http: Some(http_addr),
             stop: Some(stop),
             handle,
@@ -141,6 +147,33 @@ impl TestServer {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
+}
+
+/// The store the tests run against: `TASKQ_TEST_STORE=postgres` runs
+/// every server of the test binary on the PostgreSQL store, each on a
+/// fresh database ([`postgres::TestDatabase`]); unset or `memory`, the
+/// memory store.
+pub fn store_under_test() -> &'static str {
+    match std::env::var("TASKQ_TEST_STORE").as_deref() {
+        Ok("postgres") => "postgres",
+        Ok("memory") | Err(_) => "memory",
+        Ok(other) => panic!("TASKQ_TEST_STORE={other}: use memory or postgres"),
+    }
+}
+
+/// Puts a server configured for the memory store on the store under test;
+/// the database (when there is one) lives as long as the server.
+async fn use_store_under_test(config: &mut ServerConfig) -> Option<postgres::TestDatabase> {
+    if store_under_test() != "postgres" || !matches!(config.store, StoreConfig::Memory) {
+        return None;
+    }
+    let database = postgres::TestDatabase::start().await;
+    let store = PostgresConfig::new(database.url());
+    // Migrated ahead, as a deploy would, so that the server serves at
+    // once: the first call's deadline should not pay for the schema.
+    server::migrate(&store).await.expect("migrations apply");
+    config.store = StoreConfig::Postgres(store);
+    Some(database)
 }
 
 /// Polls `check` until it holds. Bounded: at most 2,000 tries, 5 ms apart

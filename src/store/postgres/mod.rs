@@ -40,7 +40,7 @@ use super::Store;
 use crate::broker::{
     BrokerConfig, BrokerError, Holdings, IdMaker, LeaseId, LeaseRequest, LeasedTask, NewTask,
     Outcome, PutOutcome, QueueName, QueueStats, Snapshot, Stats, TaskId, TaskResult, TaskState,
-    WorkerId,
+    WorkerId, WorkerInfo,
 };
 use wake::Wakeups;
 use writer::{Job, Prepared};
@@ -115,8 +115,14 @@ pub(crate) struct Inner {
     /// sequence, the stream's shared record). A report of one frees its
     /// stream's window.
     stream_leases: Mutex<std::collections::HashMap<TaskId, (u32, Arc<streams::StreamShared>)>>,
+    /// Per queue: the one claimer of this server's worker streams.
+    task_dispatch: Mutex<std::collections::HashMap<String, Arc<streams::TaskDispatch>>>,
+    /// Per queue: the one claimer of this server's result streams.
+    result_dispatch: Mutex<std::collections::HashMap<String, Arc<streams::ResultDispatch>>>,
     /// Task ids: UUIDv7, unique across servers by their random start.
     ids: Mutex<IdMaker>,
+    /// Workers that called this server: id → (queue, last seen).
+    workers: Mutex<std::collections::HashMap<String, (String, SystemTime)>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -193,7 +199,10 @@ impl PgStore {
             jobs: jobs_tx,
             closed: watch::Sender::new(false),
             stream_leases: Mutex::default(),
+            task_dispatch: Mutex::default(),
+            result_dispatch: Mutex::default(),
             ids: Mutex::new(IdMaker::new()),
+            workers: Mutex::default(),
         });
         let (ready_tx, ready_rx) = oneshot::channel();
         tokio::spawn(wake::listen(
@@ -269,38 +278,38 @@ impl PgStore {
         answered.await.map_err(|_| BrokerError::ShuttingDown)
     }
 
-    /// Claims up to `limit` ready tasks of `queue` for `worker`.
+    /// Claims ready tasks of `queue` for `slots` (each a worker and its
+    /// lease duration), oldest first: at most one task per slot, task `i`
+    /// for slot `i`. One statement, one commit, however many slots.
     pub(crate) async fn claim(
         &self,
         queue: &QueueName,
-        limit: usize,
-        lease: Option<Duration>,
-        worker: &WorkerId,
-    ) -> Result<Vec<LeasedTask>, BrokerError> {
+        slots: &[(WorkerId, Option<Duration>)],
+    ) -> Result<Vec<(usize, LeasedTask)>, BrokerError> {
         let client = self.inner.pool.get().await.map_err(PgError::from)?;
         let statement = client
             .prepare_cached(&self.inner.sql.claim)
             .await
             .map_err(PgError::from)?;
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let limit = i64::try_from(slots.len()).unwrap_or(i64::MAX);
+        let leases: Vec<f64> = slots
+            .iter()
+            .map(|(_, lease)| self.lease_secs(*lease))
+            .collect();
+        let workers: Vec<&str> = slots.iter().map(|(worker, _)| worker.as_str()).collect();
         let rows = client
-            .query(
-                &statement,
-                &[
-                    &queue.as_str(),
-                    &limit,
-                    &self.lease_secs(lease),
-                    &worker.as_str(),
-                ],
-            )
+            .query(&statement, &[&queue.as_str(), &limit, &leases, &workers])
             .await
             .map_err(PgError::from)?;
         let now = tokio::time::Instant::now();
-        let mut tasks: Vec<LeasedTask> = rows
+        let mut tasks: Vec<(usize, LeasedTask)> = rows
             .iter()
-            .map(|row| leased_task(row, queue, now))
+            .map(|row| {
+                let slot = usize::try_from(row.get::<_, i64>(10) - 1).unwrap_or(0);
+                (slot, leased_task(row, queue, now))
+            })
             .collect();
-        tasks.sort_unstable_by_key(|task| task.id);
+        tasks.sort_unstable_by_key(|(slot, _)| *slot);
         Ok(tasks)
     }
 
@@ -395,6 +404,72 @@ impl PgStore {
             tracing::warn!(%error, queue = %queue,
                 "postgres store: could not give a closed result stream's results back");
         }
+    }
+
+    /// Records that `worker` asked for work on `queue` now.
+    pub(crate) fn touch(&self, worker: &WorkerId, queue: &QueueName) {
+        let mut workers = self
+            .inner
+            .workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now = SystemTime::now();
+        match workers.get_mut(worker.as_str()) {
+            Some(seen) => {
+                if seen.0 != queue.as_str() {
+                    seen.0 = queue.as_str().to_owned();
+                }
+                seen.1 = now;
+            }
+            None => {
+                workers.insert(worker.as_str().to_owned(), (queue.as_str().to_owned(), now));
+            }
+        }
+    }
+
+    /// The workers this server has seen, with their leases across all
+    /// servers.
+    async fn workers(&self, only: Option<&[QueueName]>) -> Result<Vec<WorkerInfo>, BrokerError> {
+        let seen: Vec<(String, String, SystemTime)> = self
+            .inner
+            .workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(_, (queue, _))| {
+                only.is_none_or(|only| only.iter().any(|q| q.as_str() == queue))
+            })
+            .map(|(worker, (queue, at))| (worker.clone(), queue.clone(), *at))
+            .collect();
+        if seen.is_empty() {
+            return Ok(Vec::new());
+        }
+        let names: Vec<&str> = seen.iter().map(|(w, _, _)| w.as_str()).collect();
+        let client = self.inner.pool.get().await.map_err(PgError::from)?;
+        let in_flight: std::collections::HashMap<String, i64> = client
+            .query(&self.inner.sql.in_flight, &[&names])
+            .await
+            .map_err(PgError::from)?
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        let now = SystemTime::now();
+        let mut workers: Vec<WorkerInfo> = seen
+            .into_iter()
+            .filter_map(|(worker, queue, at)| {
+                Some(WorkerInfo {
+                    in_flight: u32::try_from(in_flight.get(&worker).copied().unwrap_or(0))
+                        .unwrap_or(u32::MAX),
+                    worker: WorkerId::new(&worker).ok()?,
+                    queue: QueueName::parse(&queue).ok(),
+                    last_seen: at,
+                    alive: now.duration_since(at).unwrap_or_default()
+                        < self.inner.broker.worker_timeout,
+                })
+            })
+            .collect();
+        workers.sort_by(|a, b| a.worker.as_str().cmp(b.worker.as_str()));
+        Ok(workers)
     }
 
     /// A worker stream's lease was reported: free its place in the window.
@@ -523,6 +598,7 @@ pub(crate) struct Sql {
     unclaim_results: String,
     task_queue: String,
     stats: String,
+    in_flight: String,
     sweep_leases: String,
     sweep_ttl: String,
     drop_old: String,
@@ -554,16 +630,21 @@ impl Sql {
                 FROM unnest($1::text[], $2::int8[]) AS d(name, n) WHERE q.name = d.name"),
             notify_tasks: s("SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q"),
             notify: s("SELECT pg_notify($1, $2)"),
-            claim: s("UPDATE {s}.tasks t
+            // Row n (in id order) goes to slot n: its worker and lease.
+            claim: s("WITH locked AS (
+                    SELECT id FROM {s}.tasks
+                    WHERE queue = $1 AND state = 0 AND (expires_at IS NULL OR expires_at > now())
+                    ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED),
+                numbered AS (SELECT id, row_number() OVER (ORDER BY id) AS n FROM locked)
+                UPDATE {s}.tasks t
                 SET state = 1, attempt = t.attempt + 1, lease_seq = t.lease_seq + 1,
-                    lease_until = now() + make_interval(secs => $3), worker = $4
-                FROM (SELECT id FROM {s}.tasks
-                      WHERE queue = $1 AND state = 0 AND (expires_at IS NULL OR expires_at > now())
-                      ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED) c
+                    lease_until = now() + make_interval(secs => ($3::float8[])[c.n]),
+                    worker = ($4::text[])[c.n]
+                FROM numbered c
                 WHERE t.id = c.id
                 RETURNING t.id, t.payload, t.headers, t.attempt, t.max_attempts, t.lease_seq,
                           t.lease_until, t.created_at, t.expires_at,
-                          extract(epoch FROM t.lease_until - now())::float8"),
+                          extract(epoch FROM t.lease_until - now())::float8, c.n"),
             release: s("WITH back AS (
                     UPDATE {s}.tasks t SET state = 0, lease_until = NULL
                     FROM unnest($1::uuid[], $2::int4[]) AS r(id, seq)
@@ -603,6 +684,8 @@ impl Sql {
                     UPDATE {s}.tasks SET claimed = false WHERE id = ANY($1) RETURNING id)
                 SELECT pg_notify($2, $3) WHERE EXISTS (SELECT 1 FROM back)"),
             task_queue: s("SELECT queue FROM {s}.tasks WHERE id = $1"),
+            in_flight: s("SELECT worker, count(*) FROM {s}.tasks
+                WHERE state = 1 AND worker = ANY($1) GROUP BY worker"),
             stats: s("SELECT queue,
                     count(*) FILTER (WHERE state = 0),
                     count(*) FILTER (WHERE state = 1),
@@ -649,42 +732,35 @@ impl Store for PgStore {
     type Watch = PgWatch;
 
     async fn put(&self, task: NewTask, wait: Duration) -> Result<PutOutcome, BrokerError> {
-        let prepared = self.prepare(task)?;
+        let task = self.prepare(task)?;
         let until = tokio::time::Instant::now() + wait.min(Duration::from_secs(24 * 3600));
-        let queue = prepared.queue.clone();
-        let mut prepared = Some(prepared);
+        // Room comes when tasks of the queue finish: their results'
+        // notification.
+        let room = self.inner.wakeups.results(task.queue.as_str());
         loop {
             if self.is_closed() {
                 return Err(BrokerError::ShuttingDown);
             }
-            // Room comes when tasks finish: their results' notification.
-            let room = self.inner.wakeups.results(queue.as_str());
             let notified = room.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let task = prepared.take().expect("kept between attempts");
-            let copy = Prepared {
+            let attempt = Prepared {
                 id: task.id,
                 queue: task.queue.clone(),
                 task: task.task.clone(),
                 max_attempts: task.max_attempts,
             };
             let answer = self
-                .put_prepared(vec![task])
+                .put_prepared(vec![attempt])
                 .await?
                 .pop()
                 .unwrap_or(Err(BrokerError::ShuttingDown));
             match answer {
-                Err(BrokerError::QueueFull { .. }) if tokio::time::Instant::now() < until => {
-                    prepared = Some(copy);
-                    if !self.wait_for(notified, until).await && tokio::time::Instant::now() >= until
-                    {
-                        // One last try at the deadline.
-                        return self
-                            .put_prepared(vec![prepared.take().expect("kept")])
-                            .await?
-                            .pop()
-                            .unwrap_or(Err(BrokerError::ShuttingDown));
+                // Still full when the wait ends: answered at once, so that
+                // the answer arrives before the caller's deadline.
+                Err(full @ BrokerError::QueueFull { .. }) => {
+                    if !self.wait_for(notified, until).await {
+                        return Err(full);
                     }
                 }
                 answer => return answer,
@@ -732,17 +808,21 @@ impl Store for PgStore {
     ) -> Result<Option<LeasedTask>, BrokerError> {
         let until = tokio::time::Instant::now() + wait.min(Duration::from_secs(24 * 3600));
         let ready = self.inner.wakeups.tasks(request.queue.as_str());
+        self.touch(&request.worker, &request.queue);
+        let mut waiting = None;
         loop {
             let notified = ready.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let mut tasks = self
-                .claim(&request.queue, 1, request.lease_duration, &request.worker)
-                .await?;
-            if let Some(task) = tasks.pop() {
+            let slot = [(request.worker.clone(), request.lease_duration)];
+            if let Some((_, task)) = self.claim(&request.queue, &slot).await?.pop() {
                 return Ok(Some(task));
             }
-            if self.is_closed() || wait.is_zero() || !self.wait_for(notified, until).await {
+            if self.is_closed() || wait.is_zero() {
+                return Ok(None);
+            }
+            waiting.get_or_insert_with(|| self.inner.wakeups.waiting(request.queue.as_str()));
+            if !self.wait_for(notified, until).await {
                 return Ok(None);
             }
         }
@@ -890,11 +970,12 @@ impl Store for PgStore {
                 }
             }
         }
+        for queue in &mut queues {
+            queue.waiting_workers = self.inner.wakeups.waiting_on(&queue.queue);
+        }
         queues.sort_by(|a, b| a.queue.cmp(&b.queue));
-        Ok(Stats {
-            queues,
-            workers: Vec::new(),
-        })
+        let workers = self.workers(only).await?;
+        Ok(Stats { queues, workers })
     }
 
     async fn task_queue(&self, task: TaskId) -> Result<QueueName, BrokerError> {
@@ -917,11 +998,11 @@ impl Store for PgStore {
         if self.is_closed() {
             return Err(BrokerError::ShuttingDown);
         }
-        Ok(PgWorkerStream::open(self.clone(), request, window))
+        Ok(PgWorkerStream::open(self, request, window))
     }
 
     async fn open_result_stream(&self, queue: &QueueName) -> Result<PgResultStream, BrokerError> {
-        Ok(PgResultStream::open(self.clone(), queue.clone()))
+        Ok(PgResultStream::open(self, queue.clone()))
     }
 
     async fn watch(&self, ids: &[TaskId]) -> Result<PgWatch, BrokerError> {

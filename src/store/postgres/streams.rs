@@ -1,13 +1,19 @@
-//! Streams on the PostgreSQL store. Each open stream has a claimer task
-//! that claims what the stream has room for (its window less what it
-//! holds), waits for a notification when nothing is ready, and, when the
-//! stream ends, gives back at once whatever it still held: the claimer,
-//! not the stream's drop, does that, so a claim still in flight when the
-//! stream ends is given back too.
+//! Streams on the PostgreSQL store.
+//!
+//! Worker streams and result streams of one queue on one server share one
+//! claimer (a dispatch task): when tasks (or results) become ready, it
+//! claims for all of them at once, sized to their room (window less what
+//! each holds), in one statement, and hands each stream its share. One
+//! notification thus costs one claim per server and queue, not one per
+//! stream.
+//!
+//! When a worker stream ends, the dispatch gives back at once what it
+//! held: the dispatch, not the stream's drop, does that, so a claim still
+//! in flight when the stream ends is given back too.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -15,17 +21,23 @@ use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
 use super::PgStore;
-use crate::broker::{BrokerError, LeaseRequest, LeasedTask, QueueName, TaskId, TaskResult};
+use crate::broker::{
+    BrokerError, LeaseRequest, LeasedTask, QueueName, TaskId, TaskResult, WorkerId,
+};
 use crate::store::{ResultDeliveries, ResultWatch, TaskDeliveries, WindowControl};
 
 /// Most tasks (or results) one claim takes.
 const MAX_CLAIM: usize = 500;
-/// How long a claimer waits before trying again after a database error.
+/// How long a dispatch waits before trying again after a database error.
 const RETRY_AFTER_ERROR: Duration = Duration::from_millis(500);
 /// Results a result stream holds ahead of its reader.
 const RESULT_WINDOW: usize = 64;
 
-/// What a worker stream and its claimer share.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What a worker stream and its queue's dispatch share.
 #[derive(Debug)]
 pub(crate) struct StreamShared {
     window: AtomicU32,
@@ -33,25 +45,38 @@ pub(crate) struct StreamShared {
     outstanding: AtomicUsize,
     /// Leases held (task → sequence), to give back when the stream ends.
     held: Mutex<HashMap<TaskId, u32>>,
-    /// The window changed, or a task was reported, or the stream ended.
-    changed: Notify,
     ended: AtomicBool,
+    worker: WorkerId,
+    lease: Option<Duration>,
+    tx: mpsc::UnboundedSender<LeasedTask>,
+    /// The dispatch to tell when room appears.
+    dispatch: Arc<TaskDispatch>,
 }
 
 impl StreamShared {
     /// A task of this stream was reported.
     pub(crate) fn reported(&self, task: TaskId) {
-        if self
-            .held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&task)
-            .is_some()
-        {
+        if lock(&self.held).remove(&task).is_some() {
             self.outstanding.fetch_sub(1, Ordering::AcqRel);
-            self.changed.notify_one();
+            self.dispatch.changed.notify_one();
         }
     }
+
+    fn room(&self) -> usize {
+        if self.ended.load(Ordering::Acquire) {
+            return 0;
+        }
+        (self.window.load(Ordering::Acquire) as usize)
+            .saturating_sub(self.outstanding.load(Ordering::Acquire))
+    }
+}
+
+/// One queue's worker streams on this server, and their claimer.
+#[derive(Debug, Default)]
+pub(crate) struct TaskDispatch {
+    streams: Mutex<Vec<Arc<StreamShared>>>,
+    /// A stream opened, ended, or gained room.
+    changed: Notify,
 }
 
 /// A worker stream on the PostgreSQL store.
@@ -62,16 +87,38 @@ pub struct PgWorkerStream {
 }
 
 impl PgWorkerStream {
-    pub(crate) fn open(store: PgStore, request: LeaseRequest, window: u32) -> Self {
+    pub(crate) fn open(store: &PgStore, request: LeaseRequest, window: u32) -> Self {
+        let (tx, deliveries) = mpsc::unbounded_channel();
+        let mut dispatches = lock(&store.inner.task_dispatch);
+        let (dispatch, start) = match dispatches.get(request.queue.as_str()) {
+            Some(dispatch) => (dispatch.clone(), false),
+            None => {
+                let dispatch = Arc::new(TaskDispatch::default());
+                dispatches.insert(request.queue.as_str().to_owned(), dispatch.clone());
+                (dispatch, true)
+            }
+        };
         let shared = Arc::new(StreamShared {
             window: AtomicU32::new(window),
             outstanding: AtomicUsize::new(0),
             held: Mutex::default(),
-            changed: Notify::new(),
             ended: AtomicBool::new(false),
+            worker: request.worker,
+            lease: request.lease_duration,
+            tx,
+            dispatch: dispatch.clone(),
         });
-        let (tx, deliveries) = mpsc::unbounded_channel();
-        tokio::spawn(claim_tasks(store, request, shared.clone(), tx));
+        lock(&dispatch.streams).push(shared.clone());
+        drop(dispatches);
+        store.touch(&shared.worker, &request.queue);
+        if start {
+            tokio::spawn(dispatch_tasks(
+                store.clone(),
+                request.queue,
+                dispatch.clone(),
+            ));
+        }
+        dispatch.changed.notify_one();
         Self {
             deliveries,
             front: VecDeque::new(),
@@ -83,77 +130,86 @@ impl PgWorkerStream {
 impl Drop for PgWorkerStream {
     fn drop(&mut self) {
         self.shared.ended.store(true, Ordering::Release);
-        self.shared.changed.notify_one();
+        self.shared.dispatch.changed.notify_one();
     }
 }
 
-/// The claimer of one worker stream.
-async fn claim_tasks(
-    store: PgStore,
-    request: LeaseRequest,
-    shared: Arc<StreamShared>,
-    tx: mpsc::UnboundedSender<LeasedTask>,
-) {
-    let ready = store.inner.wakeups.tasks(request.queue.as_str());
+/// The claimer of one queue's worker streams on this server. Ends when
+/// the last stream has ended and been given back.
+async fn dispatch_tasks(store: PgStore, queue: QueueName, dispatch: Arc<TaskDispatch>) {
+    let ready = store.inner.wakeups.tasks(queue.as_str());
     let mut closed = store.inner.closed.subscribe();
+    // Whose turn is first, across claims as within one.
+    let mut turn = 0usize;
     loop {
-        if shared.ended.load(Ordering::Acquire) {
-            break;
-        }
-        let room = (shared.window.load(Ordering::Acquire) as usize)
-            .saturating_sub(shared.outstanding.load(Ordering::Acquire));
-        let changed = shared.changed.notified();
+        let changed = dispatch.changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
+        let notified = ready.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        // Ended streams leave, giving back what they held.
+        let ended: Vec<Arc<StreamShared>> = {
+            let mut streams = lock(&dispatch.streams);
+            let (ended, open) = streams
+                .drain(..)
+                .partition(|s| s.ended.load(Ordering::Acquire));
+            *streams = open;
+            ended
+        };
+        for stream in ended {
+            give_back(&store, &queue, &stream).await;
+        }
+        {
+            let mut dispatches = lock(&store.inner.task_dispatch);
+            if lock(&dispatch.streams).is_empty() {
+                dispatches.remove(queue.as_str());
+                return;
+            }
+        }
         let draining = *closed.borrow();
-        if room == 0 || draining {
+        // Slots in turns, one per stream with room each round, so that a
+        // stream with a large window does not starve the others.
+        let mut slots: Vec<Arc<StreamShared>> = Vec::new();
+        if !draining {
+            let mut streams = lock(&dispatch.streams).clone();
+            let first = turn % streams.len().max(1);
+            streams.rotate_left(first);
+            let mut rooms: Vec<usize> = streams.iter().map(|s| s.room()).collect();
+            while slots.len() < MAX_CLAIM && rooms.iter().any(|r| *r > 0) {
+                for (stream, room) in streams.iter().zip(rooms.iter_mut()) {
+                    if *room > 0 && slots.len() < MAX_CLAIM {
+                        *room -= 1;
+                        slots.push(stream.clone());
+                    }
+                }
+            }
+        }
+        if slots.is_empty() {
             tokio::select! {
                 () = &mut changed => {}
                 _ = closed.changed(), if !draining => {}
             }
             continue;
         }
-        let notified = ready.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        match store
-            .claim(
-                &request.queue,
-                room.min(MAX_CLAIM),
-                request.lease_duration,
-                &request.worker,
-            )
-            .await
-        {
-            Ok(tasks) if !tasks.is_empty() => {
-                {
-                    let mut held = shared.held.lock().unwrap_or_else(PoisonError::into_inner);
-                    let mut leases = store
-                        .inner
-                        .stream_leases
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner);
-                    for task in &tasks {
-                        held.insert(task.id, task.lease_id.seq);
-                        leases.insert(task.id, (task.lease_id.seq, shared.clone()));
-                    }
-                    shared.outstanding.fetch_add(tasks.len(), Ordering::AcqRel);
+        let wanted: Vec<(WorkerId, Option<Duration>)> =
+            slots.iter().map(|s| (s.worker.clone(), s.lease)).collect();
+        match store.claim(&queue, &wanted).await {
+            Ok(tasks) => {
+                let full = tasks.len() == slots.len();
+                turn = turn.wrapping_add(tasks.len());
+                deliver(&store, &slots, tasks);
+                if full {
+                    continue;
                 }
-                for task in tasks {
-                    // A failed send: the stream is gone; the give-back below
-                    // takes what it held.
-                    let _ = tx.send(task);
-                }
-            }
-            Ok(_) => {
                 tokio::select! {
                     () = &mut notified => {}
                     () = &mut changed => {}
-                    _ = closed.changed() => {}
+                    _ = closed.changed(), if !draining => {}
                 }
             }
             Err(error) => {
-                tracing::warn!(%error, queue = %request.queue, "postgres store: a worker stream's claim failed; retrying");
+                tracing::warn!(%error, queue = %queue, "postgres store: a claim for worker streams failed; retrying");
                 tokio::select! {
                     () = tokio::time::sleep(RETRY_AFTER_ERROR) => {}
                     () = &mut changed => {}
@@ -161,24 +217,45 @@ async fn claim_tasks(
             }
         }
     }
-    // The stream ended: everything it still holds goes back at once.
-    let held: Vec<(TaskId, u32)> = shared
-        .held
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .drain()
-        .collect();
+}
+
+/// Hands claimed tasks to their slots' streams. A stream that ended in
+/// the meantime still records the task as held: the give-back of ended
+/// streams returns it.
+fn deliver(store: &PgStore, slots: &[Arc<StreamShared>], tasks: Vec<(usize, LeasedTask)>) {
+    let mut leases = lock(&store.inner.stream_leases);
+    for (slot, task) in tasks {
+        let Some(stream) = slots.get(slot) else {
+            continue;
+        };
+        lock(&stream.held).insert(task.id, task.lease_id.seq);
+        leases.insert(task.id, (task.lease_id.seq, stream.clone()));
+        stream.outstanding.fetch_add(1, Ordering::AcqRel);
+        let _ = stream.tx.send(task);
+    }
+    drop(leases);
+    // A stream that ended while the claim was in flight: make sure the
+    // dispatch looks again and gives back what it was just handed.
+    if slots.iter().any(|s| s.ended.load(Ordering::Acquire)) {
+        if let Some(stream) = slots.first() {
+            stream.dispatch.changed.notify_one();
+        }
+    }
+}
+
+/// Gives back everything an ended stream held.
+async fn give_back(store: &PgStore, queue: &QueueName, stream: &StreamShared) {
+    let held: Vec<(TaskId, u32)> = lock(&stream.held).drain().collect();
+    if held.is_empty() {
+        return;
+    }
     {
-        let mut leases = store
-            .inner
-            .stream_leases
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut leases = lock(&store.inner.stream_leases);
         for (task, _) in &held {
             leases.remove(task);
         }
     }
-    store.release(&request.queue, held).await;
+    store.release(queue, held).await;
 }
 
 impl TaskDeliveries for PgWorkerStream {
@@ -223,12 +300,31 @@ pub struct PgStreamControl {
 impl WindowControl for PgStreamControl {
     fn set_window(&self, window: u32) {
         self.shared.window.store(window, Ordering::Release);
-        self.shared.changed.notify_one();
+        self.shared.dispatch.changed.notify_one();
     }
 
     fn outstanding(&self) -> usize {
         self.shared.outstanding.load(Ordering::Acquire)
     }
+}
+
+/// What a result stream and its queue's dispatch share.
+#[derive(Debug)]
+struct ResultShared {
+    /// Results claimed for the stream and not yet taken by its reader.
+    buffered: AtomicUsize,
+    ended: AtomicBool,
+    /// Taken when the store drains, which ends the stream once its reader
+    /// has what was sent.
+    tx: Mutex<Option<mpsc::UnboundedSender<TaskResult>>>,
+    dispatch: Arc<ResultDispatch>,
+}
+
+/// One queue's result streams on this server, and their claimer.
+#[derive(Debug, Default)]
+pub(crate) struct ResultDispatch {
+    streams: Mutex<Vec<Arc<ResultShared>>>,
+    changed: Notify,
 }
 
 /// A queue's result stream on the PostgreSQL store: results claimed (handed
@@ -237,37 +333,44 @@ impl WindowControl for PgStreamControl {
 pub struct PgResultStream {
     results: mpsc::UnboundedReceiver<TaskResult>,
     front: VecDeque<TaskResult>,
-    /// Results claimed and not yet taken by the reader.
-    buffered: Arc<AtomicUsize>,
-    taken: Arc<Notify>,
-    ended: Arc<AtomicBool>,
-    /// Ids of results taken from the channel and put back: given back at
-    /// the end with the rest.
+    shared: Arc<ResultShared>,
     store: PgStore,
     queue: QueueName,
 }
 
 impl PgResultStream {
-    pub(crate) fn open(store: PgStore, queue: QueueName) -> Self {
+    pub(crate) fn open(store: &PgStore, queue: QueueName) -> Self {
         let (tx, results) = mpsc::unbounded_channel();
-        let buffered = Arc::new(AtomicUsize::new(0));
-        let taken = Arc::new(Notify::new());
-        let ended = Arc::new(AtomicBool::new(false));
-        tokio::spawn(claim_results(
-            store.clone(),
-            queue.clone(),
-            buffered.clone(),
-            taken.clone(),
-            ended.clone(),
-            tx,
-        ));
+        let mut dispatches = lock(&store.inner.result_dispatch);
+        let (dispatch, start) = match dispatches.get(queue.as_str()) {
+            Some(dispatch) => (dispatch.clone(), false),
+            None => {
+                let dispatch = Arc::new(ResultDispatch::default());
+                dispatches.insert(queue.as_str().to_owned(), dispatch.clone());
+                (dispatch, true)
+            }
+        };
+        let shared = Arc::new(ResultShared {
+            buffered: AtomicUsize::new(0),
+            ended: AtomicBool::new(false),
+            tx: Mutex::new(Some(tx)),
+            dispatch: dispatch.clone(),
+        });
+        lock(&dispatch.streams).push(shared.clone());
+        drop(dispatches);
+        if start {
+            tokio::spawn(dispatch_results(
+                store.clone(),
+                queue.clone(),
+                dispatch.clone(),
+            ));
+        }
+        dispatch.changed.notify_one();
         Self {
             results,
             front: VecDeque::new(),
-            buffered,
-            taken,
-            ended,
-            store,
+            shared,
+            store: store.clone(),
             queue,
         }
     }
@@ -275,9 +378,10 @@ impl PgResultStream {
 
 impl Drop for PgResultStream {
     fn drop(&mut self) {
-        self.ended.store(true, Ordering::Release);
-        self.taken.notify_one();
+        self.shared.ended.store(true, Ordering::Release);
+        self.shared.dispatch.changed.notify_one();
         // What is buffered here was claimed for this reader: give it back.
+        self.results.close();
         let mut back: Vec<TaskId> = self.front.drain(..).map(|r| r.task_id).collect();
         while let Ok(result) = self.results.try_recv() {
             back.push(result.task_id);
@@ -292,59 +396,102 @@ impl Drop for PgResultStream {
     }
 }
 
-async fn claim_results(
-    store: PgStore,
-    queue: QueueName,
-    buffered: Arc<AtomicUsize>,
-    taken: Arc<Notify>,
-    ended: Arc<AtomicBool>,
-    tx: mpsc::UnboundedSender<TaskResult>,
-) {
+/// The claimer of one queue's result streams on this server.
+async fn dispatch_results(store: PgStore, queue: QueueName, dispatch: Arc<ResultDispatch>) {
     let ready = store.inner.wakeups.results(queue.as_str());
     let mut closed = store.inner.closed.subscribe();
-    while !ended.load(Ordering::Acquire) && !*closed.borrow() {
-        let room = RESULT_WINDOW.saturating_sub(buffered.load(Ordering::Acquire));
-        let more = taken.notified();
-        tokio::pin!(more);
-        more.as_mut().enable();
-        if room == 0 {
+    // Whose turn is first: results go to the streams in turns, across
+    // claims as within one.
+    let mut turn = 0usize;
+    loop {
+        let changed = dispatch.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let notified = ready.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let streams = {
+            let mut dispatches = lock(&store.inner.result_dispatch);
+            let mut streams = lock(&dispatch.streams);
+            streams.retain(|s| !s.ended.load(Ordering::Acquire));
+            if streams.is_empty() {
+                dispatches.remove(queue.as_str());
+                return;
+            }
+            let mut streams = streams.clone();
+            let first = turn % streams.len();
+            streams.rotate_left(first);
+            streams
+        };
+        let draining = *closed.borrow();
+        let mut slots: Vec<Arc<ResultShared>> = Vec::new();
+        if !draining {
+            let mut rooms: Vec<usize> = streams
+                .iter()
+                .map(|s| RESULT_WINDOW.saturating_sub(s.buffered.load(Ordering::Acquire)))
+                .collect();
+            while slots.len() < MAX_CLAIM && rooms.iter().any(|r| *r > 0) {
+                for (stream, room) in streams.iter().zip(rooms.iter_mut()) {
+                    if *room > 0 && slots.len() < MAX_CLAIM {
+                        *room -= 1;
+                        slots.push(stream.clone());
+                    }
+                }
+            }
+        }
+        if draining {
+            // Draining: no new claims; each stream ends once its reader has
+            // what it was sent.
+            for stream in &streams {
+                stream.ended.store(true, Ordering::Release);
+                lock(&stream.tx).take();
+            }
+            lock(&dispatch.streams).clear();
+            lock(&store.inner.result_dispatch).remove(queue.as_str());
+            return;
+        }
+        if slots.is_empty() {
             tokio::select! {
-                () = &mut more => {}
+                () = &mut changed => {}
                 _ = closed.changed() => {}
             }
             continue;
         }
-        let notified = ready.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        match store.claim_results(&queue, room).await {
-            Ok(results) if !results.is_empty() => {
-                buffered.fetch_add(results.len(), Ordering::AcqRel);
+        match store.claim_results(&queue, slots.len()).await {
+            Ok(results) => {
+                let full = results.len() == slots.len();
+                turn = turn.wrapping_add(results.len());
                 let mut back = Vec::new();
-                for result in results {
-                    if let Err(unsent) = tx.send(result) {
-                        back.push(unsent.0.task_id);
+                for (stream, result) in slots.iter().zip(results) {
+                    stream.buffered.fetch_add(1, Ordering::AcqRel);
+                    let sent = match lock(&stream.tx).as_ref() {
+                        Some(tx) => tx.send(result).map_err(|unsent| unsent.0),
+                        None => Err(result),
+                    };
+                    if let Err(unsent) = sent {
+                        stream.buffered.fetch_sub(1, Ordering::AcqRel);
+                        back.push(unsent.task_id);
                     }
                 }
                 store.unclaim_results(&queue, back).await;
-            }
-            Ok(_) => {
+                if full {
+                    continue;
+                }
                 tokio::select! {
                     () = &mut notified => {}
-                    () = &mut more => {}
+                    () = &mut changed => {}
                     _ = closed.changed() => {}
                 }
             }
             Err(error) => {
-                tracing::warn!(%error, queue = %queue, "postgres store: a result stream's claim failed; retrying");
+                tracing::warn!(%error, queue = %queue, "postgres store: a claim for result streams failed; retrying");
                 tokio::select! {
                     () = tokio::time::sleep(RETRY_AFTER_ERROR) => {}
-                    () = &mut more => {}
+                    () = &mut changed => {}
                 }
             }
         }
     }
-    // Dropping `tx` ends the stream once the reader has what was sent.
 }
 
 impl ResultDeliveries for PgResultStream {
@@ -354,8 +501,10 @@ impl ResultDeliveries for PgResultStream {
         }
         let polled = self.results.poll_recv(cx);
         if let Poll::Ready(Some(_)) = &polled {
-            self.buffered.fetch_sub(1, Ordering::AcqRel);
-            self.taken.notify_one();
+            if self.shared.buffered.fetch_sub(1, Ordering::AcqRel) == RESULT_WINDOW / 2 {
+                // Half the window is free: time for the next claim.
+                self.shared.dispatch.changed.notify_one();
+            }
         }
         polled
     }

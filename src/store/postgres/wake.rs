@@ -30,6 +30,22 @@ pub(crate) struct Wakeups {
     /// Per task: its result exists. Each waiter (a GetResult, a watch)
     /// registers its own `Notify`.
     task_results: Mutex<HashMap<TaskId, Vec<Arc<Notify>>>>,
+    /// Per queue: GetTask calls waiting on this server.
+    waiting: Mutex<HashMap<String, u64>>,
+}
+
+/// Uncounts a waiting GetTask call when dropped.
+pub(crate) struct WaitingGuard {
+    wakeups: Arc<Wakeups>,
+    queue: String,
+}
+
+impl Drop for WaitingGuard {
+    fn drop(&mut self) {
+        if let Some(n) = lock(&self.wakeups.waiting).get_mut(&self.queue) {
+            *n = n.saturating_sub(1);
+        }
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -71,32 +87,45 @@ impl Wakeups {
     pub(crate) fn wake_all(&self) {
         for notify in lock(&self.tasks).values() {
             notify.notify_waiters();
-            notify.notify_one();
         }
         for notify in lock(&self.results).values() {
             notify.notify_waiters();
-            notify.notify_one();
         }
         for waiters in lock(&self.task_results).values() {
             for notify in waiters {
-                notify.notify_one();
+                notify.notify_waiters();
             }
         }
     }
 
-    /// Tasks became ready on `queue`: wake one claimer and every waiter.
+    /// Tasks became ready on `queue`: wake its waiters. Every waiter
+    /// enables its wait before it looks at the database, so a wake-up
+    /// between its look and its wait is not lost, and none is stored for
+    /// later (which would wake the next waiter for nothing).
     pub(crate) fn tasks_ready(&self, queue: &str) {
         if let Some(notify) = lock(&self.tasks).get(queue) {
             notify.notify_waiters();
-            notify.notify_one();
         }
+    }
+
+    /// Counts a GetTask call waiting on `queue` until the guard drops.
+    pub(crate) fn waiting(self: &Arc<Self>, queue: &str) -> WaitingGuard {
+        *lock(&self.waiting).entry(queue.into()).or_default() += 1;
+        WaitingGuard {
+            wakeups: self.clone(),
+            queue: queue.into(),
+        }
+    }
+
+    /// GetTask calls waiting on `queue` on this server.
+    pub(crate) fn waiting_on(&self, queue: &str) -> u64 {
+        lock(&self.waiting).get(queue).copied().unwrap_or(0)
     }
 
     fn finished(&self, payload: &str) {
         let (queue, ids) = payload.split_once('\n').unwrap_or((payload, ""));
         if let Some(notify) = lock(&self.results).get(queue) {
             notify.notify_waiters();
-            notify.notify_one();
         }
         let map = lock(&self.task_results);
         if map.is_empty() {
@@ -104,7 +133,7 @@ impl Wakeups {
         }
         for id in ids.split(',').filter_map(TaskId::parse) {
             for notify in map.get(&id).into_iter().flatten() {
-                notify.notify_one();
+                notify.notify_waiters();
             }
         }
     }
