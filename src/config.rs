@@ -507,7 +507,9 @@ mod tests {
             max_batch,
             transport,
             http,
+            store,
         } = serve(&[]).into_config().unwrap();
+        assert!(matches!(store, StoreConfig::Memory));
         let server = ServerConfig::default();
         assert_eq!(broker, server.broker);
         assert_eq!(broker, BrokerConfig::default());
@@ -552,6 +554,40 @@ mod tests {
             },
             library
         );
+    }
+
+    /// `--store` takes `memory` or a PostgreSQL URL, and the store flags
+    /// reach the store's configuration; anything else is refused naming
+    /// the flag.
+    #[test]
+    fn the_store_flag_picks_the_store() {
+        let config = serve(&[
+            "--store",
+            "postgresql://taskq@db:5432/jobs",
+            "--store-schema",
+            "q2",
+            "--store-pool",
+            "3",
+        ])
+        .into_config()
+        .unwrap();
+        let StoreConfig::Postgres(store) = config.store else {
+            panic!("a postgres store");
+        };
+        assert_eq!(
+            (store.url.as_str(), store.schema.as_str(), store.pool_size),
+            ("postgresql://taskq@db:5432/jobs", "q2", 3)
+        );
+        let cli = |args: &[&str]| {
+            let mut argv = vec!["taskq serve"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv).map(|cli| cli.serve.into_config())
+        };
+        assert!(cli(&["--store", "redis://x"]).is_err());
+        let bad_schema = cli(&["--store", "postgres://u@h/d", "--store-schema", "Bad-Name"])
+            .unwrap()
+            .unwrap_err();
+        assert!(bad_schema.to_string().contains("--store"), "{bad_schema}");
     }
 
     #[test]

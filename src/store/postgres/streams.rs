@@ -11,16 +11,17 @@
 //! held: the dispatch, not the stream's drop, does that, so a claim still
 //! in flight when the stream ends is given back too.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
-use super::PgStore;
+use super::handle::PgStore;
+use super::registry::{ResultDispatch, ResultShared, StreamShared, TaskDispatch, lock};
 use crate::broker::{
     BrokerError, LeaseRequest, LeasedTask, QueueName, TaskId, TaskResult, WorkerId,
 };
@@ -32,52 +33,6 @@ const MAX_CLAIM: usize = 500;
 const RETRY_AFTER_ERROR: Duration = Duration::from_millis(500);
 /// Results a result stream holds ahead of its reader.
 const RESULT_WINDOW: usize = 64;
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// What a worker stream and its queue's dispatch share.
-#[derive(Debug)]
-pub(crate) struct StreamShared {
-    window: AtomicU32,
-    /// Tasks leased through the stream and not reported.
-    outstanding: AtomicUsize,
-    /// Leases held (task → sequence), to give back when the stream ends.
-    held: Mutex<HashMap<TaskId, u32>>,
-    ended: AtomicBool,
-    worker: WorkerId,
-    lease: Option<Duration>,
-    tx: mpsc::UnboundedSender<LeasedTask>,
-    /// The dispatch to tell when room appears.
-    dispatch: Arc<TaskDispatch>,
-}
-
-impl StreamShared {
-    /// A task of this stream was reported.
-    pub(crate) fn reported(&self, task: TaskId) {
-        if lock(&self.held).remove(&task).is_some() {
-            self.outstanding.fetch_sub(1, Ordering::AcqRel);
-            self.dispatch.changed.notify_one();
-        }
-    }
-
-    fn room(&self) -> usize {
-        if self.ended.load(Ordering::Acquire) {
-            return 0;
-        }
-        (self.window.load(Ordering::Acquire) as usize)
-            .saturating_sub(self.outstanding.load(Ordering::Acquire))
-    }
-}
-
-/// One queue's worker streams on this server, and their claimer.
-#[derive(Debug, Default)]
-pub(crate) struct TaskDispatch {
-    streams: Mutex<Vec<Arc<StreamShared>>>,
-    /// A stream opened, ended, or gained room.
-    changed: Notify,
-}
 
 /// A worker stream on the PostgreSQL store.
 pub struct PgWorkerStream {
@@ -306,25 +261,6 @@ impl WindowControl for PgStreamControl {
     fn outstanding(&self) -> usize {
         self.shared.outstanding.load(Ordering::Acquire)
     }
-}
-
-/// What a result stream and its queue's dispatch share.
-#[derive(Debug)]
-struct ResultShared {
-    /// Results claimed for the stream and not yet taken by its reader.
-    buffered: AtomicUsize,
-    ended: AtomicBool,
-    /// Taken when the store drains, which ends the stream once its reader
-    /// has what was sent.
-    tx: Mutex<Option<mpsc::UnboundedSender<TaskResult>>>,
-    dispatch: Arc<ResultDispatch>,
-}
-
-/// One queue's result streams on this server, and their claimer.
-#[derive(Debug, Default)]
-pub(crate) struct ResultDispatch {
-    streams: Mutex<Vec<Arc<ResultShared>>>,
-    changed: Notify,
 }
 
 /// A queue's result stream on the PostgreSQL store: results claimed (handed

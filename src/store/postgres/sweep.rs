@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::writer::notify_finished;
-use super::{Inner, PgError};
+use super::error::PgError;
+use super::inner::Inner;
+use super::notify::notify_finished;
 
 /// How often leases and ttl are swept. Leases run out on the database's
 /// clock; a lease is given back within this long after it ran out.

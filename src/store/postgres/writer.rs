@@ -9,48 +9,19 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use tokio::sync::{Mutex as AsyncMutex, mpsc, oneshot};
+use tokio::sync::{Mutex as AsyncMutex, mpsc};
 use tokio_postgres::Transaction;
 use uuid::Uuid;
 
-use super::{Inner, PgError, state_of};
-use crate::broker::{
-    BrokerError, LeaseId, NewTask, Outcome, PutOutcome, QueueName, TaskId, TaskState,
-};
+use super::error::PgError;
+use super::inner::Inner;
+use super::jobs::{Job, Prepared};
+use super::notify::notify_finished;
+use super::rows::state_of;
+use crate::broker::{BrokerError, LeaseId, Outcome, PutOutcome, TaskId, TaskState};
 
 /// Most tasks and results one transaction takes.
 const MAX_BATCH_ITEMS: usize = 2_000;
-
-/// Work for a writer.
-pub(crate) enum Job {
-    /// Store tasks (already validated, with their queue and ids).
-    Put {
-        tasks: Vec<Prepared>,
-        answer: oneshot::Sender<Vec<Result<PutOutcome, BrokerError>>>,
-    },
-    /// Record results.
-    Complete {
-        results: Vec<(LeaseId, Outcome)>,
-        answer: oneshot::Sender<Vec<Result<TaskState, BrokerError>>>,
-    },
-}
-
-impl Job {
-    fn items(&self) -> usize {
-        match self {
-            Job::Put { tasks, .. } => tasks.len(),
-            Job::Complete { results, .. } => results.len(),
-        }
-    }
-}
-
-/// A task ready to insert.
-pub(crate) struct Prepared {
-    pub id: TaskId,
-    pub queue: QueueName,
-    pub task: NewTask,
-    pub max_attempts: u32,
-}
 
 /// The queue writers take their work from.
 pub(crate) type Jobs = Arc<AsyncMutex<mpsc::Receiver<Job>>>;
@@ -461,28 +432,4 @@ fn explain(
         return Err(BrokerError::stale(lease));
     }
     Err(BrokerError::ResultConflict(lease.task))
-}
-
-/// NOTIFY of finished tasks, in payloads under PostgreSQL's 8,000 bytes.
-pub(crate) async fn notify_finished(
-    inner: &Inner,
-    transaction: &Transaction<'_>,
-    queue: &str,
-    ids: &[Uuid],
-) -> Result<(), PgError> {
-    for chunk in ids.chunks(150) {
-        let mut payload = String::with_capacity(queue.len() + 1 + chunk.len() * 37);
-        payload.push_str(queue);
-        payload.push('\n');
-        for (i, id) in chunk.iter().enumerate() {
-            if i > 0 {
-                payload.push(',');
-            }
-            payload.push_str(&id.to_string());
-        }
-        transaction
-            .execute(&inner.sql.notify, &[&inner.channels.1, &payload])
-            .await?;
-    }
-    Ok(())
 }

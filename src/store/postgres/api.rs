@@ -1,0 +1,328 @@
+//! The seam: the PostgreSQL store as a [`Store`].
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Notify, oneshot};
+
+use super::error::PgError;
+use super::handle::PgStore;
+use super::jobs::{Job, Prepared};
+use super::rows::state_of;
+use super::streams::{PgResultStream, PgWatch, PgWorkerStream};
+use crate::broker::{
+    BrokerError, Holdings, LeaseId, LeaseRequest, LeasedTask, NewTask, Outcome, PutOutcome,
+    QueueName, QueueStats, Snapshot, Stats, TaskId, TaskResult, TaskState,
+};
+use crate::store::Store;
+
+impl Store for PgStore {
+    type WorkerStream = PgWorkerStream;
+    type ResultStream = PgResultStream;
+    type Watch = PgWatch;
+
+    async fn put(&self, task: NewTask, wait: Duration) -> Result<PutOutcome, BrokerError> {
+        let task = self.prepare(task)?;
+        let until = tokio::time::Instant::now() + wait.min(Duration::from_secs(24 * 3600));
+        // Room comes when tasks of the queue finish: their results'
+        // notification.
+        let room = self.inner.wakeups.results(task.queue.as_str());
+        loop {
+            if self.is_closed() {
+                return Err(BrokerError::ShuttingDown);
+            }
+            let notified = room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let attempt = Prepared {
+                id: task.id,
+                queue: task.queue.clone(),
+                task: task.task.clone(),
+                max_attempts: task.max_attempts,
+            };
+            let answer = self
+                .put_prepared(vec![attempt])
+                .await?
+                .pop()
+                .unwrap_or(Err(BrokerError::ShuttingDown));
+            match answer {
+                // Still full when the wait ends: answered at once, so that
+                // the answer arrives before the caller's deadline.
+                Err(full @ BrokerError::QueueFull { .. }) => {
+                    if !self.wait_for(notified, until).await {
+                        return Err(full);
+                    }
+                }
+                answer => return answer,
+            }
+        }
+    }
+
+    async fn put_many(&self, tasks: Vec<NewTask>) -> Vec<Result<PutOutcome, BrokerError>> {
+        let mut slots = Vec::with_capacity(tasks.len());
+        let mut valid = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            match self.prepare(task) {
+                Ok(task) => {
+                    slots.push(None);
+                    valid.push(task);
+                }
+                Err(error) => slots.push(Some(error)),
+            }
+        }
+        let n = slots.len();
+        let stored = if valid.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.put_prepared(valid).await
+        };
+        match stored {
+            Ok(stored) => {
+                let mut stored = stored.into_iter();
+                slots
+                    .into_iter()
+                    .map(|slot| match slot {
+                        Some(error) => Err(error),
+                        None => stored.next().unwrap_or(Err(BrokerError::ShuttingDown)),
+                    })
+                    .collect()
+            }
+            Err(error) => vec![Err(error); n],
+        }
+    }
+
+    async fn lease(
+        &self,
+        request: LeaseRequest,
+        wait: Duration,
+    ) -> Result<Option<LeasedTask>, BrokerError> {
+        let until = tokio::time::Instant::now() + wait.min(Duration::from_secs(24 * 3600));
+        let ready = self.inner.wakeups.tasks(request.queue.as_str());
+        self.touch(&request.worker, &request.queue);
+        let mut waiting = None;
+        loop {
+            let notified = ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let slot = [(request.worker.clone(), request.lease_duration)];
+            if let Some((_, task)) = self.claim(&request.queue, &slot).await?.pop() {
+                return Ok(Some(task));
+            }
+            if self.is_closed() || wait.is_zero() {
+                return Ok(None);
+            }
+            waiting.get_or_insert_with(|| self.inner.wakeups.waiting(request.queue.as_str()));
+            if !self.wait_for(notified, until).await {
+                return Ok(None);
+            }
+        }
+    }
+
+    async fn extend(
+        &self,
+        lease: LeaseId,
+        extend_by: Option<Duration>,
+    ) -> Result<SystemTime, BrokerError> {
+        let client = self.inner.pool.get().await.map_err(PgError::from)?;
+        let seq = i32::try_from(lease.seq).unwrap_or(i32::MAX);
+        let rows = client
+            .query(
+                &self.inner.sql.extend,
+                &[&lease.task.as_uuid(), &seq, &self.lease_secs(extend_by)],
+            )
+            .await
+            .map_err(PgError::from)?;
+        if let Some(row) = rows.first() {
+            return Ok(row.get(0));
+        }
+        let rows = client
+            .query(&self.inner.sql.report_view, &[&vec![lease.task.as_uuid()]])
+            .await
+            .map_err(PgError::from)?;
+        match rows.first().map(|row| state_of(row.get::<_, i16>(1))) {
+            None => Err(BrokerError::TaskNotFound(lease.task.to_string())),
+            Some(TaskState::Succeeded | TaskState::Failed) => {
+                Err(BrokerError::TaskFinished(lease.task))
+            }
+            Some(_) => Err(BrokerError::stale(lease)),
+        }
+    }
+
+    async fn complete(&self, lease: LeaseId, outcome: Outcome) -> Result<TaskState, BrokerError> {
+        self.complete_many(vec![(lease, outcome)])
+            .await
+            .pop()
+            .unwrap_or(Err(BrokerError::ShuttingDown))
+    }
+
+    async fn complete_many(
+        &self,
+        results: Vec<(LeaseId, Outcome)>,
+    ) -> Vec<Result<TaskState, BrokerError>> {
+        let n = results.len();
+        let leases: Vec<LeaseId> = results.iter().map(|(lease, _)| *lease).collect();
+        let (answer, answered) = oneshot::channel();
+        if let Err(error) = self.send(Job::Complete { results, answer }).await {
+            return vec![Err(error); n];
+        }
+        let answers = answered
+            .await
+            .unwrap_or_else(|_| vec![Err(BrokerError::ShuttingDown); n]);
+        // Reported, whatever the answer (except a store that could not
+        // say): the stream's window has room again.
+        self.reported(
+            leases
+                .into_iter()
+                .zip(&answers)
+                .filter(|(_, a)| !matches!(a, Err(BrokerError::StoreUnavailable { .. })))
+                .map(|(lease, _)| lease),
+        );
+        answers
+    }
+
+    async fn result(
+        &self,
+        task: TaskId,
+        wait: Duration,
+    ) -> Result<Option<TaskResult>, BrokerError> {
+        let until = tokio::time::Instant::now() + wait.min(Duration::from_secs(24 * 3600));
+        let notify = Arc::new(Notify::new());
+        let _guard = self.inner.wakeups.watch_tasks(&[task], &notify);
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(result) = self.result_now(task).await? {
+                return Ok(Some(result));
+            }
+            if self.is_closed() || wait.is_zero() || !self.wait_for(notified, until).await {
+                return Ok(None);
+            }
+        }
+    }
+
+    async fn next_result(
+        &self,
+        queue: QueueName,
+        wait: Duration,
+    ) -> Result<Option<TaskResult>, BrokerError> {
+        let until = tokio::time::Instant::now() + wait.min(Duration::from_secs(24 * 3600));
+        let ready = self.inner.wakeups.results(queue.as_str());
+        loop {
+            let notified = ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(result) = self.claim_results(&queue, 1).await?.pop() {
+                return Ok(Some(result));
+            }
+            if self.is_closed() || wait.is_zero() || !self.wait_for(notified, until).await {
+                return Ok(None);
+            }
+        }
+    }
+
+    async fn stats(&self, only: Option<&[QueueName]>) -> Result<Stats, BrokerError> {
+        let names: Option<Vec<String>> =
+            only.map(|queues| queues.iter().map(|q| q.as_str().to_owned()).collect());
+        let client = self.inner.pool.get().await.map_err(PgError::from)?;
+        let rows = client
+            .query(&self.inner.sql.stats, &[&names])
+            .await
+            .map_err(PgError::from)?;
+        let count =
+            |row: &tokio_postgres::Row, i: usize| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
+        let mut queues: Vec<QueueStats> = rows
+            .iter()
+            .map(|row| {
+                let succeeded = count(row, 3);
+                let failed = count(row, 4);
+                QueueStats {
+                    queue: row.get(0),
+                    pending: count(row, 1),
+                    leased: count(row, 2),
+                    succeeded,
+                    failed,
+                    redelivered: count(row, 5),
+                    oldest_pending_age: Duration::from_secs_f64(row.get::<_, f64>(6).max(0.0)),
+                    results_unclaimed: count(row, 7),
+                    expired: count(row, 8),
+                    ..QueueStats::default()
+                }
+            })
+            .collect();
+        if let Some(only) = only {
+            for queue in only {
+                if !queues.iter().any(|q| q.queue == queue.as_str()) {
+                    queues.push(QueueStats {
+                        queue: queue.as_str().to_owned(),
+                        ..QueueStats::default()
+                    });
+                }
+            }
+        }
+        for queue in &mut queues {
+            queue.waiting_workers = self.inner.wakeups.waiting_on(&queue.queue);
+        }
+        queues.sort_by(|a, b| a.queue.cmp(&b.queue));
+        let workers = self.workers(only).await?;
+        Ok(Stats { queues, workers })
+    }
+
+    async fn task_queue(&self, task: TaskId) -> Result<QueueName, BrokerError> {
+        let client = self.inner.pool.get().await.map_err(PgError::from)?;
+        let rows = client
+            .query(&self.inner.sql.task_queue, &[&task.as_uuid()])
+            .await
+            .map_err(PgError::from)?;
+        let Some(row) = rows.first() else {
+            return Err(BrokerError::TaskNotFound(task.to_string()));
+        };
+        QueueName::parse(row.get(0))
+    }
+
+    async fn open_worker_stream(
+        &self,
+        request: LeaseRequest,
+        window: u32,
+    ) -> Result<PgWorkerStream, BrokerError> {
+        if self.is_closed() {
+            return Err(BrokerError::ShuttingDown);
+        }
+        Ok(PgWorkerStream::open(self, request, window))
+    }
+
+    async fn open_result_stream(&self, queue: &QueueName) -> Result<PgResultStream, BrokerError> {
+        Ok(PgResultStream::open(self, queue.clone()))
+    }
+
+    async fn watch(&self, ids: &[TaskId]) -> Result<PgWatch, BrokerError> {
+        PgWatch::open(self.clone(), ids).await
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, BrokerError> {
+        let stats = self.stats(None).await?;
+        Ok(Snapshot {
+            queues: stats.queues,
+            ..Snapshot::default()
+        })
+    }
+
+    fn close(&self) {
+        self.inner.closed.send_replace(true);
+    }
+
+    fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut closed = self.inner.closed.subscribe();
+        async move {
+            let _ = closed.wait_for(|closed| *closed).await;
+        }
+    }
+
+    fn holdings(&self) -> Holdings {
+        Holdings::default()
+    }
+
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+}

@@ -1,0 +1,408 @@
+//! The store's handle: connecting, and the statements behind its calls.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::{Mutex as AsyncMutex, mpsc, oneshot, watch};
+use tokio_postgres::NoTls;
+use uuid::Uuid;
+
+use super::config::PostgresConfig;
+use super::error::PgError;
+use super::inner::Inner;
+use super::jobs::{Job, Prepared};
+use super::rows::{leased_task, result_row, unix_ms};
+use super::sql::Sql;
+use super::wake::{self, Wakeups};
+use super::{schema, sweep, writer};
+use crate::broker::{
+    BrokerConfig, BrokerError, IdMaker, LeaseId, LeasedTask, NewTask, PutOutcome, QueueName,
+    TaskId, TaskResult, WorkerId, WorkerInfo,
+};
+
+/// The PostgreSQL store; a cheap handle.
+#[derive(Clone, Debug)]
+pub struct PgStore {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// Applies the schema's migrations to the database at `config.url`: what
+/// `taskq migrate` runs, and what a server runs at start.
+///
+/// # Errors
+/// [`PgError`] when the database cannot be reached or refuses.
+pub async fn migrate(config: &PostgresConfig) -> Result<Vec<i32>, PgError> {
+    config.validate().map_err(PgError::Config)?;
+    let pg: tokio_postgres::Config = config
+        .url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| PgError::Config(e.to_string()))?;
+    let (mut client, connection) = pg.connect(NoTls).await?;
+    let driver = tokio::spawn(connection);
+    let applied = schema::migrate(&mut client, &config.schema).await;
+    drop(client);
+    let _ = driver.await;
+    applied
+}
+
+impl PgStore {
+    /// Connects, applies migrations, starts listening and sweeping.
+    ///
+    /// # Errors
+    /// [`PgError`] when the database cannot be reached at start, or the
+    /// configuration is wrong.
+    pub async fn connect(config: &PostgresConfig, broker: BrokerConfig) -> Result<Self, PgError> {
+        config.validate().map_err(PgError::Config)?;
+        let applied = migrate(config).await?;
+        if !applied.is_empty() {
+            tracing::info!(schema = %config.schema, versions = ?applied, "postgres store: migrations applied");
+        }
+        let mut pg: tokio_postgres::Config = config
+            .url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| PgError::Config(e.to_string()))?;
+        pg.application_name("taskq");
+        pg.options(format!(
+            "-c statement_timeout={}",
+            config.statement_timeout.as_millis()
+        ));
+        pg.connect_timeout(Duration::from_secs(5));
+        let manager = Manager::from_config(
+            pg.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(config.statement_timeout))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .build()?;
+        let (jobs_tx, jobs_rx) = mpsc::channel(config.max_pending.max(1));
+        let wakeups = Arc::new(Wakeups::default());
+        let inner = Arc::new(Inner {
+            pool,
+            sql: Sql::new(&config.schema),
+            broker,
+            schema: config.schema.clone(),
+            channels: wake::channels(&config.schema),
+            wakeups: wakeups.clone(),
+            jobs: jobs_tx,
+            closed: watch::Sender::new(false),
+            stream_leases: Mutex::default(),
+            task_dispatch: Mutex::default(),
+            result_dispatch: Mutex::default(),
+            ids: Mutex::new(IdMaker::new()),
+            workers: Mutex::default(),
+        });
+        let (ready_tx, ready_rx) = oneshot::channel();
+        tokio::spawn(wake::listen(
+            pg,
+            config.schema.clone(),
+            Arc::downgrade(&wakeups),
+            ready_tx,
+        ));
+        // Wait until listening, so no notification of the first calls is
+        // missed.
+        let _ = tokio::time::timeout(Duration::from_secs(10), ready_rx).await;
+        let jobs = Arc::new(AsyncMutex::new(jobs_rx));
+        // Writers: enough that commits overlap, leaving connections for
+        // claims and reads.
+        let writers = (config.pool_size / 2).clamp(1, 4);
+        for _ in 0..writers {
+            tokio::spawn(writer::run(Arc::downgrade(&inner), jobs.clone()));
+        }
+        tokio::spawn(sweep::run(Arc::downgrade(&inner)));
+        Ok(Self { inner })
+    }
+
+    pub(crate) fn lease_secs(&self, requested: Option<Duration>) -> f64 {
+        requested
+            .unwrap_or(self.inner.broker.default_lease)
+            .min(self.inner.broker.max_lease)
+            .as_secs_f64()
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        *self.inner.closed.borrow()
+    }
+
+    pub(crate) async fn send(&self, job: Job) -> Result<(), BrokerError> {
+        self.inner
+            .jobs
+            .send(job)
+            .await
+            .map_err(|_| BrokerError::ShuttingDown)
+    }
+
+    /// Validates and names new tasks; an invalid one keeps its error.
+    pub(crate) fn prepare(&self, task: NewTask) -> Result<Prepared, BrokerError> {
+        task.validate(self.inner.broker.max_payload)?;
+        let queue = match &task.queue {
+            Some(queue) => queue.clone(),
+            None => QueueName::parse("")?,
+        };
+        let max_attempts = if task.max_attempts == 0 {
+            self.inner.broker.default_max_attempts
+        } else {
+            task.max_attempts
+        };
+        Ok(Prepared {
+            id: self
+                .inner
+                .ids
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .next(unix_ms()),
+            queue,
+            task,
+            max_attempts,
+        })
+    }
+
+    pub(crate) async fn put_prepared(
+        &self,
+        tasks: Vec<Prepared>,
+    ) -> Result<Vec<Result<PutOutcome, BrokerError>>, BrokerError> {
+        let (answer, answered) = oneshot::channel();
+        self.send(Job::Put { tasks, answer }).await?;
+        answered.await.map_err(|_| BrokerError::ShuttingDown)
+    }
+
+    /// Claims ready tasks of `queue` for `slots` (each a worker and its
+    /// lease duration), oldest first: at most one task per slot, task `i`
+    /// for slot `i`. One statement, one commit, however many slots.
+    pub(crate) async fn claim(
+        &self,
+        queue: &QueueName,
+        slots: &[(WorkerId, Option<Duration>)],
+    ) -> Result<Vec<(usize, LeasedTask)>, BrokerError> {
+        let client = self.inner.pool.get().await.map_err(PgError::from)?;
+        let statement = client
+            .prepare_cached(&self.inner.sql.claim)
+            .await
+            .map_err(PgError::from)?;
+        let limit = i64::try_from(slots.len()).unwrap_or(i64::MAX);
+        let leases: Vec<f64> = slots
+            .iter()
+            .map(|(_, lease)| self.lease_secs(*lease))
+            .collect();
+        let workers: Vec<&str> = slots.iter().map(|(worker, _)| worker.as_str()).collect();
+        let rows = client
+            .query(&statement, &[&queue.as_str(), &limit, &leases, &workers])
+            .await
+            .map_err(PgError::from)?;
+        let now = tokio::time::Instant::now();
+        let mut tasks: Vec<(usize, LeasedTask)> = rows
+            .iter()
+            .map(|row| {
+                let slot = usize::try_from(row.get::<_, i64>(10) - 1).unwrap_or(0);
+                (slot, leased_task(row, queue, now))
+            })
+            .collect();
+        tasks.sort_unstable_by_key(|(slot, _)| *slot);
+        Ok(tasks)
+    }
+
+    /// Gives leases back to pending at once (a worker stream ended), and
+    /// wakes claimers of their queue.
+    pub(crate) async fn release(&self, queue: &QueueName, leases: Vec<(TaskId, u32)>) {
+        if leases.is_empty() {
+            return;
+        }
+        let ids: Vec<Uuid> = leases.iter().map(|(id, _)| id.as_uuid()).collect();
+        let seqs: Vec<i32> = leases
+            .iter()
+            .map(|(_, seq)| i32::try_from(*seq).unwrap_or(i32::MAX))
+            .collect();
+        let released = async {
+            let client = self.inner.pool.get().await?;
+            client
+                .execute(
+                    &self.inner.sql.release,
+                    &[&ids, &seqs, &self.inner.channels.0, &queue.as_str()],
+                )
+                .await?;
+            Ok::<_, PgError>(())
+        }
+        .await;
+        if let Err(error) = released {
+            tracing::warn!(%error, queue = %queue, tasks = ids.len(),
+                "postgres store: could not give a closed stream's tasks back; their leases will expire");
+        }
+    }
+
+    /// A task's result if it is finished; `Ok(None)` while it is not.
+    pub(crate) async fn result_now(&self, task: TaskId) -> Result<Option<TaskResult>, BrokerError> {
+        let client = self.inner.pool.get().await.map_err(PgError::from)?;
+        let rows = client
+            .query(&self.inner.sql.result_of, &[&task.as_uuid()])
+            .await
+            .map_err(PgError::from)?;
+        let Some(row) = rows.first() else {
+            return Err(BrokerError::TaskNotFound(task.to_string()));
+        };
+        Ok(result_row(row))
+    }
+
+    /// Finished results among `ids` (unknown ids are left out).
+    pub(crate) async fn results_of(&self, ids: &[TaskId]) -> Result<Vec<TaskResult>, BrokerError> {
+        let ids: Vec<Uuid> = ids.iter().map(|id| id.as_uuid()).collect();
+        let client = self.inner.pool.get().await.map_err(PgError::from)?;
+        let rows = client
+            .query(&self.inner.sql.results_of, &[&ids])
+            .await
+            .map_err(PgError::from)?;
+        Ok(rows.iter().filter_map(result_row).collect())
+    }
+
+    /// Claims up to `limit` unclaimed results of `queue`, oldest first.
+    pub(crate) async fn claim_results(
+        &self,
+        queue: &QueueName,
+        limit: usize,
+    ) -> Result<Vec<TaskResult>, BrokerError> {
+        let client = self.inner.pool.get().await.map_err(PgError::from)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client
+            .query(&self.inner.sql.claim_results, &[&queue.as_str(), &limit])
+            .await
+            .map_err(PgError::from)?;
+        let mut results: Vec<TaskResult> = rows.iter().filter_map(result_row).collect();
+        results.sort_by_key(|r| (r.finished_at, r.task_id));
+        Ok(results)
+    }
+
+    /// Gives claimed results back (a result stream ended before sending
+    /// them).
+    pub(crate) async fn unclaim_results(&self, queue: &QueueName, ids: Vec<TaskId>) {
+        if ids.is_empty() {
+            return;
+        }
+        let ids: Vec<Uuid> = ids.iter().map(|id| id.as_uuid()).collect();
+        let done = async {
+            let client = self.inner.pool.get().await?;
+            client
+                .execute(
+                    &self.inner.sql.unclaim_results,
+                    &[&ids, &self.inner.channels.1, &format!("{queue}\n")],
+                )
+                .await?;
+            Ok::<_, PgError>(())
+        }
+        .await;
+        if let Err(error) = done {
+            tracing::warn!(%error, queue = %queue,
+                "postgres store: could not give a closed result stream's results back");
+        }
+    }
+
+    /// Records that `worker` asked for work on `queue` now.
+    pub(crate) fn touch(&self, worker: &WorkerId, queue: &QueueName) {
+        let mut workers = self
+            .inner
+            .workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now = SystemTime::now();
+        match workers.get_mut(worker.as_str()) {
+            Some(seen) => {
+                if seen.0 != queue.as_str() {
+                    seen.0 = queue.as_str().to_owned();
+                }
+                seen.1 = now;
+            }
+            None => {
+                workers.insert(worker.as_str().to_owned(), (queue.as_str().to_owned(), now));
+            }
+        }
+    }
+
+    /// The workers this server has seen, with their leases across all
+    /// servers.
+    pub(crate) async fn workers(
+        &self,
+        only: Option<&[QueueName]>,
+    ) -> Result<Vec<WorkerInfo>, BrokerError> {
+        let seen: Vec<(String, String, SystemTime)> = self
+            .inner
+            .workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(_, (queue, _))| {
+                only.is_none_or(|only| only.iter().any(|q| q.as_str() == queue))
+            })
+            .map(|(worker, (queue, at))| (worker.clone(), queue.clone(), *at))
+            .collect();
+        if seen.is_empty() {
+            return Ok(Vec::new());
+        }
+        let names: Vec<&str> = seen.iter().map(|(w, _, _)| w.as_str()).collect();
+        let client = self.inner.pool.get().await.map_err(PgError::from)?;
+        let in_flight: std::collections::HashMap<String, i64> = client
+            .query(&self.inner.sql.in_flight, &[&names])
+            .await
+            .map_err(PgError::from)?
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        let now = SystemTime::now();
+        let mut workers: Vec<WorkerInfo> = seen
+            .into_iter()
+            .filter_map(|(worker, queue, at)| {
+                Some(WorkerInfo {
+                    in_flight: u32::try_from(in_flight.get(&worker).copied().unwrap_or(0))
+                        .unwrap_or(u32::MAX),
+                    worker: WorkerId::new(&worker).ok()?,
+                    queue: QueueName::parse(&queue).ok(),
+                    last_seen: at,
+                    alive: now.duration_since(at).unwrap_or_default()
+                        < self.inner.broker.worker_timeout,
+                })
+            })
+            .collect();
+        workers.sort_by(|a, b| a.worker.as_str().cmp(b.worker.as_str()));
+        Ok(workers)
+    }
+
+    /// A worker stream's lease was reported: free its place in the window.
+    pub(crate) fn reported(&self, leases: impl IntoIterator<Item = LeaseId>) {
+        let mut map = self
+            .inner
+            .stream_leases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if map.is_empty() {
+            return;
+        }
+        for lease in leases {
+            if map
+                .get(&lease.task)
+                .is_some_and(|(seq, _)| *seq == lease.seq)
+            {
+                if let Some((_, stream)) = map.remove(&lease.task) {
+                    stream.reported(lease.task);
+                }
+            }
+        }
+    }
+
+    /// Waits for `notified` (enabled before the caller looked), the wait's
+    /// end, or the store's close. True when woken.
+    pub(crate) async fn wait_for(
+        &self,
+        notified: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+        until: tokio::time::Instant,
+    ) -> bool {
+        let mut closed = self.inner.closed.subscribe();
+        tokio::select! {
+            () = notified => true,
+            () = tokio::time::sleep_until(until) => false,
+            _ = closed.wait_for(|c| *c) => false,
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! The notifications a transaction sends, delivered at its commit.
+
+use tokio_postgres::Transaction;
+use uuid::Uuid;
+
+use super::error::PgError;
+use super::inner::Inner;
+
+/// NOTIFY of finished tasks, in payloads under PostgreSQL's 8,000 bytes.
+pub(crate) async fn notify_finished(
+    inner: &Inner,
+    transaction: &Transaction<'_>,
+    queue: &str,
+    ids: &[Uuid],
+) -> Result<(), PgError> {
+    for chunk in ids.chunks(150) {
+        let mut payload = String::with_capacity(queue.len() + 1 + chunk.len() * 37);
+        payload.push_str(queue);
+        payload.push('\n');
+        for (i, id) in chunk.iter().enumerate() {
+            if i > 0 {
+                payload.push(',');
+            }
+            payload.push_str(&id.to_string());
+        }
+        transaction
+            .execute(&inner.sql.notify, &[&inner.channels.1, &payload])
+            .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! The store's statements, one place to read every query.
+
+/// The store's statements, with the schema filled in once.
+pub(crate) struct Sql {
+    pub(crate) ensure_queues: String,
+    pub(crate) lock_queues: String,
+    pub(crate) insert_tasks: String,
+    pub(crate) find_keys: String,
+    pub(crate) add_unfinished: String,
+    pub(crate) notify_tasks: String,
+    pub(crate) notify: String,
+    pub(crate) claim: String,
+    pub(crate) release: String,
+    pub(crate) extend: String,
+    pub(crate) complete_ok: String,
+    pub(crate) complete_failed: String,
+    pub(crate) report_view: String,
+    pub(crate) result_of: String,
+    pub(crate) results_of: String,
+    pub(crate) claim_results: String,
+    pub(crate) unclaim_results: String,
+    pub(crate) task_queue: String,
+    pub(crate) stats: String,
+    pub(crate) in_flight: String,
+    pub(crate) sweep_leases: String,
+    pub(crate) sweep_ttl: String,
+    pub(crate) drop_old: String,
+    pub(crate) drop_over: String,
+}
+
+/// The columns a result is read from, in `result_row`'s order.
+const RESULT_COLUMNS: &str =
+    "id, queue, state, output, error, attempt, worker, created_at, finished_at";
+
+impl Sql {
+    pub(crate) fn new(schema: &str) -> Self {
+        let s = |text: &str| text.replace("{s}", schema).replace("{r}", RESULT_COLUMNS);
+        Self {
+            ensure_queues: s("INSERT INTO {s}.queues (name) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING"),
+            lock_queues: s("SELECT name, unfinished FROM {s}.queues WHERE name = ANY($1) ORDER BY name FOR UPDATE"),
+            insert_tasks: s("INSERT INTO {s}.tasks (id, queue, payload, headers, idempotency_key, max_attempts, expires_at)
+                SELECT id, queue, payload, headers, key, max_attempts,
+                       CASE WHEN ttl IS NULL THEN NULL ELSE now() + make_interval(secs => ttl) END
+                FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::text[], $5::text[], $6::int4[], $7::float8[])
+                     AS t(id, queue, payload, headers, key, max_attempts, ttl)
+                ORDER BY id
+                ON CONFLICT (queue, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+                RETURNING id"),
+            find_keys: s("SELECT t.queue, t.idempotency_key, t.id FROM {s}.tasks t
+                JOIN unnest($1::text[], $2::text[]) AS k(queue, key)
+                  ON t.queue = k.queue AND t.idempotency_key = k.key"),
+            add_unfinished: s("UPDATE {s}.queues q SET unfinished = q.unfinished + d.n
+                FROM unnest($1::text[], $2::int8[]) AS d(name, n) WHERE q.name = d.name"),
+            notify_tasks: s("SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q"),
+            notify: s("SELECT pg_notify($1, $2)"),
+            // Row n (in id order) goes to slot n: its worker and lease.
+            claim: s("WITH locked AS (
+                    SELECT id FROM {s}.tasks
+                    WHERE queue = $1 AND state = 0 AND (expires_at IS NULL OR expires_at > now())
+                    ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED),
+                numbered AS (SELECT id, row_number() OVER (ORDER BY id) AS n FROM locked)
+                UPDATE {s}.tasks t
+                SET state = 1, attempt = t.attempt + 1, lease_seq = t.lease_seq + 1,
+                    lease_until = now() + make_interval(secs => ($3::float8[])[c.n]),
+                    worker = ($4::text[])[c.n]
+                FROM numbered c
+                WHERE t.id = c.id
+                RETURNING t.id, t.payload, t.headers, t.attempt, t.max_attempts, t.lease_seq,
+                          t.lease_until, t.created_at, t.expires_at,
+                          extract(epoch FROM t.lease_until - now())::float8, c.n"),
+            release: s("WITH back AS (
+                    UPDATE {s}.tasks t SET state = 0, lease_until = NULL
+                    FROM unnest($1::uuid[], $2::int4[]) AS r(id, seq)
+                    WHERE t.id = r.id AND t.state = 1 AND t.lease_seq = r.seq
+                    RETURNING t.id)
+                SELECT pg_notify($3, $4) WHERE EXISTS (SELECT 1 FROM back)"),
+            extend: s("UPDATE {s}.tasks SET lease_until = now() + make_interval(secs => $3)
+                WHERE id = $1 AND state = 1 AND lease_seq = $2 AND lease_until > now()
+                RETURNING lease_until"),
+            complete_ok: s("UPDATE {s}.tasks t
+                SET state = 2, output = r.output, error = NULL, finished_at = now(),
+                    by_lease = r.seq, lease_until = NULL
+                FROM unnest($1::uuid[], $2::int4[], $3::bytea[]) AS r(id, seq, output)
+                WHERE t.id = r.id AND t.state < 2 AND r.seq >= 1 AND r.seq <= t.lease_seq
+                RETURNING t.id, t.queue, t.state"),
+            complete_failed: s("UPDATE {s}.tasks t
+                SET state = CASE WHEN r.retry AND t.attempt < t.max_attempts
+                                      AND (t.expires_at IS NULL OR t.expires_at > now())
+                                 THEN 0 ELSE 3 END,
+                    finished_at = CASE WHEN r.retry AND t.attempt < t.max_attempts
+                                      AND (t.expires_at IS NULL OR t.expires_at > now())
+                                 THEN NULL ELSE now() END,
+                    error = r.error, by_lease = r.seq, lease_until = NULL
+                FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::bool[]) AS r(id, seq, error, retry)
+                WHERE t.id = r.id AND t.state = 1 AND t.lease_seq = r.seq AND t.lease_until > now()
+                RETURNING t.id, t.queue, t.state"),
+            report_view: s("SELECT id, state, lease_seq, by_lease, output, error FROM {s}.tasks WHERE id = ANY($1)"),
+            result_of: s("SELECT {r} FROM {s}.tasks WHERE id = $1"),
+            results_of: s("SELECT {r} FROM {s}.tasks WHERE id = ANY($1) AND state >= 2"),
+            claim_results: s("UPDATE {s}.tasks t SET claimed = true
+                FROM (SELECT id FROM {s}.tasks WHERE queue = $1 AND state >= 2 AND NOT claimed
+                      ORDER BY finished_at, id LIMIT $2 FOR UPDATE SKIP LOCKED) c
+                WHERE t.id = c.id
+                RETURNING t.id, t.queue, t.state, t.output, t.error, t.attempt, t.worker,
+                          t.created_at, t.finished_at"),
+            unclaim_results: s("WITH back AS (
+                    UPDATE {s}.tasks SET claimed = false WHERE id = ANY($1) RETURNING id)
+                SELECT pg_notify($2, $3) WHERE EXISTS (SELECT 1 FROM back)"),
+            task_queue: s("SELECT queue FROM {s}.tasks WHERE id = $1"),
+            in_flight: s("SELECT worker, count(*) FROM {s}.tasks
+                WHERE state = 1 AND worker = ANY($1) GROUP BY worker"),
+            stats: s("SELECT queue,
+                    count(*) FILTER (WHERE state = 0),
+                    count(*) FILTER (WHERE state = 1),
+                    count(*) FILTER (WHERE state = 2),
+                    count(*) FILTER (WHERE state = 3),
+                    coalesce(sum(greatest(attempt - 1, 0)), 0)::int8,
+                    coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE state = 0)), 0)::float8,
+                    count(*) FILTER (WHERE state >= 2 AND NOT claimed),
+                    count(*) FILTER (WHERE state = 3 AND error LIKE 'task expired:%')
+                FROM {s}.tasks WHERE $1::text[] IS NULL OR queue = ANY($1) GROUP BY queue"),
+            sweep_leases: s("UPDATE {s}.tasks t
+                SET state = CASE WHEN t.attempt >= t.max_attempts THEN 3 ELSE 0 END,
+                    finished_at = CASE WHEN t.attempt >= t.max_attempts THEN now() END,
+                    error = CASE WHEN t.attempt >= t.max_attempts
+                                 THEN 'lease expired on attempt ' || t.attempt || ' of ' || t.max_attempts
+                                      || ': worker ' || coalesce(t.worker, '?') || ' reported no result in time'
+                                 ELSE t.error END,
+                    by_lease = CASE WHEN t.attempt >= t.max_attempts THEN t.lease_seq ELSE t.by_lease END,
+                    lease_until = NULL
+                FROM (SELECT id FROM {s}.tasks WHERE state = 1 AND lease_until <= now()
+                      ORDER BY lease_until LIMIT 500 FOR UPDATE SKIP LOCKED) c
+                WHERE t.id = c.id
+                RETURNING t.id, t.queue, t.state"),
+            sweep_ttl: s("UPDATE {s}.tasks t
+                SET state = 3, finished_at = now(), lease_until = NULL,
+                    error = 'task expired: its ttl ran out before it finished'
+                FROM (SELECT id FROM {s}.tasks WHERE state < 2 AND expires_at <= now()
+                      ORDER BY expires_at LIMIT 500 FOR UPDATE SKIP LOCKED) c
+                WHERE t.id = c.id
+                RETURNING t.id, t.queue, t.state"),
+            drop_old: s("DELETE FROM {s}.tasks WHERE id IN (
+                SELECT id FROM {s}.tasks WHERE state >= 2 AND finished_at < now() - make_interval(secs => $1)
+                ORDER BY finished_at LIMIT 1000 FOR UPDATE SKIP LOCKED)"),
+            drop_over: s("DELETE FROM {s}.tasks WHERE id IN (
+                SELECT id FROM {s}.tasks WHERE state >= 2
+                ORDER BY finished_at DESC OFFSET $1 LIMIT 1000 FOR UPDATE SKIP LOCKED)"),
+        }
+    }
+}
