@@ -6,7 +6,7 @@ use crate::broker::BrokerError;
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
     /// A statement or the connection failed.
-    #[error("{0}")]
+    #[error("{}", describe(.0))]
     Db(#[from] tokio_postgres::Error),
     /// No connection could be had from the pool.
     #[error("{0}")]
@@ -25,7 +25,25 @@ pub enum PgError {
     Config(String),
 }
 
+/// The database's own message when there is one (its SQLSTATE and text),
+/// not only "db error".
+fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => error.to_string(),
+    }
+}
+
 impl PgError {
+    /// Whether running the transaction again may succeed: a deadlock or a
+    /// serialization failure, which PostgreSQL resolves by failing one side.
+    pub(crate) fn is_retryable(&self) -> bool {
+        use tokio_postgres::error::SqlState;
+        matches!(self, PgError::Db(e) if e.code().is_some_and(|code| {
+            *code == SqlState::T_R_DEADLOCK_DETECTED || *code == SqlState::T_R_SERIALIZATION_FAILURE
+        }))
+    }
+
     /// The error a client sees: UNAVAILABLE, naming the store.
     pub(crate) fn into_broker(self) -> BrokerError {
         BrokerError::StoreUnavailable {

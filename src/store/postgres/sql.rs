@@ -4,6 +4,8 @@
 pub(crate) struct Sql {
     pub(crate) ensure_queues: String,
     pub(crate) lock_queues: String,
+    pub(crate) queues_of: String,
+    pub(crate) expired_queues: String,
     pub(crate) insert_tasks: String,
     pub(crate) find_keys: String,
     pub(crate) add_unfinished: String,
@@ -37,6 +39,10 @@ impl Sql {
         let s = |text: &str| text.replace("{s}", schema).replace("{r}", RESULT_COLUMNS);
         Self {
             ensure_queues: s("INSERT INTO {s}.queues (name) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING"),
+            queues_of: s("SELECT DISTINCT queue FROM {s}.tasks WHERE id = ANY($1)"),
+            expired_queues: s("SELECT DISTINCT queue FROM {s}.tasks
+                WHERE (state = 1 AND lease_until <= now())
+                   OR (state < 2 AND expires_at <= now())"),
             lock_queues: s("SELECT name, unfinished FROM {s}.queues WHERE name = ANY($1) ORDER BY name FOR UPDATE"),
             insert_tasks: s("INSERT INTO {s}.tasks (id, queue, payload, headers, idempotency_key, max_attempts, expires_at)
                 SELECT id, queue, payload, headers, key, max_attempts,
@@ -128,14 +134,14 @@ impl Sql {
                                  ELSE t.error END,
                     by_lease = CASE WHEN t.attempt >= t.max_attempts THEN t.lease_seq ELSE t.by_lease END,
                     lease_until = NULL
-                FROM (SELECT id FROM {s}.tasks WHERE state = 1 AND lease_until <= now()
+                FROM (SELECT id FROM {s}.tasks WHERE state = 1 AND lease_until <= now() AND queue = ANY($1)
                       ORDER BY lease_until LIMIT 500 FOR UPDATE SKIP LOCKED) c
                 WHERE t.id = c.id
                 RETURNING t.id, t.queue, t.state"),
             sweep_ttl: s("UPDATE {s}.tasks t
                 SET state = 3, finished_at = now(), lease_until = NULL,
                     error = 'task expired: its ttl ran out before it finished'
-                FROM (SELECT id FROM {s}.tasks WHERE state < 2 AND expires_at <= now()
+                FROM (SELECT id FROM {s}.tasks WHERE state < 2 AND expires_at <= now() AND queue = ANY($1)
                       ORDER BY expires_at LIMIT 500 FOR UPDATE SKIP LOCKED) c
                 WHERE t.id = c.id
                 RETURNING t.id, t.queue, t.state"),

@@ -49,7 +49,20 @@ async fn sweep(inner: &Inner) -> Result<(), PgError> {
         loop {
             let mut client = inner.pool.get().await?;
             let transaction = client.transaction().await?;
-            let rows = transaction.query(statement.as_str(), &[]).await?;
+            // The queues' counter rows first, in name order, as the writers
+            // take them: see `writer::write_once`.
+            let mut queues: Vec<String> = transaction
+                .query(&inner.sql.expired_queues, &[])
+                .await?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            if queues.is_empty() {
+                break;
+            }
+            queues.sort_unstable();
+            transaction.execute(&inner.sql.lock_queues, &[&queues]).await?;
+            let rows = transaction.query(statement.as_str(), &[&queues]).await?;
             if rows.is_empty() {
                 break;
             }

@@ -71,23 +71,15 @@ async fn write(inner: &Inner, batch: Vec<Job>) {
             }
         }
     }
-    let written = async {
-        let mut client = inner.pool.get().await?;
-        let transaction = client.transaction().await?;
-        let put_results = if puts.is_empty() {
-            Vec::new()
-        } else {
-            put_tasks(inner, &transaction, puts).await?
-        };
-        let complete_results = if completes.is_empty() {
-            Vec::new()
-        } else {
-            complete(inner, &transaction, completes).await?
-        };
-        transaction.commit().await?;
-        Ok::<_, PgError>((put_results, complete_results))
-    }
-    .await;
+    let mut tries = 0;
+    let written = loop {
+        match write_once(inner, &puts, &completes).await {
+            // PostgreSQL broke a deadlock by failing this side: nothing of
+            // it was kept, so it can run again.
+            Err(error) if error.is_retryable() && tries < 3 => tries += 1,
+            written => break written,
+        }
+    };
     match written {
         Ok((put_results, complete_results)) => {
             let mut put_results = put_results.into_iter();
@@ -112,30 +104,74 @@ async fn write(inner: &Inner, batch: Vec<Job>) {
     }
 }
 
+/// One transaction of a batch. The counter rows of every queue it touches
+/// are locked first, in name order, before any task row: every
+/// transaction that changes counters (writers, sweeps) takes its locks in
+/// that order, so they queue up rather than deadlock.
+type Written = (
+    Vec<Result<PutOutcome, BrokerError>>,
+    Vec<Result<TaskState, BrokerError>>,
+);
+
+async fn write_once(
+    inner: &Inner,
+    puts: &[Prepared],
+    completes: &[(LeaseId, Outcome)],
+) -> Result<Written, PgError> {
+    let sql = &inner.sql;
+    let mut client = inner.pool.get().await?;
+    let transaction = client.transaction().await?;
+    let mut names: Vec<String> = puts.iter().map(|t| t.queue.as_str().to_owned()).collect();
+    names.sort_unstable();
+    names.dedup();
+    if !names.is_empty() {
+        transaction.execute(&sql.ensure_queues, &[&names]).await?;
+    }
+    if !completes.is_empty() {
+        let ids: Vec<Uuid> = completes.iter().map(|(l, _)| l.task.as_uuid()).collect();
+        for row in transaction.query(&sql.queues_of, &[&ids]).await? {
+            names.push(row.get(0));
+        }
+        names.sort_unstable();
+        names.dedup();
+    }
+    let mut unfinished: HashMap<String, i64> = HashMap::new();
+    for row in transaction.query(&sql.lock_queues, &[&names]).await? {
+        unfinished.insert(row.get(0), row.get(1));
+    }
+    let put_results = if puts.is_empty() {
+        Vec::new()
+    } else {
+        put_tasks(inner, &transaction, puts, &unfinished).await?
+    };
+    let complete_results = if completes.is_empty() {
+        Vec::new()
+    } else {
+        complete(inner, &transaction, completes).await?
+    };
+    transaction.commit().await?;
+    Ok((put_results, complete_results))
+}
+
 /// Inserts tasks: room checked per queue across all servers (the queue's
-/// counter row, locked in name order so writers never deadlock), duplicates
-/// by idempotency key answered with the first task's id.
+/// counter row, locked by the caller), duplicates by idempotency key
+/// answered with the first task's id.
 async fn put_tasks(
     inner: &Inner,
     transaction: &Transaction<'_>,
-    tasks: Vec<Prepared>,
+    tasks: &[Prepared],
+    unfinished: &HashMap<String, i64>,
 ) -> Result<Vec<Result<PutOutcome, BrokerError>>, PgError> {
     let sql = &inner.sql;
-    let mut names: Vec<String> = tasks.iter().map(|t| t.queue.as_str().to_owned()).collect();
-    names.sort_unstable();
-    names.dedup();
-    transaction.execute(&sql.ensure_queues, &[&names]).await?;
-    let mut room: HashMap<String, i64> = HashMap::new();
     let capacity = i64::try_from(inner.broker.queue_capacity).unwrap_or(i64::MAX);
-    for row in transaction.query(&sql.lock_queues, &[&names]).await? {
-        let name: String = row.get(0);
-        let unfinished: i64 = row.get(1);
-        room.insert(name, capacity - unfinished);
-    }
+    let mut room: HashMap<String, i64> = unfinished
+        .iter()
+        .map(|(name, n)| (name.clone(), capacity - n))
+        .collect();
     // Tasks within room, in order; the others are refused at once.
     let mut answers: Vec<Option<Result<PutOutcome, BrokerError>>> = Vec::with_capacity(tasks.len());
     let mut rows = Rows::default();
-    for task in &tasks {
+    for task in tasks {
         let left = room.entry(task.queue.as_str().to_owned()).or_insert(0);
         if *left <= 0 {
             answers.push(Some(Err(BrokerError::QueueFull {
@@ -275,7 +311,7 @@ impl Rows {
 async fn complete(
     inner: &Inner,
     transaction: &Transaction<'_>,
-    results: Vec<(LeaseId, Outcome)>,
+    results: &[(LeaseId, Outcome)],
 ) -> Result<Vec<Result<TaskState, BrokerError>>, PgError> {
     let sql = &inner.sql;
     let mut answers: Vec<Option<Result<TaskState, BrokerError>>> =
@@ -283,14 +319,24 @@ async fn complete(
     let mut ok = (Vec::new(), Vec::new(), Vec::new());
     let mut failed = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut checked = Vec::with_capacity(results.len());
+    // A task reported twice in one batch: only its first report goes to the
+    // statements; the others are explained by the row afterwards, as they
+    // would be in a later transaction.
+    let mut first: std::collections::HashSet<Uuid> = Default::default();
     for (lease, outcome) in results {
-        match outcome.within(inner.broker.max_result) {
+        let lease = *lease;
+        match outcome.clone().within(inner.broker.max_result) {
             Err(error) => {
                 answers.push(Some(Err(error)));
                 checked.push(None);
             }
             Ok(outcome) => {
                 answers.push(None);
+                let primary = first.insert(lease.task.as_uuid());
+                checked.push(Some((lease, outcome.clone(), primary)));
+                if !primary {
+                    continue;
+                }
                 let seq = i32::try_from(lease.seq).unwrap_or(i32::MAX);
                 match &outcome {
                     Outcome::Success(output) => {
@@ -305,7 +351,6 @@ async fn complete(
                         failed.3.push(*retry);
                     }
                 }
-                checked.push(Some((lease, outcome)));
             }
         }
     }
@@ -330,12 +375,12 @@ async fn complete(
             changed.insert(row.get(0), (row.get(1), row.get(2)));
         }
     }
-    // The rest: look at the rows.
+    // The rest: look at the rows (as this transaction left them).
     let unexplained: Vec<Uuid> = checked
         .iter()
         .flatten()
-        .map(|(lease, _)| lease.task.as_uuid())
-        .filter(|id| !changed.contains_key(id))
+        .filter(|(lease, _, primary)| !(*primary && changed.contains_key(&lease.task.as_uuid())))
+        .map(|(lease, _, _)| lease.task.as_uuid())
         .collect();
     let mut rows: HashMap<Uuid, tokio_postgres::Row> = HashMap::new();
     if !unexplained.is_empty() {
@@ -345,19 +390,16 @@ async fn complete(
     }
     let mut finished: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
     let mut retried: Vec<String> = Vec::new();
-    // One answer per report; a task changed once answers its first report
-    // and explains the rest by its row.
-    let mut answered: std::collections::HashSet<Uuid> = Default::default();
     let mut out = Vec::with_capacity(answers.len());
     for (answer, checked) in answers.into_iter().zip(checked) {
         if let Some(answer) = answer {
             out.push(answer);
             continue;
         }
-        let (lease, outcome) = checked.expect("checked when not answered");
+        let (lease, outcome, primary) = checked.expect("checked when not answered");
         let id = lease.task.as_uuid();
-        if let Some((queue, state)) = changed.get(&id) {
-            if answered.insert(id) {
+        if primary {
+            if let Some((queue, state)) = changed.get(&id) {
                 let state = state_of(*state);
                 match state {
                     TaskState::Pending => retried.push(queue.clone()),
@@ -368,10 +410,6 @@ async fn complete(
             }
         }
         out.push(match rows.get(&id) {
-            None if changed.contains_key(&id) => Ok(changed
-                .get(&id)
-                .map(|(_, s)| state_of(*s))
-                .expect("changed")),
             None => Err(BrokerError::TaskNotFound(lease.task.to_string())),
             Some(row) => explain(row, lease, &outcome),
         });
