@@ -118,7 +118,7 @@ def check_dockerfile():
     check(any(l.startswith("HEALTHCHECK") or "taskq\", \"health" in l for l in base["lines"]))
     prebuilt = stages[2]
     check(not any("--from=build" in l for l in prebuilt["lines"]), "prebuilt must not need the Rust stage")
-    check(any("target/release/taskq" in l for l in prebuilt["lines"]))
+    check(any("target/release-image/taskq" in l for l in prebuilt["lines"]), "prebuilt must package the stripped build")
     check(any("--from=build" in l for l in stages[3]["lines"]))
     for s in stages:
         check(not any(TOKENISH.search(l) and re.search(r"TOKENS?=\S", l) for l in s["lines"]), "a token in the image")
