@@ -46,11 +46,13 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import traceback
 
 import yaml
 
@@ -232,10 +234,19 @@ def check_runtime(ulimits):
                       % (BASE_IMAGE, done.returncode, done.stderr.strip(), hint))
 
 
+def image_id(name):
+    done = run(["podman", "image", "inspect", "--format", "{{.Id}}", name], 30, expect_ok=False)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
 def build_image():
+    previous = image_id(IMAGE)
     run(["podman", "build", "--format", "docker", "--pull=never", "-f", "deploy/Dockerfile",
          "--target", "runtime-prebuilt", "-t", IMAGE, "."], 300)
     image = json.loads(run(["podman", "image", "inspect", IMAGE], 30).stdout)[0]
+    if previous and previous != image["Id"]:
+        # The last run's image, untagged now: not left to pile up.
+        run(["podman", "rmi", previous], 60, expect_ok=False)
     base = json.loads(run(["podman", "image", "inspect", BASE_IMAGE], 30).stdout)[0]
     health = (image.get("Healthcheck") or {}).get("Test")
     check(health == ["CMD", "taskq", "health"], "HEALTHCHECK lost (built as OCI?): %r" % health)
@@ -409,6 +420,9 @@ def print_logs():
 
 
 def main():
+    # A stopped test still removes its containers and stops podman's
+    # service (the `finally` below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
     os.chdir(ROOT)
     os.makedirs(WORK, exist_ok=True)
@@ -449,6 +463,10 @@ def main():
         print("FAILED  %s\n%s" % (step, failure))
         if service is not None:
             print_logs()
+        return 1
+    except Exception:
+        print("FAILED  %s" % step)
+        traceback.print_exc()
         return 1
     finally:
         if stack is not None:
