@@ -1,10 +1,10 @@
 """Deploys taskq as a user would, with podman, and checks what they would see.
 
 With deploy/Dockerfile and deploy/compose.yaml as they are:
-1. the base image the Dockerfile names, `debian:bookworm-slim`, made with
-   `debootstrap --variant=minbase` (no image can be pulled here) and
-   imported; the root filesystem is cached as a tarball under
-   target/deploy/ between runs;
+1. the base image the Dockerfile names, `debian:bookworm-slim`, when
+   podman does not have it: made with `debootstrap --variant=minbase` and
+   imported, so the test pulls no image; the root filesystem is cached as
+   a tarball under target/deploy/ between runs;
 2. a container runs at all (the test fails, with podman's message, when
    this machine cannot run one);
 3. `podman build --format docker --target runtime-prebuilt` packages
