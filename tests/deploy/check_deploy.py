@@ -8,7 +8,8 @@
   non-root user, with `taskq` as entrypoint and `taskq health` as the
   health check.
 - deploy/compose.yaml: `docker-compose config -q` (Debian's docker-compose)
-  accepts it, and it bakes in no token.
+  accepts it, every service sets open-file limits, and it bakes in no
+  token.
 
 Prints one line per check and "N passed, M failed"; exits 1 on failure.
 """
@@ -118,7 +119,7 @@ def check_dockerfile():
     check(any(l.startswith("HEALTHCHECK") or "taskq\", \"health" in l for l in base["lines"]))
     prebuilt = stages[2]
     check(not any("--from=build" in l for l in prebuilt["lines"]), "prebuilt must not need the Rust stage")
-    check(any("target/release/taskq" in l for l in prebuilt["lines"]))
+    check(any("target/release-image/taskq" in l for l in prebuilt["lines"]), "prebuilt must package the stripped build")
     check(any("--from=build" in l for l in stages[3]["lines"]))
     for s in stages:
         check(not any(TOKENISH.search(l) and re.search(r"TOKENS?=\S", l) for l in s["lines"]), "a token in the image")
@@ -146,6 +147,11 @@ def check_compose():
     check(services["server"]["healthcheck"]["test"][1:3] == ["taskq", "health"])
     for name, s in services.items():
         check("restart" in s, name)
+        # Above the server's --max-connections; and set at all, since a
+        # runtime's defaults can exceed the host's limits (run_stack.py).
+        nofile = (s.get("ulimits") or {}).get("nofile") or 0
+        soft = nofile.get("soft", 0) if isinstance(nofile, dict) else nofile
+        check(int(soft) > 10000, (name, "ulimits", nofile))
         for key, value in (s.get("environment") or {}).items():
             check(not (TOKENISH.search(key) and value and not str(value).startswith("/")), (name, key))
     check("compose-check-token" not in rendered)
@@ -157,7 +163,7 @@ CHECKS = [
     ("k8s: resources and non-root user on every Deployment", check_resources_and_user),
     ("k8s: no token inline", check_no_inline_token),
     ("Dockerfile: stages, non-root user, entrypoint, health check", check_dockerfile),
-    ("compose: docker-compose config accepts it; health-gated; no token", check_compose),
+    ("compose: docker-compose config accepts it; health-gated; ulimits; no token", check_compose),
 ]
 
 
