@@ -10,7 +10,7 @@ use super::PgError;
 /// Key of the advisory lock held while migrating (any fixed number that
 /// other applications on the database are unlikely to use: "taskq" in
 /// ASCII).
-const MIGRATION_LOCK: i64 = 0x7461_736b_71;
+const MIGRATION_LOCK: i64 = 0x0074_6173_6b71;
 
 /// The migrations, in order; `{s}` stands for the schema. Never edit one
 /// that has shipped: add the next.
