@@ -48,25 +48,48 @@ impl TestServer {
     /// A server on a given address: used to restart one where it was.
     pub async fn at(addr: SocketAddr, mut config: ServerConfig) -> Self {
         let database = use_store_under_test(&mut config).await;
+        let postgres = matches!(config.store, StoreConfig::Postgres(_));
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(server::run(config, listener, async {
             let _ = stopped.await;
         }));
-        Self {
+        let server = Self {
             addr,
             database,
             http: None,
             stop: Some(stop),
             handle,
+        };
+        server.until_serving(postgres).await;
+        server
+    }
+
+    /// Waits until the server answers health checks. A server on the
+    /// memory store serves at once; one on PostgreSQL first connects to
+    /// its database, and a test's first call should not pay for that
+    /// within its deadline.
+    async fn until_serving(&self, postgres: bool) {
+        if !postgres {
+            return;
         }
+        let mut health =
+            tonic_health::pb::health_client::HealthClient::new(self.channel().await);
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            health.check(tonic_health::pb::HealthCheckRequest::default()),
+        )
+        .await
+        .expect("the server serves within 30s")
+        .expect("health answers");
     }
 
     /// A server with its HTTP listener (metrics, probes), both on free
     /// loopback ports.
     pub async fn with_http(mut config: ServerConfig) -> Self {
         let database = use_store_under_test(&mut config).await;
+        let postgres = matches!(config.store, StoreConfig::Postgres(_));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (addr, http_addr) = (listener.local_addr().unwrap(), http.local_addr().unwrap());
@@ -74,13 +97,15 @@ impl TestServer {
         let handle = tokio::spawn(server::run_with_http(config, listener, Some(http), async {
             let _ = stopped.await;
         }));
-        Self {
+        let server = Self {
             addr,
             database,
             http: Some(http_addr),
             stop: Some(stop),
             handle,
-        }
+        };
+        server.until_serving(postgres).await;
+        server
     }
 
     /// `GET path` on the HTTP listener with an optional bearer token and

@@ -115,6 +115,13 @@ impl PgStore {
         for _ in 0..writers {
             tokio::spawn(writer::run(Arc::downgrade(&inner), jobs.clone()));
         }
+        // Connections opened now, not by the first calls: a call with a
+        // short deadline should not pay for a connection's start-up.
+        let mut warm = Vec::new();
+        for _ in 0..writers + 1 {
+            warm.push(inner.pool.get().await?);
+        }
+        drop(warm);
         tokio::spawn(sweep::run(Arc::downgrade(&inner)));
         Ok(Self { inner })
     }

@@ -41,6 +41,39 @@ impl StreamShared {
         }
     }
 
+    /// Reserves up to `want` places in the window for tasks handed over in
+    /// a transaction (counted as outstanding at once); how many it got.
+    pub(crate) fn reserve(&self, want: usize) -> usize {
+        let window = self.window.load(Ordering::Acquire) as usize;
+        let mut current = self.outstanding.load(Ordering::Acquire);
+        loop {
+            if self.ended.load(Ordering::Acquire) {
+                return 0;
+            }
+            let take = window.saturating_sub(current).min(want);
+            if take == 0 {
+                return 0;
+            }
+            match self.outstanding.compare_exchange(
+                current,
+                current + take,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return take,
+                Err(now) => current = now,
+            }
+        }
+    }
+
+    /// Gives back places reserved and not used.
+    pub(crate) fn unreserve(&self, n: usize) {
+        if n > 0 {
+            self.outstanding.fetch_sub(n, Ordering::AcqRel);
+            self.dispatch.changed.notify_one();
+        }
+    }
+
     pub(crate) fn room(&self) -> usize {
         if self.ended.load(Ordering::Acquire) {
             return 0;
@@ -54,6 +87,9 @@ impl StreamShared {
 #[derive(Debug, Default)]
 pub(crate) struct TaskDispatch {
     pub(crate) streams: Mutex<Vec<Arc<StreamShared>>>,
+    /// Whose turn is first: places go to the streams in turns, across
+    /// claims and hand-overs as within one.
+    pub(crate) turn: AtomicUsize,
     /// A stream opened, ended, or gained room.
     pub(crate) changed: Notify,
 }
@@ -70,9 +106,77 @@ pub(crate) struct ResultShared {
     pub(crate) dispatch: Arc<ResultDispatch>,
 }
 
+/// Results a result stream holds ahead of its reader.
+pub(crate) const RESULT_WINDOW: usize = 64;
+
+impl ResultShared {
+    /// Reserves up to `want` places for results handed over in a
+    /// transaction; how many it got.
+    pub(crate) fn reserve(&self, want: usize) -> usize {
+        let mut current = self.buffered.load(Ordering::Acquire);
+        loop {
+            if self.ended.load(Ordering::Acquire) {
+                return 0;
+            }
+            let take = RESULT_WINDOW.saturating_sub(current).min(want);
+            if take == 0 {
+                return 0;
+            }
+            match self.buffered.compare_exchange(
+                current,
+                current + take,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return take,
+                Err(now) => current = now,
+            }
+        }
+    }
+
+    /// Gives back places reserved and not used.
+    pub(crate) fn unreserve(&self, n: usize) {
+        if n > 0 {
+            self.buffered.fetch_sub(n, Ordering::AcqRel);
+            self.dispatch.changed.notify_one();
+        }
+    }
+}
+
+/// Places taken in turns from `streams` (one each per round, starting at
+/// `turn`, which moves on by the places taken), up to `want`: the streams
+/// that get them, one entry per place.
+pub(crate) fn places<T>(
+    streams: &[Arc<T>],
+    turn: &AtomicUsize,
+    want: usize,
+    reserve: impl Fn(&T, usize) -> usize,
+) -> Vec<Arc<T>> {
+    let mut got = Vec::new();
+    if streams.is_empty() {
+        return got;
+    }
+    let first = turn.load(Ordering::Relaxed) % streams.len();
+    let mut open: Vec<&Arc<T>> = streams[first..].iter().chain(&streams[..first]).collect();
+    while got.len() < want && !open.is_empty() {
+        open.retain(|stream| {
+            if got.len() < want && reserve(stream, 1) == 1 {
+                got.push(Arc::clone(stream));
+                true
+            } else {
+                false
+            }
+        });
+    }
+    turn.fetch_add(got.len(), Ordering::Relaxed);
+    got
+}
+
 /// One queue's result streams on this server, and their claimer.
 #[derive(Debug, Default)]
 pub(crate) struct ResultDispatch {
     pub(crate) streams: Mutex<Vec<Arc<ResultShared>>>,
+    /// Whose turn is first (as [`TaskDispatch::turn`]).
+    pub(crate) turn: AtomicUsize,
     pub(crate) changed: Notify,
 }

@@ -7,6 +7,8 @@ pub(crate) struct Sql {
     pub(crate) queues_of: String,
     pub(crate) expired_queues: String,
     pub(crate) insert_tasks: String,
+    pub(crate) any_ready: String,
+    pub(crate) claim_these: String,
     pub(crate) find_keys: String,
     pub(crate) add_unfinished: String,
     pub(crate) notify_tasks: String,
@@ -44,14 +46,26 @@ impl Sql {
                 WHERE (state = 1 AND lease_until <= now())
                    OR (state < 2 AND expires_at <= now())"),
             lock_queues: s("SELECT name, unfinished FROM {s}.queues WHERE name = ANY($1) ORDER BY name FOR UPDATE"),
-            insert_tasks: s("INSERT INTO {s}.tasks (id, queue, payload, headers, idempotency_key, max_attempts, expires_at)
+            // A task with a lease ($8, $9) is handed to a worker stream of
+            // this server in the insert: leased at once, attempt 1.
+            insert_tasks: s("INSERT INTO {s}.tasks (id, queue, payload, headers, idempotency_key, max_attempts,
+                    expires_at, state, attempt, lease_seq, lease_until, worker)
                 SELECT id, queue, payload, headers, key, max_attempts,
-                       CASE WHEN ttl IS NULL THEN NULL ELSE now() + make_interval(secs => ttl) END
-                FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::text[], $5::text[], $6::int4[], $7::float8[])
-                     AS t(id, queue, payload, headers, key, max_attempts, ttl)
+                       CASE WHEN ttl IS NULL THEN NULL ELSE now() + make_interval(secs => ttl) END,
+                       CASE WHEN lease IS NULL THEN 0 ELSE 1 END,
+                       CASE WHEN lease IS NULL THEN 0 ELSE 1 END,
+                       CASE WHEN lease IS NULL THEN 0 ELSE 1 END,
+                       CASE WHEN lease IS NULL THEN NULL ELSE now() + make_interval(secs => lease) END,
+                       worker
+                FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::text[], $5::text[], $6::int4[],
+                            $7::float8[], $8::float8[], $9::text[])
+                     AS t(id, queue, payload, headers, key, max_attempts, ttl, lease, worker)
                 ORDER BY id
                 ON CONFLICT (queue, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-                RETURNING id"),
+                RETURNING id, lease_until, created_at, expires_at,
+                          coalesce(extract(epoch FROM lease_until - now()), 0)::float8"),
+            claim_these: s("UPDATE {s}.tasks SET claimed = true WHERE id = ANY($1)"),
+            any_ready: s("SELECT EXISTS (SELECT 1 FROM {s}.tasks WHERE queue = $1 AND state = 0)"),
             find_keys: s("SELECT t.queue, t.idempotency_key, t.id FROM {s}.tasks t
                 JOIN unnest($1::text[], $2::text[]) AS k(queue, key)
                   ON t.queue = k.queue AND t.idempotency_key = k.key"),
@@ -88,7 +102,8 @@ impl Sql {
                     by_lease = r.seq, lease_until = NULL
                 FROM unnest($1::uuid[], $2::int4[], $3::bytea[]) AS r(id, seq, output)
                 WHERE t.id = r.id AND t.state < 2 AND r.seq >= 1 AND r.seq <= t.lease_seq
-                RETURNING t.id, t.queue, t.state"),
+                RETURNING t.id, t.queue, t.state, t.output, t.error, t.attempt, t.worker,
+                          t.created_at, t.finished_at"),
             complete_failed: s("UPDATE {s}.tasks t
                 SET state = CASE WHEN r.retry AND t.attempt < t.max_attempts
                                       AND (t.expires_at IS NULL OR t.expires_at > now())
@@ -99,7 +114,8 @@ impl Sql {
                     error = r.error, by_lease = r.seq, lease_until = NULL
                 FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::bool[]) AS r(id, seq, error, retry)
                 WHERE t.id = r.id AND t.state = 1 AND t.lease_seq = r.seq AND t.lease_until > now()
-                RETURNING t.id, t.queue, t.state"),
+                RETURNING t.id, t.queue, t.state, t.output, t.error, t.attempt, t.worker,
+                          t.created_at, t.finished_at"),
             report_view: s("SELECT id, state, lease_seq, by_lease, output, error FROM {s}.tasks WHERE id = ANY($1)"),
             result_of: s("SELECT {r} FROM {s}.tasks WHERE id = $1"),
             results_of: s("SELECT {r} FROM {s}.tasks WHERE id = ANY($1) AND state >= 2"),

@@ -21,7 +21,9 @@ use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
 use super::handle::PgStore;
-use super::registry::{ResultDispatch, ResultShared, StreamShared, TaskDispatch, lock};
+use super::registry::{
+    RESULT_WINDOW, ResultDispatch, ResultShared, StreamShared, TaskDispatch, lock,
+};
 use crate::broker::{
     BrokerError, LeaseRequest, LeasedTask, QueueName, TaskId, TaskResult, WorkerId,
 };
@@ -31,8 +33,6 @@ use crate::store::{ResultDeliveries, ResultWatch, TaskDeliveries, WindowControl}
 const MAX_CLAIM: usize = 500;
 /// How long a dispatch waits before trying again after a database error.
 const RETRY_AFTER_ERROR: Duration = Duration::from_millis(500);
-/// Results a result stream holds ahead of its reader.
-const RESULT_WINDOW: usize = 64;
 
 /// A worker stream on the PostgreSQL store.
 pub struct PgWorkerStream {
@@ -94,8 +94,6 @@ impl Drop for PgWorkerStream {
 async fn dispatch_tasks(store: PgStore, queue: QueueName, dispatch: Arc<TaskDispatch>) {
     let ready = store.inner.wakeups.tasks(queue.as_str());
     let mut closed = store.inner.closed.subscribe();
-    // Whose turn is first, across claims as within one.
-    let mut turn = 0usize;
     loop {
         let changed = dispatch.changed.notified();
         tokio::pin!(changed);
@@ -128,7 +126,7 @@ async fn dispatch_tasks(store: PgStore, queue: QueueName, dispatch: Arc<TaskDisp
         let mut slots: Vec<Arc<StreamShared>> = Vec::new();
         if !draining {
             let mut streams = lock(&dispatch.streams).clone();
-            let first = turn % streams.len().max(1);
+            let first = dispatch.turn.load(Ordering::Relaxed) % streams.len().max(1);
             streams.rotate_left(first);
             let mut rooms: Vec<usize> = streams.iter().map(|s| s.room()).collect();
             while slots.len() < MAX_CLAIM && rooms.iter().any(|r| *r > 0) {
@@ -152,7 +150,7 @@ async fn dispatch_tasks(store: PgStore, queue: QueueName, dispatch: Arc<TaskDisp
         match store.claim(&queue, &wanted).await {
             Ok(tasks) => {
                 let full = tasks.len() == slots.len();
-                turn = turn.wrapping_add(tasks.len());
+                dispatch.turn.fetch_add(tasks.len(), Ordering::Relaxed);
                 deliver(&store, &slots, tasks);
                 if full {
                     continue;
@@ -336,9 +334,6 @@ impl Drop for PgResultStream {
 async fn dispatch_results(store: PgStore, queue: QueueName, dispatch: Arc<ResultDispatch>) {
     let ready = store.inner.wakeups.results(queue.as_str());
     let mut closed = store.inner.closed.subscribe();
-    // Whose turn is first: results go to the streams in turns, across
-    // claims as within one.
-    let mut turn = 0usize;
     loop {
         let changed = dispatch.changed.notified();
         tokio::pin!(changed);
@@ -355,7 +350,7 @@ async fn dispatch_results(store: PgStore, queue: QueueName, dispatch: Arc<Result
                 return;
             }
             let mut streams = streams.clone();
-            let first = turn % streams.len();
+            let first = dispatch.turn.load(Ordering::Relaxed) % streams.len();
             streams.rotate_left(first);
             streams
         };
@@ -396,7 +391,7 @@ async fn dispatch_results(store: PgStore, queue: QueueName, dispatch: Arc<Result
         match store.claim_results(&queue, slots.len()).await {
             Ok(results) => {
                 let full = results.len() == slots.len();
-                turn = turn.wrapping_add(results.len());
+                dispatch.turn.fetch_add(results.len(), Ordering::Relaxed);
                 let mut back = Vec::new();
                 for (stream, result) in slots.iter().zip(results) {
                     stream.buffered.fetch_add(1, Ordering::AcqRel);

@@ -17,8 +17,12 @@ use super::error::PgError;
 use super::inner::Inner;
 use super::jobs::{Job, Prepared};
 use super::notify::notify_finished;
-use super::rows::state_of;
-use crate::broker::{BrokerError, LeaseId, Outcome, PutOutcome, TaskId, TaskState};
+use super::registry::{ResultShared, StreamShared, lock, places};
+use super::rows::{result_row, state_of};
+use crate::broker::{
+    BrokerError, LeaseId, LeaseId as Lease, LeasedTask, Outcome, PutOutcome, TaskId, TaskResult,
+    TaskState,
+};
 
 /// Most tasks and results one transaction takes.
 const MAX_BATCH_ITEMS: usize = 2_000;
@@ -81,7 +85,9 @@ async fn write(inner: &Inner, batch: Vec<Job>) {
         }
     };
     match written {
-        Ok((put_results, complete_results)) => {
+        Ok((put_results, complete_results, handoffs)) => {
+            let back = handoffs.deliver(inner);
+            unclaim(inner, back).await;
             let mut put_results = put_results.into_iter();
             for (n, answer) in put_answers {
                 let _ = answer.send(put_results.by_ref().take(n).collect());
@@ -111,6 +117,7 @@ async fn write(inner: &Inner, batch: Vec<Job>) {
 type Written = (
     Vec<Result<PutOutcome, BrokerError>>,
     Vec<Result<TaskState, BrokerError>>,
+    Handoffs,
 );
 
 async fn write_once(
@@ -118,6 +125,119 @@ async fn write_once(
     puts: &[Prepared],
     completes: &[(LeaseId, Outcome)],
 ) -> Result<Written, PgError> {
+    let mut handoffs = Handoffs::default();
+    match write_transaction(inner, puts, completes, &mut handoffs).await {
+        Ok((put_results, complete_results)) => Ok((put_results, complete_results, handoffs)),
+        Err(error) => {
+            handoffs.undo();
+            Err(error)
+        }
+    }
+}
+
+/// Tasks and results handed to this server's streams inside a write
+/// transaction (the places reserved in their windows before it commits),
+/// delivered once it has: a new task goes straight to a worker stream with
+/// room, leased in the insert, and a new result straight to a result
+/// stream, claimed in the update that finished it. No claim, and no commit
+/// of its own, for either. Other servers' streams and the backlog go
+/// through the claims of each queue's dispatch.
+#[derive(Default)]
+pub(crate) struct Handoffs {
+    tasks: Vec<(Arc<StreamShared>, LeasedTask)>,
+    results: Vec<(Arc<ResultShared>, TaskResult)>,
+    /// Places reserved and not (yet) filled: given back on failure.
+    task_places: Vec<Arc<StreamShared>>,
+    result_places: Vec<Arc<ResultShared>>,
+}
+
+impl Handoffs {
+    /// The transaction failed: every reserved place is given back.
+    fn undo(self) {
+        for stream in self.task_places {
+            stream.unreserve(1);
+        }
+        for (stream, _) in self.tasks {
+            stream.unreserve(1);
+        }
+        for stream in self.result_places {
+            stream.unreserve(1);
+        }
+        for (stream, _) in self.results {
+            stream.unreserve(1);
+        }
+    }
+
+    /// The transaction committed: each stream gets what was handed to it.
+    /// A stream that ended meanwhile still holds its task, and its dispatch
+    /// gives it back; a result for a reader that left is given back here.
+    fn deliver(self, inner: &Inner) -> Vec<TaskResult> {
+        let mut back = Vec::new();
+        for stream in self.task_places {
+            stream.unreserve(1);
+        }
+        for stream in self.result_places {
+            stream.unreserve(1);
+        }
+        if !self.tasks.is_empty() {
+            let mut leases = lock(&inner.stream_leases);
+            for (stream, task) in self.tasks {
+                lock(&stream.held).insert(task.id, task.lease_id.seq);
+                leases.insert(task.id, (task.lease_id.seq, stream.clone()));
+                if stream.tx.send(task).is_err() {
+                    stream.dispatch.changed.notify_one();
+                }
+            }
+        }
+        for (stream, result) in self.results {
+            let sent = match lock(&stream.tx).as_ref() {
+                Some(tx) => tx.send(result).map_err(|unsent| unsent.0),
+                None => Err(result),
+            };
+            if let Err(result) = sent {
+                stream.unreserve(1);
+                back.push(result);
+            }
+        }
+        back
+    }
+}
+
+/// Gives back results claimed for a reader that left before they were
+/// sent, and tells the other readers of their queues.
+async fn unclaim(inner: &Inner, results: Vec<TaskResult>) {
+    let mut by_queue: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
+    for result in results {
+        by_queue
+            .entry(result.queue.as_str().to_owned())
+            .or_default()
+            .push(result.task_id.as_uuid());
+    }
+    for (queue, ids) in by_queue {
+        let done = async {
+            let client = inner.pool.get().await?;
+            client
+                .execute(
+                    &inner.sql.unclaim_results,
+                    &[&ids, &inner.channels.1, &format!("{queue}\n")],
+                )
+                .await?;
+            Ok::<_, PgError>(())
+        }
+        .await;
+        if let Err(error) = done {
+            tracing::warn!(%error, queue = %queue,
+                "postgres store: could not give back results a reader left; they stay claimed");
+        }
+    }
+}
+
+async fn write_transaction(
+    inner: &Inner,
+    puts: &[Prepared],
+    completes: &[(LeaseId, Outcome)],
+    handoffs: &mut Handoffs,
+) -> Result<(Vec<Result<PutOutcome, BrokerError>>, Vec<Result<TaskState, BrokerError>>), PgError> {
     let sql = &inner.sql;
     let mut client = inner.pool.get().await?;
     let transaction = client.transaction().await?;
@@ -142,12 +262,12 @@ async fn write_once(
     let put_results = if puts.is_empty() {
         Vec::new()
     } else {
-        put_tasks(inner, &transaction, puts, &unfinished).await?
+        put_tasks(inner, &transaction, puts, &unfinished, handoffs).await?
     };
     let complete_results = if completes.is_empty() {
         Vec::new()
     } else {
-        complete(inner, &transaction, completes).await?
+        complete(inner, &transaction, completes, handoffs).await?
     };
     transaction.commit().await?;
     Ok((put_results, complete_results))
@@ -161,6 +281,7 @@ async fn put_tasks(
     transaction: &Transaction<'_>,
     tasks: &[Prepared],
     unfinished: &HashMap<String, i64>,
+    handoffs: &mut Handoffs,
 ) -> Result<Vec<Result<PutOutcome, BrokerError>>, PgError> {
     let sql = &inner.sql;
     let capacity = i64::try_from(inner.broker.queue_capacity).unwrap_or(i64::MAX);
@@ -170,7 +291,7 @@ async fn put_tasks(
         .collect();
     // Tasks within room, in order; the others are refused at once.
     let mut answers: Vec<Option<Result<PutOutcome, BrokerError>>> = Vec::with_capacity(tasks.len());
-    let mut rows = Rows::default();
+    let mut accepted: BTreeMap<&str, usize> = BTreeMap::new();
     for task in tasks {
         let left = room.entry(task.queue.as_str().to_owned()).or_insert(0);
         if *left <= 0 {
@@ -182,12 +303,54 @@ async fn put_tasks(
         }
         *left -= 1;
         answers.push(None);
-        rows.push(task)?;
+        *accepted.entry(task.queue.as_str()).or_default() += 1;
     }
-    let inserted: std::collections::HashSet<Uuid> = if rows.ids.is_empty() {
-        Default::default()
+    // Places in this server's worker streams with room, for the first
+    // tasks of each queue; only when nothing older waits in that queue, so
+    // that hand-over keeps the queue's order.
+    let mut places_of: HashMap<&str, std::collections::VecDeque<Arc<StreamShared>>> = HashMap::new();
+    if !*inner.closed.borrow() {
+        for (queue, n) in &accepted {
+            let Some(dispatch) = lock(&inner.task_dispatch).get(*queue).cloned() else {
+                continue;
+            };
+            let streams = lock(&dispatch.streams).clone();
+            if streams.iter().all(|s| s.room() == 0) {
+                continue;
+            }
+            let waiting: bool = transaction.query_one(&sql.any_ready, &[queue]).await?.get(0);
+            if waiting {
+                continue;
+            }
+            let got = places(&streams, &dispatch.turn, *n, StreamShared::reserve);
+            handoffs.task_places.extend(got.iter().cloned());
+            places_of.insert(*queue, got.into());
+        }
+    }
+    let mut rows = Rows::default();
+    let mut handed: HashMap<Uuid, Arc<StreamShared>> = HashMap::new();
+    for (task, answer) in tasks.iter().zip(&answers) {
+        if answer.is_some() {
+            continue;
+        }
+        let place = places_of
+            .get_mut(task.queue.as_str())
+            .and_then(std::collections::VecDeque::pop_front);
+        let lease = place.as_ref().map(|stream| (stream.worker.as_str().to_owned(), lease_secs(inner, stream.lease)));
+        if let Some(stream) = place {
+            handed.insert(task.id.as_uuid(), stream);
+        }
+        rows.push(task, lease)?;
+    }
+    let mut inserted: std::collections::HashSet<Uuid> = Default::default();
+    let by_id: HashMap<Uuid, &Prepared> = if handed.is_empty() {
+        HashMap::new()
     } else {
-        transaction
+        tasks.iter().map(|t| (t.id.as_uuid(), t)).collect()
+    };
+    if !rows.ids.is_empty() {
+        let now = tokio::time::Instant::now();
+        for row in transaction
             .query(
                 &sql.insert_tasks,
                 &[
@@ -198,13 +361,38 @@ async fn put_tasks(
                     &rows.keys,
                     &rows.max_attempts,
                     &rows.ttls,
+                    &rows.lease_secs,
+                    &rows.workers,
                 ],
             )
             .await?
-            .iter()
-            .map(|row| row.get(0))
-            .collect()
-    };
+        {
+            let id: Uuid = row.get(0);
+            inserted.insert(id);
+            if let Some(stream) = handed.remove(&id) {
+                let task = by_id[&id];
+                let left: f64 = row.get(4);
+                let task = LeasedTask {
+                    id: task.id,
+                    queue: task.queue.clone(),
+                    payload: task.task.payload.clone(),
+                    headers: task.task.headers.clone(),
+                    attempt: 1,
+                    max_attempts: task.max_attempts,
+                    lease_id: Lease { task: task.id, seq: 1 },
+                    lease_expires_at: row.get(1),
+                    lease_deadline: now + std::time::Duration::from_secs_f64(left.max(0.0)),
+                    created_at: row.get(2),
+                    expires_at: row.get(3),
+                };
+                // The place is filled: it moves from reserved to handed.
+                if let Some(i) = handoffs.task_places.iter().position(|s| Arc::ptr_eq(s, &stream)) {
+                    handoffs.task_places.swap_remove(i);
+                }
+                handoffs.tasks.push((stream, task));
+            }
+        }
+    }
     // Tasks not inserted met an idempotency key already held.
     let mut duplicates: HashMap<(String, String), Uuid> = HashMap::new();
     let (dup_queues, dup_keys): (Vec<String>, Vec<String>) = tasks
@@ -225,7 +413,11 @@ async fn put_tasks(
             duplicates.insert((row.get(0), row.get(1)), row.get(2));
         }
     }
+    let handed_ids: std::collections::HashSet<TaskId> =
+        handoffs.tasks.iter().map(|(_, t)| t.id).collect();
     let mut added: BTreeMap<String, i64> = BTreeMap::new();
+    // Queues where some new task waits for a claim: their notification.
+    let mut ready: std::collections::BTreeSet<String> = Default::default();
     let mut results = Vec::with_capacity(tasks.len());
     for (task, answer) in tasks.iter().zip(answers) {
         if let Some(answer) = answer {
@@ -234,6 +426,9 @@ async fn put_tasks(
         }
         if inserted.contains(&task.id.as_uuid()) {
             *added.entry(task.queue.as_str().to_owned()).or_default() += 1;
+            if !handed_ids.contains(&task.id) {
+                ready.insert(task.queue.as_str().to_owned());
+            }
             results.push(Ok(PutOutcome {
                 task_id: task.id,
                 duplicate: false,
@@ -263,8 +458,11 @@ async fn put_tasks(
         transaction
             .execute(&sql.add_unfinished, &[&names, &counts])
             .await?;
+    }
+    if !ready.is_empty() {
+        let ready: Vec<String> = ready.into_iter().collect();
         transaction
-            .execute(&sql.notify_tasks, &[&inner.channels.0, &names])
+            .execute(&sql.notify_tasks, &[&inner.channels.0, &ready])
             .await?;
     }
     Ok(results)
@@ -280,10 +478,13 @@ struct Rows {
     keys: Vec<Option<String>>,
     max_attempts: Vec<i32>,
     ttls: Vec<Option<f64>>,
+    /// Set for a task handed to a worker stream in the insert.
+    lease_secs: Vec<Option<f64>>,
+    workers: Vec<Option<String>>,
 }
 
 impl Rows {
-    fn push(&mut self, task: &Prepared) -> Result<(), PgError> {
+    fn push(&mut self, task: &Prepared, lease: Option<(String, f64)>) -> Result<(), PgError> {
         self.ids.push(task.id.as_uuid());
         self.queues.push(task.queue.as_str().to_owned());
         self.payloads.push(task.task.payload.to_vec());
@@ -299,8 +500,20 @@ impl Rows {
         self.max_attempts
             .push(i32::try_from(task.max_attempts).unwrap_or(i32::MAX));
         self.ttls.push(task.task.ttl.map(|ttl| ttl.as_secs_f64()));
+        let (worker, secs) = lease.unzip();
+        self.lease_secs.push(secs);
+        self.workers.push(worker);
         Ok(())
     }
+}
+
+/// A stream's lease in seconds: its own, or the default, within the
+/// maximum.
+fn lease_secs(inner: &Inner, lease: Option<std::time::Duration>) -> f64 {
+    lease
+        .unwrap_or(inner.broker.default_lease)
+        .min(inner.broker.max_lease)
+        .as_secs_f64()
 }
 
 /// Records results. Successes from any lease of an unfinished task are
@@ -312,6 +525,7 @@ async fn complete(
     inner: &Inner,
     transaction: &Transaction<'_>,
     results: &[(LeaseId, Outcome)],
+    handoffs: &mut Handoffs,
 ) -> Result<Vec<Result<TaskState, BrokerError>>, PgError> {
     let sql = &inner.sql;
     let mut answers: Vec<Option<Result<TaskState, BrokerError>>> =
@@ -355,13 +569,19 @@ async fn complete(
         }
     }
     // What each statement changed: task → (queue, state now).
+    // What each statement changed: task → (queue, state now), and the
+    // result of a task it finished.
     let mut changed: HashMap<Uuid, (String, i16)> = HashMap::new();
+    let mut finished_results: HashMap<Uuid, TaskResult> = HashMap::new();
     if !ok.0.is_empty() {
         for row in transaction
             .query(&sql.complete_ok, &[&ok.0, &ok.1, &ok.2])
             .await?
         {
             changed.insert(row.get(0), (row.get(1), row.get(2)));
+            if let Some(result) = result_row(&row) {
+                finished_results.insert(row.get(0), result);
+            }
         }
     }
     if !failed.0.is_empty() {
@@ -373,6 +593,9 @@ async fn complete(
             .await?
         {
             changed.insert(row.get(0), (row.get(1), row.get(2)));
+            if let Some(result) = result_row(&row) {
+                finished_results.insert(row.get(0), result);
+            }
         }
     }
     // The rest: look at the rows (as this transaction left them).
@@ -422,6 +645,7 @@ async fn complete(
             .await?;
         for (queue, ids) in &finished {
             notify_finished(inner, transaction, queue, ids).await?;
+            hand_results(inner, transaction, queue, ids, &mut finished_results, handoffs).await?;
         }
     }
     if !retried.is_empty() {
@@ -432,6 +656,41 @@ async fn complete(
             .await?;
     }
     Ok(out)
+}
+
+/// Hands results just finished in this transaction to this server's
+/// result streams of `queue` with room, in completion order, claiming them
+/// in the same transaction.
+async fn hand_results(
+    inner: &Inner,
+    transaction: &Transaction<'_>,
+    queue: &str,
+    ids: &[Uuid],
+    results: &mut HashMap<Uuid, TaskResult>,
+    handoffs: &mut Handoffs,
+) -> Result<(), PgError> {
+    if *inner.closed.borrow() {
+        return Ok(());
+    }
+    let Some(dispatch) = lock(&inner.result_dispatch).get(queue).cloned() else {
+        return Ok(());
+    };
+    let streams = lock(&dispatch.streams).clone();
+    let got = places(&streams, &dispatch.turn, ids.len(), ResultShared::reserve);
+    if got.is_empty() {
+        return Ok(());
+    }
+    let claimed: Vec<Uuid> = ids[..got.len()].to_vec();
+    transaction
+        .execute(&inner.sql.claim_these, &[&claimed])
+        .await?;
+    for (stream, id) in got.into_iter().zip(&claimed) {
+        match results.remove(id) {
+            Some(result) => handoffs.results.push((stream, result)),
+            None => handoffs.result_places.push(stream),
+        }
+    }
+    Ok(())
 }
 
 /// Why a report changed nothing, from the task's row: a repeat of the
