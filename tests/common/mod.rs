@@ -74,8 +74,7 @@ impl TestServer {
         if !postgres {
             return;
         }
-        let mut health =
-            tonic_health::pb::health_client::HealthClient::new(self.channel().await);
+        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel().await);
         tokio::time::timeout(
             Duration::from_secs(30),
             health.check(tonic_health::pb::HealthCheckRequest::default()),

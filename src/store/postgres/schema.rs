@@ -67,10 +67,17 @@ CREATE UNIQUE INDEX tasks_idempotency ON {s}.tasks (queue, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 
 -- Unfinished tasks per queue, kept in the transactions that put and finish
--- them: the capacity check across all servers reads one row.
-CREATE TABLE {s}.queues (
-    name text PRIMARY KEY,
-    unfinished bigint NOT NULL DEFAULT 0
+-- them, spread over a few rows per queue: the count is their sum. Puts add
+-- in shard 0, which they lock first, so no two puts pass the capacity check
+-- together, on any server. Transactions that finish tasks subtract in
+-- another shard picked at random, so they seldom wait on each other or on
+-- puts (one hot row would make every transaction of a queue wait its turn,
+-- commit included).
+CREATE TABLE {s}.queue_counts (
+    queue text NOT NULL,
+    shard smallint NOT NULL,
+    unfinished bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (queue, shard)
 );
 ";
 

@@ -4,13 +4,13 @@
 pub(crate) struct Sql {
     pub(crate) ensure_queues: String,
     pub(crate) lock_queues: String,
-    pub(crate) queues_of: String,
-    pub(crate) expired_queues: String,
     pub(crate) insert_tasks: String,
     pub(crate) any_ready: String,
     pub(crate) claim_these: String,
     pub(crate) find_keys: String,
     pub(crate) add_unfinished: String,
+    pub(crate) count_unfinished: String,
+    pub(crate) subtract_unfinished: String,
     pub(crate) notify_tasks: String,
     pub(crate) notify: String,
     pub(crate) claim: String,
@@ -40,12 +40,15 @@ impl Sql {
     pub(crate) fn new(schema: &str) -> Self {
         let s = |text: &str| text.replace("{s}", schema).replace("{r}", RESULT_COLUMNS);
         Self {
-            ensure_queues: s("INSERT INTO {s}.queues (name) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING"),
-            queues_of: s("SELECT DISTINCT queue FROM {s}.tasks WHERE id = ANY($1)"),
-            expired_queues: s("SELECT DISTINCT queue FROM {s}.tasks
-                WHERE (state = 1 AND lease_until <= now())
-                   OR (state < 2 AND expires_at <= now())"),
-            lock_queues: s("SELECT name, unfinished FROM {s}.queues WHERE name = ANY($1) ORDER BY name FOR UPDATE"),
+            ensure_queues: s("INSERT INTO {s}.queue_counts (queue, shard)
+                SELECT unnest($1::text[]), 0 ON CONFLICT DO NOTHING"),
+            count_unfinished: s("SELECT queue, sum(unfinished)::int8 FROM {s}.queue_counts
+                WHERE queue = ANY($1) GROUP BY queue"),
+            subtract_unfinished: s("INSERT INTO {s}.queue_counts AS c (queue, shard, unfinished)
+                SELECT q, $3, -n FROM unnest($1::text[], $2::int8[]) AS d(q, n) ORDER BY q
+                ON CONFLICT (queue, shard) DO UPDATE SET unfinished = c.unfinished + EXCLUDED.unfinished"),
+            lock_queues: s("SELECT queue FROM {s}.queue_counts WHERE queue = ANY($1) AND shard = 0
+                ORDER BY queue FOR UPDATE"),
             // A task with a lease ($8, $9) is handed to a worker stream of
             // this server in the insert: leased at once, attempt 1.
             insert_tasks: s("INSERT INTO {s}.tasks (id, queue, payload, headers, idempotency_key, max_attempts,
@@ -69,8 +72,8 @@ impl Sql {
             find_keys: s("SELECT t.queue, t.idempotency_key, t.id FROM {s}.tasks t
                 JOIN unnest($1::text[], $2::text[]) AS k(queue, key)
                   ON t.queue = k.queue AND t.idempotency_key = k.key"),
-            add_unfinished: s("UPDATE {s}.queues q SET unfinished = q.unfinished + d.n
-                FROM unnest($1::text[], $2::int8[]) AS d(name, n) WHERE q.name = d.name"),
+            add_unfinished: s("UPDATE {s}.queue_counts c SET unfinished = c.unfinished + d.n
+                FROM unnest($1::text[], $2::int8[]) AS d(q, n) WHERE c.queue = d.q AND c.shard = 0"),
             notify_tasks: s("SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q"),
             notify: s("SELECT pg_notify($1, $2)"),
             // Row n (in id order) goes to slot n: its worker and lease.
@@ -150,14 +153,14 @@ impl Sql {
                                  ELSE t.error END,
                     by_lease = CASE WHEN t.attempt >= t.max_attempts THEN t.lease_seq ELSE t.by_lease END,
                     lease_until = NULL
-                FROM (SELECT id FROM {s}.tasks WHERE state = 1 AND lease_until <= now() AND queue = ANY($1)
+                FROM (SELECT id FROM {s}.tasks WHERE state = 1 AND lease_until <= now()
                       ORDER BY lease_until LIMIT 500 FOR UPDATE SKIP LOCKED) c
                 WHERE t.id = c.id
                 RETURNING t.id, t.queue, t.state"),
             sweep_ttl: s("UPDATE {s}.tasks t
                 SET state = 3, finished_at = now(), lease_until = NULL,
                     error = 'task expired: its ttl ran out before it finished'
-                FROM (SELECT id FROM {s}.tasks WHERE state < 2 AND expires_at <= now() AND queue = ANY($1)
+                FROM (SELECT id FROM {s}.tasks WHERE state < 2 AND expires_at <= now()
                       ORDER BY expires_at LIMIT 500 FOR UPDATE SKIP LOCKED) c
                 WHERE t.id = c.id
                 RETURNING t.id, t.queue, t.state"),

@@ -14,6 +14,7 @@ use uuid::Uuid;
 use super::error::PgError;
 use super::inner::Inner;
 use super::notify::notify_finished;
+use super::writer::subtract_finished;
 
 /// How often leases and ttl are swept. Leases run out on the database's
 /// clock; a lease is given back within this long after it ran out.
@@ -49,20 +50,7 @@ async fn sweep(inner: &Inner) -> Result<(), PgError> {
         loop {
             let mut client = inner.pool.get().await?;
             let transaction = client.transaction().await?;
-            // The queues' counter rows first, in name order, as the writers
-            // take them: see `writer::write_once`.
-            let mut queues: Vec<String> = transaction
-                .query(&inner.sql.expired_queues, &[])
-                .await?
-                .iter()
-                .map(|row| row.get(0))
-                .collect();
-            if queues.is_empty() {
-                break;
-            }
-            queues.sort_unstable();
-            transaction.execute(&inner.sql.lock_queues, &[&queues]).await?;
-            let rows = transaction.query(statement.as_str(), &[&queues]).await?;
+            let rows = transaction.query(statement.as_str(), &[]).await?;
             if rows.is_empty() {
                 break;
             }
@@ -77,13 +65,9 @@ async fn sweep(inner: &Inner) -> Result<(), PgError> {
                 }
             }
             if !finished.is_empty() {
-                let names: Vec<String> = finished.keys().cloned().collect();
-                let counts: Vec<i64> = finished.values().map(|ids| -(ids.len() as i64)).collect();
-                transaction
-                    .execute(&inner.sql.add_unfinished, &[&names, &counts])
-                    .await?;
+                subtract_finished(inner, &transaction, &finished).await?;
                 for (queue, ids) in &finished {
-                    notify_finished(inner, &transaction, queue, ids).await?;
+                    notify_finished(inner, &transaction, queue, ids, false).await?;
                 }
             }
             if !ready.is_empty() {

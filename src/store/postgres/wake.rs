@@ -124,8 +124,11 @@ impl Wakeups {
 
     fn finished(&self, payload: &str) {
         let (queue, ids) = payload.split_once('\n').unwrap_or((payload, ""));
-        if let Some(notify) = lock(&self.results).get(queue) {
-            notify.notify_waiters();
+        // `!queue`: already handed out by queue; only waiters by id care.
+        if !queue.starts_with('!') {
+            if let Some(notify) = lock(&self.results).get(queue) {
+                notify.notify_waiters();
+            }
         }
         let map = lock(&self.task_results);
         if map.is_empty() {

@@ -110,10 +110,10 @@ async fn write(inner: &Inner, batch: Vec<Job>) {
     }
 }
 
-/// One transaction of a batch. The counter rows of every queue it touches
-/// are locked first, in name order, before any task row: every
-/// transaction that changes counters (writers, sweeps) takes its locks in
-/// that order, so they queue up rather than deadlock.
+/// One transaction of a batch: its puts, then its results. Counter rows are
+/// taken in one order by every transaction (put shards in name order, then
+/// one finish shard in name order), so transactions queue up rather than
+/// deadlock.
 type Written = (
     Vec<Result<PutOutcome, BrokerError>>,
     Vec<Result<TaskState, BrokerError>>,
@@ -237,27 +237,28 @@ async fn write_transaction(
     puts: &[Prepared],
     completes: &[(LeaseId, Outcome)],
     handoffs: &mut Handoffs,
-) -> Result<(Vec<Result<PutOutcome, BrokerError>>, Vec<Result<TaskState, BrokerError>>), PgError> {
+) -> Result<
+    (
+        Vec<Result<PutOutcome, BrokerError>>,
+        Vec<Result<TaskState, BrokerError>>,
+    ),
+    PgError,
+> {
     let sql = &inner.sql;
     let mut client = inner.pool.get().await?;
     let transaction = client.transaction().await?;
+    // Puts first: the put shard of each queue is locked (in name order),
+    // then the count read, so no two puts pass the capacity check together.
     let mut names: Vec<String> = puts.iter().map(|t| t.queue.as_str().to_owned()).collect();
     names.sort_unstable();
     names.dedup();
+    let mut unfinished: HashMap<String, i64> = HashMap::new();
     if !names.is_empty() {
         transaction.execute(&sql.ensure_queues, &[&names]).await?;
-    }
-    if !completes.is_empty() {
-        let ids: Vec<Uuid> = completes.iter().map(|(l, _)| l.task.as_uuid()).collect();
-        for row in transaction.query(&sql.queues_of, &[&ids]).await? {
-            names.push(row.get(0));
+        transaction.execute(&sql.lock_queues, &[&names]).await?;
+        for row in transaction.query(&sql.count_unfinished, &[&names]).await? {
+            unfinished.insert(row.get(0), row.get(1));
         }
-        names.sort_unstable();
-        names.dedup();
-    }
-    let mut unfinished: HashMap<String, i64> = HashMap::new();
-    for row in transaction.query(&sql.lock_queues, &[&names]).await? {
-        unfinished.insert(row.get(0), row.get(1));
     }
     let put_results = if puts.is_empty() {
         Vec::new()
@@ -308,7 +309,8 @@ async fn put_tasks(
     // Places in this server's worker streams with room, for the first
     // tasks of each queue; only when nothing older waits in that queue, so
     // that hand-over keeps the queue's order.
-    let mut places_of: HashMap<&str, std::collections::VecDeque<Arc<StreamShared>>> = HashMap::new();
+    let mut places_of: HashMap<&str, std::collections::VecDeque<Arc<StreamShared>>> =
+        HashMap::new();
     if !*inner.closed.borrow() {
         for (queue, n) in &accepted {
             let Some(dispatch) = lock(&inner.task_dispatch).get(*queue).cloned() else {
@@ -318,7 +320,10 @@ async fn put_tasks(
             if streams.iter().all(|s| s.room() == 0) {
                 continue;
             }
-            let waiting: bool = transaction.query_one(&sql.any_ready, &[queue]).await?.get(0);
+            let waiting: bool = transaction
+                .query_one(&sql.any_ready, &[queue])
+                .await?
+                .get(0);
             if waiting {
                 continue;
             }
@@ -336,7 +341,12 @@ async fn put_tasks(
         let place = places_of
             .get_mut(task.queue.as_str())
             .and_then(std::collections::VecDeque::pop_front);
-        let lease = place.as_ref().map(|stream| (stream.worker.as_str().to_owned(), lease_secs(inner, stream.lease)));
+        let lease = place.as_ref().map(|stream| {
+            (
+                stream.worker.as_str().to_owned(),
+                lease_secs(inner, stream.lease),
+            )
+        });
         if let Some(stream) = place {
             handed.insert(task.id.as_uuid(), stream);
         }
@@ -379,14 +389,21 @@ async fn put_tasks(
                     headers: task.task.headers.clone(),
                     attempt: 1,
                     max_attempts: task.max_attempts,
-                    lease_id: Lease { task: task.id, seq: 1 },
+                    lease_id: Lease {
+                        task: task.id,
+                        seq: 1,
+                    },
                     lease_expires_at: row.get(1),
                     lease_deadline: now + std::time::Duration::from_secs_f64(left.max(0.0)),
                     created_at: row.get(2),
                     expires_at: row.get(3),
                 };
                 // The place is filled: it moves from reserved to handed.
-                if let Some(i) = handoffs.task_places.iter().position(|s| Arc::ptr_eq(s, &stream)) {
+                if let Some(i) = handoffs
+                    .task_places
+                    .iter()
+                    .position(|s| Arc::ptr_eq(s, &stream))
+                {
                     handoffs.task_places.swap_remove(i);
                 }
                 handoffs.tasks.push((stream, task));
@@ -638,14 +655,19 @@ async fn complete(
         });
     }
     if !finished.is_empty() {
-        let names: Vec<String> = finished.keys().cloned().collect();
-        let counts: Vec<i64> = finished.values().map(|ids| -(ids.len() as i64)).collect();
-        transaction
-            .execute(&sql.add_unfinished, &[&names, &counts])
-            .await?;
+        subtract_finished(inner, transaction, &finished).await?;
         for (queue, ids) in &finished {
-            notify_finished(inner, transaction, queue, ids).await?;
-            hand_results(inner, transaction, queue, ids, &mut finished_results, handoffs).await?;
+            let handed = hand_results(
+                inner,
+                transaction,
+                queue,
+                ids,
+                &mut finished_results,
+                handoffs,
+            )
+            .await?;
+            notify_finished(inner, transaction, queue, &ids[..handed], true).await?;
+            notify_finished(inner, transaction, queue, &ids[handed..], false).await?;
         }
     }
     if !retried.is_empty() {
@@ -658,6 +680,36 @@ async fn complete(
     Ok(out)
 }
 
+/// Counts tasks finished in this transaction out of their queues, in a
+/// finish shard picked at random (see the schema's `queue_counts`).
+pub(crate) async fn subtract_finished(
+    inner: &Inner,
+    transaction: &Transaction<'_>,
+    finished: &BTreeMap<String, Vec<Uuid>>,
+) -> Result<(), PgError> {
+    let names: Vec<&str> = finished.keys().map(String::as_str).collect();
+    let counts: Vec<i64> = finished
+        .values()
+        .map(|ids| i64::try_from(ids.len()).unwrap_or(i64::MAX))
+        .collect();
+    transaction
+        .execute(
+            &inner.sql.subtract_unfinished,
+            &[&names, &counts, &finish_shard()],
+        )
+        .await?;
+    Ok(())
+}
+
+/// One of the finish shards, 1 to 15: spread well enough by the clock's
+/// nanoseconds (no random generator needed for this).
+fn finish_shard() -> i16 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    i16::try_from(nanos % 15).unwrap_or(0) + 1
+}
+
 /// Hands results just finished in this transaction to this server's
 /// result streams of `queue` with room, in completion order, claiming them
 /// in the same transaction.
@@ -668,18 +720,19 @@ async fn hand_results(
     ids: &[Uuid],
     results: &mut HashMap<Uuid, TaskResult>,
     handoffs: &mut Handoffs,
-) -> Result<(), PgError> {
+) -> Result<usize, PgError> {
     if *inner.closed.borrow() {
-        return Ok(());
+        return Ok(0);
     }
     let Some(dispatch) = lock(&inner.result_dispatch).get(queue).cloned() else {
-        return Ok(());
+        return Ok(0);
     };
     let streams = lock(&dispatch.streams).clone();
     let got = places(&streams, &dispatch.turn, ids.len(), ResultShared::reserve);
     if got.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
+    let handed = got.len();
     let claimed: Vec<Uuid> = ids[..got.len()].to_vec();
     transaction
         .execute(&inner.sql.claim_these, &[&claimed])
@@ -690,7 +743,7 @@ async fn hand_results(
             None => handoffs.result_places.push(stream),
         }
     }
-    Ok(())
+    Ok(handed)
 }
 
 /// Why a report changed nothing, from the task's row: a repeat of the
