@@ -502,6 +502,7 @@ def restart_postgres_servers(stack, client_a, client_b, sleepers):
         q = client_b.queue("naps")
         return q if q.get("succeeded", 0) >= 1 and q.get("leased", 0) >= 1 else None
     before = wait_for("some naps finished and some running", 30, mixed, interval=0.2)
+    down = time.monotonic()
     stack.compose(["--profile", "postgres", "kill", "-s", "SIGKILL", "server-b"], 60)
     stack.compose(["--profile", "postgres", "stop", "server-a"], 60)
     for service, code in (("server-a", 0), ("server-b", 137)):
@@ -513,6 +514,7 @@ def restart_postgres_servers(stack, client_a, client_b, sleepers):
     for service in ("server-a", "server-b"):
         wait_for(service + " healthy again", 60,
                  lambda: health_status(container(service)) == "healthy")
+    up = time.monotonic()
 
     # Every task finishes, and every result reads the same through either server.
     retried = 0
@@ -525,6 +527,7 @@ def restart_postgres_servers(stack, client_a, client_b, sleepers):
         check(again == result, "task %s reads differently through the other server:\n%r\n%r"
               % (task, result, again))
         retried += result["attempts"] > 1
+    finished = time.monotonic()
     after = inspect(container("postgres"))["State"]
     check(after["Status"] == "running" and after["StartedAt"] == postgres_before["StartedAt"],
           "PostgreSQL did not stay up: %s, started %s (before: %s)"
@@ -537,7 +540,8 @@ def restart_postgres_servers(stack, client_a, client_b, sleepers):
         check(state["Status"] == "exited" and state["ExitCode"] == 0,
               "%s after stop: %s, exit code %s" % (service, state["Status"], state["ExitCode"]))
     return ("%d naps (%d done, %d running at the kill): all finished, %d on a later attempt; "
-            "PostgreSQL stayed up" % (len(ids), before["succeeded"], before["leased"], retried))
+            "PostgreSQL stayed up; servers down and healthy again in %.0fs, every result %.0fs later"
+            % (len(ids), before["succeeded"], before["leased"], retried, up - down, finished - up))
 
 
 # ---- set-up and clean-up ------------------------------------------------
