@@ -17,7 +17,20 @@ With deploy/Dockerfile and deploy/compose.yaml as they are:
    other worker with attempt 2, and the killed container is restarted;
 6. `docker-compose stop`: the server logs its drain, every container exits 0;
 7. the image runs with a read-only root filesystem, as uid 10001, and its
-   `taskq health` check turns it healthy.
+   `taskq health` check turns it healthy;
+8. the PostgreSQL image (deploy/postgres/) builds on the same local base,
+   Debian's postgresql from the mirror; the image is cached as an archive
+   under target/deploy/, named by a hash of deploy/postgres/, so a warm
+   run loads it rather than building it;
+9. the compose profile `postgres` (PostgreSQL, server-a and server-b on it,
+   a worker on each) comes up health-gated on a fresh volume; tasks put
+   through server-a are counted by server-b's stats; the demo master puts
+   through server-a and reads the ten squares through server-b;
+10. with long tasks finished, running and waiting, server-b is killed
+   (SIGKILL) and server-a stopped (drain), both at once; PostgreSQL stays
+   up; started again, every task finishes and every result is readable
+   through either server; `docker-compose stop` then stops PostgreSQL and
+   both servers with exit 0.
 
 docker-compose rather than podman-compose: it is the client users run
 against Docker, it already validates compose.yaml in check_deploy.py, and
@@ -29,12 +42,14 @@ Podman runs health checks from systemd timers; where there is no systemd
 "starting" for ever. The test stands in for the timer: it runs
 `podman healthcheck run` on its own containers every second.
 
-The test's inputs that are not project files: a token file and a port
-(a compose override file under target/deploy/ points the `taskq_tokens`
-secret at it), and for step 5 a second override that gives the workers
-`--builtin sleep` on the queue `naps`, since a square finishes too fast to
-be caught running. It tags the image `taskq:latest`, the name compose.yaml
-uses.
+The test's inputs that are not project files: a token file, the store's
+URL with a random password, and ports (a compose override file under
+target/deploy/ points the `taskq_tokens` and `taskq_store` secrets at
+them), and for steps 5 and 10 overrides that give the workers `--builtin
+sleep` on the queue `naps`, since a square finishes too fast to be caught
+running. It tags the images `taskq:latest` and `taskq-postgres:latest`,
+the names compose.yaml uses; the volume of its PostgreSQL is removed at
+the start and the end.
 
 Needs root, podman, debootstrap, docker-compose and target/release-image/taskq
 (`cargo build --profile release-image`). Every wait is bounded. Prints one
@@ -42,6 +57,7 @@ line per step; exits 1 at the first failure, after printing the
 containers' logs.
 """
 
+import hashlib
 import json
 import os
 import secrets
@@ -64,6 +80,11 @@ BASE_IMAGE = "docker.io/library/debian:bookworm-slim"
 BASE_TARBALL = os.path.join(WORK, "debian-bookworm-slim.tar")
 MIRROR = os.environ.get("TASKQ_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 IMAGE = "taskq:latest"
+PG_IMAGE = "taskq-postgres:latest"
+PG_CONTEXT = os.path.join(ROOT, "deploy", "postgres")
+# The label that ties an image (and its cached archive) to the files it was
+# built from.
+PG_SOURCE_LABEL = "taskq.deploy-test.source"
 PROJECT = "taskq-deploy-test"
 READ_ONLY = PROJECT + "-readonly"
 SOCKET = os.path.join(WORK, "podman.sock")
@@ -73,6 +94,14 @@ MAX_ADDED_BYTES = 30 * 1000 * 1000
 # The long task: long enough to be seen running and killed, short enough
 # to wait for twice.
 NAP = "10s"
+# The restart: tasks long enough to be running when the servers go down,
+# more of them than the workers' eight slots, so some are still waiting.
+PG_NAP = "4s"
+PG_NAPS = 20
+# The sleep workers' lease: a task whose worker lost its server comes back
+# this soon after the servers do.
+PG_LEASE = "5s"
+PG_SERVICES = ["postgres", "server-a", "server-b", "worker-a", "worker-b"]
 
 
 class Failure(Exception):
@@ -160,8 +189,9 @@ class HealthTicker:
 class Stack:
     """docker-compose on deploy/compose.yaml through podman's API socket."""
 
-    def __init__(self, port, overrides):
+    def __init__(self, port, overrides, port_a, port_b):
         self.env = dict(os.environ, DOCKER_HOST="unix://" + SOCKET, TASKQ_PORT=str(port),
+                        TASKQ_PORT_A=str(port_a), TASKQ_PORT_B=str(port_b),
                         COMPOSE_HTTP_TIMEOUT="120")
         self.files = ["-f", COMPOSE_FILE] + [a for o in overrides for a in ("-f", o)]
 
@@ -175,6 +205,7 @@ class Client:
     """The stripped binary as a user's client, through the published port."""
 
     def __init__(self, port, tokens):
+        self.port = port
         self.env = dict(os.environ, TASKQ_SERVER="http://127.0.0.1:%d" % port,
                         TASKQ_TOKEN_FILE=tokens)
 
@@ -183,6 +214,13 @@ class Client:
 
     def workers(self):
         return json.loads(self(["stats", "--json"]))["workers"]
+
+    def queue(self, name):
+        """The queue's row of GetStats, or {} when the server has none."""
+        for q in json.loads(self(["stats", "--json"]))["queues"]:
+            if q["queue"] == name:
+                return q
+        return {}
 
 
 # ---- steps -------------------------------------------------------------
@@ -356,27 +394,189 @@ def run_read_only(ulimits, tokens):
     return "healthy as uid 10001, exit 0 on SIGTERM"
 
 
+def postgres_source_hash():
+    """A hash of deploy/postgres/: what the PostgreSQL image is built from."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(PG_CONTEXT)):
+        digest.update(name.encode() + b"\0")
+        with open(os.path.join(PG_CONTEXT, name), "rb") as f:
+            digest.update(f.read() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def image_label(name, label):
+    done = run(["podman", "image", "inspect", name], 30, expect_ok=False)
+    if done.returncode != 0:
+        return None
+    return (json.loads(done.stdout)[0].get("Labels") or {}).get(label)
+
+
+def make_postgres_image():
+    """taskq-postgres:latest, from podman's storage, the cache, or a build."""
+    source = postgres_source_hash()
+    archive = os.path.join(WORK, "taskq-postgres-%s.tar" % source)
+    if image_label(PG_IMAGE, PG_SOURCE_LABEL) == source:
+        made = "present in podman's storage"
+    elif os.path.exists(archive):
+        run(["podman", "load", "-i", archive], 300)
+        made = "loaded from the cache " + os.path.relpath(archive, ROOT)
+    else:
+        previous = image_id(PG_IMAGE)
+        # The same base as taskq's image; packages from the Debian mirror.
+        try:
+            run(["podman", "build", "--format", "docker", "--pull=never",
+                 "--label", "%s=%s" % (PG_SOURCE_LABEL, source), "-t", PG_IMAGE, PG_CONTEXT], 900)
+        except Failure as failure:
+            raise Failure("%s\n(the build runs apt-get in a container: it needs the Debian mirror "
+                          "in the base image's sources.list, %s)" % (failure, MIRROR))
+        if previous and previous != image_id(PG_IMAGE):
+            run(["podman", "rmi", previous], 60, expect_ok=False)
+        for name in os.listdir(WORK):
+            if name.startswith("taskq-postgres-") and name.endswith(".tar"):
+                os.remove(os.path.join(WORK, name))
+        partial = archive + ".partial"
+        run(["podman", "save", "--format", "docker-archive", "-o", partial, PG_IMAGE], 300)
+        os.replace(partial, archive)
+        made = "built (cached as %s)" % os.path.relpath(archive, ROOT)
+    check(image_label(PG_IMAGE, PG_SOURCE_LABEL) == source,
+          "%s is not the image of deploy/postgres/ as it is" % PG_IMAGE)
+    image = json.loads(run(["podman", "image", "inspect", PG_IMAGE], 30).stdout)[0]
+    health = (image.get("Healthcheck") or {}).get("Test") or []
+    check("pg_isready" in " ".join(health), "HEALTHCHECK lost (built as OCI?): %r" % health)
+    check(image["User"] == "postgres", "image user %r, not postgres" % image["User"])
+    return "%s; %.0f MB" % (made, image["Size"] / 1e6)
+
+
+def container(service, index=1):
+    return "%s_%s_%d" % (PROJECT, service, index)
+
+
+def run_postgres_profile(stack, client_a, client_b):
+    # `up` returns once PostgreSQL is healthy (a fresh cluster made in the
+    # volume), then both servers (migrations applied), then the workers.
+    stack.compose(["--profile", "postgres", "up", "-d", "--no-build", "worker-a", "worker-b"], 240)
+    running = our_containers(running_only=True)
+    missing = [s for s in PG_SERVICES if container(s) not in running]
+    check(not missing, "not running after up: %s (running: %s)" % (missing, running))
+    for service in ("postgres", "server-a", "server-b"):
+        status = health_status(container(service))
+        check(status == "healthy", "%s is %r after up, not healthy" % (service, status))
+
+    # Put through server-a where no worker takes them; server-b counts them.
+    held = "held-%d" % os.getpid()
+    for n in range(5):
+        client_a(["put", "--queue", held, "--data", str(n)])
+    seen = client_b.queue(held)
+    check(seen.get("pending") == 5, "server-b's stats for the 5 tasks put through server-a: %r" % seen)
+
+    # The demo master: ten squares put through server-a, read through server-b.
+    out = stack.compose(["--profile", "postgres", "run", "--rm", "master-pg"], 120).stdout
+    rows = [line.split("\t") for line in out.splitlines() if "\t" in line]
+    ids = [line for line in out.splitlines() if line and "\t" not in line]
+    check(len(ids) == 10 and len(rows) == 10, out)
+    check(all(state == "SUCCEEDED" for _, state, _ in rows), out)
+    check(sorted(int(v) for _, _, v in rows) == [n * n for n in range(1, 11)], out)
+    check({t for t, _, _ in rows} == set(ids), "results for other tasks than the ones put:\n" + out)
+    squares = client_a.queue("squares")
+    check(squares.get("succeeded", 0) >= 10, "server-a's stats after the demo: %r" % squares)
+    return "5 put through server-a pending on server-b; 10 squares put via a, read via b"
+
+
+def put_naps(client, count):
+    path = os.path.join(WORK, "naps")
+    with open(path, "w") as f:
+        f.write((PG_NAP + "\n") * count)
+    ids = client(["put", "--queue", "naps", "--max-attempts", "5", "--lines", "--file", path]).split()
+    check(len(ids) == count, "put %d naps, got ids %r" % (count, ids))
+    return ids
+
+
+def restart_postgres_servers(stack, client_a, client_b, sleepers):
+    stack.compose(["--profile", "postgres", "up", "-d", "--no-build", "worker-a", "worker-b"], 180,
+                  extra=[sleepers])
+    postgres_before = inspect(container("postgres"))["State"]
+    ids = put_naps(client_a, PG_NAPS // 2) + put_naps(client_b, PG_NAPS - PG_NAPS // 2)
+
+    # Down with results written, tasks running and tasks waiting.
+    def mixed():
+        q = client_b.queue("naps")
+        return q if q.get("succeeded", 0) >= 1 and q.get("leased", 0) >= 1 else None
+    before = wait_for("some naps finished and some running", 30, mixed, interval=0.2)
+    down = time.monotonic()
+    stack.compose(["--profile", "postgres", "kill", "-s", "SIGKILL", "server-b"], 60)
+    stack.compose(["--profile", "postgres", "stop", "server-a"], 60)
+    for service, code in (("server-a", 0), ("server-b", 137)):
+        state = inspect(container(service))["State"]
+        check(state["Status"] == "exited" and state["ExitCode"] == code,
+              "%s after stop/kill: %s, exit code %s (expected %d)"
+              % (service, state["Status"], state["ExitCode"], code))
+    stack.compose(["--profile", "postgres", "start", "server-a", "server-b"], 60)
+    for service in ("server-a", "server-b"):
+        wait_for(service + " healthy again", 60,
+                 lambda: health_status(container(service)) == "healthy")
+    up = time.monotonic()
+
+    # Every task finishes, and every result reads the same through either server.
+    retried = 0
+    for i, task in enumerate(ids):
+        client = (client_a, client_b)[i % 2]
+        result = json.loads(client(["result", task, "--wait", "90s", "--json"], timeout=100))
+        check(result["state"] == "SUCCEEDED" and result["output"] == PG_NAP,
+              "task %s after the restart: %r" % (task, result))
+        again = json.loads((client_b, client_a)[i % 2](["result", task, "--json"]))
+        check(again == result, "task %s reads differently through the other server:\n%r\n%r"
+              % (task, result, again))
+        retried += result["attempts"] > 1
+    finished = time.monotonic()
+    after = inspect(container("postgres"))["State"]
+    check(after["Status"] == "running" and after["StartedAt"] == postgres_before["StartedAt"],
+          "PostgreSQL did not stay up: %s, started %s (before: %s)"
+          % (after["Status"], after["StartedAt"], postgres_before["StartedAt"]))
+
+    # Stop: PostgreSQL shuts down cleanly (SIGINT), the servers drain.
+    stack.compose(["--profile", "postgres", "stop"] + PG_SERVICES, 120, extra=[sleepers])
+    for service in PG_SERVICES:
+        state = inspect(container(service))["State"]
+        check(state["Status"] == "exited" and state["ExitCode"] == 0,
+              "%s after stop: %s, exit code %s" % (service, state["Status"], state["ExitCode"]))
+    return ("%d naps (%d done, %d running at the kill): all finished, %d on a later attempt; "
+            "PostgreSQL stayed up; servers down and healthy again in %.0fs, every result %.0fs later"
+            % (len(ids), before["succeeded"], before["leased"], retried, up - down, finished - up))
+
+
 # ---- set-up and clean-up ------------------------------------------------
 
-def free_port():
-    # Compose publishes the port itself: the best the test can do is pick
-    # one that is free now.
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return s.getsockname()[1]
+def free_ports(count):
+    # Compose publishes the ports itself: the best the test can do is pick
+    # ones that are free now (held together, so they differ).
+    held = [socket.socket() for _ in range(count)]
+    try:
+        for s in held:
+            s.bind(("0.0.0.0", 0))
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 def write_inputs():
-    """The token file and the two compose override files."""
+    """The token and store files and the compose override files."""
     tokens = os.path.join(WORK, "tokens")
     with open(tokens, "w") as f:
         f.write(secrets.token_urlsafe(32) + "\n")
-    # Read by uid 10001 in the containers, through a bind mount.
+    store = os.path.join(WORK, "store")
+    with open(store, "w") as f:
+        f.write("postgres://taskq:%s@postgres:5432/taskq\n" % secrets.token_hex(24))
+    # Read by uid 10001 (taskq) and by postgres in the containers, through
+    # bind mounts.
     os.chmod(tokens, 0o644)
+    os.chmod(store, 0o644)
     inputs = os.path.join(WORK, "compose.inputs.yaml")
     with open(inputs, "w") as f:
-        f.write("# Written by tests/deploy/run_stack.py: the test's token file.\n"
-                "services:\n  server:\n    secrets: [taskq_tokens]\nsecrets:\n  taskq_tokens:\n    file: %s\n" % tokens)
+        f.write("# Written by tests/deploy/run_stack.py: the test's token and store files.\n"
+                "services:\n  server:\n    secrets: [taskq_tokens]\n"
+                "secrets:\n  taskq_tokens:\n    file: %s\n  taskq_store:\n    file: %s\n"
+                % (tokens, store))
     sleepers = os.path.join(WORK, "compose.sleepers.yaml")
     with open(sleepers, "w") as f:
         f.write("# Written by tests/deploy/run_stack.py: workers whose tasks last long\n"
@@ -384,7 +584,16 @@ def write_inputs():
                 "services:\n  worker:\n"
                 "    command: [\"worker\", \"--queue\", \"naps\", \"--builtin\", \"sleep\","
                 " \"--concurrency\", \"4\"]\n")
-    return tokens, inputs, sleepers
+    pg_sleepers = os.path.join(WORK, "compose.pg-sleepers.yaml")
+    with open(pg_sleepers, "w") as f:
+        f.write("# Written by tests/deploy/run_stack.py: the postgres profile's workers\n"
+                "# on long tasks, with a short lease so that a task whose server went\n"
+                "# down comes back soon after it.\n"
+                "services:\n" + "".join(
+                    "  %s:\n    command: [\"worker\", \"--queue\", \"naps\", \"--builtin\", \"sleep\","
+                    " \"--concurrency\", \"4\", \"--lease\", \"%s\"]\n" % (w, PG_LEASE)
+                    for w in ("worker-a", "worker-b")))
+    return tokens, inputs, sleepers, pg_sleepers
 
 
 def compose_ulimits(stack):
@@ -410,7 +619,9 @@ def start_service():
 
 
 def remove_leftovers(stack):
-    stack.compose(["--profile", "demo", "down", "--remove-orphans"], 120, expect_ok=False)
+    # --volumes: the PostgreSQL data of this test's project.
+    stack.compose(["--profile", "demo", "--profile", "postgres", "down", "--remove-orphans",
+                   "--volumes"], 120, expect_ok=False)
     run(["podman", "rm", "-f", "-t", "0", READ_ONLY], 60, expect_ok=False)
 
 
@@ -435,11 +646,12 @@ def main():
             check(shutil.which(tool), "%s is missing: apt-get install %s" % (tool, package))
         check(os.path.exists(BINARY), "%s is missing: cargo build --profile release-image"
               % os.path.relpath(BINARY, ROOT))
-        tokens, inputs, sleepers = write_inputs()
-        port = free_port()
+        tokens, inputs, sleepers, pg_sleepers = write_inputs()
+        port, port_a, port_b = free_ports(3)
         client = Client(port, tokens)
+        client_a, client_b = Client(port_a, tokens), Client(port_b, tokens)
         service = start_service()
-        stack = Stack(port, [inputs])
+        stack = Stack(port, [inputs], port_a, port_b)
         ulimits = compose_ulimits(stack)
         remove_leftovers(stack)
         with HealthTicker():
@@ -453,6 +665,11 @@ def main():
                 ("compose: stop drains, every container exits 0", lambda: stop_stack(stack, sleepers)),
                 ("image: read-only root, non-root user, healthy",
                  lambda: run_read_only(ulimits, tokens)),
+                ("postgres image: Debian's postgresql on " + BASE_IMAGE, make_postgres_image),
+                ("compose --profile postgres: two servers, one database",
+                 lambda: run_postgres_profile(stack, client_a, client_b)),
+                ("compose --profile postgres: both servers down and up, nothing lost",
+                 lambda: restart_postgres_servers(stack, client_a, client_b, pg_sleepers)),
             ):
                 t0 = time.monotonic()
                 detail = action()
