@@ -226,6 +226,9 @@ async fn serve_inbound<S: Store>(
             () = tokio::time::sleep(DRAIN_CHECK), if draining => {}
         }
     }
+    // What the stream still holds goes back to its queue before the worker
+    // sees its end (the memory store does it when the stream is dropped).
+    control.give_back().await;
     // Dropping `tx` ends the outbound side, which drops the worker stream:
     // what it still holds goes back to its queue at once.
 }

@@ -172,6 +172,10 @@ impl WindowControl for WorkerStreamControl {
     fn outstanding(&self) -> usize {
         WorkerStreamControl::outstanding(self)
     }
+
+    fn give_back(&self) -> impl Future<Output = ()> + Send {
+        ready(())
+    }
 }
 
 impl ResultDeliveries for ResultStream {

@@ -171,6 +171,12 @@ pub trait WindowControl: Send + Sync + 'static {
     fn set_window(&self, window: u32);
     /// Tasks leased through the stream and not yet reported.
     fn outstanding(&self) -> usize;
+    /// Ends the stream and gives back what it holds, before the server
+    /// closes its side: a worker that sees the stream end finds its
+    /// unreported tasks back in the queue. (The memory store gives them
+    /// back when the stream is dropped, under its lock; nothing to do
+    /// here.)
+    fn give_back(&self) -> impl Future<Output = ()> + Send;
 }
 
 /// The results handed to one result stream.

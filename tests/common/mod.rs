@@ -48,7 +48,8 @@ impl TestServer {
     /// A server on a given address: used to restart one where it was.
     pub async fn at(addr: SocketAddr, mut config: ServerConfig) -> Self {
         let database = use_store_under_test(&mut config).await;
-        let postgres = matches!(config.store, StoreConfig::Postgres(_));
+        // A plaintext health check: not for a server that speaks TLS.
+        let postgres = matches!(config.store, StoreConfig::Postgres(_)) && config.tls.is_none();
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -88,7 +89,8 @@ impl TestServer {
     /// loopback ports.
     pub async fn with_http(mut config: ServerConfig) -> Self {
         let database = use_store_under_test(&mut config).await;
-        let postgres = matches!(config.store, StoreConfig::Postgres(_));
+        // A plaintext health check: not for a server that speaks TLS.
+        let postgres = matches!(config.store, StoreConfig::Postgres(_)) && config.tls.is_none();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (addr, http_addr) = (listener.local_addr().unwrap(), http.local_addr().unwrap());

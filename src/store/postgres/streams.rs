@@ -39,6 +39,8 @@ pub struct PgWorkerStream {
     deliveries: mpsc::UnboundedReceiver<LeasedTask>,
     front: VecDeque<LeasedTask>,
     shared: Arc<StreamShared>,
+    store: PgStore,
+    queue: QueueName,
 }
 
 impl PgWorkerStream {
@@ -69,7 +71,7 @@ impl PgWorkerStream {
         if start {
             tokio::spawn(dispatch_tasks(
                 store.clone(),
-                request.queue,
+                request.queue.clone(),
                 dispatch.clone(),
             ));
         }
@@ -78,6 +80,8 @@ impl PgWorkerStream {
             deliveries,
             front: VecDeque::new(),
             shared,
+            store: store.clone(),
+            queue: request.queue,
         }
     }
 }
@@ -240,6 +244,8 @@ impl TaskDeliveries for PgWorkerStream {
     fn control(&self) -> PgStreamControl {
         PgStreamControl {
             shared: self.shared.clone(),
+            store: self.store.clone(),
+            queue: self.queue.clone(),
         }
     }
 }
@@ -248,6 +254,8 @@ impl TaskDeliveries for PgWorkerStream {
 #[derive(Debug)]
 pub struct PgStreamControl {
     shared: Arc<StreamShared>,
+    store: PgStore,
+    queue: QueueName,
 }
 
 impl WindowControl for PgStreamControl {
@@ -258,6 +266,12 @@ impl WindowControl for PgStreamControl {
 
     fn outstanding(&self) -> usize {
         self.shared.outstanding.load(Ordering::Acquire)
+    }
+
+    async fn give_back(&self) {
+        self.shared.ended.store(true, Ordering::Release);
+        self.shared.dispatch.changed.notify_one();
+        give_back(&self.store, &self.queue, &self.shared).await;
     }
 }
 
