@@ -137,3 +137,16 @@ pub(super) async fn result_request<S: Store>(
     let lease_id = convert::lease_id(task, lease_id)?;
     Ok((lease_id, convert::outcome(outcome)?))
 }
+
+/// [`result_request`] for a token not limited to some queues: nothing to
+/// look up, so nothing to wait for (the stream path's results take this
+/// way, one per result).
+pub(super) fn result_request_unlimited(
+    task_id: &str,
+    lease_id: &str,
+    outcome: Option<pb::put_result_request::Outcome>,
+) -> Result<(LeaseId, Outcome), Status> {
+    let task = convert::task_id(task_id)?;
+    let lease_id = convert::lease_id(task, lease_id)?;
+    Ok((lease_id, convert::outcome(outcome)?))
+}
