@@ -22,6 +22,7 @@ use tonic_health::pb::health_server::Health;
 use tonic_health::server::HealthService;
 
 use crate::auth::{Call, Tokens};
+use crate::grpc_metrics::GrpcMetricsLayer;
 use crate::limits::{Connections, GuardLayer};
 pub use crate::metrics::DEFAULT_METRICS_MAX_QUEUES;
 use crate::metrics::{Format, QueueLabels, TransportNumbers, render};
@@ -61,6 +62,7 @@ pub(crate) struct Sources<S> {
     pub health: HealthService,
     pub connections: Connections,
     pub guard: GuardLayer,
+    pub calls: GrpcMetricsLayer,
     pub metrics_open: bool,
     pub labels: QueueLabels,
 }
@@ -143,7 +145,8 @@ async fn metrics<S: Store>(State(sources): State<Arc<Sources<S>>>, headers: Head
             return (StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n")).into_response();
         }
     };
-    let body = render(&snapshot, transport, &sources.labels, format);
+    let calls = sources.calls.numbers();
+    let body = render(&snapshot, transport, calls, &sources.labels, format);
     ([(header::CONTENT_TYPE, format.content_type())], body).into_response()
 }
 

@@ -15,8 +15,8 @@
 //! Inside (see ARCHITECTURE.md), from the inside out: `broker` (the queue
 //! engine, no transport types), `rpc` (the gRPC layer onto it), `auth`
 //! (tokens, roles, the interceptor), `limits` (caps in front of the
-//! services), `http` and `metrics` (the HTTP listener: Prometheus metrics
-//! and probes), `tls`, `config` and `units` (the server's flags and the
+//! services), `http`, `metrics` and `grpc_metrics` (the HTTP listener:
+//! Prometheus metrics, gRPC call metrics and probes), `tls`, `config` and `units` (the server's flags and the
 //! values they take), `codec` (the wire codec the generated code uses),
 //! `shutdown`, `telemetry` and `cli` (the `taskq` binary's commands).
 #![forbid(unsafe_code)]
@@ -31,6 +31,7 @@ pub mod client;
 #[doc(hidden)]
 pub mod codec;
 pub(crate) mod config;
+pub(crate) mod grpc_metrics;
 pub(crate) mod http;
 pub(crate) mod limits;
 pub(crate) mod metrics;
