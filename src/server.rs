@@ -365,12 +365,17 @@ async fn serve<S: Store>(
     let sources = Sources {
         store: broker.clone(),
         tokens: config.tokens.clone(),
-        health: health_probe,
+        health: Arc::new(health_probe),
         connections: connections.clone(),
         guard: guard.clone(),
         calls: calls.clone(),
         metrics_open: config.http.metrics_open,
         labels: crate::metrics::QueueLabels::new(config.http.metrics_max_queues),
+        prefix: config.http.path_prefix.clone(),
+        history: crate::status::History::new(
+            config.http.status_sample_every,
+            config.http.metrics_max_queues,
+        ),
     };
     let listening = Listening::new(listener);
     let incoming = listening.clone().filter_map(move |stream| {
@@ -433,7 +438,10 @@ async fn serve<S: Store>(
     let http_serving = HttpServing(http_serving);
     tracing::info!(
         %addr,
-        http = %http_addr.map_or_else(|| "off".to_string(), |a| format!("http://{a}/metrics")),
+        http = %http_addr.map_or_else(
+            || "off".to_string(),
+            |a| format!("http://{a}{}/status", config.http.path_prefix),
+        ),
         auth = if config.tokens.is_empty() { "none" } else { "bearer tokens" },
         tls = match &config.tls {
             None => "off",
