@@ -620,6 +620,23 @@ mod tests {
     }
 
     #[test]
+    fn the_http_path_prefix_is_a_clean_path() {
+        let prefix = |value: &str| serve(&["--http-path-prefix", value]).into_config();
+        assert_eq!(
+            prefix("/ops/taskq/").unwrap().http.path_prefix,
+            "/ops/taskq"
+        );
+        assert_eq!(prefix("/").unwrap().http.path_prefix, "");
+        for bad in ["taskq", "/a//b", "/a b", "/a\"b"] {
+            let err = Cli::try_parse_from(["taskq serve", "--http-path-prefix", bad]).unwrap_err();
+            assert!(
+                err.to_string().contains("--http-path-prefix"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn the_http_listener_can_be_off_and_is_protected_like_grpc() {
         let config = serve(&["--http-listen", "off"]).into_config().unwrap();
         assert_eq!(config.http.listen, None);
