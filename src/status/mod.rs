@@ -195,7 +195,7 @@ impl<S: Store> StatusSources<S> {
                     "oldest_ready_age_seconds": q.oldest_pending_age.as_secs_f64(),
                     "enqueued": q.enqueued,
                     "succeeded": q.succeeded,
-                    "failed": q.failed - q.expired,
+                    "failed": q.failed.saturating_sub(q.expired),
                     "expired": q.expired,
                     "retried": q.retried_after_error + q.retried_after_lease_expiry,
                     "worker_streams": q.worker_streams,
