@@ -142,14 +142,12 @@ async fn three_servers_on_one_database_are_one_queue() {
         leased.push(task);
     }
     // All of them, in the order they were put.
-    assert_eq!(leased.iter().map(|t| t.id.clone()).collect::<Vec<_>>(), ids);
+    assert_eq!(
+        leased.iter().map(|t| t.id.clone()).collect::<Vec<_>>(),
+        ids
+    );
     for task in &leased {
-        let state = cc
-            .put_result(output_of(task))
-            .await
-            .unwrap()
-            .into_inner()
-            .state;
+        let state = cc.put_result(output_of(task)).await.unwrap().into_inner().state;
         assert_eq!(state, pb::TaskState::Succeeded as i32);
     }
     // By id, from any server; by queue, each result once across servers.
@@ -346,10 +344,7 @@ async fn a_database_restart_loses_no_acknowledged_put() {
             }
         }
     }
-    assert!(
-        unavailable > 0,
-        "the puts during the restart saw the database down"
-    );
+    assert!(unavailable > 0, "the puts during the restart saw the database down");
     let mut done = HashSet::new();
     while done.len() < acknowledged.len() {
         let message = tokio::time::timeout(LONG, stream.next())

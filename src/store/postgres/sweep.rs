@@ -61,9 +61,7 @@ async fn sweep(inner: &Inner) -> Result<(), PgError> {
                 break;
             }
             queues.sort_unstable();
-            transaction
-                .execute(&inner.sql.lock_queues, &[&queues])
-                .await?;
+            transaction.execute(&inner.sql.lock_queues, &[&queues]).await?;
             let rows = transaction.query(statement.as_str(), &[&queues]).await?;
             if rows.is_empty() {
                 break;
