@@ -271,6 +271,12 @@ pub struct ServeArgs {
     #[arg(long, env = "TASKQ_METRICS_MAX_QUEUES", default_value_t = DEFAULT_METRICS_MAX_QUEUES, value_parser = positive_count)]
     pub metrics_max_queues: usize,
 
+    /// Path every HTTP route is under (`/status`, `/metrics`, the probes),
+    /// for a reverse proxy that forwards e.g. `/taskq/` here: `/taskq`
+    /// serves `/taskq/status`. Empty: the root.
+    #[arg(long, env = "TASKQ_HTTP_PATH_PREFIX", default_value = "", value_name = "PATH", value_parser = path_prefix)]
+    pub http_path_prefix: String,
+
     /// PEM certificate chain (leaf first): serve TLS. Needs --tls-key.
     #[arg(long, env = "TASKQ_TLS_CERT", value_name = "PATH")]
     #[arg(requires = "tls_key")]
@@ -374,6 +380,8 @@ impl ServeArgs {
                 listen: self.http_listen.0,
                 metrics_open: self.metrics_open,
                 metrics_max_queues: self.metrics_max_queues,
+                path_prefix: self.http_path_prefix.clone(),
+                status_sample_every: crate::http::DEFAULT_SAMPLE_EVERY,
             },
             store: self.store_config()?,
         })
@@ -459,6 +467,27 @@ impl ServeArgs {
                 .map_err(|e| ConfigError::new("TASKQ_TOKENS", e.to_string())),
             (None, None) => Ok(Tokens::none()),
         }
+    }
+}
+
+/// A `--http-path-prefix`: empty, or `/` then path segments of letters,
+/// digits and `-._~`; a trailing `/` is dropped.
+fn path_prefix(text: &str) -> Result<String, String> {
+    let prefix = text.trim_end_matches('/');
+    if prefix.is_empty() {
+        return Ok(String::new());
+    }
+    let valid = prefix.starts_with('/')
+        && prefix[1..].split('/').all(|segment| {
+            !segment.is_empty()
+                && segment
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+        });
+    if valid {
+        Ok(prefix.to_string())
+    } else {
+        Err("use a path like /taskq or /ops/taskq (letters, digits, -._~ between slashes)".into())
     }
 }
 
@@ -588,6 +617,23 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert!(bad_schema.to_string().contains("--store"), "{bad_schema}");
+    }
+
+    #[test]
+    fn the_http_path_prefix_is_a_clean_path() {
+        let prefix = |value: &str| serve(&["--http-path-prefix", value]).into_config();
+        assert_eq!(
+            prefix("/ops/taskq/").unwrap().http.path_prefix,
+            "/ops/taskq"
+        );
+        assert_eq!(prefix("/").unwrap().http.path_prefix, "");
+        for bad in ["taskq", "/a//b", "/a b", "/a\"b"] {
+            let err = Cli::try_parse_from(["taskq serve", "--http-path-prefix", bad]).unwrap_err();
+            assert!(
+                err.to_string().contains("--http-path-prefix"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The HTTP listener beside gRPC (`--http-listen`): `/metrics` for
-//! Prometheus, `/healthz` and `/readyz` for probes that speak only HTTP.
+//! Prometheus, `/healthz` and `/readyz` for probes that speak only HTTP,
+//! and the live status page (`/status`, in `status`). Every route is
+//! under `--http-path-prefix`.
 //!
 //! It reads, never changes: the engine through [`Broker::snapshot`], the
 //! health the gRPC health service reports, the transport's counters. It
@@ -9,6 +11,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -22,9 +25,12 @@ use tonic_health::pb::health_server::Health;
 use tonic_health::server::HealthService;
 
 use crate::auth::{Call, Tokens};
+use crate::grpc_metrics::GrpcMetricsLayer;
 use crate::limits::{Connections, GuardLayer};
 pub use crate::metrics::DEFAULT_METRICS_MAX_QUEUES;
 use crate::metrics::{Format, QueueLabels, TransportNumbers, render};
+pub use crate::status::DEFAULT_SAMPLE_EVERY;
+use crate::status::{History, Sessions, StatusSources};
 use crate::store::Store;
 
 /// Where the HTTP listener listens and how `/metrics` is guarded.
@@ -39,17 +45,26 @@ pub struct HttpConfig {
     /// `/metrics` without a token even when tokens are configured.
     pub metrics_open: bool,
     /// Most queues with their own `queue` label; the others are summed
-    /// under `queue="_other"`.
+    /// under `queue="_other"`. The status page's history keeps as many.
     pub metrics_max_queues: usize,
+    /// The path every route is under (`--http-path-prefix`): empty, or a
+    /// path starting with `/` and not ending with one.
+    pub path_prefix: String,
+    /// How often the status page's history samples the queues' counters
+    /// (it keeps an hour).
+    pub status_sample_every: Duration,
 }
 
 impl Default for HttpConfig {
-    /// No listener, `/metrics` guarded, [`DEFAULT_METRICS_MAX_QUEUES`].
+    /// No listener, `/metrics` guarded, [`DEFAULT_METRICS_MAX_QUEUES`], no
+    /// prefix, [`DEFAULT_SAMPLE_EVERY`].
     fn default() -> Self {
         Self {
             listen: None,
             metrics_open: false,
             metrics_max_queues: DEFAULT_METRICS_MAX_QUEUES,
+            path_prefix: String::new(),
+            status_sample_every: DEFAULT_SAMPLE_EVERY,
         }
     }
 }
@@ -58,11 +73,16 @@ impl Default for HttpConfig {
 pub(crate) struct Sources<S> {
     pub store: S,
     pub tokens: Tokens,
-    pub health: HealthService,
+    pub health: Arc<HealthService>,
     pub connections: Connections,
     pub guard: GuardLayer,
+    pub calls: GrpcMetricsLayer,
     pub metrics_open: bool,
     pub labels: QueueLabels,
+    /// `--http-path-prefix`.
+    pub prefix: String,
+    /// The status page's history.
+    pub history: History,
 }
 
 /// Serves the HTTP endpoints on `listener` until `shutdown` resolves.
@@ -74,14 +94,46 @@ pub(crate) async fn serve<S: Store>(
     sources: Sources<S>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let router = Router::new()
+    let status = Arc::new(StatusSources {
+        store: sources.store.clone(),
+        tokens: sources.tokens.clone(),
+        health: sources.health.clone(),
+        history: sources.history.clone(),
+        prefix: sources.prefix.clone(),
+        started: tokio::time::Instant::now(),
+        sessions: Sessions::default(),
+        event_streams: Arc::default(),
+    });
+    let prefix = sources.prefix.clone();
+    // The history's sampler lives as long as the listener.
+    let sampler = tokio::spawn(crate::status::sample(
+        sources.store.clone(),
+        sources.history.clone(),
+    ));
+    let _sampler = AbortOnDrop(sampler);
+    let routes = Router::new()
         .route("/metrics", get(metrics::<S>))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz::<S>))
-        .with_state(Arc::new(sources));
+        .with_state(Arc::new(sources))
+        .merge(crate::status::routes(status));
+    let router = if prefix.is_empty() {
+        routes
+    } else {
+        Router::new().nest(&prefix, routes)
+    };
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Why `/metrics` was refused: the status and what to do.
@@ -143,7 +195,8 @@ async fn metrics<S: Store>(State(sources): State<Arc<Sources<S>>>, headers: Head
             return (StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n")).into_response();
         }
     };
-    let body = render(&snapshot, transport, &sources.labels, format);
+    let calls = sources.calls.numbers();
+    let body = render(&snapshot, transport, calls, &sources.labels, format);
     ([(header::CONTENT_TYPE, format.content_type())], body).into_response()
 }
 

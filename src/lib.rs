@@ -15,8 +15,9 @@
 //! Inside (see ARCHITECTURE.md), from the inside out: `broker` (the queue
 //! engine, no transport types), `rpc` (the gRPC layer onto it), `auth`
 //! (tokens, roles, the interceptor), `limits` (caps in front of the
-//! services), `http` and `metrics` (the HTTP listener: Prometheus metrics
-//! and probes), `tls`, `config` and `units` (the server's flags and the
+//! services), `http`, `metrics`, `grpc_metrics` and `status` (the HTTP
+//! listener: Prometheus metrics, gRPC call metrics, probes and the live
+//! status page), `tls`, `config` and `units` (the server's flags and the
 //! values they take), `codec` (the wire codec the generated code uses),
 //! `shutdown`, `telemetry` and `cli` (the `taskq` binary's commands).
 #![forbid(unsafe_code)]
@@ -31,6 +32,7 @@ pub mod client;
 #[doc(hidden)]
 pub mod codec;
 pub(crate) mod config;
+pub(crate) mod grpc_metrics;
 pub(crate) mod http;
 pub(crate) mod limits;
 pub(crate) mod metrics;
@@ -38,6 +40,7 @@ pub mod pb;
 pub(crate) mod rpc;
 pub mod server;
 pub(crate) mod shutdown;
+pub(crate) mod status;
 pub(crate) mod store;
 #[doc(hidden)]
 pub mod telemetry;

@@ -14,13 +14,17 @@
 use std::collections::HashSet;
 use std::sync::{Mutex, PoisonError};
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::broker::{QueueStats, Snapshot};
+use crate::grpc_metrics::{BUCKETS, CODES, MethodNumbers};
 
 /// Default of `--metrics-max-queues`.
 pub const DEFAULT_METRICS_MAX_QUEUES: usize = 100;
@@ -217,10 +221,69 @@ fn counter_of(value: u64) -> Counter {
     counter
 }
 
+/// The gRPC call metrics, under go-grpc-prometheus's names and labels.
+#[derive(Debug)]
+struct GrpcCalls(Vec<MethodNumbers>);
+
+impl Collector for GrpcCalls {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let labels = |n: &MethodNumbers| {
+            vec![
+                ("grpc_service", n.service),
+                ("grpc_method", n.method),
+                ("grpc_type", n.kind.label()),
+            ]
+        };
+        let mut handled = encoder.encode_descriptor(
+            "grpc_server_handled",
+            "Total number of RPCs completed on the server, regardless of success or failure \
+             (health checks included; a call the client left before its status is Canceled)",
+            None,
+            MetricType::Counter,
+        )?;
+        for n in &self.0 {
+            for (code, count) in CODES.iter().zip(n.handled) {
+                // Every method's OK is written, as go-grpc-prometheus
+                // initializes them; other codes once they happen.
+                if count == 0 && *code != "OK" {
+                    continue;
+                }
+                let mut labels = labels(n);
+                labels.push(("grpc_code", code));
+                handled
+                    .encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(&count, None)?;
+            }
+        }
+        let mut seconds = encoder.encode_descriptor(
+            "grpc_server_handling_seconds",
+            "Histogram of response latency (seconds) of gRPC calls handled by the server, from \
+             the request's arrival to its status: for streams (StreamTasks, WatchResults, \
+             WatchResultBatches, Health/Watch, reflection) the whole life of the stream",
+            None,
+            MetricType::Histogram,
+        )?;
+        for n in &self.0 {
+            let buckets: Vec<(f64, u64)> = BUCKETS
+                .iter()
+                .copied()
+                .chain([f64::MAX])
+                .zip(n.buckets)
+                .collect();
+            let count = n.buckets.iter().sum();
+            seconds
+                .encode_family(&labels(n))?
+                .encode_histogram::<NoLabelSet>(n.seconds, count, &buckets, None)?;
+        }
+        Ok(())
+    }
+}
+
 /// Every metric of a scrape, in `format`.
 pub fn render(
     snapshot: &Snapshot,
     transport: TransportNumbers,
+    calls: Vec<MethodNumbers>,
     labels: &QueueLabels,
     format: Format,
 ) -> String {
@@ -274,6 +337,7 @@ pub fn render(
         .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_string())])
         .set(1);
     registry.register("taskq_build_info", "The running version; always 1", build);
+    registry.register_collector(Box::new(GrpcCalls(calls)));
 
     let mut openmetrics = String::new();
     // Writing to a String does not fail.
@@ -351,6 +415,7 @@ mod tests {
         let text = render(
             &snapshot(&["a"]),
             TransportNumbers::default(),
+            Vec::new(),
             &QueueLabels::new(10),
             Format::Prometheus,
         );
@@ -374,6 +439,7 @@ mod tests {
         let open = render(
             &snapshot(&["a"]),
             TransportNumbers::default(),
+            Vec::new(),
             &QueueLabels::new(10),
             Format::OpenMetrics,
         );
@@ -392,6 +458,7 @@ mod tests {
         let text = render(
             &snapshot(&["b", "c", "d"]),
             TransportNumbers::default(),
+            Vec::new(),
             &labels,
             Format::Prometheus,
         );
@@ -403,6 +470,7 @@ mod tests {
         let text = render(
             &snapshot(&["a", "b", "c", "d"]),
             TransportNumbers::default(),
+            Vec::new(),
             &labels,
             Format::Prometheus,
         );

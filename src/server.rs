@@ -16,6 +16,7 @@ use tonic_health::ServingStatus;
 
 use crate::auth::TokenAuth;
 use crate::broker::Broker;
+use crate::grpc_metrics::GrpcMetricsLayer;
 use crate::http::Sources;
 use crate::limits::{Connections, GuardLayer};
 use crate::pb::task_queue_server::{SERVICE_NAME, TaskQueueServer};
@@ -360,14 +361,21 @@ async fn serve<S: Store>(
     let transport = &config.transport;
     let connections = Connections::new(transport.max_connections, transport.handshake_timeout);
     let guard = GuardLayer::new(transport.max_calls);
+    let calls = GrpcMetricsLayer::new();
     let sources = Sources {
         store: broker.clone(),
         tokens: config.tokens.clone(),
-        health: health_probe,
+        health: Arc::new(health_probe),
         connections: connections.clone(),
         guard: guard.clone(),
+        calls: calls.clone(),
         metrics_open: config.http.metrics_open,
         labels: crate::metrics::QueueLabels::new(config.http.metrics_max_queues),
+        prefix: config.http.path_prefix.clone(),
+        history: crate::status::History::new(
+            config.http.status_sample_every,
+            config.http.metrics_max_queues,
+        ),
     };
     let listening = Listening::new(listener);
     let incoming = listening.clone().filter_map(move |stream| {
@@ -404,7 +412,9 @@ async fn serve<S: Store>(
         builder = builder.max_connection_age(age);
     }
     let serve = builder
-        .layer(guard)
+        // Outermost, so that shed calls and panics answered INTERNAL are
+        // counted too.
+        .layer(tower::ServiceBuilder::new().layer(calls).layer(guard))
         .add_service(health_service)
         .add_service(queue_service)
         .add_service(InterceptedService::new(reflection_v1, auth.clone()))
@@ -428,7 +438,10 @@ async fn serve<S: Store>(
     let http_serving = HttpServing(http_serving);
     tracing::info!(
         %addr,
-        http = %http_addr.map_or_else(|| "off".to_string(), |a| format!("http://{a}/metrics")),
+        http = %http_addr.map_or_else(
+            || "off".to_string(),
+            |a| format!("http://{a}{}/status", config.http.path_prefix),
+        ),
         auth = if config.tokens.is_empty() { "none" } else { "bearer tokens" },
         tls = match &config.tls {
             None => "off",

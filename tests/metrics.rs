@@ -215,6 +215,127 @@ async fn metrics_count_a_known_workload() {
     server.shutdown().await;
 }
 
+/// The series of a TaskQueue method in `grpc_server_handled_total`.
+fn handled(method: &str, kind: &str, code: &str) -> String {
+    format!(
+        r#"grpc_server_handled_total{{grpc_service="taskq.v1.TaskQueue",grpc_method="{method}",grpc_type="{kind}",grpc_code="{code}"}}"#
+    )
+}
+
+/// The calls of a TaskQueue method timed in `grpc_server_handling_seconds`.
+fn timed(method: &str, kind: &str) -> String {
+    format!(
+        r#"grpc_server_handling_seconds_count{{grpc_service="taskq.v1.TaskQueue",grpc_method="{method}",grpc_type="{kind}"}}"#
+    )
+}
+
+/// Every gRPC call of the workload is counted once, by method and status,
+/// when it ends; refused calls under their code; streams when they end.
+#[tokio::test]
+async fn grpc_calls_are_counted_by_method_and_code() {
+    let server = server("grpc-calls").await;
+    let mut client = server.client_with_token(ADMIN).await;
+    workload(&mut client).await;
+    // Refused: NOT_FOUND, and PERMISSION_DENIED for a producer's GetStats.
+    let unknown = client
+        .get_result(pb::GetResultRequest {
+            target: Some(pb::get_result_request::Target::TaskId(
+                "0190c0de-0000-7000-8000-000000000000".into(),
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let mut producer = server.client_with_token(PRODUCER).await;
+    let denied = producer
+        .get_stats(pb::GetStatsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+
+    // A watch that ends with its last result (OK in the trailers), and a
+    // worker stream the client leaves (Canceled).
+    let put = client
+        .put_task(put("watched", 1, None))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut watch = client
+        .watch_results(pb::WatchResultsRequest {
+            target: Some(pb::watch_results_request::Target::TaskIds(pb::TaskIds {
+                ids: vec![put.task_id.clone()],
+            })),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(common::subscribe("watched", 1)).await.unwrap();
+    let mut deliveries = client
+        .stream_tasks(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let task = loop {
+        let message = deliveries.message().await.unwrap().expect("a delivery");
+        if let Some(pb::server_message::Msg::Task(task)) = message.msg {
+            break task;
+        }
+    };
+    tx.send(common::succeeded(&task, b"done")).await.unwrap();
+    assert!(watch.message().await.unwrap().is_some(), "the result");
+    assert!(watch.message().await.unwrap().is_none(), "then the end");
+    let (_, text) = server.http_get("/metrics", Some(MONITOR), None).await;
+    assert_eq!(
+        samples(&text).get(&handled("StreamTasks", "bidi_stream", "OK")),
+        Some(&0.0),
+        "an open stream is not counted yet:\n{text}"
+    );
+    drop((tx, deliveries));
+    let canceled = handled("StreamTasks", "bidi_stream", "Canceled");
+    eventually("the stream the client left is counted", || async {
+        let (_, text) = server.http_get("/metrics", Some(MONITOR), None).await;
+        samples(&text).get(&canceled) == Some(&1.0)
+    })
+    .await;
+
+    let (status, text) = server.http_get("/metrics", Some(MONITOR), None).await;
+    assert_eq!(status, 200, "{text}");
+    let got = samples(&text);
+    let value = |series: &str| {
+        *got.get(series)
+            .unwrap_or_else(|| panic!("{series} missing in:\n{text}"))
+    };
+    // 9 puts in the workload, 1 more here; 9 leases; 8 reports.
+    for (series, expected) in [
+        (handled("PutTask", "unary", "OK"), 10.0),
+        (timed("PutTask", "unary"), 10.0),
+        (handled("GetTask", "unary", "OK"), 9.0),
+        (handled("PutResult", "unary", "OK"), 8.0),
+        (handled("GetResult", "unary", unknown_code(&unknown)), 1.0),
+        (handled("GetStats", "unary", "PermissionDenied"), 1.0),
+        (handled("WatchResults", "server_stream", "OK"), 1.0),
+        (timed("WatchResults", "server_stream"), 1.0),
+        (timed("StreamTasks", "bidi_stream"), 1.0),
+        (handled("WatchResultBatches", "server_stream", "OK"), 0.0),
+    ] {
+        assert_eq!(value(&series), expected, "{series}");
+    }
+    assert!(
+        !text.contains(r#"grpc_method="GetTask",grpc_type="unary",grpc_code="Canceled""#),
+        "only codes that happened, besides OK:\n{text}"
+    );
+    server.shutdown().await;
+}
+
+/// The name of the code an unknown task id gets.
+fn unknown_code(status: &tonic::Status) -> &'static str {
+    match status.code() {
+        tonic::Code::NotFound => "NotFound",
+        other => panic!("an unknown task id: {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn metrics_need_a_monitor_or_admin_token_and_probes_none() {
     let server = server("tokens").await;
@@ -394,6 +515,21 @@ async fn a_real_prometheus_scrapes_the_workload() {
         api,
         r#"taskq_tasks_finished_total{queue="jobs",outcome="succeeded"}"#,
         |n| n == 6.0,
+        &dir,
+    )
+    .await;
+    // The gRPC call metrics under go-grpc-prometheus's names: 9 puts.
+    until(
+        api,
+        r#"sum(grpc_server_handled_total{grpc_method="PutTask",grpc_code="OK"})"#,
+        |n| n == 9.0,
+        &dir,
+    )
+    .await;
+    until(
+        api,
+        r#"histogram_quantile(0.5, sum by (le) (grpc_server_handling_seconds_bucket{grpc_method="PutTask"}))"#,
+        |p50| p50 > 0.0 && p50 < 1.0,
         &dir,
     )
     .await;
