@@ -65,7 +65,7 @@ for run in $(seq "$runs"); do
   before=$(counters)
   "$taskq" "${stream[@]}" --server "http://127.0.0.1:$grpc" > "$dir/postgres.$run.json"
   after=$(counters)
-  echo "$before|$after" > "$dir/counts.$run"
+  printf '%s\n%s\n' "$before" "$after" > "$dir/counts.$run"
   echo "run $run of $runs: one task in flight ($closed tasks), memory then postgres..." >&2
   "$taskq" "${single[@]}" > "$dir/memory_single.$run.json"
   "$taskq" "${single[@]}" --server "http://127.0.0.1:$grpc" > "$dir/postgres_single.$run.json"
@@ -89,7 +89,7 @@ for name, label in [("memory", "memory store, stream (1,024 in flight)"),
 # one read-only transaction each) is subtracted from the commits.
 per = []
 for r in range(1, runs + 1):
-    b, a = open(f"{d}/counts.{r}").read().strip().split("|", 1)
+    b, a = open(f"{d}/counts.{r}").read().strip().split("\n")
     b = [float(x or 0) for x in b.split("|")]; a = [float(x or 0) for x in a.split("|")]
     baseline = min(tasks, 20000)
     per.append(((a[0] - b[0] - baseline) / tasks, (a[1] - b[1]) / tasks, (a[2] - b[2]) / tasks, (a[3] - b[3] - baseline) / tasks))
