@@ -57,7 +57,7 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     /// No listener, `/metrics` guarded, [`DEFAULT_METRICS_MAX_QUEUES`], no
-    /// prefix, [`DEFAULT_SAMPLE_EVERY`].
+    /// prefix, `DEFAULT_SAMPLE_EVERY` (10 s).
     fn default() -> Self {
         Self {
             listen: None,

@@ -45,25 +45,7 @@ impl StreamShared {
     /// a transaction (counted as outstanding at once); how many it got.
     pub(crate) fn reserve(&self, want: usize) -> usize {
         let window = self.window.load(Ordering::Acquire) as usize;
-        let mut current = self.outstanding.load(Ordering::Acquire);
-        loop {
-            if self.ended.load(Ordering::Acquire) {
-                return 0;
-            }
-            let take = window.saturating_sub(current).min(want);
-            if take == 0 {
-                return 0;
-            }
-            match self.outstanding.compare_exchange(
-                current,
-                current + take,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return take,
-                Err(now) => current = now,
-            }
-        }
+        reserve_within(&self.outstanding, window, want, &self.ended)
     }
 
     /// Gives back places reserved and not used.
@@ -113,25 +95,7 @@ impl ResultShared {
     /// Reserves up to `want` places for results handed over in a
     /// transaction; how many it got.
     pub(crate) fn reserve(&self, want: usize) -> usize {
-        let mut current = self.buffered.load(Ordering::Acquire);
-        loop {
-            if self.ended.load(Ordering::Acquire) {
-                return 0;
-            }
-            let take = RESULT_WINDOW.saturating_sub(current).min(want);
-            if take == 0 {
-                return 0;
-            }
-            match self.buffered.compare_exchange(
-                current,
-                current + take,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return take,
-                Err(now) => current = now,
-            }
-        }
+        reserve_within(&self.buffered, RESULT_WINDOW, want, &self.ended)
     }
 
     /// Gives back places reserved and not used.
@@ -139,6 +103,26 @@ impl ResultShared {
         if n > 0 {
             self.buffered.fetch_sub(n, Ordering::AcqRel);
             self.dispatch.changed.notify_one();
+        }
+    }
+}
+
+/// Adds up to `want` to `count` without passing `limit` (nothing once
+/// `ended`): how many it added. A compare-and-swap loop, so places taken by
+/// a dispatch and by a writer at once never overfill a window.
+fn reserve_within(count: &AtomicUsize, limit: usize, want: usize, ended: &AtomicBool) -> usize {
+    let mut current = count.load(Ordering::Acquire);
+    loop {
+        if ended.load(Ordering::Acquire) {
+            return 0;
+        }
+        let take = limit.saturating_sub(current).min(want);
+        if take == 0 {
+            return 0;
+        }
+        match count.compare_exchange(current, current + take, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return take,
+            Err(now) => current = now,
         }
     }
 }
