@@ -127,7 +127,10 @@ impl Store for PgStore {
         let seq = i32::try_from(lease.seq).unwrap_or(i32::MAX);
         let rows = client
             .query(
-                &self.inner.sql.extend,
+                &client
+                    .prepare_cached(&self.inner.sql.extend)
+                    .await
+                    .map_err(PgError::from)?,
                 &[&lease.task.as_uuid(), &seq, &self.lease_secs(extend_by)],
             )
             .await
@@ -136,7 +139,13 @@ impl Store for PgStore {
             return Ok(row.get(0));
         }
         let rows = client
-            .query(&self.inner.sql.report_view, &[&vec![lease.task.as_uuid()]])
+            .query(
+                &client
+                    .prepare_cached(&self.inner.sql.report_view)
+                    .await
+                    .map_err(PgError::from)?,
+                &[&vec![lease.task.as_uuid()]],
+            )
             .await
             .map_err(PgError::from)?;
         match rows.first().map(|row| state_of(row.get::<_, i16>(1))) {
@@ -226,7 +235,13 @@ impl Store for PgStore {
             only.map(|queues| queues.iter().map(|q| q.as_str().to_owned()).collect());
         let client = self.inner.pool.get().await.map_err(PgError::from)?;
         let rows = client
-            .query(&self.inner.sql.stats, &[&names])
+            .query(
+                &client
+                    .prepare_cached(&self.inner.sql.stats)
+                    .await
+                    .map_err(PgError::from)?,
+                &[&names],
+            )
             .await
             .map_err(PgError::from)?;
         let count =
@@ -271,7 +286,13 @@ impl Store for PgStore {
     async fn task_queue(&self, task: TaskId) -> Result<QueueName, BrokerError> {
         let client = self.inner.pool.get().await.map_err(PgError::from)?;
         let rows = client
-            .query(&self.inner.sql.task_queue, &[&task.as_uuid()])
+            .query(
+                &client
+                    .prepare_cached(&self.inner.sql.task_queue)
+                    .await
+                    .map_err(PgError::from)?,
+                &[&task.as_uuid()],
+            )
             .await
             .map_err(PgError::from)?;
         let Some(row) = rows.first() else {

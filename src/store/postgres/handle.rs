@@ -229,7 +229,10 @@ impl PgStore {
             let client = self.inner.pool.get().await?;
             client
                 .execute(
-                    &self.inner.sql.release,
+                    &client
+                        .prepare_cached(&self.inner.sql.release)
+                        .await
+                        .map_err(PgError::from)?,
                     &[&ids, &seqs, &self.inner.channels.0, &queue.as_str()],
                 )
                 .await?;
@@ -246,7 +249,13 @@ impl PgStore {
     pub(crate) async fn result_now(&self, task: TaskId) -> Result<Option<TaskResult>, BrokerError> {
         let client = self.inner.pool.get().await.map_err(PgError::from)?;
         let rows = client
-            .query(&self.inner.sql.result_of, &[&task.as_uuid()])
+            .query(
+                &client
+                    .prepare_cached(&self.inner.sql.result_of)
+                    .await
+                    .map_err(PgError::from)?,
+                &[&task.as_uuid()],
+            )
             .await
             .map_err(PgError::from)?;
         let Some(row) = rows.first() else {
@@ -260,7 +269,13 @@ impl PgStore {
         let ids: Vec<Uuid> = ids.iter().map(|id| id.as_uuid()).collect();
         let client = self.inner.pool.get().await.map_err(PgError::from)?;
         let rows = client
-            .query(&self.inner.sql.results_of, &[&ids])
+            .query(
+                &client
+                    .prepare_cached(&self.inner.sql.results_of)
+                    .await
+                    .map_err(PgError::from)?,
+                &[&ids],
+            )
             .await
             .map_err(PgError::from)?;
         Ok(rows.iter().filter_map(result_row).collect())
@@ -275,7 +290,13 @@ impl PgStore {
         let client = self.inner.pool.get().await.map_err(PgError::from)?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = client
-            .query(&self.inner.sql.claim_results, &[&queue.as_str(), &limit])
+            .query(
+                &client
+                    .prepare_cached(&self.inner.sql.claim_results)
+                    .await
+                    .map_err(PgError::from)?,
+                &[&queue.as_str(), &limit],
+            )
             .await
             .map_err(PgError::from)?;
         let mut results: Vec<TaskResult> = rows.iter().filter_map(result_row).collect();
@@ -294,7 +315,10 @@ impl PgStore {
             let client = self.inner.pool.get().await?;
             client
                 .execute(
-                    &self.inner.sql.unclaim_results,
+                    &client
+                        .prepare_cached(&self.inner.sql.unclaim_results)
+                        .await
+                        .map_err(PgError::from)?,
                     &[&ids, &self.inner.channels.1, &format!("{queue}\n")],
                 )
                 .await?;
@@ -351,7 +375,13 @@ impl PgStore {
         let names: Vec<&str> = seen.iter().map(|(w, _, _)| w.as_str()).collect();
         let client = self.inner.pool.get().await.map_err(PgError::from)?;
         let in_flight: std::collections::HashMap<String, i64> = client
-            .query(&self.inner.sql.in_flight, &[&names])
+            .query(
+                &client
+                    .prepare_cached(&self.inner.sql.in_flight)
+                    .await
+                    .map_err(PgError::from)?,
+                &[&names],
+            )
             .await
             .map_err(PgError::from)?
             .iter()

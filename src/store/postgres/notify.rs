@@ -1,6 +1,6 @@
 //! The notifications a transaction sends, delivered at its commit.
 
-use tokio_postgres::Transaction;
+use deadpool_postgres::Transaction;
 use uuid::Uuid;
 
 use super::error::PgError;
@@ -32,7 +32,10 @@ pub(crate) async fn notify_finished(
             payload.push_str(&id.to_string());
         }
         transaction
-            .execute(&inner.sql.notify, &[&inner.channels.1, &payload])
+            .execute(
+                &transaction.prepare_cached(&inner.sql.notify).await?,
+                &[&inner.channels.1, &payload],
+            )
             .await?;
     }
     Ok(())

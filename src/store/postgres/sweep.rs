@@ -74,7 +74,10 @@ async fn sweep(inner: &Inner) -> Result<(), PgError> {
                 ready.sort_unstable();
                 ready.dedup();
                 transaction
-                    .execute(&inner.sql.notify_tasks, &[&inner.channels.0, &ready])
+                    .execute(
+                        &transaction.prepare_cached(&inner.sql.notify_tasks).await?,
+                        &[&inner.channels.0, &ready],
+                    )
                     .await?;
             }
             transaction.commit().await?;

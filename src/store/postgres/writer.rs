@@ -9,8 +9,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use deadpool_postgres::Transaction;
 use tokio::sync::{Mutex as AsyncMutex, mpsc};
-use tokio_postgres::Transaction;
 use uuid::Uuid;
 
 use super::error::PgError;
@@ -254,9 +254,19 @@ async fn write_transaction(
     names.dedup();
     let mut unfinished: HashMap<String, i64> = HashMap::new();
     if !names.is_empty() {
-        transaction.execute(&sql.ensure_queues, &[&names]).await?;
-        transaction.execute(&sql.lock_queues, &[&names]).await?;
-        for row in transaction.query(&sql.count_unfinished, &[&names]).await? {
+        let ensure = transaction.prepare_cached(&sql.ensure_queues).await?;
+        let lock = transaction.prepare_cached(&sql.lock_queues).await?;
+        let count = transaction.prepare_cached(&sql.count_unfinished).await?;
+        // Sent together (tokio-postgres pipelines what is polled at once);
+        // the database runs them in order, and the count, a statement of
+        // its own, sees every put committed before the lock was granted.
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&names];
+        let (_, _, counts) = tokio::try_join!(
+            transaction.execute(&ensure, &params),
+            transaction.execute(&lock, &params),
+            transaction.query(&count, &params),
+        )?;
+        for row in counts {
             unfinished.insert(row.get(0), row.get(1));
         }
     }
@@ -321,7 +331,7 @@ async fn put_tasks(
                 continue;
             }
             let waiting: bool = transaction
-                .query_one(&sql.any_ready, &[queue])
+                .query_one(&transaction.prepare_cached(&sql.any_ready).await?, &[queue])
                 .await?
                 .get(0);
             if waiting {
@@ -362,7 +372,7 @@ async fn put_tasks(
         let now = tokio::time::Instant::now();
         for row in transaction
             .query(
-                &sql.insert_tasks,
+                &transaction.prepare_cached(&sql.insert_tasks).await?,
                 &[
                     &rows.ids,
                     &rows.queues,
@@ -424,7 +434,10 @@ async fn put_tasks(
         .unzip();
     if !dup_queues.is_empty() {
         for row in transaction
-            .query(&sql.find_keys, &[&dup_queues, &dup_keys])
+            .query(
+                &transaction.prepare_cached(&sql.find_keys).await?,
+                &[&dup_queues, &dup_keys],
+            )
             .await?
         {
             duplicates.insert((row.get(0), row.get(1)), row.get(2));
@@ -473,13 +486,19 @@ async fn put_tasks(
     if !added.is_empty() {
         let (names, counts): (Vec<String>, Vec<i64>) = added.into_iter().unzip();
         transaction
-            .execute(&sql.add_unfinished, &[&names, &counts])
+            .execute(
+                &transaction.prepare_cached(&sql.add_unfinished).await?,
+                &[&names, &counts],
+            )
             .await?;
     }
     if !ready.is_empty() {
         let ready: Vec<String> = ready.into_iter().collect();
         transaction
-            .execute(&sql.notify_tasks, &[&inner.channels.0, &ready])
+            .execute(
+                &transaction.prepare_cached(&sql.notify_tasks).await?,
+                &[&inner.channels.0, &ready],
+            )
             .await?;
     }
     Ok(results)
@@ -592,7 +611,10 @@ async fn complete(
     let mut finished_results: HashMap<Uuid, TaskResult> = HashMap::new();
     if !ok.0.is_empty() {
         for row in transaction
-            .query(&sql.complete_ok, &[&ok.0, &ok.1, &ok.2])
+            .query(
+                &transaction.prepare_cached(&sql.complete_ok).await?,
+                &[&ok.0, &ok.1, &ok.2],
+            )
             .await?
         {
             changed.insert(row.get(0), (row.get(1), row.get(2)));
@@ -604,7 +626,7 @@ async fn complete(
     if !failed.0.is_empty() {
         for row in transaction
             .query(
-                &sql.complete_failed,
+                &transaction.prepare_cached(&sql.complete_failed).await?,
                 &[&failed.0, &failed.1, &failed.2, &failed.3],
             )
             .await?
@@ -624,7 +646,13 @@ async fn complete(
         .collect();
     let mut rows: HashMap<Uuid, tokio_postgres::Row> = HashMap::new();
     if !unexplained.is_empty() {
-        for row in transaction.query(&sql.report_view, &[&unexplained]).await? {
+        for row in transaction
+            .query(
+                &transaction.prepare_cached(&sql.report_view).await?,
+                &[&unexplained],
+            )
+            .await?
+        {
             rows.insert(row.get(0), row);
         }
     }
@@ -674,7 +702,10 @@ async fn complete(
         retried.sort_unstable();
         retried.dedup();
         transaction
-            .execute(&sql.notify_tasks, &[&inner.channels.0, &retried])
+            .execute(
+                &transaction.prepare_cached(&sql.notify_tasks).await?,
+                &[&inner.channels.0, &retried],
+            )
             .await?;
     }
     Ok(out)
@@ -694,7 +725,9 @@ pub(crate) async fn subtract_finished(
         .collect();
     transaction
         .execute(
-            &inner.sql.subtract_unfinished,
+            &transaction
+                .prepare_cached(&inner.sql.subtract_unfinished)
+                .await?,
             &[&names, &counts, &finish_shard()],
         )
         .await?;
@@ -735,7 +768,10 @@ async fn hand_results(
     let handed = got.len();
     let claimed: Vec<Uuid> = ids[..got.len()].to_vec();
     transaction
-        .execute(&inner.sql.claim_these, &[&claimed])
+        .execute(
+            &transaction.prepare_cached(&inner.sql.claim_these).await?,
+            &[&claimed],
+        )
         .await?;
     for (stream, id) in got.into_iter().zip(&claimed) {
         match results.remove(id) {
