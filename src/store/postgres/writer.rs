@@ -483,24 +483,26 @@ async fn put_tasks(
             }),
         });
     }
-    if !added.is_empty() {
-        let (names, counts): (Vec<String>, Vec<i64>) = added.into_iter().unzip();
-        transaction
-            .execute(
-                &transaction.prepare_cached(&sql.add_unfinished).await?,
-                &[&names, &counts],
-            )
-            .await?;
-    }
-    if !ready.is_empty() {
-        let ready: Vec<String> = ready.into_iter().collect();
-        transaction
-            .execute(
-                &transaction.prepare_cached(&sql.notify_tasks).await?,
-                &[&inner.channels.0, &ready],
-            )
-            .await?;
-    }
+    // The count and the notification go together (pipelined).
+    let add = transaction.prepare_cached(&sql.add_unfinished).await?;
+    let notify = transaction.prepare_cached(&sql.notify_tasks).await?;
+    let (names, counts): (Vec<String>, Vec<i64>) = added.into_iter().unzip();
+    let ready: Vec<String> = ready.into_iter().collect();
+    let adding = async {
+        if !names.is_empty() {
+            transaction.execute(&add, &[&names, &counts]).await?;
+        }
+        Ok::<_, PgError>(())
+    };
+    let notifying = async {
+        if !ready.is_empty() {
+            transaction
+                .execute(&notify, &[&inner.channels.0, &ready])
+                .await?;
+        }
+        Ok::<_, PgError>(())
+    };
+    tokio::try_join!(adding, notifying)?;
     Ok(results)
 }
 
@@ -683,20 +685,37 @@ async fn complete(
         });
     }
     if !finished.is_empty() {
-        subtract_finished(inner, transaction, &finished).await?;
+        // Results for this server's result streams are claimed here; the
+        // count, the claims and the notifications go to the database
+        // together (pipelined).
+        let mut claimed: Vec<Uuid> = Vec::new();
+        let mut split: Vec<(&str, &[Uuid], &[Uuid])> = Vec::new();
         for (queue, ids) in &finished {
-            let handed = hand_results(
-                inner,
-                transaction,
-                queue,
-                ids,
-                &mut finished_results,
-                handoffs,
-            )
-            .await?;
-            notify_finished(inner, transaction, queue, &ids[..handed], true).await?;
-            notify_finished(inner, transaction, queue, &ids[handed..], false).await?;
+            let handed = hand_results(inner, queue, ids, &mut finished_results, handoffs);
+            claimed.extend_from_slice(&ids[..handed]);
+            split.push((queue, &ids[..handed], &ids[handed..]));
         }
+        let claim = transaction.prepare_cached(&sql.claim_these).await?;
+        let notifications = async {
+            for (queue, handed, rest) in &split {
+                tokio::try_join!(
+                    notify_finished(inner, transaction, queue, handed, true),
+                    notify_finished(inner, transaction, queue, rest, false),
+                )?;
+            }
+            Ok::<_, PgError>(())
+        };
+        let claims = async {
+            if !claimed.is_empty() {
+                transaction.execute(&claim, &[&claimed]).await?;
+            }
+            Ok::<_, PgError>(())
+        };
+        tokio::try_join!(
+            subtract_finished(inner, transaction, &finished),
+            claims,
+            notifications,
+        )?;
     }
     if !retried.is_empty() {
         retried.sort_unstable();
@@ -746,40 +765,29 @@ fn finish_shard() -> i16 {
 /// Hands results just finished in this transaction to this server's
 /// result streams of `queue` with room, in completion order, claiming them
 /// in the same transaction.
-async fn hand_results(
+fn hand_results(
     inner: &Inner,
-    transaction: &Transaction<'_>,
     queue: &str,
     ids: &[Uuid],
     results: &mut HashMap<Uuid, TaskResult>,
     handoffs: &mut Handoffs,
-) -> Result<usize, PgError> {
+) -> usize {
     if *inner.closed.borrow() {
-        return Ok(0);
+        return 0;
     }
     let Some(dispatch) = lock(&inner.result_dispatch).get(queue).cloned() else {
-        return Ok(0);
+        return 0;
     };
     let streams = lock(&dispatch.streams).clone();
     let got = places(&streams, &dispatch.turn, ids.len(), ResultShared::reserve);
-    if got.is_empty() {
-        return Ok(0);
-    }
     let handed = got.len();
-    let claimed: Vec<Uuid> = ids[..got.len()].to_vec();
-    transaction
-        .execute(
-            &transaction.prepare_cached(&inner.sql.claim_these).await?,
-            &[&claimed],
-        )
-        .await?;
-    for (stream, id) in got.into_iter().zip(&claimed) {
+    for (stream, id) in got.into_iter().zip(ids) {
         match results.remove(id) {
             Some(result) => handoffs.results.push((stream, result)),
             None => handoffs.result_places.push(stream),
         }
     }
-    Ok(handed)
+    handed
 }
 
 /// Why a report changed nothing, from the task's row: a repeat of the
