@@ -233,17 +233,7 @@ impl Store for PgStore {
     async fn stats(&self, only: Option<&[QueueName]>) -> Result<Stats, BrokerError> {
         let names: Option<Vec<String>> =
             only.map(|queues| queues.iter().map(|q| q.as_str().to_owned()).collect());
-        let client = self.inner.pool.get().await.map_err(PgError::from)?;
-        let rows = client
-            .query(
-                &client
-                    .prepare_cached(&self.inner.sql.stats)
-                    .await
-                    .map_err(PgError::from)?,
-                &[&names],
-            )
-            .await
-            .map_err(PgError::from)?;
+        let rows = self.rows(&self.inner.sql.stats, &[&names]).await?;
         let count =
             |row: &tokio_postgres::Row, i: usize| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
         let mut queues: Vec<QueueStats> = rows
@@ -284,17 +274,9 @@ impl Store for PgStore {
     }
 
     async fn task_queue(&self, task: TaskId) -> Result<QueueName, BrokerError> {
-        let client = self.inner.pool.get().await.map_err(PgError::from)?;
-        let rows = client
-            .query(
-                &client
-                    .prepare_cached(&self.inner.sql.task_queue)
-                    .await
-                    .map_err(PgError::from)?,
-                &[&task.as_uuid()],
-            )
-            .await
-            .map_err(PgError::from)?;
+        let rows = self
+            .rows(&self.inner.sql.task_queue, &[&task.as_uuid()])
+            .await?;
         let Some(row) = rows.first() else {
             return Err(BrokerError::TaskNotFound(task.to_string()));
         };

@@ -245,19 +245,23 @@ impl PgStore {
         }
     }
 
+    /// The rows of `statement` (prepared once per connection) run on a
+    /// connection from the pool.
+    pub(crate) async fn rows(
+        &self,
+        statement: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, PgError> {
+        let client = self.inner.pool.get().await?;
+        let prepared = client.prepare_cached(statement).await?;
+        Ok(client.query(&prepared, params).await?)
+    }
+
     /// A task's result if it is finished; `Ok(None)` while it is not.
     pub(crate) async fn result_now(&self, task: TaskId) -> Result<Option<TaskResult>, BrokerError> {
-        let client = self.inner.pool.get().await.map_err(PgError::from)?;
-        let rows = client
-            .query(
-                &client
-                    .prepare_cached(&self.inner.sql.result_of)
-                    .await
-                    .map_err(PgError::from)?,
-                &[&task.as_uuid()],
-            )
-            .await
-            .map_err(PgError::from)?;
+        let rows = self
+            .rows(&self.inner.sql.result_of, &[&task.as_uuid()])
+            .await?;
         let Some(row) = rows.first() else {
             return Err(BrokerError::TaskNotFound(task.to_string()));
         };
@@ -267,17 +271,7 @@ impl PgStore {
     /// Finished results among `ids` (unknown ids are left out).
     pub(crate) async fn results_of(&self, ids: &[TaskId]) -> Result<Vec<TaskResult>, BrokerError> {
         let ids: Vec<Uuid> = ids.iter().map(|id| id.as_uuid()).collect();
-        let client = self.inner.pool.get().await.map_err(PgError::from)?;
-        let rows = client
-            .query(
-                &client
-                    .prepare_cached(&self.inner.sql.results_of)
-                    .await
-                    .map_err(PgError::from)?,
-                &[&ids],
-            )
-            .await
-            .map_err(PgError::from)?;
+        let rows = self.rows(&self.inner.sql.results_of, &[&ids]).await?;
         Ok(rows.iter().filter_map(result_row).collect())
     }
 
@@ -373,17 +367,9 @@ impl PgStore {
             return Ok(Vec::new());
         }
         let names: Vec<&str> = seen.iter().map(|(w, _, _)| w.as_str()).collect();
-        let client = self.inner.pool.get().await.map_err(PgError::from)?;
-        let in_flight: std::collections::HashMap<String, i64> = client
-            .query(
-                &client
-                    .prepare_cached(&self.inner.sql.in_flight)
-                    .await
-                    .map_err(PgError::from)?,
-                &[&names],
-            )
-            .await
-            .map_err(PgError::from)?
+        let in_flight: std::collections::HashMap<String, i64> = self
+            .rows(&self.inner.sql.in_flight, &[&names])
+            .await?
             .iter()
             .map(|row| (row.get(0), row.get(1)))
             .collect();
