@@ -131,7 +131,11 @@ impl Store for PgStore {
                     .prepare_cached(&self.inner.sql.extend)
                     .await
                     .map_err(PgError::from)?,
-                &[&lease.task.as_uuid(), &seq, &self.lease_secs(extend_by)],
+                &[
+                    &lease.task.as_uuid(),
+                    &seq,
+                    &self.inner.lease_secs(extend_by),
+                ],
             )
             .await
             .map_err(PgError::from)?;

@@ -43,18 +43,14 @@ impl PgError {
             *code == SqlState::T_R_DEADLOCK_DETECTED || *code == SqlState::T_R_SERIALIZATION_FAILURE
         }))
     }
-
-    /// The error a client sees: UNAVAILABLE, naming the store.
-    pub(crate) fn into_broker(self) -> BrokerError {
-        BrokerError::StoreUnavailable {
-            store: "postgres",
-            reason: self.to_string(),
-        }
-    }
 }
 
+/// The error a client sees: UNAVAILABLE, naming the store.
 impl From<PgError> for BrokerError {
     fn from(error: PgError) -> Self {
-        error.into_broker()
+        BrokerError::StoreUnavailable {
+            store: "postgres",
+            reason: error.to_string(),
+        }
     }
 }

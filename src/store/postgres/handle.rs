@@ -1,6 +1,6 @@
 //! The store's handle: connecting, and the statements behind its calls.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -12,6 +12,7 @@ use super::config::PostgresConfig;
 use super::error::PgError;
 use super::inner::Inner;
 use super::jobs::{Job, Prepared};
+use super::registry::lock;
 use super::rows::{leased_task, result_row, unix_ms};
 use super::sql::Sql;
 use super::wake::{self, Wakeups};
@@ -126,13 +127,6 @@ impl PgStore {
         Ok(Self { inner })
     }
 
-    pub(crate) fn lease_secs(&self, requested: Option<Duration>) -> f64 {
-        requested
-            .unwrap_or(self.inner.broker.default_lease)
-            .min(self.inner.broker.max_lease)
-            .as_secs_f64()
-    }
-
     pub(crate) fn is_closed(&self) -> bool {
         *self.inner.closed.borrow()
     }
@@ -158,12 +152,7 @@ impl PgStore {
             task.max_attempts
         };
         Ok(Prepared {
-            id: self
-                .inner
-                .ids
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .next(unix_ms()),
+            id: lock(&self.inner.ids).next(unix_ms()),
             queue,
             task,
             max_attempts,
@@ -195,7 +184,7 @@ impl PgStore {
         let limit = i64::try_from(slots.len()).unwrap_or(i64::MAX);
         let leases: Vec<f64> = slots
             .iter()
-            .map(|(_, lease)| self.lease_secs(*lease))
+            .map(|(_, lease)| self.inner.lease_secs(*lease))
             .collect();
         let workers: Vec<&str> = slots.iter().map(|(worker, _)| worker.as_str()).collect();
         let rows = client
@@ -327,11 +316,7 @@ impl PgStore {
 
     /// Records that `worker` asked for work on `queue` now.
     pub(crate) fn touch(&self, worker: &WorkerId, queue: &QueueName) {
-        let mut workers = self
-            .inner
-            .workers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut workers = lock(&self.inner.workers);
         let now = SystemTime::now();
         match workers.get_mut(worker.as_str()) {
             Some(seen) => {
@@ -352,11 +337,7 @@ impl PgStore {
         &self,
         only: Option<&[QueueName]>,
     ) -> Result<Vec<WorkerInfo>, BrokerError> {
-        let seen: Vec<(String, String, SystemTime)> = self
-            .inner
-            .workers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        let seen: Vec<(String, String, SystemTime)> = lock(&self.inner.workers)
             .iter()
             .filter(|(_, (queue, _))| {
                 only.is_none_or(|only| only.iter().any(|q| q.as_str() == queue))
@@ -394,11 +375,7 @@ impl PgStore {
 
     /// A worker stream's lease was reported: free its place in the window.
     pub(crate) fn reported(&self, leases: impl IntoIterator<Item = LeaseId>) {
-        let mut map = self
-            .inner
-            .stream_leases
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut map = lock(&self.inner.stream_leases);
         if map.is_empty() {
             return;
         }

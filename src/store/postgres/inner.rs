@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, watch};
@@ -43,5 +43,16 @@ impl std::fmt::Debug for Inner {
         f.debug_struct("PgStore")
             .field("schema", &self.schema)
             .finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    /// A lease in seconds: the one asked for, or the default, within the
+    /// maximum.
+    pub(crate) fn lease_secs(&self, requested: Option<Duration>) -> f64 {
+        requested
+            .unwrap_or(self.broker.default_lease)
+            .min(self.broker.max_lease)
+            .as_secs_f64()
     }
 }

@@ -32,7 +32,17 @@ pub(crate) struct StreamShared {
     pub(crate) dispatch: Arc<TaskDispatch>,
 }
 
+/// This server's leases held by its worker streams (`Inner::stream_leases`).
+pub(crate) type StreamLeases = HashMap<TaskId, (u32, Arc<StreamShared>)>;
+
 impl StreamShared {
+    /// Records `task`, handed to this stream, as held by it (and in the
+    /// server's table of stream leases, so that its report frees a place).
+    pub(crate) fn hold(self: &Arc<Self>, task: &LeasedTask, leases: &mut StreamLeases) {
+        lock(&self.held).insert(task.id, task.lease_id.seq);
+        leases.insert(task.id, (task.lease_id.seq, Arc::clone(self)));
+    }
+
     /// A task of this stream was reported.
     pub(crate) fn reported(&self, task: TaskId) {
         if lock(&self.held).remove(&task).is_some() {

@@ -185,8 +185,7 @@ fn deliver(store: &PgStore, slots: &[Arc<StreamShared>], tasks: Vec<(usize, Leas
         let Some(stream) = slots.get(slot) else {
             continue;
         };
-        lock(&stream.held).insert(task.id, task.lease_id.seq);
-        leases.insert(task.id, (task.lease_id.seq, stream.clone()));
+        stream.hold(&task, &mut leases);
         stream.outstanding.fetch_add(1, Ordering::AcqRel);
         let _ = stream.tx.send(task);
     }

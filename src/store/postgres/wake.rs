@@ -12,12 +12,13 @@
 //! for by waking every waiter when it comes back: each looks again.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, NoTls};
 
+use super::registry::lock;
 use crate::broker::TaskId;
 
 /// Who waits for what on this server.
@@ -46,10 +47,6 @@ impl Drop for WaitingGuard {
             *n = n.saturating_sub(1);
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Wakeups {

@@ -99,7 +99,7 @@ async fn write(inner: &Inner, batch: Vec<Job>) {
         }
         Err(error) => {
             tracing::warn!(%error, "postgres store: a write transaction failed");
-            let error = error.into_broker();
+            let error = BrokerError::from(error);
             for (n, answer) in put_answers {
                 let _ = answer.send(vec![Err(error.clone()); n]);
             }
@@ -182,8 +182,7 @@ impl Handoffs {
         if !self.tasks.is_empty() {
             let mut leases = lock(&inner.stream_leases);
             for (stream, task) in self.tasks {
-                lock(&stream.held).insert(task.id, task.lease_id.seq);
-                leases.insert(task.id, (task.lease_id.seq, stream.clone()));
+                stream.hold(&task, &mut leases);
                 if stream.tx.send(task).is_err() {
                     stream.dispatch.changed.notify_one();
                 }
@@ -354,7 +353,7 @@ async fn put_tasks(
         let lease = place.as_ref().map(|stream| {
             (
                 stream.worker.as_str().to_owned(),
-                lease_secs(inner, stream.lease),
+                inner.lease_secs(stream.lease),
             )
         });
         if let Some(stream) = place {
@@ -543,15 +542,6 @@ impl Rows {
         self.workers.push(worker);
         Ok(())
     }
-}
-
-/// A stream's lease in seconds: its own, or the default, within the
-/// maximum.
-fn lease_secs(inner: &Inner, lease: Option<std::time::Duration>) -> f64 {
-    lease
-        .unwrap_or(inner.broker.default_lease)
-        .min(inner.broker.max_lease)
-        .as_secs_f64()
 }
 
 /// Records results. Successes from any lease of an unfinished task are
