@@ -23,7 +23,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::broker::{QueueStats, Snapshot};
+use crate::broker::{
+    DurationHistogram, QueueStats, Snapshot, TASK_DURATION_BUCKETS, TaskDurations,
+};
 use crate::grpc_metrics::{BUCKETS, CODES, MethodNumbers};
 
 /// Default of `--metrics-max-queues`.
@@ -279,6 +281,64 @@ impl Collector for GrpcCalls {
     }
 }
 
+/// The task duration histograms, one series per queue label (queues
+/// folded under `_other` add up).
+#[derive(Debug, Default)]
+struct TaskDurationFamilies(Vec<(String, TaskDurations)>);
+
+impl TaskDurationFamilies {
+    fn add(&mut self, queue: &str, durations: &TaskDurations) {
+        match self.0.iter_mut().find(|(label, _)| label == queue) {
+            Some((_, sum)) => sum.add(durations),
+            None => self.0.push((queue.to_string(), *durations)),
+        }
+    }
+}
+
+impl Collector for TaskDurationFamilies {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let families: [(&str, &str, fn(&TaskDurations) -> &DurationHistogram); 3] = [
+            (
+                "taskq_task_wait_duration_seconds",
+                "How long tasks waited to be handed out: from the put, or from going back to \
+                 the queue for another attempt, to the lease",
+                |d| &d.wait,
+            ),
+            (
+                "taskq_task_run_duration_seconds",
+                "How long the lease that finished a task had run: from the lease to the result",
+                |d| &d.run,
+            ),
+            (
+                "taskq_task_end_to_end_duration_seconds",
+                "How long tasks took in all: from the put to finished, whatever the outcome",
+                |d| &d.end_to_end,
+            ),
+        ];
+        for (name, help, of) in families {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+            for (queue, durations) in &self.0 {
+                let histogram = of(durations);
+                let buckets: Vec<(f64, u64)> = TASK_DURATION_BUCKETS
+                    .iter()
+                    .copied()
+                    .chain([f64::MAX])
+                    .zip(histogram.buckets)
+                    .collect();
+                family
+                    .encode_family(&queue_label(queue))?
+                    .encode_histogram::<NoLabelSet>(
+                        histogram.sum_seconds(),
+                        histogram.count(),
+                        &buckets,
+                        None,
+                    )?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Every metric of a scrape, in `format`.
 pub fn render(
     snapshot: &Snapshot,
@@ -291,9 +351,11 @@ pub fn render(
     let families = Families::register(&mut registry);
     let assigned = labels.assign(&snapshot.queues);
     let mut folded = 0;
+    let mut durations = TaskDurationFamilies::default();
     for (queue, stats) in assigned.iter().zip(&snapshot.queues) {
         folded += u64::from(*queue == OTHER_QUEUES);
         families.add(queue, stats);
+        durations.add(queue, &stats.durations);
     }
     let evicted = snapshot.queues.iter().map(|q| q.results_evicted).sum();
     registry.register(
@@ -337,6 +399,7 @@ pub fn render(
         .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_string())])
         .set(1);
     registry.register("taskq_build_info", "The running version; always 1", build);
+    registry.register_collector(Box::new(durations));
     registry.register_collector(Box::new(GrpcCalls(calls)));
 
     let mut openmetrics = String::new();
@@ -448,6 +511,38 @@ mod tests {
             "{open}"
         );
         assert!(open.ends_with("# EOF\n"), "{open}");
+    }
+
+    #[test]
+    fn task_durations_are_histograms_per_queue() {
+        let mut snapshot = snapshot(&["a", "b"]);
+        snapshot.queues[0]
+            .durations
+            .wait
+            .observe(Duration::from_secs(2));
+        snapshot.queues[1]
+            .durations
+            .end_to_end
+            .observe(Duration::from_millis(20));
+        let text = render(
+            &snapshot,
+            TransportNumbers::default(),
+            Vec::new(),
+            &QueueLabels::new(10),
+            Format::Prometheus,
+        );
+        for expected in [
+            "# TYPE taskq_task_wait_duration_seconds histogram\n",
+            "taskq_task_wait_duration_seconds_bucket{le=\"1.0\",queue=\"a\"} 0\n",
+            "taskq_task_wait_duration_seconds_bucket{le=\"2.5\",queue=\"a\"} 1\n",
+            "taskq_task_wait_duration_seconds_bucket{le=\"+Inf\",queue=\"a\"} 1\n",
+            "taskq_task_wait_duration_seconds_sum{queue=\"a\"} 2.0\n",
+            "taskq_task_wait_duration_seconds_count{queue=\"b\"} 0\n",
+            "taskq_task_end_to_end_duration_seconds_bucket{le=\"0.025\",queue=\"b\"} 1\n",
+            "taskq_task_run_duration_seconds_count{queue=\"a\"} 0\n",
+        ] {
+            assert!(text.contains(expected), "{expected} in {text}");
+        }
     }
 
     /// Queues past the cap share one label, and keep it: a queue labelled

@@ -179,6 +179,36 @@ async fn metrics_count_a_known_workload() {
             r#"taskq_tasks_finished_total{queue="late",outcome="failed"}"#,
             0.0,
         ),
+        // One wait per lease; one run per lease that finished its task;
+        // one whole trip per finished task, the expired one included.
+        (
+            r#"taskq_task_wait_duration_seconds_count{queue="jobs"}"#,
+            8.0,
+        ),
+        (
+            r#"taskq_task_run_duration_seconds_count{queue="jobs"}"#,
+            6.0,
+        ),
+        (
+            r#"taskq_task_end_to_end_duration_seconds_count{queue="jobs"}"#,
+            6.0,
+        ),
+        (
+            r#"taskq_task_run_duration_seconds_count{queue="doomed"}"#,
+            1.0,
+        ),
+        (
+            r#"taskq_task_run_duration_seconds_count{queue="late"}"#,
+            0.0,
+        ),
+        (
+            r#"taskq_task_end_to_end_duration_seconds_count{queue="late"}"#,
+            1.0,
+        ),
+        (
+            r#"taskq_task_end_to_end_duration_seconds_bucket{le="+Inf",queue="late"}"#,
+            1.0,
+        ),
         (r#"taskq_tasks{queue="jobs",state="ready"}"#, 0.0),
         (r#"taskq_tasks{queue="jobs",state="leased"}"#, 0.0),
         (r#"taskq_tasks{queue="waiting",state="ready"}"#, 1.0),
@@ -515,6 +545,29 @@ async fn a_real_prometheus_scrapes_the_workload() {
         api,
         r#"taskq_tasks_finished_total{queue="jobs",outcome="succeeded"}"#,
         |n| n == 6.0,
+        &dir,
+    )
+    .await;
+    // Every finished task's whole trip is in the histogram; the one whose
+    // lease lapsed took 300 ms and more on its own.
+    until(
+        api,
+        "sum(taskq_task_end_to_end_duration_seconds_count)",
+        |n| n == 8.0,
+        &dir,
+    )
+    .await;
+    until(
+        api,
+        r#"taskq_task_end_to_end_duration_seconds_sum{queue="jobs"}"#,
+        |seconds| seconds >= 0.3,
+        &dir,
+    )
+    .await;
+    until(
+        api,
+        r#"taskq_task_wait_duration_seconds_count{queue="jobs"}"#,
+        |n| n == 8.0,
         &dir,
     )
     .await;

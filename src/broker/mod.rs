@@ -19,6 +19,7 @@
 
 mod clock;
 mod config;
+mod durations;
 mod handle;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
@@ -37,6 +38,7 @@ pub use config::{
     BrokerConfig, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_QUEUES, DEFAULT_MAX_RESULTS,
     DEFAULT_MAX_WAITERS, DEFAULT_QUEUE_CAPACITY,
 };
+pub use durations::{DurationHistogram, TASK_DURATION_BUCKETS, TaskDurations};
 pub use handle::{Broker, ResultStream, Watch, WorkerStream, WorkerStreamControl};
 pub use types::{
     BrokerError, Holdings, LeaseId, LeaseRequest, LeasedTask, NewTask, Outcome, PutOutcome,

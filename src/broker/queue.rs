@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use super::retention::Report;
 use super::timers::COMPACT_SLACK;
 use super::waiters::{ResultStreamId, ResultWaiter, StreamId, TaskWaiter, WaiterId};
-use super::{QueueName, QueueStats, TaskId};
+use super::{QueueName, QueueStats, TaskDurations, TaskId};
 
 #[derive(Default)]
 pub(super) struct QueueState {
@@ -41,6 +41,7 @@ pub(super) struct QueueState {
     retried_after_error: u64,
     retried_after_lease_expiry: u64,
     results_evicted: u64,
+    durations: TaskDurations,
     pub task_waiters: VecDeque<TaskWaiter>,
     /// Worker streams on this queue, in round-robin order.
     pub streams: VecDeque<StreamId>,
@@ -103,11 +104,12 @@ impl QueueState {
         self.ready.iter().take(n)
     }
 
-    /// A pending task was leased.
-    pub(super) fn leased_one(&mut self) {
+    /// A pending task was leased, after `waited` in line.
+    pub(super) fn leased_one(&mut self, waited: Duration) {
         self.pending -= 1;
         self.leased += 1;
         self.delivered += 1;
+        self.durations.wait.observe(waited);
     }
 
     /// A leased task's failure was retried: it is going back to the line.
@@ -132,12 +134,22 @@ impl QueueState {
     /// room. Its result joins the line of unclaimed results, behind those
     /// not yet handed out, so that readers by queue get them in completion
     /// order.
-    pub(super) fn finished(&mut self, id: TaskId, was_leased: bool, report: Report) {
-        if was_leased {
+    /// `ran` is how long its last lease had run when it ended (`None` when
+    /// it finished pending); `took` how long since its put.
+    pub(super) fn finished(
+        &mut self,
+        id: TaskId,
+        ran: Option<Duration>,
+        took: Duration,
+        report: Report,
+    ) {
+        if let Some(ran) = ran {
             self.leased -= 1;
+            self.durations.run.observe(ran);
         } else {
             self.pending -= 1;
         }
+        self.durations.end_to_end.observe(took);
         match report {
             Report::Success => self.succeeded += 1,
             Report::Expired => {
@@ -221,6 +233,7 @@ impl QueueState {
             retried_after_error: self.retried_after_error,
             retried_after_lease_expiry: self.retried_after_lease_expiry,
             worker_streams: self.streams.len() as u64,
+            durations: self.durations,
         }
     }
 

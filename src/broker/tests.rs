@@ -1802,3 +1802,40 @@ fn names_made_apart_compare_and_hash_by_text() {
     }
     assert!((0..1_000).all(|i| map[&q(&format!("queue-{i}"))] == i));
 }
+
+/// The wait runs from the put, or from going back to the line; the run
+/// from the lease to the report that ends the task; the whole trip from
+/// the put, on the engine's clock.
+#[tokio::test(start_paused = true)]
+async fn task_durations_are_measured_from_put_requeue_and_lease() {
+    let b = broker();
+    put(&b, "q", "a").await;
+    tokio::time::advance(2 * SEC).await;
+    let first = take(&b, "q", 60 * SEC).await;
+    tokio::time::advance(20 * SEC).await;
+    b.complete(first.lease_id, fail("again", true)).unwrap();
+    tokio::time::advance(40 * SEC).await;
+    let second = take(&b, "q", 60 * SEC).await;
+    tokio::time::advance(4 * SEC).await;
+    b.complete(second.lease_id, ok("done")).unwrap();
+
+    let d = stats(&b, "q").durations;
+    let bucket = |seconds: f64| {
+        TASK_DURATION_BUCKETS
+            .iter()
+            .position(|&bound| bound == seconds)
+            .unwrap()
+    };
+    // Waits of 2 s (from the put) and 40 s (from the retry, not the put).
+    assert_eq!(d.wait.count(), 2);
+    assert_eq!(d.wait.buckets[bucket(2.5)], 1);
+    assert_eq!(d.wait.buckets[bucket(60.0)], 1);
+    assert_eq!(d.wait.sum_nanos, 42 * 1_000_000_000);
+    // One run: only the lease that finished the task counts.
+    assert_eq!(d.run.count(), 1);
+    assert_eq!(d.run.buckets[bucket(5.0)], 1);
+    assert_eq!(d.run.sum_nanos, 4 * 1_000_000_000);
+    assert_eq!(d.end_to_end.count(), 1);
+    assert_eq!(d.end_to_end.sum_nanos, 66 * 1_000_000_000);
+    b.check();
+}

@@ -10,6 +10,8 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use uuid::Uuid;
 
+use super::TaskDurations;
+
 /// The longest queue name accepted.
 pub const MAX_QUEUE_NAME: usize = 128;
 /// The name used when a request leaves the queue empty.
@@ -603,6 +605,8 @@ pub struct QueueStats {
     pub retried_after_lease_expiry: u64,
     /// Worker streams open on this queue.
     pub worker_streams: u64,
+    /// How long its tasks waited, ran, and took in all, since start.
+    pub durations: TaskDurations,
 }
 
 /// The engine's numbers for monitoring, taken under one lock: every

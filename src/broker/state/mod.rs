@@ -404,8 +404,15 @@ impl State {
         entry.attempt += 1;
         entry.lease_seq += 1;
         let seq = entry.lease_seq;
+        let ready_since = entry
+            .extras
+            .as_ref()
+            .and_then(|x| x.ready_since)
+            .unwrap_or(entry.created_at);
+        let waited = now.saturating_duration_since(self.clock.instant(ready_since));
         entry.status = Status::Leased(Box::new(Lease {
             seq,
+            leased_at: now,
             expires_at,
             scheduled: expires_at,
             worker,
@@ -428,7 +435,7 @@ impl State {
             created_at: self.clock.wall_of(entry.created_at),
             expires_at: entry.expires_at.map(|at| self.clock.wall_of(at)),
         };
-        self.known_queue(&task.queue).leased_one();
+        self.known_queue(&task.queue).leased_one(waited);
         if let Some(stream) = stream.and_then(|sid| self.streams.get_mut(&sid)) {
             stream.outstanding.insert(id);
         }
@@ -444,9 +451,9 @@ impl State {
         }
     }
 
-    /// Moves a leased task back to the head of its queue. Returns the
-    /// lease it had.
-    fn release(&mut self, id: TaskId) -> Option<Box<Lease>> {
+    /// Moves a leased task back to the head of its queue, ready again from
+    /// `now`. Returns the lease it had.
+    fn release(&mut self, id: TaskId, now: Instant) -> Option<Box<Lease>> {
         let entry = self.tasks.get_mut(&id)?;
         let Status::Leased(lease) = std::mem::replace(&mut entry.status, Status::Pending) else {
             unreachable!("release is only called on a leased task");
@@ -459,6 +466,7 @@ impl State {
             "one holder per ended lease"
         );
         holders.push(lease.worker.clone());
+        entry.extras_mut().ready_since = Some(self.clock.stamp(now));
         let queue_name = entry.queue.clone();
         self.known_queue(&queue_name).released(id);
         self.workers.lease_ended(&lease.worker);
@@ -476,7 +484,7 @@ impl State {
         if !current {
             return;
         }
-        self.release(lease_id.task);
+        self.release(lease_id.task, now);
         let entry = self.tasks.get_mut(&lease_id.task).expect("just released");
         entry.attempt -= 1;
         if entry.expired(&self.clock, now) {
@@ -782,7 +790,7 @@ impl State {
                     retry && entry.attempt < entry.max_attempts && !entry.expired(&self.clock, now);
                 self.workers.touch(&holder, None, 0, now);
                 if can_retry {
-                    self.release(lease_id.task);
+                    self.release(lease_id.task, now);
                     let entry = self.tasks.get_mut(&lease_id.task).expect("held");
                     entry.extras_mut().last_retry = Some((lease_id.seq, message));
                     let queue = entry.queue.clone();
@@ -828,6 +836,7 @@ impl State {
             queue: queue_name,
             status: previous,
             extras,
+            created_at,
             ..
         } = *entry;
         // Whoever waits for this result gets it now (their slots go back as
@@ -866,16 +875,20 @@ impl State {
             }),
             now,
         );
-        let (was_leased, freed_stream) = match &previous {
+        let (ran, freed_stream) = match &previous {
             Status::Leased(lease) => {
                 self.workers.lease_ended(&lease.worker);
                 self.stream_slot_freed(lease, id);
-                (true, lease.stream.is_some())
+                (
+                    Some(now.saturating_duration_since(lease.leased_at)),
+                    lease.stream.is_some(),
+                )
             }
-            Status::Pending => (false, false),
+            Status::Pending => (None, false),
         };
+        let took = now.saturating_duration_since(self.clock.instant(created_at));
         self.known_queue(&queue_name)
-            .finished(id, was_leased, report);
+            .finished(id, ran, took, report);
         self.dispatch_results(&queue_name);
         if first {
             // The timer may sleep past this result's retention otherwise.
@@ -1250,7 +1263,7 @@ impl State {
             self.finish(id, ended, now);
         } else {
             tracing::debug!(task_id = %id, worker_id = %worker, "lease expired; task requeued");
-            self.release(id);
+            self.release(id, now);
             let queue = self.tasks[&id].queue.clone();
             self.known_queue(&queue).retried_after_lease_expiry();
             self.dispatch(&queue, now);

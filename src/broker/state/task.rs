@@ -19,6 +19,8 @@ use super::super::{QueueName, TaskId, TaskState, WorkerId};
 #[derive(Clone, Debug)]
 pub(super) struct Lease {
     pub(super) seq: u32,
+    /// When it was taken, for the run's duration.
+    pub(super) leased_at: Instant,
     pub(super) expires_at: Instant,
     /// When this lease's one timer entry fires; an extension only adds an
     /// entry when it moves the expiry earlier, so the heap holds one live
@@ -54,6 +56,10 @@ pub(super) struct Extras {
     /// in its [`Lease`]. So a task handed out once and finished never
     /// allocates this.
     pub(super) holders: Vec<WorkerId>,
+    /// When it last went back to the line (so only a task leased before
+    /// has it), for the wait's duration; a task never leased has waited
+    /// since its put.
+    pub(super) ready_since: Option<Stamp>,
 }
 
 /// An unfinished task.
