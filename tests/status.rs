@@ -253,6 +253,40 @@ async fn run(client: &mut AuthClient, queue: &str, n: usize) -> Vec<String> {
     ids
 }
 
+/// Leases one task of `queue` and fails it for good with `message`;
+/// returns its id.
+async fn fail_one(client: &mut AuthClient, queue: &str, message: &str) -> String {
+    let task = lease_one(client, queue).await;
+    client
+        .put_result(pb::PutResultRequest {
+            task_id: task.id.clone(),
+            lease_id: task.lease_id.clone(),
+            outcome: Some(pb::put_result_request::Outcome::Failure(pb::Failure {
+                message: message.into(),
+                retry: false,
+            })),
+        })
+        .await
+        .unwrap();
+    task.id
+}
+
+async fn lease_one(client: &mut AuthClient, queue: &str) -> pb::Task {
+    let request = pb::GetTaskRequest {
+        queue: queue.into(),
+        worker_id: "browser-test-worker".into(),
+        max_wait: Some(Duration::from_secs(5).try_into().unwrap()),
+        ..Default::default()
+    };
+    client
+        .get_task(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .expect("a task")
+}
+
 /// Sign-in with `token` on the page open in `browser`.
 fn sign_in(browser: &mut Browser, token: &str) {
     browser.until(
@@ -310,9 +344,11 @@ async fn a_browser_signs_in_and_watches_tasks_run() {
         browser.eval("window.taskqTestMark = 'same document'; true");
     });
 
-    // Tasks run while the page is open.
+    // Tasks run while the page is open; one of another queue fails.
     put(&mut client, "jobs", 2).await;
     let finished = run(&mut client, "jobs", 4).await;
+    put(&mut client, "flaky", 1).await;
+    let failed = fail_one(&mut client, "flaky", "disk <full> & gone").await;
     tokio::task::block_in_place(|| {
         browser.until(
             "the counts change without a reload",
@@ -337,6 +373,17 @@ async fn a_browser_signs_in_and_watches_tasks_run() {
         browser.until(
             "the worker is listed",
             "document.querySelector('#workers tr[data-worker=\"browser-test-worker\"]') !== null",
+        );
+        // The failure is listed with its message, as text.
+        browser.until(
+            "the latest failure",
+            &format!(
+                "document.querySelector('#failures tr[data-task=\"{failed}\"] .error')?.textContent === 'disk <full> & gone'"
+            ),
+        );
+        assert_eq!(
+            browser.eval("document.getElementById('failures-empty').hidden"),
+            json!(true)
         );
         // A task found by id.
         browser.eval(&format!(
@@ -394,6 +441,46 @@ async fn the_page_is_json_for_scripts_and_needs_a_token() {
     assert_eq!(jobs["ready"], json!(1));
     assert_eq!(jobs["succeeded"], json!(1));
     assert_eq!(report["workers"][0]["worker"], json!("browser-test-worker"));
+    assert_eq!(report["recent_failures"], json!([]));
+
+    // An unfinished task's lookup: its lease and holder; then a failure,
+    // listed newest first with its message.
+    put(&mut client, "flaky", 3).await;
+    let held = lease_one(&mut client, "flaky").await;
+    let (status, body) = server
+        .http_get(&format!("/status/task/{}", held.id), Some(MONITOR), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let view: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(view["state"], json!("leased"), "{view}");
+    assert_eq!(view["queue"], json!("flaky"));
+    assert_eq!(view["attempts"], json!(1));
+    assert_eq!(view["worker"], json!("browser-test-worker"));
+    assert_eq!(view["payload_bytes"], json!(1));
+    let lease_expires = view["lease_expires_at_unix"].as_f64().unwrap();
+    let created = view["created_at_unix"].as_f64().unwrap();
+    assert!(lease_expires > created, "{view}");
+    let failed = fail_one(&mut client, "flaky", "first").await;
+    let last = fail_one(&mut client, "flaky", &"é".repeat(2000)).await;
+    let (_, body) = server
+        .http_get("/status", Some(MONITOR), Some("application/json"))
+        .await;
+    let report: Value = serde_json::from_str(&body).unwrap();
+    let failures = report["recent_failures"].as_array().unwrap();
+    let ids: Vec<&str> = failures
+        .iter()
+        .map(|f| f["task_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [last.as_str(), failed.as_str()], "{body}");
+    assert_eq!(failures[1]["error"], json!("first"));
+    assert_eq!(failures[1]["queue"], json!("flaky"));
+    assert_eq!(failures[1]["attempts"], json!(1));
+    // A long message is cut at a character boundary; the result keeps it whole.
+    let cut = failures[0]["error"].as_str().unwrap();
+    assert!(
+        cut.len() <= 1024 && cut.len() > 1000 && cut.chars().all(|c| c == 'é'),
+        "{cut}"
+    );
 
     for (token, expected) in [(None, 401), (Some("wrong"), 401), (Some(PRODUCER), 403)] {
         let (status, body) = server

@@ -19,7 +19,7 @@ use super::config::BrokerConfig;
 use super::state::{PutRefused, State};
 use super::types::{
     BrokerError, Holdings, LeaseId, LeaseRequest, LeasedTask, NewTask, Outcome, PutOutcome,
-    QueueName, Snapshot, Stats, TaskId, TaskResult, TaskState,
+    QueueName, Snapshot, Stats, TaskId, TaskResult, TaskState, TaskView,
 };
 use super::waiters::{ResultStreamFlow, ResultStreamId, StreamId, WaiterId};
 
@@ -352,6 +352,14 @@ impl Broker {
     /// [`BrokerError::TaskNotFound`] when no such task or result is held.
     pub fn task_queue(&self, task: TaskId) -> Result<QueueName, BrokerError> {
         self.state().task_queue(task)
+    }
+
+    /// Where an unfinished task is and who holds it.
+    ///
+    /// # Errors
+    /// [`BrokerError::TaskNotFound`] when it is finished or unknown.
+    pub fn describe(&self, task: TaskId) -> Result<TaskView, BrokerError> {
+        self.state().describe(task)
     }
 
     /// Every queue's counters and the broker-wide ones, for monitoring, in

@@ -41,8 +41,9 @@ pub use config::{
 pub use durations::{DurationHistogram, TASK_DURATION_BUCKETS, TaskDurations};
 pub use handle::{Broker, ResultStream, Watch, WorkerStream, WorkerStreamControl};
 pub use types::{
-    BrokerError, Holdings, LeaseId, LeaseRequest, LeasedTask, NewTask, Outcome, PutOutcome,
-    QueueName, QueueStats, Snapshot, Stats, TaskId, TaskResult, TaskState, WorkerId, WorkerInfo,
+    BrokerError, Holdings, LeaseId, LeaseRequest, LeaseView, LeasedTask, NewTask, Outcome,
+    PutOutcome, QueueName, QueueStats, RECENT_FAILURES, Snapshot, Stats, TaskId, TaskResult,
+    TaskState, TaskView, WorkerId, WorkerInfo,
 };
 pub(crate) use types::{IdMaker, IdMap};
 #[cfg(any(test, feature = "fuzzing"))]

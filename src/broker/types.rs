@@ -568,6 +568,62 @@ pub struct TaskResult {
     pub finished_at: SystemTime,
 }
 
+/// An unfinished task as an operator looks it up (the status page's
+/// lookup): where it is, how far along, and who holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskView {
+    /// Its queue.
+    pub queue: QueueName,
+    /// [`TaskState::Pending`] or [`TaskState::Leased`].
+    pub state: TaskState,
+    /// Deliveries so far (the current one included).
+    pub attempts: u32,
+    /// Its cap on deliveries.
+    pub max_attempts: u32,
+    /// When it was stored.
+    pub created_at: SystemTime,
+    /// When its ttl runs out, if it has one.
+    pub expires_at: Option<SystemTime>,
+    /// The payload's size.
+    pub payload_bytes: u64,
+    /// Its current lease, while leased.
+    pub lease: Option<LeaseView>,
+}
+
+/// The current lease of a leased task, in a [`TaskView`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseView {
+    /// Who holds it.
+    pub worker: WorkerId,
+    /// When it runs out unless extended or reported.
+    pub expires_at: SystemTime,
+}
+
+/// How many of the latest failures a [`Snapshot`] carries.
+pub const RECENT_FAILURES: usize = 20;
+
+/// Longest error message kept in [`Snapshot::recent_failures`]; longer
+/// ones are cut at a character boundary (the whole message stays in the
+/// task's result).
+pub const FAILURE_NOTE_BYTES: usize = 1024;
+
+impl TaskResult {
+    /// This result as [`Snapshot::recent_failures`] keeps it: without its
+    /// output, its error cut to [`FAILURE_NOTE_BYTES`] at a character
+    /// boundary.
+    pub fn as_failure_note(&self) -> TaskResult {
+        let mut cut = self.error.len().min(FAILURE_NOTE_BYTES);
+        while !self.error.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        TaskResult {
+            output: Bytes::new(),
+            error: self.error[..cut].to_string(),
+            ..self.clone()
+        }
+    }
+}
+
 /// Counters of one queue.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct QueueStats {
@@ -612,7 +668,7 @@ pub struct QueueStats {
 /// The engine's numbers for monitoring, taken under one lock: every
 /// queue's counters and the broker-wide ones. Built from counters kept as
 /// tasks move; taking it scans no task.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     /// One entry per queue, sorted by name.
     pub queues: Vec<QueueStats>,
@@ -622,6 +678,10 @@ pub struct Snapshot {
     pub held_bytes_limit: u64,
     /// Workers seen within `--worker-timeout`.
     pub workers_alive: u64,
+    /// The latest tasks that finished FAILED, newest first, at most
+    /// [`RECENT_FAILURES`], without outputs and with their errors cut to
+    /// [`FAILURE_NOTE_BYTES`].
+    pub recent_failures: Vec<TaskResult>,
 }
 
 /// What the broker knows of one worker.

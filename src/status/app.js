@@ -96,6 +96,20 @@ function render(report) {
   $("workers-note").textContent = report.workers_known > report.workers.length
     ? report.workers.length + " of " + report.workers_known + " workers, the most recently seen"
     : (report.workers.length ? "" : "No workers seen.");
+
+  const failures = $("failures").tBodies[0];
+  failures.replaceChildren();
+  for (const f of report.recent_failures) {
+    const row = failures.insertRow();
+    row.dataset.task = f.task_id;
+    cell(row, duration(f.seconds_ago) + " ago", "when");
+    cell(row, f.queue, "queue");
+    cell(row, f.task_id, "task");
+    cell(row, f.attempts, "attempts");
+    cell(row, f.worker || "–", "worker");
+    cell(row, f.error, "error");
+  }
+  $("failures-empty").hidden = report.recent_failures.length > 0;
   const updates = Number(document.body.dataset.updates || 0) + 1;
   document.body.dataset.updates = String(updates);
   $("updated").textContent = "updated " + new Date().toLocaleTimeString() +

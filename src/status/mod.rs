@@ -228,6 +228,21 @@ impl<S: Store> StatusSources<S> {
                 })
             })
             .collect();
+        let failures: Vec<Value> = snapshot
+            .recent_failures
+            .iter()
+            .map(|f| {
+                json!({
+                    "task_id": f.task_id.to_string(),
+                    "queue": f.queue.as_str(),
+                    "error": f.error,
+                    "attempts": f.attempts,
+                    "worker": f.worker.as_ref().map(|w| w.as_str()),
+                    "finished_at_unix": unix(f.finished_at),
+                    "seconds_ago": now.duration_since(f.finished_at).unwrap_or_default().as_secs_f64(),
+                })
+            })
+            .collect();
         Ok(json!({
             "version": env!("CARGO_PKG_VERSION"),
             "health": if serving { "serving" } else { "draining" },
@@ -242,6 +257,7 @@ impl<S: Store> StatusSources<S> {
             "queues": queues,
             "workers": listed,
             "workers_known": workers.len(),
+            "recent_failures": failures,
         }))
     }
 }
@@ -430,11 +446,6 @@ async fn task<S: Store>(
                 TaskState::Pending => "pending",
                 TaskState::Leased => "leased",
             };
-            let unix = |time: SystemTime| {
-                time.duration_since(SystemTime::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_secs_f64()
-            };
             Json(json!({
                 "task_id": id,
                 "queue": result.queue.as_str(),
@@ -448,19 +459,31 @@ async fn task<S: Store>(
             }))
             .into_response()
         }
-        Ok(None) => match sources.store.task_queue(task).await {
-            // Simplification: the store answers an unfinished task's
-            // queue only, not its attempts or holder.
-            Ok(queue) => Json(json!({
+        Ok(None) => match sources.store.describe(task).await {
+            Ok(view) => Json(json!({
                 "task_id": id,
-                "queue": queue.as_str(),
-                "state": "unfinished",
+                "queue": view.queue.as_str(),
+                "state": if view.state == TaskState::Leased { "leased" } else { "pending" },
+                "attempts": view.attempts,
+                "max_attempts": view.max_attempts,
+                "worker": view.lease.as_ref().map(|l| l.worker.as_str()),
+                "lease_expires_at_unix": view.lease.as_ref().map(|l| unix(l.expires_at)),
+                "created_at_unix": unix(view.created_at),
+                "expires_at_unix": view.expires_at.map(unix),
+                "payload_bytes": view.payload_bytes,
             }))
             .into_response(),
             Err(error) => not_found(&id, &error),
         },
         Err(error) => not_found(&id, &error),
     }
+}
+
+/// Seconds since the Unix epoch, as the page's script reads times.
+fn unix(time: SystemTime) -> f64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
 }
 
 fn not_found(id: &str, error: &BrokerError) -> Response {

@@ -11,8 +11,8 @@ use tokio::time::Instant;
 use super::{ResultDeliveries, ResultWatch, Store, TaskDeliveries, WindowControl};
 use crate::broker::{
     Broker, BrokerError, Holdings, LeaseId, LeaseRequest, LeasedTask, NewTask, Outcome, PutOutcome,
-    QueueName, ResultStream, Snapshot, Stats, TaskId, TaskResult, TaskState, Watch, WorkerStream,
-    WorkerStreamControl,
+    QueueName, ResultStream, Snapshot, Stats, TaskId, TaskResult, TaskState, TaskView, Watch,
+    WorkerStream, WorkerStreamControl,
 };
 
 impl Store for Broker {
@@ -94,6 +94,10 @@ impl Store for Broker {
         task: TaskId,
     ) -> impl Future<Output = Result<QueueName, BrokerError>> + Send {
         ready(Broker::task_queue(self, task))
+    }
+
+    fn describe(&self, task: TaskId) -> impl Future<Output = Result<TaskView, BrokerError>> + Send {
+        ready(Broker::describe(self, task))
     }
 
     fn open_worker_stream(

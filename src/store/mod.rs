@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use crate::broker::{
     BrokerError, Holdings, LeaseId, LeaseRequest, LeasedTask, NewTask, Outcome, PutOutcome,
-    QueueName, Snapshot, Stats, TaskId, TaskResult, TaskState,
+    QueueName, Snapshot, Stats, TaskId, TaskResult, TaskState, TaskView,
 };
 
 /// Where tasks and results live: every call of `taskq.v1`, in engine terms.
@@ -101,6 +101,11 @@ pub trait Store: Clone + Send + Sync + 'static {
         &self,
         task: TaskId,
     ) -> impl Future<Output = Result<QueueName, BrokerError>> + Send;
+
+    /// Where an unfinished task is and who holds it (the status page's
+    /// lookup); [`BrokerError::TaskNotFound`] when it is finished or
+    /// unknown.
+    fn describe(&self, task: TaskId) -> impl Future<Output = Result<TaskView, BrokerError>> + Send;
 
     /// Opens a worker stream on `request.queue` with `window` tasks in
     /// flight at most.

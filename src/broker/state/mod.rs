@@ -16,6 +16,7 @@ mod check;
 mod snapshot;
 mod task;
 
+use std::collections::VecDeque;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -35,8 +36,9 @@ use super::waiters::{
 };
 use super::workers::WorkerTable;
 use super::{
-    BrokerConfig, BrokerError, Holdings, LeaseId, LeasedTask, NewTask, Outcome, PutOutcome,
-    QueueName, Stats, TaskId, TaskResult, TaskState, WorkerId,
+    BrokerConfig, BrokerError, Holdings, LeaseId, LeaseView, LeasedTask, NewTask, Outcome,
+    PutOutcome, QueueName, RECENT_FAILURES, Stats, TaskId, TaskResult, TaskState, TaskView,
+    WorkerId,
 };
 use task::{Ended, Extras, Lease, Status, TaskEntry, state_of, timer_is_live};
 
@@ -86,6 +88,9 @@ pub(super) struct State {
     slots: WaiterSlots,
     /// Bytes of payloads of unfinished tasks and outputs of results held.
     held_bytes: usize,
+    /// The latest tasks that finished FAILED, newest at the front, for
+    /// the status page ([`RECENT_FAILURES`] at most).
+    failures: VecDeque<TaskResult>,
     closed: bool,
     ids: IdMaker,
 }
@@ -106,6 +111,7 @@ impl State {
             result_streams: IdMap::default(),
             slots: WaiterSlots::new(config.max_waiters),
             held_bytes: 0,
+            failures: VecDeque::with_capacity(RECENT_FAILURES),
             closed: false,
             ids: IdMaker::new(),
             config,
@@ -150,6 +156,41 @@ impl State {
                     .map(|done| done.result.queue.clone())
             })
             .ok_or_else(|| BrokerError::TaskNotFound(task.to_string()))
+    }
+
+    /// Where an unfinished task is and who holds it; NOT_FOUND for a
+    /// finished one (its result says the rest) or an unknown one.
+    pub fn describe(&self, task: TaskId) -> Result<TaskView, BrokerError> {
+        let entry = self
+            .tasks
+            .get(&task)
+            .ok_or_else(|| BrokerError::TaskNotFound(task.to_string()))?;
+        let lease = match &entry.status {
+            Status::Leased(lease) => Some(LeaseView {
+                worker: lease.worker.clone(),
+                expires_at: self.clock.wall(lease.expires_at),
+            }),
+            Status::Pending => None,
+        };
+        Ok(TaskView {
+            queue: entry.queue.clone(),
+            state: state_of(&entry.status),
+            attempts: entry.attempt,
+            max_attempts: entry.max_attempts,
+            created_at: self.clock.wall_of(entry.created_at),
+            expires_at: entry.expires_at.map(|at| self.clock.wall_of(at)),
+            payload_bytes: entry.payload.len() as u64,
+            lease,
+        })
+    }
+
+    /// Keeps a note of a task that finished FAILED for the status page.
+    /// Off the path of tasks that succeed.
+    fn note_failure(&mut self, result: &TaskResult) {
+        if self.failures.len() == RECENT_FAILURES {
+            self.failures.pop_back();
+        }
+        self.failures.push_front(result.as_failure_note());
     }
 
     /// The queue `name`, made if new (within `--max-queues`), and the map's
@@ -832,6 +873,9 @@ impl State {
         };
         // The input is no longer needed once there is a result.
         self.held_bytes = self.held_bytes - entry.payload.len() + result.output.len();
+        if result.state == TaskState::Failed {
+            self.note_failure(&result);
+        }
         let TaskEntry {
             queue: queue_name,
             status: previous,

@@ -23,6 +23,7 @@ impl State {
             held_bytes: self.held_bytes as u64,
             held_bytes_limit: self.config.max_held_bytes as u64,
             workers_alive: self.workers.alive(now),
+            recent_failures: self.failures.iter().cloned().collect(),
         }
     }
 

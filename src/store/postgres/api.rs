@@ -8,11 +8,12 @@ use tokio::sync::{Notify, oneshot};
 use super::error::PgError;
 use super::handle::PgStore;
 use super::jobs::{Job, Prepared};
-use super::rows::state_of;
+use super::rows::{self, state_of};
 use super::streams::{PgResultStream, PgWatch, PgWorkerStream};
 use crate::broker::{
     BrokerError, Holdings, LeaseId, LeaseRequest, LeasedTask, NewTask, Outcome, PutOutcome,
-    QueueName, QueueStats, Snapshot, Stats, TaskId, TaskResult, TaskState,
+    QueueName, QueueStats, RECENT_FAILURES, Snapshot, Stats, TaskId, TaskResult, TaskState,
+    TaskView,
 };
 use crate::store::Store;
 
@@ -287,6 +288,15 @@ impl Store for PgStore {
         QueueName::parse(row.get(0))
     }
 
+    async fn describe(&self, task: TaskId) -> Result<TaskView, BrokerError> {
+        let rows = self
+            .rows(&self.inner.sql.describe, &[&task.as_uuid()])
+            .await?;
+        rows.first()
+            .and_then(rows::task_view)
+            .ok_or_else(|| BrokerError::TaskNotFound(task.to_string()))
+    }
+
     async fn open_worker_stream(
         &self,
         request: LeaseRequest,
@@ -308,8 +318,17 @@ impl Store for PgStore {
 
     async fn snapshot(&self) -> Result<Snapshot, BrokerError> {
         let stats = self.stats(None).await?;
+        let limit = RECENT_FAILURES as i64;
+        let failures = self
+            .rows(&self.inner.sql.recent_failures, &[&limit])
+            .await?;
         Ok(Snapshot {
             queues: stats.queues,
+            recent_failures: failures
+                .iter()
+                .filter_map(rows::result_row)
+                .map(|failure| failure.as_failure_note())
+                .collect(),
             ..Snapshot::default()
         })
     }

@@ -2,7 +2,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::broker::{LeaseId, LeasedTask, QueueName, TaskId, TaskResult, TaskState, WorkerId};
+use crate::broker::{
+    LeaseId, LeaseView, LeasedTask, QueueName, TaskId, TaskResult, TaskState, TaskView, WorkerId,
+};
 
 /// The task state a row's `state` column holds.
 pub(crate) fn state_of(state: i16) -> TaskState {
@@ -78,5 +80,30 @@ pub(crate) fn result_row(row: &tokio_postgres::Row) -> Option<TaskResult> {
         finished_at: row
             .get::<_, Option<SystemTime>>(8)
             .unwrap_or(SystemTime::UNIX_EPOCH),
+    })
+}
+
+/// An unfinished task's row as a [`TaskView`] (`sql.describe`'s columns).
+pub(crate) fn task_view(row: &tokio_postgres::Row) -> Option<TaskView> {
+    let queue: String = row.get(0);
+    let state = state_of(row.get::<_, i16>(1));
+    let worker: Option<String> = row.get(7);
+    let lease_until: Option<SystemTime> = row.get(8);
+    let lease = match (state, worker, lease_until) {
+        (TaskState::Leased, Some(worker), Some(expires_at)) => Some(LeaseView {
+            worker: WorkerId::new(&worker).ok()?,
+            expires_at,
+        }),
+        _ => None,
+    };
+    Some(TaskView {
+        queue: QueueName::parse(&queue).ok()?,
+        state,
+        attempts: u32::try_from(row.get::<_, i32>(2)).unwrap_or(0),
+        max_attempts: u32::try_from(row.get::<_, i32>(3)).unwrap_or(0),
+        created_at: row.get(4),
+        expires_at: row.get(5),
+        payload_bytes: u64::try_from(row.get::<_, i64>(6)).unwrap_or(0),
+        lease,
     })
 }

@@ -14,7 +14,7 @@ const MIGRATION_LOCK: i64 = 0x0074_6173_6b71;
 
 /// The migrations, in order; `{s}` stands for the schema. Never edit one
 /// that has shipped: add the next.
-const MIGRATIONS: &[(i32, &str)] = &[(1, V1)];
+const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2)];
 
 /// Version 1: tasks, results and per-queue counters.
 const V1: &str = r"
@@ -79,6 +79,12 @@ CREATE TABLE {s}.queue_counts (
     unfinished bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (queue, shard)
 );
+";
+
+/// Version 2: the status page's latest failures, newest first. Partial,
+/// so it holds failed tasks only and a success never touches it.
+const V2: &str = r"
+CREATE INDEX tasks_failed ON {s}.tasks (finished_at DESC) WHERE state = 3;
 ";
 
 /// Applies every migration the database lacks, under the advisory lock.

@@ -24,6 +24,8 @@ pub(crate) struct Sql {
     pub(crate) claim_results: String,
     pub(crate) unclaim_results: String,
     pub(crate) task_queue: String,
+    pub(crate) describe: String,
+    pub(crate) recent_failures: String,
     pub(crate) stats: String,
     pub(crate) in_flight: String,
     pub(crate) sweep_leases: String,
@@ -132,6 +134,13 @@ impl Sql {
                     UPDATE {s}.tasks SET claimed = false WHERE id = ANY($1) RETURNING id)
                 SELECT pg_notify($2, $3) WHERE EXISTS (SELECT 1 FROM back)"),
             task_queue: s("SELECT queue FROM {s}.tasks WHERE id = $1"),
+            // In `rows::task_view`'s order; unfinished tasks only.
+            describe: s("SELECT queue, state, attempt, max_attempts, created_at, expires_at,
+                    octet_length(payload)::int8, worker, lease_until
+                FROM {s}.tasks WHERE id = $1 AND state < 2"),
+            // Through the partial index tasks_failed.
+            recent_failures: s("SELECT {r} FROM {s}.tasks WHERE state = 3
+                ORDER BY finished_at DESC LIMIT $1"),
             in_flight: s("SELECT worker, count(*) FROM {s}.tasks
                 WHERE state = 1 AND worker = ANY($1) GROUP BY worker"),
             stats: s("SELECT queue,
