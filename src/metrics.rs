@@ -297,7 +297,8 @@ impl TaskDurationFamilies {
 
 impl Collector for TaskDurationFamilies {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let families: [(&str, &str, fn(&TaskDurations) -> &DurationHistogram); 3] = [
+        type Pick = fn(&TaskDurations) -> &DurationHistogram;
+        let families: [(&str, &str, Pick); 3] = [
             (
                 "taskq_task_wait_duration_seconds",
                 "How long tasks waited to be handed out: from the put, or from going back to \
@@ -470,6 +471,7 @@ mod tests {
             held_bytes: 10,
             held_bytes_limit: 100,
             workers_alive: 2,
+            recent_failures: Vec::new(),
         }
     }
 

@@ -112,6 +112,6 @@ mod tests {
             "past the last bound"
         );
         assert_eq!(h.count(), 5);
-        assert!((h.sum_seconds() - 7201.002_001).abs() < 1e-6);
+        assert!((h.sum_seconds() - 7_201.002_001).abs() < 1e-6);
     }
 }
