@@ -457,6 +457,18 @@ async fn the_page_is_json_for_scripts_and_needs_a_token() {
     assert_eq!(view["attempts"], json!(1));
     assert_eq!(view["worker"], json!("browser-test-worker"));
     assert_eq!(view["payload_bytes"], json!(1));
+    // The worker's row names the lease, with the time it has left.
+    let (_, body) = server
+        .http_get("/status", Some(MONITOR), Some("application/json"))
+        .await;
+    let report: Value = serde_json::from_str(&body).unwrap();
+    let leases = &report["workers"][0]["leases"];
+    assert_eq!(leases[0]["task_id"], json!(held.id), "{body}");
+    assert!(
+        leases[0]["expires_in_seconds"].as_f64().unwrap() > 0.0,
+        "{body}"
+    );
+    assert_eq!(report["workers"][0]["in_flight"], json!(1), "{body}");
     let lease_expires = view["lease_expires_at_unix"].as_f64().unwrap();
     let created = view["created_at_unix"].as_f64().unwrap();
     assert!(lease_expires > created, "{view}");

@@ -1839,3 +1839,28 @@ async fn task_durations_are_measured_from_put_requeue_and_lease() {
     assert_eq!(d.end_to_end.sum_nanos, 66 * 1_000_000_000);
     b.check();
 }
+
+/// A worker's record names up to 8 of its leases, each with its deadline,
+/// and forgets one when it ends.
+#[tokio::test(start_paused = true)]
+async fn a_worker_names_up_to_eight_of_its_leases() {
+    let b = broker();
+    for i in 0..10 {
+        put(&b, "q", &i.to_string()).await;
+    }
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(take(&b, "q", 30 * SEC).await);
+    }
+    let worker = |b: &Broker| b.stats(None).workers.remove(0);
+    let w = worker(&b);
+    assert_eq!(w.in_flight, 10);
+    assert_eq!(w.leases.len(), 8);
+    assert_eq!(w.leases[0], (held[0].id, held[0].lease_expires_at));
+    b.complete(held[0].lease_id, ok("done")).unwrap();
+    let w = worker(&b);
+    assert_eq!(w.in_flight, 9);
+    assert_eq!(w.leases.len(), 7);
+    assert!(w.leases.iter().all(|(id, _)| *id != held[0].id));
+    b.check();
+}

@@ -697,6 +697,9 @@ pub struct WorkerInfo {
     pub in_flight: u32,
     /// False once silent for the worker timeout.
     pub alive: bool,
+    /// Some of the tasks it holds (at most 8) with their lease deadlines,
+    /// for the status page.
+    pub leases: Vec<(TaskId, SystemTime)>,
 }
 
 /// A snapshot of queues and workers.

@@ -8,18 +8,24 @@
 //! - A worker holding a task is never forgotten.
 //! - Known workers (nearly every call) cost one lookup.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
 use super::clock::Clock;
 use super::types::NameMap;
-use super::{QueueName, WorkerId, WorkerInfo};
+use super::{QueueName, TaskId, WorkerId, WorkerInfo};
+
+/// How many of a worker's leases its record names, for the status page.
+pub const LEASES_NAMED: usize = 8;
 
 struct WorkerRecord {
     queue: Option<QueueName>,
     last_seen: Instant,
     in_flight: u32,
+    /// Up to [`LEASES_NAMED`] of the tasks it holds: those it took while
+    /// fewer were named (a sample, not the oldest).
+    leases: Vec<TaskId>,
 }
 
 /// The workers seen lately.
@@ -40,17 +46,22 @@ impl WorkerTable {
     }
 
     /// Records that `worker` was seen now, working on `queue` if given, and
-    /// adds `leased` to what it holds.
+    /// adds the task it `leased`, if any, to what it holds.
     pub(super) fn touch(
         &mut self,
         worker: &WorkerId,
         queue: Option<&QueueName>,
-        leased: u32,
+        leased: Option<TaskId>,
         now: Instant,
     ) {
         if let Some(record) = self.records.get_mut(worker) {
             record.last_seen = now;
-            record.in_flight = record.in_flight.saturating_add(leased);
+            if let Some(task) = leased {
+                record.in_flight = record.in_flight.saturating_add(1);
+                if record.leases.len() < LEASES_NAMED {
+                    record.leases.push(task);
+                }
+            }
             if let Some(queue) = queue {
                 record.queue = Some(queue.clone());
             }
@@ -67,15 +78,19 @@ impl WorkerTable {
             WorkerRecord {
                 queue: queue.cloned(),
                 last_seen: now,
-                in_flight: leased,
+                in_flight: u32::from(leased.is_some()),
+                leases: leased.into_iter().collect(),
             },
         );
     }
 
-    /// A lease of `worker`'s has ended.
-    pub(super) fn lease_ended(&mut self, worker: &WorkerId) {
+    /// `worker`'s lease of `task` has ended.
+    pub(super) fn lease_ended(&mut self, worker: &WorkerId, task: TaskId) {
         if let Some(record) = self.records.get_mut(worker) {
             record.in_flight = record.in_flight.saturating_sub(1);
+            if let Some(at) = record.leases.iter().position(|t| *t == task) {
+                record.leases.swap_remove(at);
+            }
         }
     }
 
@@ -97,11 +112,13 @@ impl WorkerTable {
 
     /// The workers last seen on a queue of `only` (or all), sorted by id,
     /// after forgetting the silent idle ones.
+    /// `deadline` tells when a named lease runs out.
     pub(super) fn report(
         &mut self,
         only: Option<&[QueueName]>,
         clock: &Clock,
         now: Instant,
+        deadline: impl Fn(TaskId) -> Option<SystemTime>,
     ) -> Vec<WorkerInfo> {
         self.prune(now);
         let mut workers: Vec<WorkerInfo> = self
@@ -116,6 +133,11 @@ impl WorkerTable {
                 last_seen: clock.wall(w.last_seen),
                 in_flight: w.in_flight,
                 alive: now.duration_since(w.last_seen) < self.timeout,
+                leases: w
+                    .leases
+                    .iter()
+                    .filter_map(|&task| Some((task, deadline(task)?)))
+                    .collect(),
             })
             .collect();
         workers.sort_by(|a, b| a.worker.cmp(&b.worker));

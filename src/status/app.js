@@ -90,6 +90,7 @@ function render(report) {
     cell(row, w.worker, "name");
     cell(row, w.queue || "–", "queue");
     cell(row, w.in_flight, "in-flight");
+    cell(row, w.leases.map((l) => l.task_id + " " + duration(l.expires_in_seconds)).join("\n"), "leases");
     cell(row, duration(w.last_seen_seconds_ago) + " ago", "last-seen");
     cell(row, w.alive ? "alive" : "silent", w.alive ? "" : "bad");
   }

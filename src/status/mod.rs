@@ -225,6 +225,13 @@ impl<S: Store> StatusSources<S> {
                         .unwrap_or_default()
                         .as_secs_f64(),
                     "alive": w.alive,
+                    "leases": w.leases.iter().map(|(task, until)| json!({
+                        "task_id": task.to_string(),
+                        "expires_in_seconds": until
+                            .duration_since(now)
+                            .unwrap_or_default()
+                            .as_secs_f64(),
+                    })).collect::<Vec<Value>>(),
                 })
             })
             .collect();

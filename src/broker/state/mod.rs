@@ -401,7 +401,7 @@ impl State {
         now: Instant,
     ) -> Result<Option<LeasedTask>, BrokerError> {
         self.queue_mut(queue)?;
-        self.workers.touch(worker, Some(queue), 0, now);
+        self.workers.touch(worker, Some(queue), None, now);
         if self.closed {
             return Ok(None);
         }
@@ -441,7 +441,8 @@ impl State {
         let expires_at = now + lease_duration;
         let entry = self.tasks.get_mut(&id).expect("popped task is held");
         // A worker whose wait outlived its record is recorded again here.
-        self.workers.touch(&worker, Some(&entry.queue), 1, now);
+        self.workers
+            .touch(&worker, Some(&entry.queue), Some(id), now);
         entry.attempt += 1;
         entry.lease_seq += 1;
         let seq = entry.lease_seq;
@@ -510,7 +511,7 @@ impl State {
         entry.extras_mut().ready_since = Some(self.clock.stamp(now));
         let queue_name = entry.queue.clone();
         self.known_queue(&queue_name).released(id);
-        self.workers.lease_ended(&lease.worker);
+        self.workers.lease_ended(&lease.worker, id);
         self.stream_slot_freed(&lease, id);
         Some(lease)
     }
@@ -621,7 +622,7 @@ impl State {
     ) -> Result<StreamId, BrokerError> {
         self.queue_mut(queue)?;
         let (id, slot) = self.slots.admit_stream()?;
-        self.workers.touch(&worker, Some(queue), 0, now);
+        self.workers.touch(&worker, Some(queue), None, now);
         let lease_duration = self.clamp_lease(lease_duration);
         self.streams.insert(
             id,
@@ -757,7 +758,7 @@ impl State {
         if earlier {
             current.scheduled = expires_at;
         }
-        self.workers.touch(&current.worker, None, 0, now);
+        self.workers.touch(&current.worker, None, None, now);
         if earlier {
             self.schedule(expires_at, lease_id.task, TimerKind::Lease(lease_id.seq));
         }
@@ -811,7 +812,7 @@ impl State {
             Status::Leased(l) if l.seq == lease_id.seq && l.expires_at > now);
         match outcome {
             Outcome::Success(output) => {
-                self.workers.touch(&holder, None, 0, now);
+                self.workers.touch(&holder, None, None, now);
                 let ended = Ended {
                     state: TaskState::Succeeded,
                     output,
@@ -829,7 +830,7 @@ impl State {
                 }
                 let can_retry =
                     retry && entry.attempt < entry.max_attempts && !entry.expired(&self.clock, now);
-                self.workers.touch(&holder, None, 0, now);
+                self.workers.touch(&holder, None, None, now);
                 if can_retry {
                     self.release(lease_id.task, now);
                     let entry = self.tasks.get_mut(&lease_id.task).expect("held");
@@ -921,7 +922,7 @@ impl State {
         );
         let (ran, freed_stream) = match &previous {
             Status::Leased(lease) => {
-                self.workers.lease_ended(&lease.worker);
+                self.workers.lease_ended(&lease.worker, id);
                 self.stream_slot_freed(lease, id);
                 (
                     Some(now.saturating_duration_since(lease.leased_at)),
@@ -1318,7 +1319,12 @@ impl State {
 
     pub fn stats(&mut self, only: Option<&[QueueName]>, now: Instant) -> Stats {
         let queues = self.queue_stats(only, now);
-        let workers = self.workers.report(only, &self.clock, now);
+        let (tasks, clock) = (&self.tasks, self.clock);
+        let deadline = |task| match &tasks.get(&task)?.status {
+            Status::Leased(lease) => Some(clock.wall(lease.expires_at)),
+            Status::Pending => None,
+        };
+        let workers = self.workers.report(only, &self.clock, now, deadline);
         Stats { queues, workers }
     }
 }

@@ -348,19 +348,26 @@ impl PgStore {
             return Ok(Vec::new());
         }
         let names: Vec<&str> = seen.iter().map(|(w, _, _)| w.as_str()).collect();
-        let in_flight: std::collections::HashMap<String, i64> = self
+        type Leases = (i64, Vec<(TaskId, SystemTime)>);
+        let mut in_flight: std::collections::HashMap<String, Leases> = self
             .rows(&self.inner.sql.in_flight, &[&names])
             .await?
             .iter()
-            .map(|row| (row.get(0), row.get(1)))
+            .map(|row| {
+                let ids: Vec<uuid::Uuid> = row.get(2);
+                let until: Vec<SystemTime> = row.get(3);
+                let leases = ids.into_iter().map(TaskId::from_uuid).zip(until).collect();
+                (row.get(0), (row.get(1), leases))
+            })
             .collect();
         let now = SystemTime::now();
         let mut workers: Vec<WorkerInfo> = seen
             .into_iter()
             .filter_map(|(worker, queue, at)| {
+                let (count, leases) = in_flight.remove(&worker).unwrap_or_default();
                 Some(WorkerInfo {
-                    in_flight: u32::try_from(in_flight.get(&worker).copied().unwrap_or(0))
-                        .unwrap_or(u32::MAX),
+                    in_flight: u32::try_from(count).unwrap_or(u32::MAX),
+                    leases,
                     worker: WorkerId::new(&worker).ok()?,
                     queue: QueueName::parse(&queue).ok(),
                     last_seen: at,

@@ -141,7 +141,11 @@ impl Sql {
             // Through the partial index tasks_failed.
             recent_failures: s("SELECT {r} FROM {s}.tasks WHERE state = 3
                 ORDER BY finished_at DESC LIMIT $1"),
-            in_flight: s("SELECT worker, count(*) FROM {s}.tasks
+            // Each worker's leases: how many, and the 8 that run out first.
+            in_flight: s("SELECT worker, count(*),
+                    (array_agg(id ORDER BY lease_until))[1:8],
+                    (array_agg(lease_until ORDER BY lease_until))[1:8]
+                FROM {s}.tasks
                 WHERE state = 1 AND worker = ANY($1) GROUP BY worker"),
             stats: s("SELECT queue,
                     count(*) FILTER (WHERE state = 0),
