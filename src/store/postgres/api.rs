@@ -1,5 +1,6 @@
 //! The seam: the PostgreSQL store as a [`Store`].
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -317,13 +318,50 @@ impl Store for PgStore {
     }
 
     async fn snapshot(&self) -> Result<Snapshot, BrokerError> {
-        let stats = self.stats(None).await?;
+        let sql = &self.inner.sql;
         let limit = RECENT_FAILURES as i64;
-        let failures = self
-            .rows(&self.inner.sql.recent_failures, &[&limit])
-            .await?;
+        let failures_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&limit];
+        let (unfinished, leased, failures) = tokio::try_join!(
+            self.rows(&sql.snapshot_unfinished, &[]),
+            self.rows(&sql.snapshot_leased, &[]),
+            self.rows(&sql.recent_failures, &failures_params),
+        )?;
+        let names: Vec<String> = unfinished.iter().map(|row| row.get(0)).collect();
+        let oldest = self.rows(&sql.snapshot_oldest, &[&names]).await?;
+        let leased: HashMap<String, i64> =
+            leased.iter().map(|row| (row.get(0), row.get(1))).collect();
+        let oldest: HashMap<String, f64> =
+            oldest.iter().map(|row| (row.get(0), row.get(1))).collect();
+        let counters = self.inner.counters.read();
+        let streams = self.worker_streams();
+        let queues = unfinished
+            .iter()
+            .map(|row| {
+                let queue: String = row.get(0);
+                let unfinished = u64::try_from(row.get::<_, i64>(1)).unwrap_or(0);
+                let leased = leased
+                    .get(&queue)
+                    .map_or(0, |n| u64::try_from(*n).unwrap_or(0));
+                let mut stats = QueueStats {
+                    pending: unfinished.saturating_sub(leased),
+                    leased,
+                    oldest_pending_age: Duration::try_from_secs_f64(
+                        oldest.get(&queue).copied().unwrap_or(0.0),
+                    )
+                    .unwrap_or_default(),
+                    worker_streams: streams.get(&queue).copied().unwrap_or(0),
+                    ..QueueStats::default()
+                };
+                if let Some(counts) = counters.get(&queue) {
+                    counts.fill(&mut stats);
+                }
+                stats.queue = queue;
+                stats
+            })
+            .collect();
         Ok(Snapshot {
-            queues: stats.queues,
+            queues,
+            workers_alive: self.workers_alive(),
             recent_failures: failures
                 .iter()
                 .filter_map(rows::result_row)

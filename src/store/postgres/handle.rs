@@ -1,5 +1,6 @@
 //! The store's handle: connecting, and the statements behind its calls.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -9,6 +10,7 @@ use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 use super::config::PostgresConfig;
+use super::counters::{Counters, Tally};
 use super::error::PgError;
 use super::inner::Inner;
 use super::jobs::{Job, Prepared};
@@ -98,6 +100,7 @@ impl PgStore {
             result_dispatch: Mutex::default(),
             ids: Mutex::new(IdMaker::new()),
             workers: Mutex::default(),
+            counters: Counters::default(),
         });
         let (ready_tx, ready_rx) = oneshot::channel();
         tokio::spawn(wake::listen(
@@ -192,13 +195,18 @@ impl PgStore {
             .await
             .map_err(PgError::from)?;
         let now = tokio::time::Instant::now();
+        let mut tally = Tally::default();
+        let counts = tally.queue(queue.as_str());
         let mut tasks: Vec<(usize, LeasedTask)> = rows
             .iter()
             .map(|row| {
+                counts.delivered(row.get(11));
                 let slot = usize::try_from(row.get::<_, i64>(10) - 1).unwrap_or(0);
                 (slot, leased_task(row, queue, now))
             })
             .collect();
+        // One statement: committed once it answered.
+        self.inner.counters.add(tally);
         tasks.sort_unstable_by_key(|(slot, _)| *slot);
         Ok(tasks)
     }
@@ -378,6 +386,24 @@ impl PgStore {
             .collect();
         workers.sort_by(|a, b| a.worker.as_str().cmp(b.worker.as_str()));
         Ok(workers)
+    }
+
+    /// Workers that called this server within the worker timeout.
+    pub(crate) fn workers_alive(&self) -> u64 {
+        let now = SystemTime::now();
+        let timeout = self.inner.broker.worker_timeout;
+        lock(&self.inner.workers)
+            .values()
+            .filter(|(_, at)| now.duration_since(*at).unwrap_or_default() < timeout)
+            .count() as u64
+    }
+
+    /// This server's worker streams per queue.
+    pub(crate) fn worker_streams(&self) -> HashMap<String, u64> {
+        lock(&self.inner.task_dispatch)
+            .iter()
+            .map(|(queue, dispatch)| (queue.clone(), lock(&dispatch.streams).len() as u64))
+            .collect()
     }
 
     /// A worker stream's lease was reported: free its place in the window.

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, watch};
 
+use super::counters::Counters;
 use super::jobs::Job;
 use super::registry::{ResultDispatch, StreamShared, TaskDispatch};
 use super::sql::Sql;
@@ -36,6 +37,8 @@ pub(crate) struct Inner {
     pub(crate) ids: Mutex<IdMaker>,
     /// Workers that called this server: id → (queue, last seen).
     pub(crate) workers: Mutex<HashMap<String, (String, SystemTime)>>,
+    /// What this server did since it started, for monitoring.
+    pub(crate) counters: Counters,
 }
 
 impl std::fmt::Debug for Inner {

@@ -17,6 +17,7 @@
 
 mod api;
 mod config;
+mod counters;
 mod error;
 mod handle;
 mod inner;

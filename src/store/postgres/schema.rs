@@ -14,7 +14,7 @@ const MIGRATION_LOCK: i64 = 0x0074_6173_6b71;
 
 /// The migrations, in order; `{s}` stands for the schema. Never edit one
 /// that has shipped: add the next.
-const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2)];
+const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3)];
 
 /// Version 1: tasks, results and per-queue counters.
 const V1: &str = r"
@@ -85,6 +85,14 @@ CREATE TABLE {s}.queue_counts (
 /// so it holds failed tasks only and a success never touches it.
 const V2: &str = r"
 CREATE INDEX tasks_failed ON {s}.tasks (finished_at DESC) WHERE state = 3;
+";
+
+/// Version 3: the times the task durations of `/metrics` are measured
+/// from. `leased_at`: when the current (last) lease began. `ready_at`: when
+/// the task last went back to pending after a lease (NULL: pending since
+/// its put). Both without a default, so adding them rewrites no row.
+const V3: &str = r"
+ALTER TABLE {s}.tasks ADD COLUMN leased_at timestamptz, ADD COLUMN ready_at timestamptz;
 ";
 
 /// Applies every migration the database lacks, under the advisory lock.

@@ -27,6 +27,9 @@ pub(crate) struct Sql {
     pub(crate) describe: String,
     pub(crate) recent_failures: String,
     pub(crate) stats: String,
+    pub(crate) snapshot_unfinished: String,
+    pub(crate) snapshot_leased: String,
+    pub(crate) snapshot_oldest: String,
     pub(crate) in_flight: String,
     pub(crate) sweep_leases: String,
     pub(crate) sweep_ttl: String,
@@ -34,13 +37,23 @@ pub(crate) struct Sql {
     pub(crate) drop_over: String,
 }
 
+/// How long the task's last lease ran (NULL when it never was leased) and
+/// how long since its put, in seconds: after the columns a statement that
+/// finishes tasks returns (see `counters`).
+const DURATION_COLUMNS: &str = "extract(epoch FROM now() - t.leased_at)::float8, \
+     extract(epoch FROM now() - t.created_at)::float8";
+
 /// The columns a result is read from, in `result_row`'s order.
 const RESULT_COLUMNS: &str =
     "id, queue, state, output, error, attempt, worker, created_at, finished_at";
 
 impl Sql {
     pub(crate) fn new(schema: &str) -> Self {
-        let s = |text: &str| text.replace("{s}", schema).replace("{r}", RESULT_COLUMNS);
+        let s = |text: &str| {
+            text.replace("{s}", schema)
+                .replace("{r}", RESULT_COLUMNS)
+                .replace("{d}", DURATION_COLUMNS)
+        };
         Self {
             ensure_queues: s("INSERT INTO {s}.queue_counts (queue, shard)
                 SELECT unnest($1::text[]), 0 ON CONFLICT DO NOTHING"),
@@ -54,14 +67,15 @@ impl Sql {
             // A task with a lease ($8, $9) is handed to a worker stream of
             // this server in the insert: leased at once, attempt 1.
             insert_tasks: s("INSERT INTO {s}.tasks (id, queue, payload, headers, idempotency_key, max_attempts,
-                    expires_at, state, attempt, lease_seq, lease_until, worker)
+                    expires_at, state, attempt, lease_seq, lease_until, worker, leased_at)
                 SELECT id, queue, payload, headers, key, max_attempts,
                        CASE WHEN ttl IS NULL THEN NULL ELSE now() + make_interval(secs => ttl) END,
                        CASE WHEN lease IS NULL THEN 0 ELSE 1 END,
                        CASE WHEN lease IS NULL THEN 0 ELSE 1 END,
                        CASE WHEN lease IS NULL THEN 0 ELSE 1 END,
                        CASE WHEN lease IS NULL THEN NULL ELSE now() + make_interval(secs => lease) END,
-                       worker
+                       worker,
+                       CASE WHEN lease IS NULL THEN NULL ELSE now() END
                 FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::text[], $5::text[], $6::int4[],
                             $7::float8[], $8::float8[], $9::text[])
                      AS t(id, queue, payload, headers, key, max_attempts, ttl, lease, worker)
@@ -87,14 +101,15 @@ impl Sql {
                 UPDATE {s}.tasks t
                 SET state = 1, attempt = t.attempt + 1, lease_seq = t.lease_seq + 1,
                     lease_until = now() + make_interval(secs => ($3::float8[])[c.n]),
-                    worker = ($4::text[])[c.n]
+                    worker = ($4::text[])[c.n], leased_at = now()
                 FROM numbered c
                 WHERE t.id = c.id
                 RETURNING t.id, t.payload, t.headers, t.attempt, t.max_attempts, t.lease_seq,
                           t.lease_until, t.created_at, t.expires_at,
-                          extract(epoch FROM t.lease_until - now())::float8, c.n"),
+                          extract(epoch FROM t.lease_until - now())::float8, c.n,
+                          extract(epoch FROM now() - coalesce(t.ready_at, t.created_at))::float8"),
             release: s("WITH back AS (
-                    UPDATE {s}.tasks t SET state = 0, lease_until = NULL
+                    UPDATE {s}.tasks t SET state = 0, lease_until = NULL, ready_at = now()
                     FROM unnest($1::uuid[], $2::int4[]) AS r(id, seq)
                     WHERE t.id = r.id AND t.state = 1 AND t.lease_seq = r.seq
                     RETURNING t.id)
@@ -108,7 +123,7 @@ impl Sql {
                 FROM unnest($1::uuid[], $2::int4[], $3::bytea[]) AS r(id, seq, output)
                 WHERE t.id = r.id AND t.state < 2 AND r.seq >= 1 AND r.seq <= t.lease_seq
                 RETURNING t.id, t.queue, t.state, t.output, t.error, t.attempt, t.worker,
-                          t.created_at, t.finished_at"),
+                          t.created_at, t.finished_at, {d}"),
             complete_failed: s("UPDATE {s}.tasks t
                 SET state = CASE WHEN r.retry AND t.attempt < t.max_attempts
                                       AND (t.expires_at IS NULL OR t.expires_at > now())
@@ -116,11 +131,14 @@ impl Sql {
                     finished_at = CASE WHEN r.retry AND t.attempt < t.max_attempts
                                       AND (t.expires_at IS NULL OR t.expires_at > now())
                                  THEN NULL ELSE now() END,
+                    ready_at = CASE WHEN r.retry AND t.attempt < t.max_attempts
+                                      AND (t.expires_at IS NULL OR t.expires_at > now())
+                                 THEN now() ELSE t.ready_at END,
                     error = r.error, by_lease = r.seq, lease_until = NULL
                 FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::bool[]) AS r(id, seq, error, retry)
                 WHERE t.id = r.id AND t.state = 1 AND t.lease_seq = r.seq AND t.lease_until > now()
                 RETURNING t.id, t.queue, t.state, t.output, t.error, t.attempt, t.worker,
-                          t.created_at, t.finished_at"),
+                          t.created_at, t.finished_at, {d}"),
             report_view: s("SELECT id, state, lease_seq, by_lease, output, error FROM {s}.tasks WHERE id = ANY($1)"),
             result_of: s("SELECT {r} FROM {s}.tasks WHERE id = $1"),
             results_of: s("SELECT {r} FROM {s}.tasks WHERE id = ANY($1) AND state >= 2"),
@@ -147,6 +165,17 @@ impl Sql {
                     (array_agg(lease_until ORDER BY lease_until))[1:8]
                 FROM {s}.tasks
                 WHERE state = 1 AND worker = ANY($1) GROUP BY worker"),
+            // A scrape's numbers, none proportional to the tasks held: the
+            // unfinished counts from their shards, the leased rows through
+            // the partial index tasks_leases, and each queue's head through
+            // tasks_ready.
+            snapshot_unfinished: s("SELECT queue, sum(unfinished)::int8 FROM {s}.queue_counts
+                GROUP BY queue ORDER BY queue"),
+            snapshot_leased: s("SELECT queue, count(*) FROM {s}.tasks WHERE state = 1 GROUP BY queue"),
+            snapshot_oldest: s("SELECT q, coalesce(extract(epoch FROM now() - (
+                    SELECT created_at FROM {s}.tasks WHERE queue = q AND state = 0
+                    ORDER BY id LIMIT 1)), 0)::float8
+                FROM unnest($1::text[]) AS q"),
             stats: s("SELECT queue,
                     count(*) FILTER (WHERE state = 0),
                     count(*) FILTER (WHERE state = 1),
@@ -165,18 +194,21 @@ impl Sql {
                                       || ': worker ' || coalesce(t.worker, '?') || ' reported no result in time'
                                  ELSE t.error END,
                     by_lease = CASE WHEN t.attempt >= t.max_attempts THEN t.lease_seq ELSE t.by_lease END,
+                    ready_at = CASE WHEN t.attempt >= t.max_attempts THEN t.ready_at ELSE now() END,
                     lease_until = NULL
                 FROM (SELECT id FROM {s}.tasks WHERE state = 1 AND lease_until <= now()
                       ORDER BY lease_until LIMIT 500 FOR UPDATE SKIP LOCKED) c
                 WHERE t.id = c.id
-                RETURNING t.id, t.queue, t.state"),
+                RETURNING t.id, t.queue, t.state, {d}"),
             sweep_ttl: s("UPDATE {s}.tasks t
                 SET state = 3, finished_at = now(), lease_until = NULL,
                     error = 'task expired: its ttl ran out before it finished'
-                FROM (SELECT id FROM {s}.tasks WHERE state < 2 AND expires_at <= now()
+                FROM (SELECT id, state = 1 AS leased FROM {s}.tasks WHERE state < 2 AND expires_at <= now()
                       ORDER BY expires_at LIMIT 500 FOR UPDATE SKIP LOCKED) c
                 WHERE t.id = c.id
-                RETURNING t.id, t.queue, t.state"),
+                RETURNING t.id, t.queue, t.state,
+                          CASE WHEN c.leased THEN extract(epoch FROM now() - t.leased_at)::float8 END,
+                          extract(epoch FROM now() - t.created_at)::float8"),
             drop_old: s("DELETE FROM {s}.tasks WHERE id IN (
                 SELECT id FROM {s}.tasks WHERE state >= 2 AND finished_at < now() - make_interval(secs => $1)
                 ORDER BY finished_at LIMIT 1000 FOR UPDATE SKIP LOCKED)"),

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
+use super::counters::Tally;
 use super::error::PgError;
 use super::inner::Inner;
 use super::notify::notify_finished;
@@ -56,11 +57,18 @@ async fn sweep(inner: &Inner) -> Result<(), PgError> {
             }
             let mut finished: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
             let mut ready: Vec<String> = Vec::new();
+            let mut tally = Tally::default();
+            let ttl = std::ptr::eq(statement, &inner.sql.sweep_ttl);
             for row in &rows {
                 let queue: String = row.get(1);
+                let counts = tally.queue(&queue);
                 if row.get::<_, i16>(2) == 0 {
+                    counts.retried_after_lease_expiry += 1;
                     ready.push(queue);
                 } else {
+                    counts.failed += 1;
+                    counts.expired += u64::from(ttl);
+                    counts.finished(row.get(3), row.get(4));
                     finished.entry(queue).or_default().push(row.get(0));
                 }
             }
@@ -81,6 +89,7 @@ async fn sweep(inner: &Inner) -> Result<(), PgError> {
                     .await?;
             }
             transaction.commit().await?;
+            inner.counters.add(tally);
             if rows.len() < 500 {
                 break;
             }

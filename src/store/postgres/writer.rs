@@ -13,6 +13,7 @@ use deadpool_postgres::Transaction;
 use tokio::sync::{Mutex as AsyncMutex, mpsc};
 use uuid::Uuid;
 
+use super::counters::Tally;
 use super::error::PgError;
 use super::inner::Inner;
 use super::jobs::{Job, Prepared};
@@ -149,6 +150,8 @@ pub(crate) struct Handoffs {
     /// Places reserved and not (yet) filled: given back on failure.
     task_places: Vec<Arc<StreamShared>>,
     result_places: Vec<Arc<ResultShared>>,
+    /// What the transaction did, counted once it commits.
+    tally: Tally,
 }
 
 impl Handoffs {
@@ -172,6 +175,7 @@ impl Handoffs {
     /// A stream that ended meanwhile still holds its task, and its dispatch
     /// gives it back; a result for a reader that left is given back here.
     fn deliver(self, inner: &Inner) -> Vec<TaskResult> {
+        inner.counters.add(self.tally);
         let mut back = Vec::new();
         for stream in self.task_places {
             stream.unreserve(1);
@@ -390,6 +394,8 @@ async fn put_tasks(
             inserted.insert(id);
             if let Some(stream) = handed.remove(&id) {
                 let task = by_id[&id];
+                // Leased in its own insert: it waited for nothing.
+                handoffs.tally.queue(task.queue.as_str()).delivered(0.0);
                 let left: f64 = row.get(4);
                 let task = LeasedTask {
                     id: task.id,
@@ -455,6 +461,7 @@ async fn put_tasks(
         }
         if inserted.contains(&task.id.as_uuid()) {
             *added.entry(task.queue.as_str().to_owned()).or_default() += 1;
+            handoffs.tally.queue(task.queue.as_str()).enqueued += 1;
             if !handed_ids.contains(&task.id) {
                 ready.insert(task.queue.as_str().to_owned());
             }
@@ -610,6 +617,7 @@ async fn complete(
             .await?
         {
             changed.insert(row.get(0), (row.get(1), row.get(2)));
+            count_report(&mut handoffs.tally, &row);
             if let Some(result) = result_row(&row) {
                 finished_results.insert(row.get(0), result);
             }
@@ -624,6 +632,7 @@ async fn complete(
             .await?
         {
             changed.insert(row.get(0), (row.get(1), row.get(2)));
+            count_report(&mut handoffs.tally, &row);
             if let Some(result) = result_row(&row) {
                 finished_results.insert(row.get(0), result);
             }
@@ -718,6 +727,25 @@ async fn complete(
             .await?;
     }
     Ok(out)
+}
+
+/// Counts a report that changed its task (a row of `complete_ok` or
+/// `complete_failed`: the result's columns, then the durations).
+fn count_report(tally: &mut Tally, row: &tokio_postgres::Row) {
+    let queue: &str = row.get(1);
+    let counts = tally.queue(queue);
+    match state_of(row.get::<_, i16>(2)) {
+        TaskState::Pending => counts.retried_after_error += 1,
+        TaskState::Succeeded => {
+            counts.succeeded += 1;
+            counts.finished(row.get(9), row.get(10));
+        }
+        TaskState::Failed => {
+            counts.failed += 1;
+            counts.finished(row.get(9), row.get(10));
+        }
+        TaskState::Leased => {}
+    }
 }
 
 /// Counts tasks finished in this transaction out of their queues, in a
