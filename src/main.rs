@@ -19,6 +19,11 @@ fn main() -> ExitCode {
         // Their output is the point; keep routine logs out of it.
         args.log.filter = Some("warn".into());
     }
+    if matches!(args.command, Command::Top(_)) && args.log.filter.is_none() {
+        // A log line on stderr would tear the dashboard; its problems are
+        // shown on it instead.
+        args.log.filter = Some("off".into());
+    }
     if let Err(error) = taskq::telemetry::init(&args.log) {
         return config_error(error);
     }
@@ -37,6 +42,7 @@ fn main() -> ExitCode {
             Command::Result(result) => cli::result::run_one(result).await,
             Command::Results(results) => cli::result::run_queue(results).await,
             Command::Stats(stats) => cli::stats::run(stats).await,
+            Command::Top(top) => cli::top::run(top).await,
             Command::Health(health) => cli::health::run(health).await,
             Command::Demo(demo) => cli::demo::run(demo).await,
             Command::Bench(bench) => cli::bench::run(bench).await,

@@ -1,7 +1,7 @@
 //! The flags every client command shares: where the server is, the token,
 //! and timeouts.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -61,23 +61,7 @@ impl ClientArgs {
     /// # Errors
     /// A [`ConfigError`] naming `--token-file` or `TASKQ_TOKEN`.
     pub fn options(&self) -> Result<ClientOptions, ConfigError> {
-        let token = match &self.token_file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-                    flag: "--token-file (TASKQ_TOKEN_FILE)",
-                    message: format!("cannot read {}: {e}", path.display()),
-                })?;
-                let token = crate::auth::client_token(&text).ok_or_else(|| ConfigError {
-                    flag: "--token-file (TASKQ_TOKEN_FILE)",
-                    message: format!("{} holds no token", path.display()),
-                })?;
-                Some(token.to_string())
-            }
-            None => std::env::var("TASKQ_TOKEN")
-                .ok()
-                .map(|t| t.trim().to_string())
-                .filter(|t| !t.is_empty()),
-        };
+        let token = load_token(self.token_file.as_deref())?;
         Ok(ClientOptions {
             token,
             connect_timeout: self.connect_timeout,
@@ -124,4 +108,29 @@ impl ClientArgs {
         let options = self.options().map_err(config_error)?;
         Client::connect_lazy(&self.server, options).map_err(config_error)
     }
+}
+
+/// The bearer token of a client command: from `token_file` when given
+/// (the first word of its first line that is not blank or a # comment),
+/// else from `TASKQ_TOKEN`; `None` when neither holds one.
+///
+/// # Errors
+/// A `ConfigError` naming `--token-file` when the file cannot be read or
+/// holds no token.
+pub fn load_token(token_file: Option<&Path>) -> Result<Option<String>, ConfigError> {
+    let Some(path) = token_file else {
+        return Ok(std::env::var("TASKQ_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty()));
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        flag: "--token-file (TASKQ_TOKEN_FILE)",
+        message: format!("cannot read {}: {e}", path.display()),
+    })?;
+    let token = crate::auth::client_token(&text).ok_or_else(|| ConfigError {
+        flag: "--token-file (TASKQ_TOKEN_FILE)",
+        message: format!("{} holds no token", path.display()),
+    })?;
+    Ok(Some(token.to_string()))
 }

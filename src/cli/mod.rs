@@ -17,6 +17,7 @@ pub mod put;
 pub mod result;
 pub mod serve;
 pub mod stats;
+pub mod top;
 pub mod worker;
 
 use clap::{Parser, Subcommand};
@@ -54,6 +55,9 @@ pub enum Command {
     Results(result::ResultsArgs),
     /// Show queues and workers.
     Stats(stats::StatsArgs),
+    /// A live dashboard of queues, rates and workers in the terminal; `q`
+    /// quits.
+    Top(top::TopArgs),
     /// Exit 0 when the server is SERVING (for health checks).
     Health(health::HealthArgs),
     /// Show the whole system on this machine: a server, two workers and a
@@ -76,6 +80,18 @@ mod tests {
     #[test]
     fn the_command_line_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    /// `taskq top` without flags refreshes every [`top::DEFAULT_INTERVAL`]
+    /// and finds the server where the other commands do.
+    #[test]
+    fn top_flags_default_to_the_named_defaults() {
+        let Command::Top(args) = Cli::try_parse_from(["taskq", "top"]).unwrap().command else {
+            panic!("not parsed as top");
+        };
+        assert_eq!(args.interval, top::DEFAULT_INTERVAL);
+        assert_eq!(args.server, DEFAULT_SERVER);
+        assert_eq!(args.http, None);
     }
 
     /// The defaults `taskq worker --help` shows (and a run without those

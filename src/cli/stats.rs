@@ -58,7 +58,9 @@ fn age(duration: Option<prost_types::Duration>) -> Duration {
         .unwrap_or_default()
 }
 
-fn short(duration: Duration) -> String {
+/// A duration in its largest units, for a table cell: `250ms`, `42s`,
+/// `3m5s`, `2h10m`.
+pub(crate) fn short(duration: Duration) -> String {
     let secs = duration.as_secs();
     match secs {
         0 => format!("{}ms", duration.as_millis()),
