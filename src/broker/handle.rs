@@ -19,7 +19,7 @@ use super::config::BrokerConfig;
 use super::state::{PutRefused, State};
 use super::types::{
     BrokerError, Holdings, LeaseId, LeaseRequest, LeasedTask, NewTask, Outcome, PutOutcome,
-    QueueName, Snapshot, Stats, TaskId, TaskResult, TaskState, TaskView,
+    QueueName, Snapshot, Stats, TaskId, TaskResult, TaskState, TaskView, WorkerInfo,
 };
 use super::waiters::{ResultStreamFlow, ResultStreamId, StreamId, WaiterId};
 
@@ -343,6 +343,11 @@ impl Broker {
     /// last seen on them.
     pub fn stats(&self, only: Option<&[QueueName]>) -> Stats {
         self.state().stats(only, Instant::now())
+    }
+
+    /// Every worker the table tracks, without the queues' counters.
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        self.state().workers(None, Instant::now())
     }
 
     /// The queue a held task (or a held result) belongs to; a task's queue

@@ -175,7 +175,7 @@ impl<S: Store> StatusSources<S> {
     /// The page's data: one snapshot, the worker table, the history.
     async fn report(&self) -> Result<Value, BrokerError> {
         let snapshot = self.store.snapshot().await?;
-        let stats = self.store.stats(None).await?;
+        let mut workers = self.store.workers().await?;
         let serving = self.serving().await;
         let every = self.history.every().as_secs_f64();
         let mut finished_per_second = 0.0;
@@ -210,7 +210,6 @@ impl<S: Store> StatusSources<S> {
             })
             .collect();
         let now = SystemTime::now();
-        let mut workers = stats.workers;
         workers.sort_by_key(|w| std::cmp::Reverse(w.last_seen));
         let listed: Vec<Value> = workers
             .iter()

@@ -12,7 +12,7 @@ use super::{ResultDeliveries, ResultWatch, Store, TaskDeliveries, WindowControl}
 use crate::broker::{
     Broker, BrokerError, Holdings, LeaseId, LeaseRequest, LeasedTask, NewTask, Outcome, PutOutcome,
     QueueName, ResultStream, Snapshot, Stats, TaskId, TaskResult, TaskState, TaskView, Watch,
-    WorkerStream, WorkerStreamControl,
+    WorkerInfo, WorkerStream, WorkerStreamControl,
 };
 
 impl Store for Broker {
@@ -94,6 +94,10 @@ impl Store for Broker {
         task: TaskId,
     ) -> impl Future<Output = Result<QueueName, BrokerError>> + Send {
         ready(Broker::task_queue(self, task))
+    }
+
+    fn workers(&self) -> impl Future<Output = Result<Vec<WorkerInfo>, BrokerError>> + Send {
+        ready(Ok(Broker::workers(self)))
     }
 
     fn describe(&self, task: TaskId) -> impl Future<Output = Result<TaskView, BrokerError>> + Send {

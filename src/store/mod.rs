@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use crate::broker::{
     BrokerError, Holdings, LeaseId, LeaseRequest, LeasedTask, NewTask, Outcome, PutOutcome,
-    QueueName, Snapshot, Stats, TaskId, TaskResult, TaskState, TaskView,
+    QueueName, Snapshot, Stats, TaskId, TaskResult, TaskState, TaskView, WorkerInfo,
 };
 
 /// Where tasks and results live: every call of `taskq.v1`, in engine terms.
@@ -101,6 +101,10 @@ pub trait Store: Clone + Send + Sync + 'static {
         &self,
         task: TaskId,
     ) -> impl Future<Output = Result<QueueName, BrokerError>> + Send;
+
+    /// The workers that called this server, for the status page: what
+    /// [`Store::stats`] lists, without counting the queues.
+    fn workers(&self) -> impl Future<Output = Result<Vec<WorkerInfo>, BrokerError>> + Send;
 
     /// Where an unfinished task is and who holds it (the status page's
     /// lookup); [`BrokerError::TaskNotFound`] when it is finished or

@@ -38,7 +38,7 @@ use super::workers::WorkerTable;
 use super::{
     BrokerConfig, BrokerError, Holdings, LeaseId, LeaseView, LeasedTask, NewTask, Outcome,
     PutOutcome, QueueName, RECENT_FAILURES, Stats, TaskId, TaskResult, TaskState, TaskView,
-    WorkerId,
+    WorkerId, WorkerInfo,
 };
 use task::{Ended, Extras, Lease, Status, TaskEntry, state_of, timer_is_live};
 
@@ -1319,12 +1319,18 @@ impl State {
 
     pub fn stats(&mut self, only: Option<&[QueueName]>, now: Instant) -> Stats {
         let queues = self.queue_stats(only, now);
+        let workers = self.workers(only, now);
+        Stats { queues, workers }
+    }
+
+    /// The workers last seen on a queue of `only` (or all), with the
+    /// deadlines of the leases their records name.
+    pub fn workers(&mut self, only: Option<&[QueueName]>, now: Instant) -> Vec<WorkerInfo> {
         let (tasks, clock) = (&self.tasks, self.clock);
         let deadline = |task| match &tasks.get(&task)?.status {
             Status::Leased(lease) => Some(clock.wall(lease.expires_at)),
             Status::Pending => None,
         };
-        let workers = self.workers.report(only, &self.clock, now, deadline);
-        Stats { queues, workers }
+        self.workers.report(only, &self.clock, now, deadline)
     }
 }

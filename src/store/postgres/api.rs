@@ -14,7 +14,7 @@ use super::streams::{PgResultStream, PgWatch, PgWorkerStream};
 use crate::broker::{
     BrokerError, Holdings, LeaseId, LeaseRequest, LeasedTask, NewTask, Outcome, PutOutcome,
     QueueName, QueueStats, RECENT_FAILURES, Snapshot, Stats, TaskId, TaskResult, TaskState,
-    TaskView,
+    TaskView, WorkerInfo,
 };
 use crate::store::Store;
 
@@ -287,6 +287,10 @@ impl Store for PgStore {
             return Err(BrokerError::TaskNotFound(task.to_string()));
         };
         QueueName::parse(row.get(0))
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerInfo>, BrokerError> {
+        PgStore::workers(self, None).await
     }
 
     async fn describe(&self, task: TaskId) -> Result<TaskView, BrokerError> {
