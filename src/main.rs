@@ -41,6 +41,7 @@ fn main() -> ExitCode {
             Command::Put(put) => cli::put::run(put).await,
             Command::Result(result) => cli::result::run_one(result).await,
             Command::Results(results) => cli::result::run_queue(results).await,
+            Command::Map(map) => cli::map::run(map).await,
             Command::Stats(stats) => cli::stats::run(stats).await,
             Command::Top(top) => cli::top::run(top).await,
             Command::Health(health) => cli::health::run(health).await,

@@ -12,6 +12,7 @@ pub mod connect;
 pub mod demo;
 pub mod exit;
 pub mod health;
+pub mod map;
 pub mod migrate;
 pub mod put;
 pub mod result;
@@ -53,6 +54,9 @@ pub enum Command {
     Result(result::ResultArgs),
     /// Read the results of a queue in completion order, each once.
     Results(result::ResultsArgs),
+    /// Run every input line (or file) as a task, like a distributed
+    /// `xargs`, and print the outputs in input order.
+    Map(map::MapArgs),
     /// Show queues and workers.
     Stats(stats::StatsArgs),
     /// A live dashboard of queues, rates and workers in the terminal; `q`
@@ -92,6 +96,29 @@ mod tests {
         assert_eq!(args.interval, top::DEFAULT_INTERVAL);
         assert_eq!(args.server, DEFAULT_SERVER);
         assert_eq!(args.http, None);
+    }
+
+    /// `taskq map` without flags reads stdin onto the default queue with
+    /// the named window and batch; `--file-per-task` needs files, and
+    /// cannot be `-0` too.
+    #[test]
+    fn map_flags_default_to_the_named_defaults() {
+        let Command::Map(args) = Cli::try_parse_from(["taskq", "map"]).unwrap().command else {
+            panic!("not parsed as map");
+        };
+        assert_eq!(
+            (args.window, args.batch),
+            (map::DEFAULT_WINDOW, map::DEFAULT_BATCH)
+        );
+        assert_eq!((args.queue.as_str(), args.files.len()), ("", 0));
+        assert!(!args.unordered && !args.json && !args.halt_on_error && !args.null);
+        for wrong in [
+            &["taskq", "map", "--file-per-task"][..],
+            &["taskq", "map", "-0", "--file-per-task", "a"],
+            &["taskq", "map", "--window", "0"],
+        ] {
+            assert!(Cli::try_parse_from(wrong).is_err(), "{wrong:?}");
+        }
     }
 
     /// The defaults `taskq worker --help` shows (and a run without those

@@ -57,7 +57,8 @@ pub struct PutArgs {
 /// Tasks per PutTasks call of `--lines`: the server's default --max-batch.
 const LINES_BATCH: usize = crate::server::DEFAULT_MAX_BATCH;
 
-fn parse_header(text: &str) -> Result<(String, String), String> {
+/// Parses a `--header` value, `NAME=VALUE`.
+pub(crate) fn parse_header(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .filter(|(k, _)| !k.is_empty())
