@@ -42,6 +42,7 @@ fn main() -> ExitCode {
             Command::Result(result) => cli::result::run_one(result).await,
             Command::Results(results) => cli::result::run_queue(results).await,
             Command::Stats(stats) => cli::stats::run(stats).await,
+            Command::Cancel(cancel) => cli::cancel::run(cancel).await,
             Command::Top(top) => cli::top::run(top).await,
             Command::Health(health) => cli::health::run(health).await,
             Command::Demo(demo) => cli::demo::run(demo).await,

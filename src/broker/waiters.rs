@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::types::IdSet;
-use super::{BrokerError, LeasedTask, QueueName, TaskId, TaskResult, WorkerId};
+use super::{BrokerError, LeaseId, LeasedTask, QueueName, TaskId, TaskResult, WorkerId};
 
 macro_rules! waiter_id {
     ($(#[$doc:meta])* $name:ident) => {
@@ -157,6 +157,8 @@ pub(super) struct WorkerStreamRecord {
     /// Tasks leased through the stream now.
     pub outstanding: IdSet<TaskId>,
     pub tx: mpsc::UnboundedSender<LeasedTask>,
+    /// Leases of tasks it holds that were cancelled.
+    pub cancels: mpsc::UnboundedSender<LeaseId>,
     pub _slot: Slot,
 }
 

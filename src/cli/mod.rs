@@ -8,6 +8,7 @@
 //! from this one.
 
 pub mod bench;
+pub mod cancel;
 pub mod connect;
 pub mod demo;
 pub mod exit;
@@ -53,6 +54,8 @@ pub enum Command {
     Result(result::ResultArgs),
     /// Read the results of a queue in completion order, each once.
     Results(result::ResultsArgs),
+    /// Take back a task that has not finished (it ends CANCELLED).
+    Cancel(cancel::CancelArgs),
     /// Show queues and workers.
     Stats(stats::StatsArgs),
     /// A live dashboard of queues, rates and workers in the terminal; `q`

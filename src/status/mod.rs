@@ -449,6 +449,7 @@ async fn task<S: Store>(
             let state = match result.state {
                 TaskState::Succeeded => "succeeded",
                 TaskState::Failed => "failed",
+                TaskState::Cancelled => "cancelled",
                 TaskState::Pending => "pending",
                 TaskState::Leased => "leased",
             };

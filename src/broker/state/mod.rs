@@ -618,6 +618,7 @@ impl State {
         lease_duration: Option<Duration>,
         window: u32,
         tx: mpsc::UnboundedSender<LeasedTask>,
+        cancels: mpsc::UnboundedSender<LeaseId>,
         now: Instant,
     ) -> Result<StreamId, BrokerError> {
         self.queue_mut(queue)?;
@@ -633,6 +634,7 @@ impl State {
                 window,
                 outstanding: IdSet::default(),
                 tx,
+                cancels,
                 _slot: slot,
             },
         );
@@ -735,10 +737,12 @@ impl State {
     ) -> Result<SystemTime, BrokerError> {
         let by = self.clamp_lease(extend_by);
         let Some(entry) = self.tasks.get_mut(&lease_id.task) else {
-            return Err(if self.results.contains(&lease_id.task) {
-                BrokerError::TaskFinished(lease_id.task)
-            } else {
-                BrokerError::TaskNotFound(lease_id.task.to_string())
+            return Err(match self.results.get(&lease_id.task) {
+                Some(done) if done.report == Report::Cancelled => {
+                    BrokerError::Cancelled(lease_id.task)
+                }
+                Some(_) => BrokerError::TaskFinished(lease_id.task),
+                None => BrokerError::TaskNotFound(lease_id.task.to_string()),
             });
         };
         let current = match &mut entry.status {
@@ -785,6 +789,9 @@ impl State {
                 .results
                 .get(&lease_id.task)
                 .ok_or_else(|| BrokerError::TaskNotFound(lease_id.task.to_string()))?;
+            if done.report == Report::Cancelled {
+                return Err(BrokerError::Cancelled(lease_id.task));
+            }
             return if repeats(done.last_retry())
                 || (done.by_lease == lease_id.seq && done.finished_by(&outcome))
             {
@@ -853,6 +860,44 @@ impl State {
                 }
             }
         }
+    }
+
+    /// Takes back an unfinished task: it ends CANCELLED, and a lease on it
+    /// is revoked (a worker stream holding it is told). Returns the state
+    /// it had.
+    pub fn cancel(&mut self, id: TaskId, now: Instant) -> Result<TaskState, BrokerError> {
+        let Some(entry) = self.tasks.get(&id) else {
+            return Err(if self.results.contains(&id) {
+                BrokerError::TaskFinished(id)
+            } else {
+                BrokerError::TaskNotFound(id.to_string())
+            });
+        };
+        let previous = state_of(&entry.status);
+        let holder = match &entry.status {
+            Status::Leased(lease) => {
+                if let Some(stream) = lease.stream.and_then(|sid| self.streams.get(&sid)) {
+                    // A stream that left has nothing to stop.
+                    let _ = stream.cancels.send(LeaseId {
+                        task: id,
+                        seq: lease.seq,
+                    });
+                }
+                Some(lease.worker.clone())
+            }
+            Status::Pending => None,
+        };
+        tracing::debug!(task_id = %id, ?previous, "task cancelled");
+        let ended = Ended {
+            state: TaskState::Cancelled,
+            output: Bytes::new(),
+            error: "cancelled by CancelTask before it finished".into(),
+            worker: holder,
+            by_lease: 0,
+            report: Report::Cancelled,
+        };
+        self.finish(id, ended, now);
+        Ok(previous)
     }
 
     /// Ends a task: records its result, wakes whoever waits for it, and
