@@ -637,7 +637,8 @@ mod tests {
                 PutTasks,
                 GetResult,
                 WatchResults,
-                WatchResultBatches
+                WatchResultBatches,
+                CancelTask
             ]
         );
         assert_eq!(

@@ -564,7 +564,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(methods, 12, "TaskQueue's 10 methods and Health's 2");
+        assert_eq!(methods, 13, "TaskQueue's 11 methods and Health's 2");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use super::types::{
     BrokerError, Holdings, LeaseId, LeaseRequest, LeasedTask, NewTask, Outcome, PutOutcome,
     QueueName, Snapshot, Stats, TaskId, TaskResult, TaskState, TaskView, WorkerInfo,
 };
-use super::waiters::{ResultStreamFlow, ResultStreamId, StreamId, WaiterId};
+use super::waiters::{ResultStreamFlow, ResultStreamId, StreamId, StreamSenders, WaiterId};
 
 /// A handle to the queue engine. Cheap to clone; all clones share one state.
 ///
@@ -138,8 +138,10 @@ impl Broker {
             request.worker,
             request.lease_duration,
             window,
-            tx,
-            cancels_tx,
+            StreamSenders {
+                tasks: tx,
+                cancels: cancels_tx,
+            },
             Instant::now(),
         )?;
         Ok(WorkerStream::new(self.clone(), id, deliveries, cancels))

@@ -149,6 +149,13 @@ pub(super) struct Watcher {
 /// A worker stream as the broker keeps it: a waiter that may hold up to
 /// `window` tasks at once. Its tasks' leases are tied to it: when it
 /// closes they go back at once.
+/// Where a worker stream's record sends: the tasks leased to it, and the
+/// leases of its tasks that were cancelled.
+pub(super) struct StreamSenders {
+    pub tasks: mpsc::UnboundedSender<LeasedTask>,
+    pub cancels: mpsc::UnboundedSender<LeaseId>,
+}
+
 pub(super) struct WorkerStreamRecord {
     pub queue: QueueName,
     pub worker: WorkerId,

@@ -31,8 +31,8 @@ use super::retention::{Finished, FinishedRest, Report, Retained, RetentionLimits
 use super::timers::{TimerEntry, TimerHeap, TimerKind};
 use super::types::{IdMaker, IdMap, IdSet, NameMap};
 use super::waiters::{
-    ResultStreamFlow, ResultStreamId, ResultStreamRecord, ResultWaiter, StreamId, TaskWaiter,
-    WaiterId, WaiterSlots, Watcher, WorkerStreamRecord,
+    ResultStreamFlow, ResultStreamId, ResultStreamRecord, ResultWaiter, StreamId, StreamSenders,
+    TaskWaiter, WaiterId, WaiterSlots, Watcher, WorkerStreamRecord,
 };
 use super::workers::WorkerTable;
 use super::{
@@ -617,8 +617,7 @@ impl State {
         worker: WorkerId,
         lease_duration: Option<Duration>,
         window: u32,
-        tx: mpsc::UnboundedSender<LeasedTask>,
-        cancels: mpsc::UnboundedSender<LeaseId>,
+        senders: StreamSenders,
         now: Instant,
     ) -> Result<StreamId, BrokerError> {
         self.queue_mut(queue)?;
@@ -633,8 +632,8 @@ impl State {
                 lease_duration,
                 window,
                 outstanding: IdSet::default(),
-                tx,
-                cancels,
+                tx: senders.tasks,
+                cancels: senders.cancels,
                 _slot: slot,
             },
         );

@@ -425,7 +425,8 @@ impl PgStore {
             };
             let queue: String = row.get(0);
             let previous = state_of(row.get::<_, i16>(1));
-            let finished = std::collections::BTreeMap::from([(queue.clone(), vec![task.as_uuid()])]);
+            let finished =
+                std::collections::BTreeMap::from([(queue.clone(), vec![task.as_uuid()])]);
             writer::subtract_finished(inner, &transaction, &finished).await?;
             notify_finished(inner, &transaction, &queue, &[task.as_uuid()], false).await?;
             if previous == TaskState::Leased {

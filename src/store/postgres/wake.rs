@@ -70,7 +70,10 @@ impl Wakeups {
             (Some(lease), Some(to)) => {
                 let _ = to.send(lease);
             }
-            (None, _) => tracing::warn!(payload, "postgres store: a cancel notification not understood"),
+            (None, _) => tracing::warn!(
+                payload,
+                "postgres store: a cancel notification not understood"
+            ),
             (Some(_), None) => {}
         }
     }
