@@ -82,13 +82,15 @@ pub enum Call {
     PutResult,
     /// `GetStats`.
     GetStats,
+    /// `CancelTask`.
+    CancelTask,
     /// `GET /metrics` on the HTTP listener.
     ReadMetrics,
 }
 
 impl Call {
     /// Every call, for tables over them all.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::PutTask,
         Self::PutTasks,
         Self::GetResult,
@@ -99,6 +101,7 @@ impl Call {
         Self::ExtendLease,
         Self::PutResult,
         Self::GetStats,
+        Self::CancelTask,
         Self::ReadMetrics,
     ];
 }
@@ -112,7 +115,8 @@ impl Call {
             | Call::PutTasks
             | Call::GetResult
             | Call::WatchResults
-            | Call::WatchResultBatches => Role::Producer,
+            | Call::WatchResultBatches
+            | Call::CancelTask => Role::Producer,
             Call::GetTask | Call::StreamTasks | Call::ExtendLease | Call::PutResult => Role::Worker,
             Call::GetStats | Call::ReadMetrics => Role::Monitor,
         }
@@ -130,6 +134,7 @@ impl Call {
             Call::ExtendLease => "ExtendLease",
             Call::PutResult => "PutResult",
             Call::GetStats => "GetStats",
+            Call::CancelTask => "CancelTask",
             Call::ReadMetrics => "/metrics",
         }
     }
@@ -632,7 +637,8 @@ mod tests {
                 PutTasks,
                 GetResult,
                 WatchResults,
-                WatchResultBatches
+                WatchResultBatches,
+                CancelTask
             ]
         );
         assert_eq!(

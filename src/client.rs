@@ -402,6 +402,23 @@ impl Client {
         .await
     }
 
+    /// Takes back a task that has not finished; returns the state it had
+    /// (pending or leased). It ends CANCELLED, and a worker holding it
+    /// loses its lease.
+    ///
+    /// # Errors
+    /// FAILED_PRECONDITION when the task already finished, NOT_FOUND for an
+    /// unknown id, PERMISSION_DENIED for a task of a queue the token may
+    /// not touch.
+    pub async fn cancel_task(&self, task_id: &str) -> Result<pb::TaskState, ClientError> {
+        let message = pb::CancelTaskRequest {
+            task_id: task_id.into(),
+        };
+        let request = self.request(message, self.call_timeout);
+        let response = self.queue.clone().cancel_task(request).await?.into_inner();
+        Ok(response.previous_state())
+    }
+
     /// Leases the next task of a queue, waiting up to `wait`; `None` when
     /// none came.
     ///

@@ -57,8 +57,9 @@ pub const OTHER_METHOD: &str = "_other";
 
 /// Every method served, by service: the fixed set of `grpc_service` and
 /// `grpc_method` labels. The last row stands for every other path.
-pub const METHODS: [(&str, &str, CallType); 15] = [
+pub const METHODS: [(&str, &str, CallType); 16] = [
     ("taskq.v1.TaskQueue", "PutTask", CallType::Unary),
+    ("taskq.v1.TaskQueue", "CancelTask", CallType::Unary),
     ("taskq.v1.TaskQueue", "PutTasks", CallType::Unary),
     ("taskq.v1.TaskQueue", "GetTask", CallType::Unary),
     ("taskq.v1.TaskQueue", "ExtendLease", CallType::Unary),
@@ -563,7 +564,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(methods, 12, "TaskQueue's 10 methods and Health's 2");
+        assert_eq!(methods, 13, "TaskQueue's 11 methods and Health's 2");
     }
 
     #[test]

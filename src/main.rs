@@ -43,6 +43,7 @@ fn main() -> ExitCode {
             Command::Results(results) => cli::result::run_queue(results).await,
             Command::Map(map) => cli::map::run(map).await,
             Command::Stats(stats) => cli::stats::run(stats).await,
+            Command::Cancel(cancel) => cli::cancel::run(cancel).await,
             Command::Top(top) => cli::top::run(top).await,
             Command::Health(health) => cli::health::run(health).await,
             Command::Demo(demo) => cli::demo::run(demo).await,

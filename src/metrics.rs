@@ -163,7 +163,8 @@ impl Families {
         );
         registry.register(
             "taskq_tasks_finished",
-            "Tasks finished since start, by outcome: succeeded, failed, or expired (ttl ran out)",
+            "Tasks finished since start, by outcome: succeeded, failed, expired (ttl ran out) or \
+             cancelled (CancelTask)",
             families.finished.clone(),
         );
         registry.register(
@@ -204,6 +205,7 @@ impl Families {
         finished("succeeded", q.succeeded);
         finished("failed", q.failed - q.expired);
         finished("expired", q.expired);
+        finished("cancelled", q.cancelled);
         let retried =
             |reason, value| count(&self.retried, queue_and(queue, "reason", reason), value);
         retried("error", q.retried_after_error);

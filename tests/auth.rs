@@ -558,6 +558,12 @@ async fn try_call(
             })
             .await
             .map(drop),
+        "CancelTask" => client
+            .cancel_task(pb::CancelTaskRequest {
+                task_id: task.into(),
+            })
+            .await
+            .map(drop),
         "GetStats" => client
             .get_stats(pb::GetStatsRequest {
                 queue: queue.into(),
@@ -597,6 +603,7 @@ async fn every_call_by_every_role_and_scope_follows_the_table() {
         ("StreamTasks", "worker"),
         ("ExtendLease", "worker"),
         ("PutResult", "worker"),
+        ("CancelTask", "producer"),
         ("GetStats", "admin"),
     ];
     let mut checked = 0;
@@ -621,6 +628,6 @@ async fn every_call_by_every_role_and_scope_follows_the_table() {
             }
         }
     }
-    assert_eq!(checked, 3 * 2 * 10 * 2);
+    assert_eq!(checked, 3 * 2 * 11 * 2);
     server.shutdown().await;
 }

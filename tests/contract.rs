@@ -651,3 +651,109 @@ async fn health_reports_serving_without_a_token() {
     }
     server.shutdown().await;
 }
+
+async fn cancel(client: &mut Client, id: &str) -> Result<pb::TaskState, tonic::Status> {
+    client
+        .cancel_task(with_deadline(
+            pb::CancelTaskRequest { task_id: id.into() },
+            LONG,
+        ))
+        .await
+        .map(|r| r.into_inner().previous_state())
+}
+
+/// CancelTask: a pending task ends CANCELLED and is never handed out; a
+/// leased one too, and its lease answers FAILED_PRECONDITION naming the
+/// cancellation; a finished task cannot be cancelled; an unknown id is
+/// NOT_FOUND. Whoever waits for the result gets CANCELLED.
+#[tokio::test]
+async fn cancel_takes_back_pending_and_leased_tasks() {
+    let server = TestServer::spawn().await;
+    let mut client = server.client().await;
+
+    // Pending: a waiting GetResult learns it.
+    let pending = put(&mut client, "cancel", "a").await;
+    let mut waiter = client.clone();
+    let waiting = {
+        let pending = pending.clone();
+        tokio::spawn(async move {
+            let mut request = by_id(&pending);
+            request.max_wait = Some(LONG.try_into().unwrap());
+            waiter
+                .get_result(with_deadline(request, LONG))
+                .await
+                .unwrap()
+                .into_inner()
+                .result
+                .expect("the result arrives")
+        })
+    };
+    assert_eq!(
+        cancel(&mut client, &pending).await.unwrap(),
+        pb::TaskState::Pending
+    );
+    let result = waiting.await.unwrap();
+    assert_eq!(result.state(), pb::TaskState::Cancelled);
+    assert!(result.error.contains("cancelled"), "{}", result.error);
+    assert_eq!(result.attempts, 0);
+
+    // Leased: the lease is revoked.
+    let leased = put(&mut client, "cancel", "b").await;
+    let task = get(&mut client, "cancel", LONG).await.expect("b is ready");
+    assert_eq!(task.id, leased);
+    assert_eq!(
+        cancel(&mut client, &leased).await.unwrap(),
+        pb::TaskState::Leased
+    );
+    let extend = client
+        .extend_lease(pb::ExtendLeaseRequest {
+            task_id: task.id.clone(),
+            lease_id: task.lease_id.clone(),
+            extend_by: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(extend.code(), Code::FailedPrecondition, "{extend:?}");
+    assert!(extend.message().contains("cancelled"), "{extend:?}");
+    for report in [success(&task, "late"), failure(&task, "late", true)] {
+        let refused = client.put_result(report).await.unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        assert!(refused.message().contains("cancelled"), "{refused:?}");
+    }
+    let result = client
+        .get_result(by_id(&leased))
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap();
+    assert_eq!(result.state(), pb::TaskState::Cancelled);
+    assert_eq!(result.worker_id, "tester");
+
+    // Nothing cancelled is handed out; the queue is empty.
+    let mut now_only = get_req("cancel", "tester", LONG);
+    now_only.max_wait = Some(Duration::ZERO.try_into().unwrap());
+    let none = client.get_task(now_only).await.unwrap().into_inner();
+    assert!(none.task.is_none(), "{none:?}");
+
+    // Finished (cancelled, or succeeded): FAILED_PRECONDITION, and the
+    // result stays as it was.
+    let done = put(&mut client, "cancel", "c").await;
+    let task = get(&mut client, "cancel", LONG).await.unwrap();
+    client.put_result(success(&task, "out")).await.unwrap();
+    for id in [&pending, &done] {
+        let refused = cancel(&mut client, id).await.unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    }
+    let result = client.get_result(by_id(&done)).await.unwrap().into_inner();
+    assert_eq!(result.result.unwrap().state(), pb::TaskState::Succeeded);
+
+    // Unknown and malformed ids.
+    let unknown = cancel(&mut client, "0190c0de-0000-7000-8000-000000000000")
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+    let empty = cancel(&mut client, "").await.unwrap_err();
+    assert_eq!(empty.code(), Code::InvalidArgument, "{empty:?}");
+    server.shutdown().await;
+}

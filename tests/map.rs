@@ -408,7 +408,7 @@ async fn halt_on_error_stops_putting_at_the_first_failure() {
         "{err}"
     );
     assert!(
-        err.contains("put by this run are not finished and stay on queue \"halt\""),
+        err.contains("unfinished task(s) of this run on queue \"halt\""),
         "{err}"
     );
     let printed = String::from_utf8(run.stdout).unwrap();
@@ -430,13 +430,11 @@ async fn halt_on_error_stops_putting_at_the_first_failure() {
     server.shutdown().await;
 }
 
-/// Ctrl-C stops putting and exits 130, saying how many of the tasks it
-/// put are unfinished: all of them here, with no worker on the queue.
-/// (taskq cannot cancel tasks yet: they stay pending, and the message says
-/// so; this is where a test that none is left belongs once CancelTask is
-/// in taskq.v1.)
+/// Ctrl-C stops putting, cancels what this run put and is not done (all of
+/// it here, with no worker on the queue), and exits 130: no task of its
+/// own is left pending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ctrl_c_stops_putting_exits_130_and_counts_what_it_leaves() {
+async fn ctrl_c_cancels_what_it_put_and_exits_130() {
     let server = TestServer::spawn().await;
     let input = lines_file("interrupted", 1000, None);
     let run = map(&server, &input, &["--queue", "nobody", "--window", "100"]);
@@ -456,12 +454,18 @@ async fn ctrl_c_stops_putting_exits_130_and_counts_what_it_leaves() {
     let output = finish(run).await;
     assert_eq!(output.status.code(), Some(130), "{}", stderr(&output));
     assert!(
-        stderr(&output).contains("taskq map: 100 tasks put by this run are not finished"),
+        stderr(&output).contains("taskq map: cancelled 100 unfinished task(s) of this run"),
         "{}",
         stderr(&output)
     );
     assert!(output.stdout.is_empty());
-    assert_eq!(pending().await, 100, "nothing more was put");
+    let stats = client.stats("nobody").await.unwrap();
+    let queue = &stats.queues[0];
+    assert_eq!(
+        (queue.pending, queue.leased),
+        (0, 0),
+        "no task of its own left: {queue:?}"
+    );
     server.shutdown().await;
 }
 

@@ -728,3 +728,49 @@ async fn a_draining_server_lets_streams_report_then_ends_them() {
     drop(client);
     server.shutdown().await;
 }
+
+/// A task cancelled while a worker stream holds it: the stream gets a
+/// `cancel` naming the task and its lease, and the place in the window is
+/// free again (window 1: the next task comes).
+#[tokio::test]
+async fn a_cancelled_task_is_taken_back_from_its_stream() {
+    let server = TestServer::spawn().await;
+    let mut client = server.client().await;
+    let ids = put_many(&mut client, "cancel-stream", 2).await;
+    let mut worker = WorkerStream::open(&mut client, "cancel-stream", "w", 1).await;
+    let task = worker.task().await;
+    assert_eq!(task.id, ids[0]);
+    let previous = client
+        .cancel_task(pb::CancelTaskRequest {
+            task_id: task.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(previous.previous_state(), pb::TaskState::Leased);
+    // The cancel, and the second task in the place it freed (window 1),
+    // in either order: they travel apart.
+    let (mut cancels, mut tasks) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        match worker.next().await {
+            Out::Cancel(cancel) => cancels.push(cancel),
+            Out::Task(task) => tasks.push(task),
+            other => panic!("expected a cancel or a task, got {other:?}"),
+        }
+    }
+    assert_eq!(cancels.len(), 1, "one cancel");
+    assert_eq!(cancels[0].task_id, task.id);
+    assert_eq!(cancels[0].lease_id, task.lease_id);
+    assert_eq!(tasks.len(), 1, "one task");
+    assert_eq!(tasks[0].id, ids[1]);
+    // A report of the cancelled task is refused in its ack.
+    worker.finish(&task, "too late").await;
+    match worker.next().await {
+        Out::ResultAck(ack) => {
+            let error = ack.error.expect("refused");
+            assert_eq!(error.code, Code::FailedPrecondition as i32, "{error:?}");
+        }
+        other => panic!("expected an ack, got {other:?}"),
+    }
+    server.shutdown().await;
+}

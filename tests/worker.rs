@@ -437,3 +437,64 @@ async fn a_panicking_handler_fails_its_attempt_and_the_worker_goes_on() {
         }
     }
 }
+
+/// Whether process `pid` is gone, or only a zombie waiting to be reaped.
+fn ended(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // The state follows the command name in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// CancelTask on a task an exec worker runs: the worker learns it (a
+/// stream's `cancel` message, or a unary worker's next ExtendLease) and
+/// kills the program; the task ends CANCELLED.
+#[tokio::test]
+async fn a_cancelled_tasks_program_is_killed() {
+    for mode in MODES {
+        let server = TestServer::spawn().await;
+        let client = server.taskq_client().await;
+        let dir =
+            std::env::temp_dir().join(format!("taskq-cancel-{}-{mode:?}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let pid_file = dir.join("pid");
+        let script = dir.join("run.sh");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho $$ > {}.tmp && mv {0}.tmp {0}\nexec sleep 60\n",
+                pid_file.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+        let id = put(&client, "q", b"", 3).await;
+        let handler = exec(&script.display().to_string(), None);
+        let (stop, worker) =
+            spawn_worker(mode, client.clone(), "q", Duration::from_secs(2), handler);
+        eventually("the program runs", || async { pid_file.exists() }).await;
+        let pid = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .to_owned();
+        assert!(!ended(&pid), "{mode:?}: the program runs");
+        assert_eq!(
+            client.cancel_task(&id).await.unwrap(),
+            pb::TaskState::Leased
+        );
+        eventually("the program is killed", || async { ended(&pid) }).await;
+        let result = client.result(&id, WAIT).await.unwrap().expect("a result");
+        assert_eq!(result.state(), pb::TaskState::Cancelled, "{mode:?}");
+        stop.send(()).unwrap();
+        let report = worker.await.unwrap();
+        assert_eq!(report.succeeded + report.failed, 0, "{mode:?}: {report:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+        server.shutdown().await;
+    }
+}

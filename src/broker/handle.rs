@@ -21,7 +21,7 @@ use super::types::{
     BrokerError, Holdings, LeaseId, LeaseRequest, LeasedTask, NewTask, Outcome, PutOutcome,
     QueueName, Snapshot, Stats, TaskId, TaskResult, TaskState, TaskView, WorkerInfo,
 };
-use super::waiters::{ResultStreamFlow, ResultStreamId, StreamId, WaiterId};
+use super::waiters::{ResultStreamFlow, ResultStreamId, StreamId, StreamSenders, WaiterId};
 
 /// A handle to the queue engine. Cheap to clone; all clones share one state.
 ///
@@ -132,15 +132,19 @@ impl Broker {
         window: u32,
     ) -> Result<WorkerStream, BrokerError> {
         let (tx, deliveries) = mpsc::unbounded_channel();
+        let (cancels_tx, cancels) = mpsc::unbounded_channel();
         let id = self.state().open_stream(
             &request.queue,
             request.worker,
             request.lease_duration,
             window,
-            tx,
+            StreamSenders {
+                tasks: tx,
+                cancels: cancels_tx,
+            },
             Instant::now(),
         )?;
-        Ok(WorkerStream::new(self.clone(), id, deliveries))
+        Ok(WorkerStream::new(self.clone(), id, deliveries, cancels))
     }
 
     /// Watches many tasks: each result arrives on the returned receiver as
@@ -359,6 +363,17 @@ impl Broker {
         self.state().task_queue(task)
     }
 
+    /// Takes back an unfinished task: it ends CANCELLED (its result says
+    /// so to whoever waits for it), and a lease on it is revoked. Returns
+    /// the state it had: pending or leased.
+    ///
+    /// # Errors
+    /// [`BrokerError::TaskFinished`] when it already finished (nothing
+    /// changes); [`BrokerError::TaskNotFound`] for an unknown id.
+    pub fn cancel(&self, task: TaskId) -> Result<TaskState, BrokerError> {
+        self.state().cancel(task, Instant::now())
+    }
+
     /// Where an unfinished task is and who holds it.
     ///
     /// # Errors
@@ -440,6 +455,8 @@ pub struct WorkerStream {
     broker: Broker,
     id: StreamId,
     deliveries: mpsc::UnboundedReceiver<LeasedTask>,
+    /// Leases of this stream's tasks that were cancelled.
+    cancels: mpsc::UnboundedReceiver<LeaseId>,
     /// A task taken and put back ([`WorkerStream::put_back`]): the next
     /// one out.
     front: Option<LeasedTask>,
@@ -450,13 +467,22 @@ impl WorkerStream {
         broker: Broker,
         id: StreamId,
         deliveries: mpsc::UnboundedReceiver<LeasedTask>,
+        cancels: mpsc::UnboundedReceiver<LeaseId>,
     ) -> Self {
         Self {
             broker,
             id,
             deliveries,
+            cancels,
             front: None,
         }
+    }
+
+    /// The next lease of this stream's tasks that was cancelled: its task
+    /// is finished (CANCELLED) and its place in the window free. Pending
+    /// while there is none (never ends on its own).
+    pub fn poll_cancelled(&mut self, cx: &mut Context<'_>) -> Poll<Option<LeaseId>> {
+        self.cancels.poll_recv(cx)
     }
 
     /// The next task for this stream; waits while the window is full or the

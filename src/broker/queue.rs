@@ -38,6 +38,7 @@ pub(super) struct QueueState {
     failed: u64,
     /// Failures because the task's ttl ran out (also in `failed`).
     expired: u64,
+    cancelled: u64,
     retried_after_error: u64,
     retried_after_lease_expiry: u64,
     results_evicted: u64,
@@ -157,6 +158,7 @@ impl QueueState {
                 self.expired += 1;
             }
             Report::AttemptsUsed | Report::Failure { .. } => self.failed += 1,
+            Report::Cancelled => self.cancelled += 1,
         }
         if self.room_wanted {
             self.room_wanted = false;
@@ -230,6 +232,7 @@ impl QueueState {
             enqueued: self.enqueued,
             delivered: self.delivered,
             expired: self.expired,
+            cancelled: self.cancelled,
             retried_after_error: self.retried_after_error,
             retried_after_lease_expiry: self.retried_after_lease_expiry,
             worker_streams: self.streams.len() as u64,

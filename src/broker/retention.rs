@@ -54,6 +54,8 @@ pub(super) enum Report {
     Expired,
     /// The server failed it: its last lease ran out.
     AttemptsUsed,
+    /// CancelTask took it back.
+    Cancelled,
     Success,
     Failure {
         retry: bool,

@@ -1864,3 +1864,45 @@ async fn a_worker_names_up_to_eight_of_its_leases() {
     assert!(w.leases.iter().all(|(id, _)| *id != held[0].id));
     b.check();
 }
+
+/// Cancel: a pending task ends CANCELLED and is never handed out; a task
+/// leased through a stream ends CANCELLED, the stream is told its lease,
+/// its place is free, and reports under the lease are refused; a finished
+/// task cannot be cancelled.
+#[tokio::test(start_paused = true)]
+async fn cancel_ends_pending_and_leased_tasks() {
+    let b = broker();
+    let pending = put(&b, "q", "a").await;
+    assert_eq!(b.cancel(pending), Ok(TaskState::Pending));
+    let result = b.result(pending, Duration::ZERO).await.unwrap().unwrap();
+    assert_eq!(result.state, TaskState::Cancelled);
+    assert_eq!(b.cancel(pending), Err(BrokerError::TaskFinished(pending)));
+
+    let held = put(&b, "q", "b").await;
+    let next = put(&b, "q", "c").await;
+    let mut stream = b.open_worker_stream(req("q", "w", SEC), 1).unwrap();
+    let task = stream.next().await.unwrap();
+    assert_eq!(task.id, held);
+    assert_eq!(b.cancel(held), Ok(TaskState::Leased));
+    let cancelled = std::future::poll_fn(|cx| stream.poll_cancelled(cx)).await;
+    assert_eq!(cancelled, Some(task.lease_id));
+    // The window of 1 has room again.
+    assert_eq!(stream.next().await.unwrap().id, next);
+    assert_eq!(
+        b.complete(task.lease_id, ok("late")),
+        Err(BrokerError::Cancelled(held))
+    );
+    assert_eq!(
+        b.extend(task.lease_id, None),
+        Err(BrokerError::Cancelled(held))
+    );
+    let s = stats(&b, "q");
+    assert_eq!((s.cancelled, s.failed, s.leased, s.pending), (2, 0, 1, 0));
+    assert_eq!(
+        b.cancel(TaskId::parse("0190c0de-0000-7000-8000-000000000000").unwrap()),
+        Err(BrokerError::TaskNotFound(
+            "0190c0de-0000-7000-8000-000000000000".into()
+        ))
+    );
+    b.check();
+}

@@ -543,6 +543,8 @@ pub enum TaskState {
     Succeeded,
     /// Finished with an error.
     Failed,
+    /// Taken back before it finished ([`Broker::cancel`](super::Broker::cancel)).
+    Cancelled,
 }
 
 /// A finished task's result.
@@ -637,6 +639,8 @@ pub struct QueueStats {
     pub succeeded: u64,
     /// Tasks finished with failure since start.
     pub failed: u64,
+    /// Tasks cancelled since start.
+    pub cancelled: u64,
     /// Times a task went back to the queue for another attempt.
     pub redelivered: u64,
     /// How long the longest-waiting pending task has waited.
@@ -782,6 +786,12 @@ pub enum BrokerError {
     /// The task already has its result.
     #[error("task {0} is already finished")]
     TaskFinished(TaskId),
+    /// The task was cancelled: no lease of it counts any more.
+    #[error(
+        "task {0} was cancelled (CancelTask): stop working on it; no result or extension is \
+         accepted"
+    )]
+    Cancelled(TaskId),
     /// The task already has a different result.
     #[error("task {0} already has a different result; results are write-once")]
     ResultConflict(TaskId),

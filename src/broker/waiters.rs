@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::types::IdSet;
-use super::{BrokerError, LeasedTask, QueueName, TaskId, TaskResult, WorkerId};
+use super::{BrokerError, LeaseId, LeasedTask, QueueName, TaskId, TaskResult, WorkerId};
 
 macro_rules! waiter_id {
     ($(#[$doc:meta])* $name:ident) => {
@@ -149,6 +149,13 @@ pub(super) struct Watcher {
 /// A worker stream as the broker keeps it: a waiter that may hold up to
 /// `window` tasks at once. Its tasks' leases are tied to it: when it
 /// closes they go back at once.
+/// Where a worker stream's record sends: the tasks leased to it, and the
+/// leases of its tasks that were cancelled.
+pub(super) struct StreamSenders {
+    pub tasks: mpsc::UnboundedSender<LeasedTask>,
+    pub cancels: mpsc::UnboundedSender<LeaseId>,
+}
+
 pub(super) struct WorkerStreamRecord {
     pub queue: QueueName,
     pub worker: WorkerId,
@@ -157,6 +164,8 @@ pub(super) struct WorkerStreamRecord {
     /// Tasks leased through the stream now.
     pub outstanding: IdSet<TaskId>,
     pub tx: mpsc::UnboundedSender<LeasedTask>,
+    /// Leases of tasks it holds that were cancelled.
+    pub cancels: mpsc::UnboundedSender<LeaseId>,
     pub _slot: Slot,
 }
 

@@ -84,9 +84,9 @@ output_base64), error, attempts, worker.
 
 A failed input is reported on stderr (`taskq map: input line 17 failed
 after 3 attempts: ...`, or FILE:LINE for files) and makes the exit code 1.
-Ctrl-C stops putting and exits 130. On Ctrl-C or --halt-on-error the
-tasks already put and not finished stay on the queue (taskq cannot cancel
-tasks yet): it says how many. On a terminal, stderr shows a progress line.
+Ctrl-C stops putting, cancels (CancelTask) the tasks it put that are not
+finished, says how many, and exits 130; --halt-on-error does the same and
+exits 1. On a terminal, stderr shows a progress line.
 
 How long a task may run is the worker's business (taskq worker --lease,
 --task-timeout); results are read by task id, so other readers of the

@@ -8,6 +8,7 @@
 //! from this one.
 
 pub mod bench;
+pub mod cancel;
 pub mod connect;
 pub mod demo;
 pub mod exit;
@@ -57,6 +58,8 @@ pub enum Command {
     /// Run every input line (or file) as a task, like a distributed
     /// `xargs`, and print the outputs in input order.
     Map(map::MapArgs),
+    /// Take back a task that has not finished (it ends CANCELLED).
+    Cancel(cancel::CancelArgs),
     /// Show queues and workers.
     Stats(stats::StatsArgs),
     /// A live dashboard of queues, rates and workers in the terminal; `q`

@@ -92,6 +92,11 @@ pub fn print_result(result: &pb::Result, json: bool) -> ExitCode {
         if !result.output.ends_with(b"\n") {
             let _ = stdout.write_all(b"\n");
         }
+    } else if result.state() == pb::TaskState::Cancelled {
+        eprintln!(
+            "taskq: task {} was cancelled: {}",
+            result.task_id, result.error
+        );
     } else {
         eprintln!(
             "taskq: task {} failed after {} attempt(s): {}",

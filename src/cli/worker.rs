@@ -1,4 +1,5 @@
-//! `taskq worker`: run a program or a built-in handler on a queue's tasks.
+//! `taskq worker`: run a program (one per task, or long-lived programs
+//! over a line protocol) or a built-in handler on a queue's tasks.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -11,7 +12,9 @@ use crate::cli::connect::ClientArgs;
 use crate::cli::exit::{EXIT_FAILURE, config_error};
 use crate::config::ConfigError;
 use crate::units::parse_duration;
+use crate::worker::command::CommandLine;
 use crate::worker::exec::ExecHandler;
+use crate::worker::pipe::{DEFAULT_EXIT_WAIT, PipeHandler};
 use crate::worker::{DEFAULT_CONCURRENCY, Mode, Worker, builtin, default_worker_id};
 
 /// `taskq worker` flags.
@@ -21,13 +24,17 @@ EXAMPLES:
   taskq worker --queue squares --builtin square
   taskq worker --queue thumbs --exec 'convert - -resize 64x64 png:-'
   taskq worker --queue py -- python3 -c 'import sys; print(int(sys.stdin.read())**2)'
+  taskq worker --queue py --concurrency 4 --pipe -- python3 examples/pipe_square.py
 
 A program gets the payload on stdin; exit 0 means success with stdout as
 the output; any other exit is a failure (retried while attempts remain)
 with the tail of stderr as its message. It runs directly, never through a
 shell. Its environment has TASKQ_TASK_ID, TASKQ_ATTEMPT, TASKQ_MAX_ATTEMPTS,
 TASKQ_QUEUE, TASKQ_EXPIRES_AT (if the task has a ttl) and
-TASKQ_HEADER_<NAME> for each header.")]
+TASKQ_HEADER_<NAME> for each header.
+
+With --pipe the program starts once per slot and reads one task per line
+on stdin, answering each with one line on stdout (see --pipe).")]
 pub struct WorkerArgs {
     /// How to reach the server.
     #[command(flatten)]
@@ -52,7 +59,28 @@ pub struct WorkerArgs {
     /// A built-in handler instead of a program.
     #[arg(long, value_enum, conflicts_with = "command")]
     pub builtin: Option<Builtin>,
-    /// Kill a program that runs longer than this and fail the task.
+    /// Start the program (after `--`, or given with --exec) once per
+    /// concurrency slot and give it one task at a time, one JSON object per
+    /// line, instead of starting it per task.
+    ///
+    /// In, on its stdin: {"id": "...", "queue": "...", "attempt": 1,
+    /// "max_attempts": 3, "payload": "..."}, the payload as text when it is
+    /// UTF-8, else "payload_base64" instead; "headers" (an object) and
+    /// "expires_at" (RFC 3339) when the task has them; ignore other fields.
+    ///
+    /// Out, one line on its stdout per task, flushed: {"id": "...",
+    /// "output": "..."} or {"id": "...", "output_base64": "..."} for a
+    /// success; {"id": "...", "error": "...", "retry": true|false} for a
+    /// failure (retry defaults to true).
+    ///
+    /// Its stderr goes to the worker's log, line by line, with the slot.
+    /// A program that exits, answers another id or writes anything else
+    /// fails its task as retryable and is restarted with backoff. On
+    /// shutdown its stdin closes: it should exit then.
+    #[arg(long, conflicts_with = "builtin")]
+    pub pipe: bool,
+    /// Kill a program that runs longer than this on a task and fail the
+    /// task (with --pipe, counted from when the task is written to it).
     #[arg(long, env = "TASKQ_TASK_TIMEOUT", value_parser = parse_duration)]
     pub task_timeout: Option<Duration>,
     /// On SIGTERM or Ctrl-C, how long running tasks may take to finish.
@@ -117,38 +145,46 @@ fn find_program(program: &str) -> bool {
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
-fn exec_handler(args: &WorkerArgs) -> Result<Option<ExecHandler>, ConfigError> {
-    let handler = match (&args.exec, args.command.is_empty()) {
-        (Some(line), _) => ExecHandler::from_command_line(line, args.task_timeout),
-        (None, false) => ExecHandler::from_words(args.command.clone(), args.task_timeout),
+/// The flag that names the program, for messages.
+fn program_flag(args: &WorkerArgs) -> &'static str {
+    if args.pipe { "--pipe" } else { "--exec" }
+}
+
+/// The program to run, from --exec or after `--`, if any.
+fn command_line(args: &WorkerArgs) -> Result<Option<CommandLine>, ConfigError> {
+    let flag = program_flag(args);
+    let command = match (&args.exec, args.command.is_empty()) {
+        (Some(line), _) => CommandLine::parse(line),
+        (None, false) => CommandLine::from_words(args.command.clone()),
         (None, true) => return Ok(None),
     }
     .map_err(|e| ConfigError {
-        flag: "--exec",
+        flag,
         message: e.to_string(),
     })?;
-    if !find_program(handler.program()) {
+    if !find_program(command.program()) {
         return Err(ConfigError {
-            flag: "--exec",
+            flag,
             message: format!(
                 "program {:?} not found (not a file, not on PATH)",
-                handler.program()
+                command.program()
             ),
         });
     }
-    Ok(Some(handler))
+    Ok(Some(command))
 }
 
 /// Runs the worker until SIGTERM or Ctrl-C.
 pub async fn run(args: WorkerArgs) -> ExitCode {
-    let exec = match exec_handler(&args) {
-        Ok(exec) => exec,
+    let command = match command_line(&args) {
+        Ok(command) => command,
         Err(error) => return config_error(error),
     };
-    if exec.is_none() && args.builtin.is_none() {
+    if command.is_none() && args.builtin.is_none() {
         return config_error(ConfigError {
-            flag: "--exec",
-            message: "say what to run: --exec 'PROGRAM ARGS', --builtin NAME, or -- PROGRAM ARGS"
+            flag: program_flag(&args),
+            message: "say what to run: --exec 'PROGRAM ARGS', --builtin NAME, -- PROGRAM ARGS, \
+                      or --pipe -- PROGRAM ARGS"
                 .into(),
         });
     }
@@ -163,9 +199,21 @@ pub async fn run(args: WorkerArgs) -> ExitCode {
         .lease(args.lease)
         .worker_id(args.worker_id.clone().unwrap_or_else(default_worker_id))
         .shutdown_grace(args.shutdown_grace);
-    let outcome = match (exec, args.builtin) {
-        (Some(exec), _) => {
-            let exec = Arc::new(exec);
+    let outcome = match (command, args.builtin) {
+        (Some(command), _) if args.pipe => {
+            let pipe = PipeHandler::new(command, args.concurrency as usize, args.task_timeout);
+            let handler = pipe.clone();
+            let outcome = worker
+                .run(move |task| {
+                    let pipe = handler.clone();
+                    async move { pipe.run(task).await }
+                })
+                .await;
+            pipe.close(DEFAULT_EXIT_WAIT).await;
+            outcome
+        }
+        (Some(command), _) => {
+            let exec = Arc::new(ExecHandler::new(command, args.task_timeout));
             worker
                 .run(move |task| {
                     let exec = exec.clone();

@@ -185,6 +185,7 @@ pub fn state(state: TaskState) -> pb::TaskState {
         TaskState::Leased => pb::TaskState::Leased,
         TaskState::Succeeded => pb::TaskState::Succeeded,
         TaskState::Failed => pb::TaskState::Failed,
+        TaskState::Cancelled => pb::TaskState::Cancelled,
     }
 }
 

@@ -235,6 +235,12 @@ impl Known {
                 }
             }
             Some(Out::ExtendAck(ack)) => check_item(ack.error.as_ref(), "an extension on a stream"),
+            Some(Out::Cancel(cancel)) => assert!(
+                self.leases
+                    .iter()
+                    .any(|(task, lease)| *task == cancel.task_id && *lease == cancel.lease_id),
+                "a cancel of a lease this stream was never given: {cancel:?}"
+            ),
             None => panic!("a ServerMessage with nothing set"),
         }
     }

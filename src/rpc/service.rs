@@ -169,6 +169,17 @@ impl<S: Store> TaskQueue for TaskQueueService<S> {
         Ok(Response::new(ResultBatches::new(stream)))
     }
 
+    async fn cancel_task(
+        &self,
+        request: Request<pb::CancelTaskRequest>,
+    ) -> Result<Response<pb::CancelTaskResponse>, Status> {
+        let access = permit(&request, Call::CancelTask)?;
+        let previous = tasks::cancel_task(&self.broker, &access, request.into_inner()).await?;
+        Ok(Response::new(pb::CancelTaskResponse {
+            previous_state: convert::state(previous).into(),
+        }))
+    }
+
     async fn get_stats(
         &self,
         request: Request<pb::GetStatsRequest>,

@@ -14,7 +14,7 @@ impl From<BrokerError> for Status {
             BrokerError::QueueFull { .. } | BrokerError::LimitReached(_) => Code::ResourceExhausted,
             BrokerError::TaskNotFound(_) => Code::NotFound,
             BrokerError::StaleLease { .. } => Code::Aborted,
-            BrokerError::TaskFinished(_) => Code::FailedPrecondition,
+            BrokerError::TaskFinished(_) | BrokerError::Cancelled(_) => Code::FailedPrecondition,
             BrokerError::ResultConflict(_) => Code::AlreadyExists,
             BrokerError::ShuttingDown | BrokerError::StoreUnavailable { .. } => Code::Unavailable,
         };

@@ -106,6 +106,18 @@ pub(super) async fn extend_lease<S: Store>(
     Ok(broker.extend(lease_id, extend_by).await?)
 }
 
+/// A CancelTask: convert, check the task's queue, cancel. Returns the
+/// state the task had.
+pub(super) async fn cancel_task<S: Store>(
+    broker: &S,
+    access: &Access,
+    request: pb::CancelTaskRequest,
+) -> Result<TaskState, Status> {
+    let task = convert::task_id(&request.task_id)?;
+    permit_task(broker, access, task).await?;
+    Ok(broker.cancel(task).await?)
+}
+
 /// A PutResult, unary or on a worker stream: convert, then complete.
 pub(super) async fn put_result<S: Store>(
     broker: &S,

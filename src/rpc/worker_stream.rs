@@ -152,26 +152,41 @@ impl<W: TaskDeliveries> Stream for ServerMessages<W> {
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => {}
         }
-        if this.max_batch > 1 {
+        let tasks = if this.max_batch > 1 {
             let mut deliveries = Deliveries {
                 stream: &mut this.stream,
                 now: None,
             };
-            return poll_batch(&mut deliveries, this.max_batch, cx).map(|batch| {
+            poll_batch(&mut deliveries, this.max_batch, cx).map(|batch| {
                 batch.map(|tasks| {
                     tasks.map(|tasks| pb::ServerMessage {
                         msg: Some(Out::Tasks(pb::TaskBatch { tasks })),
                     })
                 })
-            });
-        }
-        this.stream.poll_next_task(cx).map(|task| {
-            task.map(|task| {
-                Ok(pb::ServerMessage {
-                    msg: Some(Out::Task(convert::task(task))),
+            })
+        } else {
+            this.stream.poll_next_task(cx).map(|task| {
+                task.map(|task| {
+                    Ok(pb::ServerMessage {
+                        msg: Some(Out::Task(convert::task(task))),
+                    })
                 })
             })
-        })
+        };
+        if tasks.is_ready() {
+            return tasks;
+        }
+        // Cancels after tasks: a task cancelled while it waited to be sent
+        // reaches the worker before its cancel.
+        match this.stream.poll_cancelled(cx) {
+            Poll::Ready(Some(lease)) => Poll::Ready(Some(Ok(pb::ServerMessage {
+                msg: Some(Out::Cancel(pb::TaskCancelled {
+                    task_id: lease.task.to_string(),
+                    lease_id: lease.to_string(),
+                })),
+            }))),
+            _ => Poll::Pending,
+        }
     }
 }
 

@@ -197,6 +197,7 @@ impl<S: Store> StatusSources<S> {
                     "succeeded": q.succeeded,
                     "failed": q.failed.saturating_sub(q.expired),
                     "expired": q.expired,
+                    "cancelled": q.cancelled,
                     "retried": q.retried_after_error + q.retried_after_lease_expiry,
                     "worker_streams": q.worker_streams,
                     "enqueued_per_second": last(&history.enqueued_per_second),
@@ -449,6 +450,7 @@ async fn task<S: Store>(
             let state = match result.state {
                 TaskState::Succeeded => "succeeded",
                 TaskState::Failed => "failed",
+                TaskState::Cancelled => "cancelled",
                 TaskState::Pending => "pending",
                 TaskState::Leased => "leased",
             };

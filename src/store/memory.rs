@@ -96,6 +96,10 @@ impl Store for Broker {
         ready(Broker::task_queue(self, task))
     }
 
+    fn cancel(&self, task: TaskId) -> impl Future<Output = Result<TaskState, BrokerError>> + Send {
+        ready(Broker::cancel(self, task))
+    }
+
     fn workers(&self) -> impl Future<Output = Result<Vec<WorkerInfo>, BrokerError>> + Send {
         ready(Ok(Broker::workers(self)))
     }
@@ -161,6 +165,10 @@ impl TaskDeliveries for WorkerStream {
 
     fn ready(&self) -> usize {
         WorkerStream::ready(self)
+    }
+
+    fn poll_cancelled(&mut self, cx: &mut Context<'_>) -> Poll<Option<LeaseId>> {
+        WorkerStream::poll_cancelled(self, cx)
     }
 
     fn put_back(&mut self, task: LeasedTask) {

@@ -102,6 +102,12 @@ pub trait Store: Clone + Send + Sync + 'static {
         task: TaskId,
     ) -> impl Future<Output = Result<QueueName, BrokerError>> + Send;
 
+    /// Takes back an unfinished task: it ends CANCELLED and a lease on it
+    /// is revoked (a worker stream holding it is told). Returns the state
+    /// it had, pending or leased; [`BrokerError::TaskFinished`] for a
+    /// finished task, [`BrokerError::TaskNotFound`] for an unknown one.
+    fn cancel(&self, task: TaskId) -> impl Future<Output = Result<TaskState, BrokerError>> + Send;
+
     /// The workers that called this server, for the status page: what
     /// [`Store::stats`] lists, without counting the queues.
     fn workers(&self) -> impl Future<Output = Result<Vec<WorkerInfo>, BrokerError>> + Send;
@@ -166,6 +172,11 @@ pub trait TaskDeliveries: Send + Unpin + 'static {
 
     /// Tasks ready to be taken without waiting.
     fn ready(&self) -> usize;
+
+    /// The next lease of this stream's tasks that was cancelled
+    /// ([`Store::cancel`]): its place in the window is free. Pending while
+    /// there is none.
+    fn poll_cancelled(&mut self, cx: &mut Context<'_>) -> Poll<Option<LeaseId>>;
 
     /// A task taken but not sent goes back to the front of the stream.
     fn put_back(&mut self, task: LeasedTask);

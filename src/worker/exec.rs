@@ -2,14 +2,14 @@
 //! output. The program is spawned directly, never through a shell, so
 //! nothing in a task can change what runs.
 
-use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
-use tokio::process::Command;
 
 use crate::pb;
+use crate::worker::command::{CommandLine, CommandLineError};
+use crate::worker::deadline::{self, Deadline};
 use crate::worker::handler::{HandlerResult, TaskFailure};
 
 /// How much of a failed program's stderr goes into the failure message.
@@ -18,50 +18,43 @@ const STDERR_TAIL: usize = 2048;
 /// A program to run for each task.
 #[derive(Clone, Debug)]
 pub struct ExecHandler {
-    program: String,
-    args: Vec<String>,
+    command: CommandLine,
     timeout: Option<Duration>,
 }
 
-/// Why a command line cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ExecError {
-    /// The words do not split as a shell would split them.
-    #[error("cannot split {0:?} into words (unbalanced quotes?)")]
-    Split(String),
-    /// No program given.
-    #[error("no program given: pass --exec 'PROGRAM ARGS...' or -- PROGRAM ARGS...")]
-    Empty,
-}
-
 impl ExecHandler {
+    /// A handler that runs `command` for each task, killed after
+    /// `timeout` if one is given.
+    pub fn new(command: CommandLine, timeout: Option<Duration>) -> Self {
+        Self { command, timeout }
+    }
+
     /// A handler for a command line split into words as a shell would
     /// split it (quotes, escapes), but never run through a shell.
     ///
     /// # Errors
-    /// [`ExecError`] for unbalanced quotes or an empty command.
-    pub fn from_command_line(line: &str, timeout: Option<Duration>) -> Result<Self, ExecError> {
-        let words = shlex::split(line).ok_or_else(|| ExecError::Split(line.into()))?;
-        Self::from_words(words, timeout)
+    /// [`CommandLineError`] for unbalanced quotes or an empty command.
+    pub fn from_command_line(
+        line: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Self, CommandLineError> {
+        Ok(Self::new(CommandLine::parse(line)?, timeout))
     }
 
     /// A handler for a program and its arguments.
     ///
     /// # Errors
-    /// [`ExecError::Empty`] when `words` is empty.
-    pub fn from_words(words: Vec<String>, timeout: Option<Duration>) -> Result<Self, ExecError> {
-        let mut words = words.into_iter();
-        let program = words.next().ok_or(ExecError::Empty)?;
-        Ok(Self {
-            program,
-            args: words.collect(),
-            timeout,
-        })
+    /// [`CommandLineError::Empty`] when `words` is empty.
+    pub fn from_words(
+        words: Vec<String>,
+        timeout: Option<Duration>,
+    ) -> Result<Self, CommandLineError> {
+        Ok(Self::new(CommandLine::from_words(words)?, timeout))
     }
 
     /// The program that runs.
     pub fn program(&self) -> &str {
-        &self.program
+        self.command.program()
     }
 
     /// Runs the program for `task`.
@@ -75,19 +68,14 @@ impl ExecHandler {
     /// A failure (retryable) for a non-zero exit, with the tail of stderr; a
     /// timeout or the task's expiry kills the program and fails the task.
     pub async fn run(&self, task: pb::Task) -> HandlerResult {
-        let mut command = Command::new(&self.program);
+        let program = self.program();
+        let mut command = self.command.command();
         command
-            .args(&self.args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
             .env("TASKQ_TASK_ID", &task.id)
             .env("TASKQ_ATTEMPT", task.attempt.to_string())
             .env("TASKQ_MAX_ATTEMPTS", task.max_attempts.to_string())
             .env("TASKQ_QUEUE", &task.queue);
-        let expires_at = task.expires_at.and_then(|t| SystemTime::try_from(t).ok());
-        if let Some(at) = expires_at {
+        if let Some(at) = task.expires_at.and_then(|t| SystemTime::try_from(t).ok()) {
             command.env(
                 "TASKQ_EXPIRES_AT",
                 humantime::format_rfc3339_millis(at).to_string(),
@@ -98,7 +86,7 @@ impl ExecHandler {
         }
         let mut child = command
             .spawn()
-            .map_err(|e| TaskFailure::retryable(format!("cannot start {}: {e}", self.program)))?;
+            .map_err(|e| TaskFailure::retryable(format!("cannot start {program}: {e}")))?;
         let mut stdin = child.stdin.take().expect("stdin is piped");
         let payload = task.payload.clone();
         // Written alongside the reads: a program that answers before it
@@ -107,48 +95,25 @@ impl ExecHandler {
             // A program that exits without reading its input is not an error.
             let _ = stdin.write_all(&payload).await;
         });
-
-        let until_expiry = expires_at.map(|at| {
-            at.duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO)
-        });
-        let (limit, why) = match (self.timeout, until_expiry) {
-            (Some(t), Some(e)) if e < t => (Some(e), "the task expired"),
-            (Some(t), _) => (Some(t), "timed out"),
-            (None, Some(e)) => (Some(e), "the task expired"),
-            (None, None) => (None, ""),
-        };
-        let output = child.wait_with_output();
-        let output = match limit {
-            Some(limit) => match tokio::time::timeout(limit, output).await {
-                Ok(output) => output,
-                Err(_) => {
-                    feeder.abort();
-                    // Dropping the child's future killed it (kill_on_drop).
-                    let message = format!(
-                        "{why} after {}: {} was killed",
-                        humantime::format_duration(limit),
-                        self.program
-                    );
-                    return Err(TaskFailure {
-                        message,
-                        retry: why == "timed out",
-                    });
-                }
-            },
-            None => output.await,
+        let deadline = Deadline::of(&task, self.timeout);
+        let output = match deadline::within(deadline, child.wait_with_output()).await {
+            Ok(output) => output,
+            Err(passed) => {
+                feeder.abort();
+                // Dropping the child's future killed it (kill_on_drop).
+                return Err(passed.failure(program));
+            }
         };
         feeder.abort();
-        let output = output
-            .map_err(|e| TaskFailure::retryable(format!("{} failed to run: {e}", self.program)))?;
+        let output =
+            output.map_err(|e| TaskFailure::retryable(format!("{program} failed to run: {e}")))?;
         if output.status.success() {
             return Ok(Bytes::from(output.stdout));
         }
         let tail_start = output.stderr.len().saturating_sub(STDERR_TAIL);
         let tail = String::from_utf8_lossy(&output.stderr[tail_start..]);
         Err(TaskFailure::retryable(format!(
-            "{} exited with {}: {}",
-            self.program,
+            "{program} exited with {}: {}",
             output.status,
             tail.trim()
         )))
@@ -233,14 +198,5 @@ mod tests {
             !failure.retry,
             "an expired task is not worth another attempt"
         );
-    }
-
-    #[test]
-    fn command_lines_split_like_a_shell_without_one() {
-        let handler = ExecHandler::from_command_line(r#"python3 -c "print(1)""#, None).unwrap();
-        assert_eq!(handler.program(), "python3");
-        assert_eq!(handler.args, ["-c", "print(1)"]);
-        assert!(ExecHandler::from_command_line("echo 'open", None).is_err());
-        assert!(ExecHandler::from_command_line("  ", None).is_err());
     }
 }

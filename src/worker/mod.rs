@@ -28,12 +28,18 @@
 //! `handler.rs` (what a handler returns, panics caught), `lease.rs` (the
 //! one lease keeper), `report.rs` (the one tally), `backoff.rs`
 //! (reconnecting), `settings.rs` (the builder's choices). The loops never
-//! import this file.
+//! import this file. Handlers that run programs: [`exec`] (a program per
+//! task) and [`pipe`] (long-lived programs, one per slot, over a line
+//! protocol), with what they share: [`command`] (a program and its
+//! arguments) and `deadline.rs` (a program's time on a task).
 
 pub mod builtin;
+pub mod command;
 pub mod exec;
+pub mod pipe;
 
 mod backoff;
+mod deadline;
 mod handler;
 mod lease;
 mod report;

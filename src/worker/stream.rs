@@ -128,6 +128,16 @@ async fn serve(
                             outbox.acknowledged(ack, report);
                         }
                     }
+                    Out::Cancel(cancel) => {
+                        // Someone took the task back: its result would be
+                        // refused, so its handler (and an exec'd program)
+                        // stops now.
+                        if let Some(handle) = running.handles.remove(&cancel.lease_id) {
+                            handle.abort();
+                            report.count(Ran::Abandoned);
+                            tracing::info!(task_id = %cancel.task_id, "task cancelled; its handler is stopped");
+                        }
+                    }
                     Out::ExtendAck(ack) => {
                         if let Some(error) = ack.error {
                             // The lease is gone: another worker has the task.

@@ -13,6 +13,7 @@
 
 #[cfg(any(test, feature = "fuzzing"))]
 mod check;
+mod control;
 mod snapshot;
 mod task;
 
@@ -31,14 +32,13 @@ use super::retention::{Finished, FinishedRest, Report, Retained, RetentionLimits
 use super::timers::{TimerEntry, TimerHeap, TimerKind};
 use super::types::{IdMaker, IdMap, IdSet, NameMap};
 use super::waiters::{
-    ResultStreamFlow, ResultStreamId, ResultStreamRecord, ResultWaiter, StreamId, TaskWaiter,
-    WaiterId, WaiterSlots, Watcher, WorkerStreamRecord,
+    ResultStreamFlow, ResultStreamId, ResultStreamRecord, ResultWaiter, StreamId, StreamSenders,
+    TaskWaiter, WaiterId, WaiterSlots, Watcher, WorkerStreamRecord,
 };
 use super::workers::WorkerTable;
 use super::{
-    BrokerConfig, BrokerError, Holdings, LeaseId, LeaseView, LeasedTask, NewTask, Outcome,
-    PutOutcome, QueueName, RECENT_FAILURES, Stats, TaskId, TaskResult, TaskState, TaskView,
-    WorkerId, WorkerInfo,
+    BrokerConfig, BrokerError, Holdings, LeaseId, LeasedTask, NewTask, Outcome, PutOutcome,
+    QueueName, RECENT_FAILURES, TaskId, TaskResult, TaskState, WorkerId,
 };
 use task::{Ended, Extras, Lease, Status, TaskEntry, state_of, timer_is_live};
 
@@ -143,45 +143,6 @@ impl State {
     /// Whether a task or its result is held.
     fn holds(&self, id: &TaskId) -> bool {
         self.tasks.contains_key(id) || self.results.contains(id)
-    }
-
-    /// The queue a held task (or result) belongs to.
-    pub fn task_queue(&self, task: TaskId) -> Result<QueueName, BrokerError> {
-        self.tasks
-            .get(&task)
-            .map(|entry| entry.queue.clone())
-            .or_else(|| {
-                self.results
-                    .get(&task)
-                    .map(|done| done.result.queue.clone())
-            })
-            .ok_or_else(|| BrokerError::TaskNotFound(task.to_string()))
-    }
-
-    /// Where an unfinished task is and who holds it; NOT_FOUND for a
-    /// finished one (its result says the rest) or an unknown one.
-    pub fn describe(&self, task: TaskId) -> Result<TaskView, BrokerError> {
-        let entry = self
-            .tasks
-            .get(&task)
-            .ok_or_else(|| BrokerError::TaskNotFound(task.to_string()))?;
-        let lease = match &entry.status {
-            Status::Leased(lease) => Some(LeaseView {
-                worker: lease.worker.clone(),
-                expires_at: self.clock.wall(lease.expires_at),
-            }),
-            Status::Pending => None,
-        };
-        Ok(TaskView {
-            queue: entry.queue.clone(),
-            state: state_of(&entry.status),
-            attempts: entry.attempt,
-            max_attempts: entry.max_attempts,
-            created_at: self.clock.wall_of(entry.created_at),
-            expires_at: entry.expires_at.map(|at| self.clock.wall_of(at)),
-            payload_bytes: entry.payload.len() as u64,
-            lease,
-        })
     }
 
     /// Keeps a note of a task that finished FAILED for the status page.
@@ -617,7 +578,7 @@ impl State {
         worker: WorkerId,
         lease_duration: Option<Duration>,
         window: u32,
-        tx: mpsc::UnboundedSender<LeasedTask>,
+        senders: StreamSenders,
         now: Instant,
     ) -> Result<StreamId, BrokerError> {
         self.queue_mut(queue)?;
@@ -632,7 +593,8 @@ impl State {
                 lease_duration,
                 window,
                 outstanding: IdSet::default(),
-                tx,
+                tx: senders.tasks,
+                cancels: senders.cancels,
                 _slot: slot,
             },
         );
@@ -735,10 +697,12 @@ impl State {
     ) -> Result<SystemTime, BrokerError> {
         let by = self.clamp_lease(extend_by);
         let Some(entry) = self.tasks.get_mut(&lease_id.task) else {
-            return Err(if self.results.contains(&lease_id.task) {
-                BrokerError::TaskFinished(lease_id.task)
-            } else {
-                BrokerError::TaskNotFound(lease_id.task.to_string())
+            return Err(match self.results.get(&lease_id.task) {
+                Some(done) if done.report == Report::Cancelled => {
+                    BrokerError::Cancelled(lease_id.task)
+                }
+                Some(_) => BrokerError::TaskFinished(lease_id.task),
+                None => BrokerError::TaskNotFound(lease_id.task.to_string()),
             });
         };
         let current = match &mut entry.status {
@@ -785,6 +749,9 @@ impl State {
                 .results
                 .get(&lease_id.task)
                 .ok_or_else(|| BrokerError::TaskNotFound(lease_id.task.to_string()))?;
+            if done.report == Report::Cancelled {
+                return Err(BrokerError::Cancelled(lease_id.task));
+            }
             return if repeats(done.last_retry())
                 || (done.by_lease == lease_id.seq && done.finished_by(&outcome))
             {
@@ -1313,24 +1280,5 @@ impl State {
             self.known_queue(&queue).retried_after_lease_expiry();
             self.dispatch(&queue, now);
         }
-    }
-
-    // ---- Stats ----
-
-    pub fn stats(&mut self, only: Option<&[QueueName]>, now: Instant) -> Stats {
-        let queues = self.queue_stats(only, now);
-        let workers = self.workers(only, now);
-        Stats { queues, workers }
-    }
-
-    /// The workers last seen on a queue of `only` (or all), with the
-    /// deadlines of the leases their records name.
-    pub fn workers(&mut self, only: Option<&[QueueName]>, now: Instant) -> Vec<WorkerInfo> {
-        let (tasks, clock) = (&self.tasks, self.clock);
-        let deadline = |task| match &tasks.get(&task)?.status {
-            Status::Leased(lease) => Some(clock.wall(lease.expires_at)),
-            Status::Pending => None,
-        };
-        self.workers.report(only, &self.clock, now, deadline)
     }
 }

@@ -159,6 +159,7 @@ impl Store for PgStore {
             Some(TaskState::Succeeded | TaskState::Failed) => {
                 Err(BrokerError::TaskFinished(lease.task))
             }
+            Some(TaskState::Cancelled) => Err(BrokerError::Cancelled(lease.task)),
             Some(_) => Err(BrokerError::stale(lease)),
         }
     }
@@ -287,6 +288,17 @@ impl Store for PgStore {
             return Err(BrokerError::TaskNotFound(task.to_string()));
         };
         QueueName::parse(row.get(0))
+    }
+
+    async fn cancel(&self, task: TaskId) -> Result<TaskState, BrokerError> {
+        let cancelled = PgStore::cancel(self, task).await?;
+        match cancelled {
+            Some(previous) => Ok(previous),
+            None => match self.result_now(task).await? {
+                Some(_) => Err(BrokerError::TaskFinished(task)),
+                None => Err(BrokerError::TaskNotFound(task.to_string())),
+            },
+        }
     }
 
     async fn workers(&self) -> Result<Vec<WorkerInfo>, BrokerError> {

@@ -25,6 +25,7 @@ pub(crate) struct QueueCounts {
     /// Failures, those whose ttl ran out included.
     pub(crate) failed: u64,
     pub(crate) expired: u64,
+    pub(crate) cancelled: u64,
     pub(crate) retried_after_error: u64,
     pub(crate) retried_after_lease_expiry: u64,
     pub(crate) durations: TaskDurations,
@@ -37,6 +38,7 @@ impl QueueCounts {
         self.succeeded += other.succeeded;
         self.failed += other.failed;
         self.expired += other.expired;
+        self.cancelled += other.cancelled;
         self.retried_after_error += other.retried_after_error;
         self.retried_after_lease_expiry += other.retried_after_lease_expiry;
         self.durations.add(&other.durations);
@@ -65,6 +67,7 @@ impl QueueCounts {
         stats.succeeded = self.succeeded;
         stats.failed = self.failed;
         stats.expired = self.expired;
+        stats.cancelled = self.cancelled;
         stats.retried_after_error = self.retried_after_error;
         stats.retried_after_lease_expiry = self.retried_after_lease_expiry;
         stats.redelivered = self.retried_after_error + self.retried_after_lease_expiry;

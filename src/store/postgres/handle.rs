@@ -14,14 +14,15 @@ use super::counters::{Counters, Tally};
 use super::error::PgError;
 use super::inner::Inner;
 use super::jobs::{Job, Prepared};
+use super::notify::notify_finished;
 use super::registry::lock;
-use super::rows::{leased_task, result_row, unix_ms};
+use super::rows::{leased_task, result_row, state_of, unix_ms};
 use super::sql::Sql;
 use super::wake::{self, Wakeups};
 use super::{schema, sweep, writer};
 use crate::broker::{
     BrokerConfig, BrokerError, IdMaker, LeaseId, LeasedTask, NewTask, PutOutcome, QueueName,
-    TaskId, TaskResult, WorkerId, WorkerInfo,
+    TaskId, TaskResult, TaskState, WorkerId, WorkerInfo,
 };
 
 /// The PostgreSQL store; a cheap handle.
@@ -127,6 +128,9 @@ impl PgStore {
         }
         drop(warm);
         tokio::spawn(sweep::run(Arc::downgrade(&inner)));
+        let (cancels_tx, cancels) = mpsc::unbounded_channel();
+        wakeups.forward_cancels(cancels_tx);
+        tokio::spawn(Self::deliver_cancels(Arc::downgrade(&inner), cancels));
         Ok(Self { inner })
     }
 
@@ -404,6 +408,68 @@ impl PgStore {
             .iter()
             .map(|(queue, dispatch)| (queue.clone(), lock(&dispatch.streams).len() as u64))
             .collect()
+    }
+
+    /// Cancels an unfinished task: it ends CANCELLED, whoever waits for its
+    /// result is told, and a lease on it is revoked on every server (a
+    /// notification). `None` when no unfinished task has that id.
+    pub(crate) async fn cancel(&self, task: TaskId) -> Result<Option<TaskState>, BrokerError> {
+        let inner = &self.inner;
+        let mut client = inner.pool.get().await.map_err(PgError::from)?;
+        let transaction = client.transaction().await.map_err(PgError::from)?;
+        let cancel = async {
+            let statement = transaction.prepare_cached(&inner.sql.cancel).await?;
+            let rows = transaction.query(&statement, &[&task.as_uuid()]).await?;
+            let Some(row) = rows.first() else {
+                return Ok::<_, PgError>(None);
+            };
+            let queue: String = row.get(0);
+            let previous = state_of(row.get::<_, i16>(1));
+            let finished =
+                std::collections::BTreeMap::from([(queue.clone(), vec![task.as_uuid()])]);
+            writer::subtract_finished(inner, &transaction, &finished).await?;
+            notify_finished(inner, &transaction, &queue, &[task.as_uuid()], false).await?;
+            if previous == TaskState::Leased {
+                let seq: i32 = row.get(2);
+                transaction
+                    .execute(
+                        &transaction.prepare_cached(&inner.sql.notify).await?,
+                        &[&inner.channels.0, &format!("~{task}:{seq}")],
+                    )
+                    .await?;
+            }
+            transaction.commit().await?;
+            let mut tally = Tally::default();
+            let counts = tally.queue(&queue);
+            counts.cancelled += 1;
+            counts.finished(row.get(3), row.get(4));
+            inner.counters.add(tally);
+            Ok(Some(previous))
+        };
+        Ok(cancel.await?)
+    }
+
+    /// Hands each cancelled lease that a worker stream of this server holds
+    /// to that stream, and frees its place. Runs for the store's life.
+    async fn deliver_cancels(
+        inner: std::sync::Weak<Inner>,
+        mut cancels: mpsc::UnboundedReceiver<LeaseId>,
+    ) {
+        while let Some(lease) = cancels.recv().await {
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            let mut leases = lock(&inner.stream_leases);
+            if leases
+                .get(&lease.task)
+                .is_some_and(|(seq, _)| *seq == lease.seq)
+            {
+                if let Some((_, stream)) = leases.remove(&lease.task) {
+                    stream.reported(lease.task);
+                    let _ = stream.cancels.send(lease);
+                }
+            }
+        }
     }
 
     /// A worker stream's lease was reported: free its place in the window.

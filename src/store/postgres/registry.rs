@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
 
-use crate::broker::{LeasedTask, TaskId, TaskResult, WorkerId};
+use crate::broker::{LeaseId, LeasedTask, TaskId, TaskResult, WorkerId};
 
 /// The lock, even if a panic poisoned it: the data stays usable.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -28,6 +28,8 @@ pub(crate) struct StreamShared {
     pub(crate) worker: WorkerId,
     pub(crate) lease: Option<Duration>,
     pub(crate) tx: mpsc::UnboundedSender<LeasedTask>,
+    /// Leases of its tasks that were cancelled.
+    pub(crate) cancels: mpsc::UnboundedSender<LeaseId>,
     /// The dispatch to tell when room appears.
     pub(crate) dispatch: Arc<TaskDispatch>,
 }

@@ -12,6 +12,7 @@ pub(crate) fn state_of(state: i16) -> TaskState {
         0 => TaskState::Pending,
         1 => TaskState::Leased,
         2 => TaskState::Succeeded,
+        4 => TaskState::Cancelled,
         _ => TaskState::Failed,
     }
 }
@@ -57,7 +58,10 @@ pub(crate) fn leased_task(
 /// A row as a result, when it is finished.
 pub(crate) fn result_row(row: &tokio_postgres::Row) -> Option<TaskResult> {
     let state = state_of(row.get::<_, i16>(2));
-    if !matches!(state, TaskState::Succeeded | TaskState::Failed) {
+    if !matches!(
+        state,
+        TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
+    ) {
         return None;
     }
     let queue: String = row.get(1);
@@ -69,10 +73,10 @@ pub(crate) fn result_row(row: &tokio_postgres::Row) -> Option<TaskResult> {
         queue: QueueName::parse(&queue).ok()?,
         state,
         output: output.unwrap_or_default().into(),
-        error: if state == TaskState::Failed {
-            error.unwrap_or_default()
-        } else {
+        error: if state == TaskState::Succeeded {
             String::new()
+        } else {
+            error.unwrap_or_default()
         },
         attempts: u32::try_from(row.get::<_, i32>(5)).unwrap_or(0),
         worker: worker.and_then(|w| WorkerId::new(&w).ok()),

@@ -25,6 +25,7 @@ pub(crate) struct Sql {
     pub(crate) unclaim_results: String,
     pub(crate) task_queue: String,
     pub(crate) describe: String,
+    pub(crate) cancel: String,
     pub(crate) recent_failures: String,
     pub(crate) stats: String,
     pub(crate) snapshot_unfinished: String,
@@ -152,6 +153,15 @@ impl Sql {
                     UPDATE {s}.tasks SET claimed = false WHERE id = ANY($1) RETURNING id)
                 SELECT pg_notify($2, $3) WHERE EXISTS (SELECT 1 FROM back)"),
             task_queue: s("SELECT queue FROM {s}.tasks WHERE id = $1"),
+            // An unfinished task ends CANCELLED (state 4); the row as it was
+            // tells whether a lease was revoked.
+            cancel: s("UPDATE {s}.tasks t
+                SET state = 4, finished_at = now(), lease_until = NULL, by_lease = NULL,
+                    error = 'cancelled by CancelTask before it finished'
+                FROM (SELECT id, state AS was, lease_seq FROM {s}.tasks
+                      WHERE id = $1 AND state < 2 FOR UPDATE) c
+                WHERE t.id = c.id
+                RETURNING t.queue, c.was, c.lease_seq, {d}"),
             // In `rows::task_view`'s order; unfinished tasks only.
             describe: s("SELECT queue, state, attempt, max_attempts, created_at, expires_at,
                     octet_length(payload)::int8, worker, lease_until

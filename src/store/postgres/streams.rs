@@ -25,7 +25,7 @@ use super::registry::{
     RESULT_WINDOW, ResultDispatch, ResultShared, StreamShared, TaskDispatch, lock,
 };
 use crate::broker::{
-    BrokerError, LeaseRequest, LeasedTask, QueueName, TaskId, TaskResult, WorkerId,
+    BrokerError, LeaseId, LeaseRequest, LeasedTask, QueueName, TaskId, TaskResult, WorkerId,
 };
 use crate::store::{ResultDeliveries, ResultWatch, TaskDeliveries, WindowControl};
 
@@ -37,6 +37,7 @@ const RETRY_AFTER_ERROR: Duration = Duration::from_millis(500);
 /// A worker stream on the PostgreSQL store.
 pub struct PgWorkerStream {
     deliveries: mpsc::UnboundedReceiver<LeasedTask>,
+    cancels: mpsc::UnboundedReceiver<LeaseId>,
     front: VecDeque<LeasedTask>,
     shared: Arc<StreamShared>,
     store: PgStore,
@@ -46,6 +47,7 @@ pub struct PgWorkerStream {
 impl PgWorkerStream {
     pub(crate) fn open(store: &PgStore, request: LeaseRequest, window: u32) -> Self {
         let (tx, deliveries) = mpsc::unbounded_channel();
+        let (cancels_tx, cancels) = mpsc::unbounded_channel();
         let mut dispatches = lock(&store.inner.task_dispatch);
         let (dispatch, start) = match dispatches.get(request.queue.as_str()) {
             Some(dispatch) => (dispatch.clone(), false),
@@ -63,6 +65,7 @@ impl PgWorkerStream {
             worker: request.worker,
             lease: request.lease_duration,
             tx,
+            cancels: cancels_tx,
             dispatch: dispatch.clone(),
         });
         lock(&dispatch.streams).push(shared.clone());
@@ -78,6 +81,7 @@ impl PgWorkerStream {
         dispatch.changed.notify_one();
         Self {
             deliveries,
+            cancels,
             front: VecDeque::new(),
             shared,
             store: store.clone(),
@@ -234,6 +238,10 @@ impl TaskDeliveries for PgWorkerStream {
 
     fn ready(&self) -> usize {
         self.front.len() + self.deliveries.len()
+    }
+
+    fn poll_cancelled(&mut self, cx: &mut Context<'_>) -> Poll<Option<LeaseId>> {
+        self.cancels.poll_recv(cx)
     }
 
     fn put_back(&mut self, task: LeasedTask) {

@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use super::registry::lock;
-use crate::broker::TaskId;
+use crate::broker::{LeaseId, TaskId};
 
 /// Who waits for what on this server.
 #[derive(Debug, Default)]
@@ -33,6 +33,9 @@ pub(crate) struct Wakeups {
     task_results: Mutex<HashMap<TaskId, Vec<Arc<Notify>>>>,
     /// Per queue: GetTask calls waiting on this server.
     waiting: Mutex<HashMap<String, u64>>,
+    /// Where the leases cancelled on any server go, for this server's
+    /// worker streams that hold them (`PgStore::deliver_cancels`).
+    cancels: Mutex<Option<tokio::sync::mpsc::UnboundedSender<LeaseId>>>,
 }
 
 /// Uncounts a waiting GetTask call when dropped.
@@ -50,6 +53,31 @@ impl Drop for WaitingGuard {
 }
 
 impl Wakeups {
+    /// Sends every cancelled lease heard of to `to`.
+    pub(crate) fn forward_cancels(&self, to: tokio::sync::mpsc::UnboundedSender<LeaseId>) {
+        *lock(&self.cancels) = Some(to);
+    }
+
+    /// A cancel notification's payload (after its `~`): `task:seq`.
+    fn cancelled(&self, payload: &str) {
+        let lease = payload.split_once(':').and_then(|(task, seq)| {
+            Some(LeaseId {
+                task: TaskId::parse(task)?,
+                seq: seq.parse().ok()?,
+            })
+        });
+        match (lease, lock(&self.cancels).as_ref()) {
+            (Some(lease), Some(to)) => {
+                let _ = to.send(lease);
+            }
+            (None, _) => tracing::warn!(
+                payload,
+                "postgres store: a cancel notification not understood"
+            ),
+            (Some(_), None) => {}
+        }
+    }
+
     /// The `Notify` woken when tasks of `queue` become ready. Queues are
     /// few; their entries stay.
     pub(crate) fn tasks(&self, queue: &str) -> Arc<Notify> {
@@ -223,7 +251,11 @@ pub(crate) async fn listen(
                         };
                         if let AsyncMessage::Notification(note) = message {
                             if note.channel() == tasks_channel {
-                                wakeups.tasks_ready(note.payload());
+                                // Queue names never start with `~`.
+                                match note.payload().strip_prefix('~') {
+                                    Some(lease) => wakeups.cancelled(lease),
+                                    None => wakeups.tasks_ready(note.payload()),
+                                }
                             } else if note.channel() == results_channel {
                                 wakeups.finished(note.payload());
                             }

@@ -744,7 +744,7 @@ fn count_report(tally: &mut Tally, row: &tokio_postgres::Row) {
             counts.failed += 1;
             counts.finished(row.get(9), row.get(10));
         }
-        TaskState::Leased => {}
+        TaskState::Leased | TaskState::Cancelled => {}
     }
 }
 
@@ -838,6 +838,9 @@ fn explain(
     };
     if repeat {
         return Ok(state);
+    }
+    if state == TaskState::Cancelled {
+        return Err(BrokerError::Cancelled(lease.task));
     }
     let finished = matches!(state, TaskState::Succeeded | TaskState::Failed);
     if !finished || seq == 0 || seq > lease_seq {
