@@ -652,7 +652,11 @@ mod tests {
         );
         assert_eq!(allowed(Role::Monitor), [GetStats, ReadMetrics]);
         assert_eq!(allowed(Role::Admin), all);
-        assert!(Access::new(Role::Producer, None).permit(ManageQueue).is_err());
+        assert!(
+            Access::new(Role::Producer, None)
+                .permit(ManageQueue)
+                .is_err()
+        );
         let denied = Access::new(Role::Worker, None)
             .permit(GetStats)
             .unwrap_err();

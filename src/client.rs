@@ -453,7 +453,13 @@ impl Client {
             },
             self.call_timeout,
         );
-        Ok(self.queue.clone().purge_queue(request).await?.into_inner().purged)
+        Ok(self
+            .queue
+            .clone()
+            .purge_queue(request)
+            .await?
+            .into_inner()
+            .purged)
     }
 
     /// Leases the next task of a queue, waiting up to `wait`; `None` when

@@ -801,7 +801,10 @@ async fn a_paused_queue_hands_out_nothing_until_resumed() {
     assert!(pause(&mut client, "held", false).await);
     let task = waiting.await.unwrap().expect("handed out on resume");
     assert_eq!(task.id, id);
-    assert!(!pause(&mut client, "held", false).await, "not paused any more");
+    assert!(
+        !pause(&mut client, "held", false).await,
+        "not paused any more"
+    );
     let bad = client
         .pause_queue(pb::QueueRequest {
             queue: "no spaces".into(),
@@ -848,7 +851,11 @@ async fn purge_cancels_the_pending_tasks_only() {
         .purged;
     assert_eq!(purged, 2);
     assert_eq!(waiting.await.unwrap().state(), pb::TaskState::Cancelled);
-    let first = client.get_result(by_id(&pending[0])).await.unwrap().into_inner();
+    let first = client
+        .get_result(by_id(&pending[0]))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(first.result.unwrap().state(), pb::TaskState::Cancelled);
     // The leased task runs on and reports.
     let state = client

@@ -457,10 +457,8 @@ async fn a_cancelled_tasks_program_is_killed() {
     for mode in MODES {
         let server = TestServer::spawn().await;
         let client = server.taskq_client().await;
-        let dir = std::env::temp_dir().join(format!(
-            "taskq-cancel-{}-{mode:?}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("taskq-cancel-{}-{mode:?}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let pid_file = dir.join("pid");
@@ -481,7 +479,10 @@ async fn a_cancelled_tasks_program_is_killed() {
         let (stop, worker) =
             spawn_worker(mode, client.clone(), "q", Duration::from_secs(2), handler);
         eventually("the program runs", || async { pid_file.exists() }).await;
-        let pid = std::fs::read_to_string(&pid_file).unwrap().trim().to_owned();
+        let pid = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .to_owned();
         assert!(!ended(&pid), "{mode:?}: the program runs");
         assert_eq!(
             client.cancel_task(&id).await.unwrap(),

@@ -13,6 +13,7 @@
 
 #[cfg(any(test, feature = "fuzzing"))]
 mod check;
+mod control;
 mod snapshot;
 mod task;
 
@@ -36,9 +37,8 @@ use super::waiters::{
 };
 use super::workers::WorkerTable;
 use super::{
-    BrokerConfig, BrokerError, Holdings, LeaseId, LeaseView, LeasedTask, NewTask, Outcome,
-    PutOutcome, QueueName, RECENT_FAILURES, Stats, TaskId, TaskResult, TaskState, TaskView,
-    WorkerId, WorkerInfo,
+    BrokerConfig, BrokerError, Holdings, LeaseId, LeasedTask, NewTask, Outcome, PutOutcome,
+    QueueName, RECENT_FAILURES, TaskId, TaskResult, TaskState, WorkerId,
 };
 use task::{Ended, Extras, Lease, Status, TaskEntry, state_of, timer_is_live};
 
@@ -143,45 +143,6 @@ impl State {
     /// Whether a task or its result is held.
     fn holds(&self, id: &TaskId) -> bool {
         self.tasks.contains_key(id) || self.results.contains(id)
-    }
-
-    /// The queue a held task (or result) belongs to.
-    pub fn task_queue(&self, task: TaskId) -> Result<QueueName, BrokerError> {
-        self.tasks
-            .get(&task)
-            .map(|entry| entry.queue.clone())
-            .or_else(|| {
-                self.results
-                    .get(&task)
-                    .map(|done| done.result.queue.clone())
-            })
-            .ok_or_else(|| BrokerError::TaskNotFound(task.to_string()))
-    }
-
-    /// Where an unfinished task is and who holds it; NOT_FOUND for a
-    /// finished one (its result says the rest) or an unknown one.
-    pub fn describe(&self, task: TaskId) -> Result<TaskView, BrokerError> {
-        let entry = self
-            .tasks
-            .get(&task)
-            .ok_or_else(|| BrokerError::TaskNotFound(task.to_string()))?;
-        let lease = match &entry.status {
-            Status::Leased(lease) => Some(LeaseView {
-                worker: lease.worker.clone(),
-                expires_at: self.clock.wall(lease.expires_at),
-            }),
-            Status::Pending => None,
-        };
-        Ok(TaskView {
-            queue: entry.queue.clone(),
-            state: state_of(&entry.status),
-            attempts: entry.attempt,
-            max_attempts: entry.max_attempts,
-            created_at: self.clock.wall_of(entry.created_at),
-            expires_at: entry.expires_at.map(|at| self.clock.wall_of(at)),
-            payload_bytes: entry.payload.len() as u64,
-            lease,
-        })
     }
 
     /// Keeps a note of a task that finished FAILED for the status page.
@@ -861,95 +822,6 @@ impl State {
         }
     }
 
-    /// Takes back an unfinished task: it ends CANCELLED, and a lease on it
-    /// is revoked (a worker stream holding it is told). Returns the state
-    /// it had.
-    pub fn cancel(&mut self, id: TaskId, now: Instant) -> Result<TaskState, BrokerError> {
-        let Some(entry) = self.tasks.get(&id) else {
-            return Err(if self.results.contains(&id) {
-                BrokerError::TaskFinished(id)
-            } else {
-                BrokerError::TaskNotFound(id.to_string())
-            });
-        };
-        let previous = state_of(&entry.status);
-        let holder = match &entry.status {
-            Status::Leased(lease) => {
-                if let Some(stream) = lease.stream.and_then(|sid| self.streams.get(&sid)) {
-                    // A stream that left has nothing to stop.
-                    let _ = stream.cancels.send(LeaseId {
-                        task: id,
-                        seq: lease.seq,
-                    });
-                }
-                Some(lease.worker.clone())
-            }
-            Status::Pending => None,
-        };
-        tracing::debug!(task_id = %id, ?previous, "task cancelled");
-        let ended = Ended {
-            state: TaskState::Cancelled,
-            output: Bytes::new(),
-            error: "cancelled by CancelTask before it finished".into(),
-            worker: holder,
-            by_lease: 0,
-            report: Report::Cancelled,
-        };
-        self.finish(id, ended, now);
-        Ok(previous)
-    }
-
-    /// Stops (or with `paused` false, restarts) the hand-outs of a queue,
-    /// made if new; puts go on, and leases in progress run on. Returns
-    /// whether it was paused before.
-    pub fn set_paused(
-        &mut self,
-        queue: &QueueName,
-        paused: bool,
-        now: Instant,
-    ) -> Result<bool, BrokerError> {
-        let (_, state) = self.queue_mut(queue)?;
-        let was = std::mem::replace(&mut state.paused, paused);
-        tracing::info!(queue = %queue, paused, was_paused = was, "queue hand-outs changed");
-        if was && !paused && !self.closed {
-            self.dispatch(queue, now);
-        }
-        Ok(was)
-    }
-
-    /// Drops every pending task of a queue: each ends CANCELLED, so whoever
-    /// waits for its result learns it. Leased tasks run on. Returns how
-    /// many it dropped. (One pass under the lock: proportional to the
-    /// queue's pending tasks.)
-    pub fn purge(&mut self, queue: &QueueName, now: Instant) -> Result<u64, BrokerError> {
-        let Some(state) = self.queues.get_mut(queue) else {
-            return Ok(0);
-        };
-        let line = state.take_ready();
-        let mut purged = 0;
-        for id in line {
-            let pending = self
-                .tasks
-                .get(&id)
-                .is_some_and(|entry| matches!(entry.status, Status::Pending));
-            if !pending {
-                continue;
-            }
-            let ended = Ended {
-                state: TaskState::Cancelled,
-                output: Bytes::new(),
-                error: "purged by PurgeQueue before it was handed out".into(),
-                worker: None,
-                by_lease: 0,
-                report: Report::Cancelled,
-            };
-            self.finish(id, ended, now);
-            purged += 1;
-        }
-        tracing::info!(queue = %queue, purged, "queue purged");
-        Ok(purged)
-    }
-
     /// Ends a task: records its result, wakes whoever waits for it, and
     /// frees its room in the queue.
     fn finish(&mut self, id: TaskId, ended: Ended, now: Instant) {
@@ -1408,24 +1280,5 @@ impl State {
             self.known_queue(&queue).retried_after_lease_expiry();
             self.dispatch(&queue, now);
         }
-    }
-
-    // ---- Stats ----
-
-    pub fn stats(&mut self, only: Option<&[QueueName]>, now: Instant) -> Stats {
-        let queues = self.queue_stats(only, now);
-        let workers = self.workers(only, now);
-        Stats { queues, workers }
-    }
-
-    /// The workers last seen on a queue of `only` (or all), with the
-    /// deadlines of the leases their records name.
-    pub fn workers(&mut self, only: Option<&[QueueName]>, now: Instant) -> Vec<WorkerInfo> {
-        let (tasks, clock) = (&self.tasks, self.clock);
-        let deadline = |task| match &tasks.get(&task)?.status {
-            Status::Leased(lease) => Some(clock.wall(lease.expires_at)),
-            Status::Pending => None,
-        };
-        self.workers.report(only, &self.clock, now, deadline)
     }
 }

@@ -451,14 +451,28 @@ impl PgStore {
 
     /// Stops or restarts a queue's hand-outs on every server; returns
     /// whether it was paused before.
-    pub(crate) async fn set_paused(&self, queue: &QueueName, paused: bool) -> Result<bool, BrokerError> {
+    pub(crate) async fn set_paused(
+        &self,
+        queue: &QueueName,
+        paused: bool,
+    ) -> Result<bool, BrokerError> {
         let inner = &self.inner;
         let client = inner.pool.get().await.map_err(PgError::from)?;
         let was = if paused {
-            let statement = client.prepare_cached(&inner.sql.pause).await.map_err(PgError::from)?;
-            client.execute(&statement, &[&queue.as_str()]).await.map_err(PgError::from)? == 0
+            let statement = client
+                .prepare_cached(&inner.sql.pause)
+                .await
+                .map_err(PgError::from)?;
+            client
+                .execute(&statement, &[&queue.as_str()])
+                .await
+                .map_err(PgError::from)?
+                == 0
         } else {
-            let statement = client.prepare_cached(&inner.sql.resume).await.map_err(PgError::from)?;
+            let statement = client
+                .prepare_cached(&inner.sql.resume)
+                .await
+                .map_err(PgError::from)?;
             !client
                 .query(&statement, &[&queue.as_str(), &inner.channels.0])
                 .await
@@ -501,7 +515,9 @@ impl PgStore {
     }
 
     /// The queues paused now.
-    pub(crate) async fn paused_queues(&self) -> Result<std::collections::HashSet<String>, BrokerError> {
+    pub(crate) async fn paused_queues(
+        &self,
+    ) -> Result<std::collections::HashSet<String>, BrokerError> {
         let rows = self.rows(&self.inner.sql.paused, &[]).await?;
         Ok(rows.iter().map(|row| row.get(0)).collect())
     }
