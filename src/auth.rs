@@ -84,13 +84,15 @@ pub enum Call {
     GetStats,
     /// `CancelTask`.
     CancelTask,
+    /// `PauseQueue`, `ResumeQueue` and `PurgeQueue`.
+    ManageQueue,
     /// `GET /metrics` on the HTTP listener.
     ReadMetrics,
 }
 
 impl Call {
     /// Every call, for tables over them all.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::PutTask,
         Self::PutTasks,
         Self::GetResult,
@@ -102,6 +104,7 @@ impl Call {
         Self::PutResult,
         Self::GetStats,
         Self::CancelTask,
+        Self::ManageQueue,
         Self::ReadMetrics,
     ];
 }
@@ -119,6 +122,7 @@ impl Call {
             | Call::CancelTask => Role::Producer,
             Call::GetTask | Call::StreamTasks | Call::ExtendLease | Call::PutResult => Role::Worker,
             Call::GetStats | Call::ReadMetrics => Role::Monitor,
+            Call::ManageQueue => Role::Admin,
         }
     }
 
@@ -135,6 +139,7 @@ impl Call {
             Call::PutResult => "PutResult",
             Call::GetStats => "GetStats",
             Call::CancelTask => "CancelTask",
+            Call::ManageQueue => "PauseQueue, ResumeQueue or PurgeQueue",
             Call::ReadMetrics => "/metrics",
         }
     }
@@ -647,6 +652,11 @@ mod tests {
         );
         assert_eq!(allowed(Role::Monitor), [GetStats, ReadMetrics]);
         assert_eq!(allowed(Role::Admin), all);
+        assert!(
+            Access::new(Role::Producer, None)
+                .permit(ManageQueue)
+                .is_err()
+        );
         let denied = Access::new(Role::Worker, None)
             .permit(GetStats)
             .unwrap_err();

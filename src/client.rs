@@ -419,6 +419,49 @@ impl Client {
         Ok(response.previous_state())
     }
 
+    /// Stops (`paused`) or restarts the hand-outs of a queue (an admin
+    /// token's call); returns whether it was paused before.
+    ///
+    /// # Errors
+    /// PERMISSION_DENIED without an admin token; INVALID_ARGUMENT for a bad
+    /// queue name.
+    pub async fn set_paused(&self, queue: &str, paused: bool) -> Result<bool, ClientError> {
+        let request = self.request(
+            pb::QueueRequest {
+                queue: queue.into(),
+            },
+            self.call_timeout,
+        );
+        let mut client = self.queue.clone();
+        let state = if paused {
+            client.pause_queue(request).await?
+        } else {
+            client.resume_queue(request).await?
+        };
+        Ok(state.into_inner().was_paused)
+    }
+
+    /// Drops every pending task of a queue (each ends CANCELLED; an admin
+    /// token's call); returns how many.
+    ///
+    /// # Errors
+    /// As [`Client::set_paused`].
+    pub async fn purge_queue(&self, queue: &str) -> Result<u64, ClientError> {
+        let request = self.request(
+            pb::QueueRequest {
+                queue: queue.into(),
+            },
+            self.call_timeout,
+        );
+        Ok(self
+            .queue
+            .clone()
+            .purge_queue(request)
+            .await?
+            .into_inner()
+            .purged)
+    }
+
     /// Leases the next task of a queue, waiting up to `wait`; `None` when
     /// none came.
     ///

@@ -57,9 +57,12 @@ pub const OTHER_METHOD: &str = "_other";
 
 /// Every method served, by service: the fixed set of `grpc_service` and
 /// `grpc_method` labels. The last row stands for every other path.
-pub const METHODS: [(&str, &str, CallType); 16] = [
+pub const METHODS: [(&str, &str, CallType); 19] = [
     ("taskq.v1.TaskQueue", "PutTask", CallType::Unary),
     ("taskq.v1.TaskQueue", "CancelTask", CallType::Unary),
+    ("taskq.v1.TaskQueue", "PauseQueue", CallType::Unary),
+    ("taskq.v1.TaskQueue", "ResumeQueue", CallType::Unary),
+    ("taskq.v1.TaskQueue", "PurgeQueue", CallType::Unary),
     ("taskq.v1.TaskQueue", "PutTasks", CallType::Unary),
     ("taskq.v1.TaskQueue", "GetTask", CallType::Unary),
     ("taskq.v1.TaskQueue", "ExtendLease", CallType::Unary),
@@ -564,7 +567,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(methods, 13, "TaskQueue's 11 methods and Health's 2");
+        assert_eq!(methods, 16, "TaskQueue's 14 methods and Health's 2");
     }
 
     #[test]

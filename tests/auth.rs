@@ -564,6 +564,12 @@ async fn try_call(
             })
             .await
             .map(drop),
+        "ResumeQueue" => client
+            .resume_queue(pb::QueueRequest {
+                queue: queue.into(),
+            })
+            .await
+            .map(drop),
         "GetStats" => client
             .get_stats(pb::GetStatsRequest {
                 queue: queue.into(),
@@ -604,6 +610,7 @@ async fn every_call_by_every_role_and_scope_follows_the_table() {
         ("ExtendLease", "worker"),
         ("PutResult", "worker"),
         ("CancelTask", "producer"),
+        ("ResumeQueue", "admin"),
         ("GetStats", "admin"),
     ];
     let mut checked = 0;
@@ -628,6 +635,6 @@ async fn every_call_by_every_role_and_scope_follows_the_table() {
             }
         }
     }
-    assert_eq!(checked, 3 * 2 * 11 * 2);
+    assert_eq!(checked, 3 * 2 * 12 * 2);
     server.shutdown().await;
 }

@@ -757,3 +757,121 @@ async fn cancel_takes_back_pending_and_leased_tasks() {
     assert_eq!(empty.code(), Code::InvalidArgument, "{empty:?}");
     server.shutdown().await;
 }
+
+async fn pause(client: &mut Client, queue: &str, paused: bool) -> bool {
+    let request = pb::QueueRequest {
+        queue: queue.into(),
+    };
+    let state = if paused {
+        client.pause_queue(request).await
+    } else {
+        client.resume_queue(request).await
+    };
+    state.unwrap().into_inner().was_paused
+}
+
+/// PauseQueue holds a queue's hand-outs (puts go in, GetTask waits);
+/// ResumeQueue hands out at once to the call that waits. Both say what
+/// the queue was before, so repeating them is harmless.
+#[tokio::test]
+async fn a_paused_queue_hands_out_nothing_until_resumed() {
+    let server = TestServer::spawn().await;
+    let mut client = server.client().await;
+    assert!(!pause(&mut client, "held", true).await);
+    assert!(pause(&mut client, "held", true).await, "paused already");
+    let id = put(&mut client, "held", "a").await;
+    let mut now_only = get_req("held", "tester", LONG);
+    now_only.max_wait = Some(Duration::ZERO.try_into().unwrap());
+    let none = client.get_task(now_only).await.unwrap().into_inner();
+    assert!(none.task.is_none(), "{none:?}");
+    let stats = client
+        .get_stats(pb::GetStatsRequest {
+            queue: "held".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stats.queues[0].paused);
+    assert_eq!(stats.queues[0].pending, 1);
+
+    // A worker waits; the resume hands it the task.
+    let mut worker = client.clone();
+    let waiting = tokio::spawn(async move { get(&mut worker, "held", LONG).await });
+    until_waiting(&mut client, "held", 1).await;
+    assert!(pause(&mut client, "held", false).await);
+    let task = waiting.await.unwrap().expect("handed out on resume");
+    assert_eq!(task.id, id);
+    assert!(
+        !pause(&mut client, "held", false).await,
+        "not paused any more"
+    );
+    let bad = client
+        .pause_queue(pb::QueueRequest {
+            queue: "no spaces".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    server.shutdown().await;
+}
+
+/// PurgeQueue drops the pending tasks (each ends CANCELLED, so a waiting
+/// producer learns it) and leaves leased ones running.
+#[tokio::test]
+async fn purge_cancels_the_pending_tasks_only() {
+    let server = TestServer::spawn().await;
+    let mut client = server.client().await;
+    let leased_id = put(&mut client, "purged", "a").await;
+    let pending = [
+        put(&mut client, "purged", "b").await,
+        put(&mut client, "purged", "c").await,
+    ];
+    let leased = get(&mut client, "purged", LONG).await.unwrap();
+    assert_eq!(leased.id, leased_id);
+    let mut producer = client.clone();
+    let waited = pending[1].clone();
+    let waiting = tokio::spawn(async move {
+        let mut request = by_id(&waited);
+        request.max_wait = Some(LONG.try_into().unwrap());
+        producer
+            .get_result(with_deadline(request, LONG))
+            .await
+            .unwrap()
+            .into_inner()
+            .result
+            .expect("the result arrives")
+    });
+    let purged = client
+        .purge_queue(pb::QueueRequest {
+            queue: "purged".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .purged;
+    assert_eq!(purged, 2);
+    assert_eq!(waiting.await.unwrap().state(), pb::TaskState::Cancelled);
+    let first = client
+        .get_result(by_id(&pending[0]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.result.unwrap().state(), pb::TaskState::Cancelled);
+    // The leased task runs on and reports.
+    let state = client
+        .put_result(success(&leased, "done"))
+        .await
+        .unwrap()
+        .into_inner()
+        .state();
+    assert_eq!(state, pb::TaskState::Succeeded);
+    let again = client
+        .purge_queue(pb::QueueRequest {
+            queue: "purged".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.purged, 0);
+    server.shutdown().await;
+}

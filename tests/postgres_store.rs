@@ -505,3 +505,93 @@ async fn a_killed_server_keeps_everything_it_acknowledged() {
         .unwrap();
     assert!(rows >= acknowledged_puts.len());
 }
+
+/// A queue paused through one server hands out nothing through another,
+/// to a waiting call or a new claim; the resume through a third wakes the
+/// waiting call at once. A cancel through one server reaches a worker
+/// stream on another.
+#[tokio::test]
+async fn pause_and_cancel_hold_for_every_server() {
+    let database = TestDatabase::start().await;
+    let (a, b, c) = (
+        TestServer::with_config(on(&database)).await,
+        TestServer::with_config(on(&database)).await,
+        TestServer::with_config(on(&database)).await,
+    );
+    let (mut ca, mut cb, mut cc) = (a.client().await, b.client().await, c.client().await);
+    let held = pb::QueueRequest {
+        queue: "held".into(),
+    };
+    assert!(
+        !ca.pause_queue(held.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .was_paused
+    );
+    let ids = put_many(&mut ca, "held", &["a".to_string()]).await;
+    assert!(lease(&mut cb, "held", "w-b").await.is_none(), "paused");
+    assert!(stats(&mut cb, "held").await.paused);
+    let mut waiter = cb.clone();
+    let waiting = tokio::spawn(async move {
+        waiter
+            .get_task(with_deadline(
+                pb::GetTaskRequest {
+                    queue: "held".into(),
+                    worker_id: "w-wait".into(),
+                    lease: None,
+                    max_wait: Some(LONG.try_into().unwrap()),
+                },
+                LONG,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+    });
+    assert!(cc.resume_queue(held).await.unwrap().into_inner().was_paused);
+    let task = waiting.await.unwrap().expect("handed out after the resume");
+    assert_eq!(task.id, ids[0]);
+
+    // A stream on server b holds a task; the cancel goes through server c.
+    let ids = put_many(&mut ca, "streamed", &["s".to_string()]).await;
+    let (tx, outbound) = tokio::sync::mpsc::channel(4);
+    tx.send(common::subscribe("streamed", 1)).await.unwrap();
+    let mut inbound = cb
+        .stream_tasks(tokio_stream::wrappers::ReceiverStream::new(outbound))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(LONG, inbound.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Some(pb::server_message::Msg::Task(task)) = first.msg else {
+        panic!("expected a task: {first:?}");
+    };
+    assert_eq!(task.id, ids[0]);
+    let previous = cc
+        .cancel_task(pb::CancelTaskRequest {
+            task_id: task.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(previous.previous_state(), pb::TaskState::Leased);
+    let next = tokio::time::timeout(LONG, inbound.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    match next.msg {
+        Some(pb::server_message::Msg::Cancel(cancel)) => {
+            assert_eq!((cancel.task_id, cancel.lease_id), (task.id, task.lease_id));
+        }
+        other => panic!("expected the cancel: {other:?}"),
+    }
+    drop(tx);
+    a.shutdown().await;
+    b.shutdown().await;
+    c.shutdown().await;
+}

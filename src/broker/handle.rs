@@ -374,6 +374,30 @@ impl Broker {
         self.state().cancel(task, Instant::now())
     }
 
+    /// Stops handing out a queue's tasks (made if new); puts go on and
+    /// leases in progress run on. Returns whether it was paused already.
+    ///
+    /// # Errors
+    /// [`BrokerError::LimitReached`] past `max_queues`.
+    pub fn pause(&self, queue: &QueueName) -> Result<bool, BrokerError> {
+        self.state().set_paused(queue, true, Instant::now())
+    }
+
+    /// Hands out a paused queue's tasks again, at once to whoever waits.
+    /// Returns whether it was paused.
+    ///
+    /// # Errors
+    /// [`BrokerError::LimitReached`] past `max_queues`.
+    pub fn resume(&self, queue: &QueueName) -> Result<bool, BrokerError> {
+        self.state().set_paused(queue, false, Instant::now())
+    }
+
+    /// Drops every pending task of a queue (each ends CANCELLED); returns
+    /// how many.
+    pub fn purge(&self, queue: &QueueName) -> Result<u64, BrokerError> {
+        self.state().purge(queue, Instant::now())
+    }
+
     /// Where an unfinished task is and who holds it.
     ///
     /// # Errors

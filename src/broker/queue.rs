@@ -43,6 +43,8 @@ pub(super) struct QueueState {
     retried_after_lease_expiry: u64,
     results_evicted: u64,
     durations: TaskDurations,
+    /// PauseQueue: nothing is handed out until ResumeQueue.
+    pub paused: bool,
     pub task_waiters: VecDeque<TaskWaiter>,
     /// Worker streams on this queue, in round-robin order.
     pub streams: VecDeque<StreamId>,
@@ -92,6 +94,12 @@ impl QueueState {
         self.ready.push_back(id);
         self.pending += 1;
         self.enqueued += 1;
+    }
+
+    /// Empties the ready line (PurgeQueue): the ids of its pending tasks,
+    /// stale entries included, in line order.
+    pub(super) fn take_ready(&mut self) -> std::collections::VecDeque<TaskId> {
+        std::mem::take(&mut self.ready)
     }
 
     /// The entry at the head of the ready line (it may be stale).
@@ -237,6 +245,7 @@ impl QueueState {
             retried_after_lease_expiry: self.retried_after_lease_expiry,
             worker_streams: self.streams.len() as u64,
             durations: self.durations,
+            paused: self.paused,
         }
     }
 

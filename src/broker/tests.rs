@@ -1906,3 +1906,34 @@ async fn cancel_ends_pending_and_leased_tasks() {
     );
     b.check();
 }
+
+/// A paused queue hands out nothing, to calls or streams, while puts go
+/// in; resume hands out at once. Purge cancels what is pending only.
+#[tokio::test(start_paused = true)]
+async fn pause_holds_hand_outs_and_purge_cancels_pending_tasks() {
+    let b = broker();
+    assert_eq!(b.pause(&q("q")), Ok(false));
+    let first = put(&b, "q", "a").await;
+    put(&b, "q", "b").await;
+    let mut stream = b.open_worker_stream(req("q", "w", 60 * SEC), 1).unwrap();
+    assert!(
+        b.lease(req("q", "w2", SEC), Duration::ZERO)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(stream.ready(), 0, "nothing handed to the stream");
+    assert!(stats(&b, "q").paused);
+    assert_eq!(b.resume(&q("q")), Ok(true));
+    assert_eq!(stream.next().await.unwrap().id, first);
+    assert_eq!(b.resume(&q("q")), Ok(false));
+    let third = put(&b, "q", "c").await;
+    // One leased (the stream's window is 1), two pending: purged.
+    assert_eq!(b.purge(&q("q")), Ok(2));
+    let result = b.result(third, Duration::ZERO).await.unwrap().unwrap();
+    assert_eq!(result.state, TaskState::Cancelled);
+    let s = stats(&b, "q");
+    assert_eq!((s.pending, s.leased, s.cancelled), (0, 1, 2));
+    assert_eq!(b.purge(&q("nothing-here")), Ok(0));
+    b.check();
+}

@@ -667,6 +667,8 @@ pub struct QueueStats {
     pub worker_streams: u64,
     /// How long its tasks waited, ran, and took in all, since start.
     pub durations: TaskDurations,
+    /// PauseQueue holds its hand-outs.
+    pub paused: bool,
 }
 
 /// The engine's numbers for monitoring, taken under one lock: every

@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod cancel;
 pub mod connect;
+pub mod control;
 pub mod demo;
 pub mod exit;
 pub mod health;
@@ -60,6 +61,12 @@ pub enum Command {
     Map(map::MapArgs),
     /// Take back a task that has not finished (it ends CANCELLED).
     Cancel(cancel::CancelArgs),
+    /// Stop handing out a queue's tasks (puts still go in).
+    Pause(control::PauseArgs),
+    /// Hand out a paused queue's tasks again.
+    Resume(control::ResumeArgs),
+    /// Drop every pending task of a queue (each ends CANCELLED).
+    Purge(control::PurgeArgs),
     /// Show queues and workers.
     Stats(stats::StatsArgs),
     /// A live dashboard of queues, rates and workers in the terminal; `q`

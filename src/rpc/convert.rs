@@ -218,6 +218,7 @@ fn queue_stats(stats: QueueStats) -> pb::QueueStats {
         results_unclaimed: stats.results_unclaimed,
         results_evicted: stats.results_evicted,
         waiting_workers: stats.waiting_workers,
+        paused: stats.paused,
     }
 }
 

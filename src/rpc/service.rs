@@ -180,6 +180,36 @@ impl<S: Store> TaskQueue for TaskQueueService<S> {
         }))
     }
 
+    async fn pause_queue(
+        &self,
+        request: Request<pb::QueueRequest>,
+    ) -> Result<Response<pb::PauseState>, Status> {
+        let access = permit(&request, Call::ManageQueue)?;
+        let queue = tasks::managed_queue(&access, &request.get_ref().queue)?;
+        let was_paused = self.broker.set_paused(&queue, true).await?;
+        Ok(Response::new(pb::PauseState { was_paused }))
+    }
+
+    async fn resume_queue(
+        &self,
+        request: Request<pb::QueueRequest>,
+    ) -> Result<Response<pb::PauseState>, Status> {
+        let access = permit(&request, Call::ManageQueue)?;
+        let queue = tasks::managed_queue(&access, &request.get_ref().queue)?;
+        let was_paused = self.broker.set_paused(&queue, false).await?;
+        Ok(Response::new(pb::PauseState { was_paused }))
+    }
+
+    async fn purge_queue(
+        &self,
+        request: Request<pb::QueueRequest>,
+    ) -> Result<Response<pb::PurgeQueueResponse>, Status> {
+        let access = permit(&request, Call::ManageQueue)?;
+        let queue = tasks::managed_queue(&access, &request.get_ref().queue)?;
+        let purged = self.broker.purge(&queue).await?;
+        Ok(Response::new(pb::PurgeQueueResponse { purged }))
+    }
+
     async fn get_stats(
         &self,
         request: Request<pb::GetStatsRequest>,

@@ -10,7 +10,7 @@ use super::access::{permit_new_task, permit_task};
 use super::batch::in_place;
 use super::convert;
 use crate::auth::Access;
-use crate::broker::{LeaseId, LeaseRequest, Outcome, TaskState, WorkerId};
+use crate::broker::{LeaseId, LeaseRequest, Outcome, QueueName, TaskState, WorkerId};
 use crate::pb;
 use crate::store::Store;
 
@@ -104,6 +104,13 @@ pub(super) async fn extend_lease<S: Store>(
     let lease_id = convert::lease_id(task, &request.lease_id)?;
     let extend_by = convert::duration("extend_by", request.extend_by)?;
     Ok(broker.extend(lease_id, extend_by).await?)
+}
+
+/// The queue an operator call names, checked against the token's queues.
+pub(super) fn managed_queue(access: &Access, queue: &str) -> Result<QueueName, Status> {
+    let queue = QueueName::parse(queue)?;
+    access.permit_queue(&queue)?;
+    Ok(queue)
 }
 
 /// A CancelTask: convert, check the task's queue, cancel. Returns the

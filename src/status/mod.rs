@@ -200,6 +200,7 @@ impl<S: Store> StatusSources<S> {
                     "cancelled": q.cancelled,
                     "retried": q.retried_after_error + q.retried_after_lease_expiry,
                     "worker_streams": q.worker_streams,
+                    "paused": q.paused,
                     "enqueued_per_second": last(&history.enqueued_per_second),
                     "finished_per_second": last(&history.finished_per_second),
                     "failure_ratio": history.failure_ratio,

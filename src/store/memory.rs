@@ -100,6 +100,22 @@ impl Store for Broker {
         ready(Broker::cancel(self, task))
     }
 
+    fn set_paused(
+        &self,
+        queue: &QueueName,
+        paused: bool,
+    ) -> impl Future<Output = Result<bool, BrokerError>> + Send {
+        ready(if paused {
+            Broker::pause(self, queue)
+        } else {
+            Broker::resume(self, queue)
+        })
+    }
+
+    fn purge(&self, queue: &QueueName) -> impl Future<Output = Result<u64, BrokerError>> + Send {
+        ready(Broker::purge(self, queue))
+    }
+
     fn workers(&self) -> impl Future<Output = Result<Vec<WorkerInfo>, BrokerError>> + Send {
         ready(Ok(Broker::workers(self)))
     }

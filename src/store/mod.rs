@@ -108,6 +108,18 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// finished task, [`BrokerError::TaskNotFound`] for an unknown one.
     fn cancel(&self, task: TaskId) -> impl Future<Output = Result<TaskState, BrokerError>> + Send;
 
+    /// Stops (`paused`) or restarts the hand-outs of a queue; returns
+    /// whether it was paused before.
+    fn set_paused(
+        &self,
+        queue: &QueueName,
+        paused: bool,
+    ) -> impl Future<Output = Result<bool, BrokerError>> + Send;
+
+    /// Drops every pending task of a queue (each ends CANCELLED); returns
+    /// how many.
+    fn purge(&self, queue: &QueueName) -> impl Future<Output = Result<u64, BrokerError>> + Send;
+
     /// The workers that called this server, for the status page: what
     /// [`Store::stats`] lists, without counting the queues.
     fn workers(&self) -> impl Future<Output = Result<Vec<WorkerInfo>, BrokerError>> + Send;

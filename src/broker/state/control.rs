@@ -1,4 +1,5 @@
-//! The operator's calls on tasks and queues: cancel. Apart from the
+//! The operator's calls on tasks and queues: cancel, pause and resume,
+//! purge. Apart from the
 //! state machine because no other transition calls them; a child of it to
 //! use its transitions (`finish`).
 
@@ -8,7 +9,7 @@ use tokio::time::Instant;
 use super::task::{Ended, state_of};
 use super::{State, Status};
 use crate::broker::retention::Report;
-use crate::broker::types::{BrokerError, LeaseId, TaskId, TaskState};
+use crate::broker::types::{BrokerError, LeaseId, QueueName, TaskId, TaskState};
 
 impl State {
     /// Takes back an unfinished task: it ends CANCELLED, and a lease on it
@@ -47,5 +48,56 @@ impl State {
         };
         self.finish(id, ended, now);
         Ok(previous)
+    }
+
+    /// Stops (or with `paused` false, restarts) the hand-outs of a queue,
+    /// made if new; puts go on, and leases in progress run on. Returns
+    /// whether it was paused before.
+    pub fn set_paused(
+        &mut self,
+        queue: &QueueName,
+        paused: bool,
+        now: Instant,
+    ) -> Result<bool, BrokerError> {
+        let (_, state) = self.queue_mut(queue)?;
+        let was = std::mem::replace(&mut state.paused, paused);
+        tracing::info!(queue = %queue, paused, was_paused = was, "queue hand-outs changed");
+        if was && !paused && !self.closed {
+            self.dispatch(queue, now);
+        }
+        Ok(was)
+    }
+
+    /// Drops every pending task of a queue: each ends CANCELLED, so whoever
+    /// waits for its result learns it. Leased tasks run on. Returns how
+    /// many it dropped. (One pass under the lock: proportional to the
+    /// queue's pending tasks.)
+    pub fn purge(&mut self, queue: &QueueName, now: Instant) -> Result<u64, BrokerError> {
+        let Some(state) = self.queues.get_mut(queue) else {
+            return Ok(0);
+        };
+        let line = state.take_ready();
+        let mut purged = 0;
+        for id in line {
+            let pending = self
+                .tasks
+                .get(&id)
+                .is_some_and(|entry| matches!(entry.status, Status::Pending));
+            if !pending {
+                continue;
+            }
+            let ended = Ended {
+                state: TaskState::Cancelled,
+                output: Bytes::new(),
+                error: "purged by PurgeQueue before it was handed out".into(),
+                worker: None,
+                by_lease: 0,
+                report: Report::Cancelled,
+            };
+            self.finish(id, ended, now);
+            purged += 1;
+        }
+        tracing::info!(queue = %queue, purged, "queue purged");
+        Ok(purged)
     }
 }

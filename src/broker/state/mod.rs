@@ -363,7 +363,7 @@ impl State {
     ) -> Result<Option<LeasedTask>, BrokerError> {
         self.queue_mut(queue)?;
         self.workers.touch(worker, Some(queue), None, now);
-        if self.closed {
+        if self.closed || self.known_queue(queue).paused {
             return Ok(None);
         }
         let lease_duration = self.clamp_lease(lease_duration);
@@ -549,7 +549,7 @@ impl State {
             return None;
         }
         let queue = self.queues.get_mut(queue_name)?;
-        if queue.pending() == 0 {
+        if queue.pending() == 0 || queue.paused {
             return None;
         }
         while let Some(front) = queue.task_waiters.front() {

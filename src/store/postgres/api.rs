@@ -272,8 +272,10 @@ impl Store for PgStore {
                 }
             }
         }
+        let paused = self.paused_queues().await?;
         for queue in &mut queues {
             queue.waiting_workers = self.inner.wakeups.waiting_on(&queue.queue);
+            queue.paused = paused.contains(&queue.queue);
         }
         queues.sort_by(|a, b| a.queue.cmp(&b.queue));
         let workers = self.workers(only).await?;
@@ -299,6 +301,14 @@ impl Store for PgStore {
                 None => Err(BrokerError::TaskNotFound(task.to_string())),
             },
         }
+    }
+
+    async fn set_paused(&self, queue: &QueueName, paused: bool) -> Result<bool, BrokerError> {
+        PgStore::set_paused(self, queue, paused).await
+    }
+
+    async fn purge(&self, queue: &QueueName) -> Result<u64, BrokerError> {
+        PgStore::purge(self, queue).await
     }
 
     async fn workers(&self) -> Result<Vec<WorkerInfo>, BrokerError> {
@@ -350,6 +360,7 @@ impl Store for PgStore {
             oldest.iter().map(|row| (row.get(0), row.get(1))).collect();
         let counters = self.inner.counters.read();
         let streams = self.worker_streams();
+        let paused = self.paused_queues().await?;
         let queues = unfinished
             .iter()
             .map(|row| {
@@ -366,6 +377,7 @@ impl Store for PgStore {
                     )
                     .unwrap_or_default(),
                     worker_streams: streams.get(&queue).copied().unwrap_or(0),
+                    paused: paused.contains(&queue),
                     ..QueueStats::default()
                 };
                 if let Some(counts) = counters.get(&queue) {

@@ -449,6 +449,79 @@ impl PgStore {
         Ok(cancel.await?)
     }
 
+    /// Stops or restarts a queue's hand-outs on every server; returns
+    /// whether it was paused before.
+    pub(crate) async fn set_paused(
+        &self,
+        queue: &QueueName,
+        paused: bool,
+    ) -> Result<bool, BrokerError> {
+        let inner = &self.inner;
+        let client = inner.pool.get().await.map_err(PgError::from)?;
+        let was = if paused {
+            let statement = client
+                .prepare_cached(&inner.sql.pause)
+                .await
+                .map_err(PgError::from)?;
+            client
+                .execute(&statement, &[&queue.as_str()])
+                .await
+                .map_err(PgError::from)?
+                == 0
+        } else {
+            let statement = client
+                .prepare_cached(&inner.sql.resume)
+                .await
+                .map_err(PgError::from)?;
+            !client
+                .query(&statement, &[&queue.as_str(), &inner.channels.0])
+                .await
+                .map_err(PgError::from)?
+                .is_empty()
+        };
+        tracing::info!(queue = %queue, paused, was_paused = was, "queue hand-outs changed");
+        Ok(was)
+    }
+
+    /// Drops every pending task of a queue: each ends CANCELLED and whoever
+    /// waits for its result is told. Returns how many.
+    pub(crate) async fn purge(&self, queue: &QueueName) -> Result<u64, BrokerError> {
+        let inner = &self.inner;
+        let mut client = inner.pool.get().await.map_err(PgError::from)?;
+        let transaction = client.transaction().await.map_err(PgError::from)?;
+        let purge = async {
+            let statement = transaction.prepare_cached(&inner.sql.purge).await?;
+            let rows = transaction.query(&statement, &[&queue.as_str()]).await?;
+            let ids: Vec<Uuid> = rows.iter().map(|row| row.get(0)).collect();
+            if !ids.is_empty() {
+                let finished =
+                    std::collections::BTreeMap::from([(queue.as_str().to_owned(), ids.clone())]);
+                writer::subtract_finished(inner, &transaction, &finished).await?;
+                notify_finished(inner, &transaction, queue.as_str(), &ids, false).await?;
+            }
+            transaction.commit().await?;
+            let mut tally = Tally::default();
+            let counts = tally.queue(queue.as_str());
+            for row in &rows {
+                counts.cancelled += 1;
+                counts.finished(row.get(1), row.get(2));
+            }
+            inner.counters.add(tally);
+            Ok::<_, PgError>(ids.len() as u64)
+        };
+        let purged = purge.await?;
+        tracing::info!(queue = %queue, purged, "queue purged");
+        Ok(purged)
+    }
+
+    /// The queues paused now.
+    pub(crate) async fn paused_queues(
+        &self,
+    ) -> Result<std::collections::HashSet<String>, BrokerError> {
+        let rows = self.rows(&self.inner.sql.paused, &[]).await?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
     /// Hands each cancelled lease that a worker stream of this server holds
     /// to that stream, and frees its place. Runs for the store's life.
     async fn deliver_cancels(

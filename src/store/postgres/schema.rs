@@ -14,7 +14,7 @@ const MIGRATION_LOCK: i64 = 0x0074_6173_6b71;
 
 /// The migrations, in order; `{s}` stands for the schema. Never edit one
 /// that has shipped: add the next.
-const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3)];
+const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4)];
 
 /// Version 1: tasks, results and per-queue counters.
 const V1: &str = r"
@@ -93,6 +93,12 @@ CREATE INDEX tasks_failed ON {s}.tasks (finished_at DESC) WHERE state = 3;
 /// its put). Both without a default, so adding them rewrites no row.
 const V3: &str = r"
 ALTER TABLE {s}.tasks ADD COLUMN leased_at timestamptz, ADD COLUMN ready_at timestamptz;
+";
+
+/// Version 4: the paused queues (PauseQueue), for every server. Claims
+/// and hand-overs look a queue up here by its key.
+const V4: &str = r"
+CREATE TABLE {s}.paused_queues (queue text PRIMARY KEY);
 ";
 
 /// Applies every migration the database lacks, under the advisory lock.

@@ -6,6 +6,10 @@ pub(crate) struct Sql {
     pub(crate) lock_queues: String,
     pub(crate) insert_tasks: String,
     pub(crate) any_ready: String,
+    pub(crate) pause: String,
+    pub(crate) resume: String,
+    pub(crate) paused: String,
+    pub(crate) purge: String,
     pub(crate) claim_these: String,
     pub(crate) find_keys: String,
     pub(crate) add_unfinished: String,
@@ -85,7 +89,21 @@ impl Sql {
                 RETURNING id, lease_until, created_at, expires_at,
                           coalesce(extract(epoch FROM lease_until - now()), 0)::float8"),
             claim_these: s("UPDATE {s}.tasks SET claimed = true WHERE id = ANY($1)"),
-            any_ready: s("SELECT EXISTS (SELECT 1 FROM {s}.tasks WHERE queue = $1 AND state = 0)"),
+            // Whether a new task must wait for a claim rather than be handed
+            // over in its insert: older tasks wait, or the queue is paused.
+            any_ready: s("SELECT EXISTS (SELECT 1 FROM {s}.tasks WHERE queue = $1 AND state = 0)
+                OR EXISTS (SELECT 1 FROM {s}.paused_queues WHERE queue = $1)"),
+            // One row affected: the queue was not paused before.
+            pause: s("INSERT INTO {s}.paused_queues (queue) VALUES ($1) ON CONFLICT DO NOTHING"),
+            // A row back: it was paused; its claimers everywhere are woken.
+            resume: s("WITH gone AS (DELETE FROM {s}.paused_queues WHERE queue = $1 RETURNING queue)
+                SELECT pg_notify($2, queue) FROM gone"),
+            paused: s("SELECT queue FROM {s}.paused_queues"),
+            purge: s("UPDATE {s}.tasks t
+                SET state = 4, finished_at = now(), lease_until = NULL,
+                    error = 'purged by PurgeQueue before it was handed out'
+                WHERE t.queue = $1 AND t.state = 0
+                RETURNING t.id, {d}"),
             find_keys: s("SELECT t.queue, t.idempotency_key, t.id FROM {s}.tasks t
                 JOIN unnest($1::text[], $2::text[]) AS k(queue, key)
                   ON t.queue = k.queue AND t.idempotency_key = k.key"),
@@ -97,6 +115,7 @@ impl Sql {
             claim: s("WITH locked AS (
                     SELECT id FROM {s}.tasks
                     WHERE queue = $1 AND state = 0 AND (expires_at IS NULL OR expires_at > now())
+                      AND NOT EXISTS (SELECT 1 FROM {s}.paused_queues WHERE queue = $1)
                     ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED),
                 numbered AS (SELECT id, row_number() OVER (ORDER BY id) AS n FROM locked)
                 UPDATE {s}.tasks t
