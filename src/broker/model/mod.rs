@@ -106,6 +106,7 @@ fn kind(error: &BrokerError) -> &'static str {
         BrokerError::PayloadTooLarge { .. } => "payload",
         BrokerError::InvalidArgument(_) => "invalid",
         BrokerError::QueueFull { .. } => "full",
+        BrokerError::Cancelled(_) => "cancelled",
         _ => "other",
     }
 }
@@ -421,6 +422,52 @@ impl Runner {
         }
     }
 
+    fn cancel(&mut self, rng: &mut impl Choices, at: &str) {
+        let id = self.ids[index(rng, self.ids.len())];
+        let got = self.b.cancel(id);
+        assert_eq!(
+            got.map_err(|e| kind(&e)),
+            self.model.cancel(id),
+            "{at}: cancel {id}"
+        );
+    }
+
+    /// The worker stream's cancels, polled once as its response stream
+    /// would.
+    fn take_cancel(&mut self, rng: &mut impl Choices, at: &str) {
+        let i = index(rng, self.worker_streams.len());
+        let (number, stream) = &mut self.worker_streams[i];
+        let got = poll_now(|cx| stream.poll_cancelled(cx));
+        assert_eq!(
+            got.map(|lease| (lease.task, lease.seq)),
+            self.model.take_cancel(*number),
+            "{at}: worker stream {number} takes a cancel"
+        );
+    }
+
+    fn pause(&mut self, rng: &mut impl Choices, queue: &'static str, at: &str) {
+        let paused = rng.below(2) == 0;
+        let name = queue_name(queue);
+        let got = if paused {
+            self.b.pause(&name)
+        } else {
+            self.b.resume(&name)
+        };
+        assert_eq!(
+            got,
+            Ok(self.model.set_paused(queue, paused)),
+            "{at}: paused {queue}: {paused}"
+        );
+    }
+
+    fn purge(&mut self, queue: &'static str, at: &str) {
+        assert_eq!(
+            self.b.purge(&queue_name(queue)),
+            Ok(self.model.purge(queue)),
+            "{at}: purge {queue}"
+        );
+    }
+
     async fn sleep(&mut self, rng: &mut impl Choices) {
         let ms = 100 * rng.below(26);
         tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -445,6 +492,7 @@ impl Runner {
                 redelivered: s.redelivered,
                 results_unclaimed: s.results_unclaimed,
                 results_evicted: s.results_evicted,
+                cancelled: s.cancelled,
             };
             assert_eq!(got, self.model.counts(queue), "{at}: counts of {queue}");
         }
@@ -488,6 +536,10 @@ async fn run_sequence(rng: &mut impl Choices, source: &str, steps: usize) {
             70..=79 if !run.ids.is_empty() => run.result(rng, &at).await,
             80..=84 => run.next_result(queue, &at).await,
             85..=89 => run.put_many(rng, step, &at),
+            90..=92 if !run.ids.is_empty() => run.cancel(rng, &at),
+            93 => run.pause(rng, queue, &at),
+            94 => run.purge(queue, &at),
+            95..=96 if workers => run.take_cancel(rng, &at),
             100..=102 if run.result_streams.len() < MAX_STREAMS => run.open_result_stream(queue),
             103 if results => run.drop_result_stream(rng),
             104..=111 if results => run.take_result(rng, &at),

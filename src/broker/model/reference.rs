@@ -97,6 +97,8 @@ struct ModelWorkerStream {
     front: Option<Delivery>,
     /// Being dropped: it takes nothing more.
     closing: bool,
+    /// Leases of its tasks that were cancelled, not yet taken, in order.
+    cancels: VecDeque<(TaskId, u32)>,
 }
 
 /// A WatchResults(queue) stream as the model sees it: the results set
@@ -119,6 +121,7 @@ pub(super) struct Counts {
     pub redelivered: u64,
     pub results_unclaimed: u64,
     pub results_evicted: u64,
+    pub cancelled: u64,
 }
 
 /// The reference: queues as plain lists, time as milliseconds.
@@ -143,6 +146,8 @@ pub(super) struct Model {
     /// Open worker streams by number, and each queue's turn order.
     worker_streams: BTreeMap<usize, ModelWorkerStream>,
     worker_turns: BTreeMap<&'static str, VecDeque<usize>>,
+    /// Queues whose hand-outs are paused.
+    paused: BTreeSet<&'static str>,
 }
 
 impl Model {
@@ -246,6 +251,9 @@ impl Model {
 
     /// GetTask without a wait: the queue's next task, or none.
     pub(super) fn lease(&mut self, queue: &'static str, lease_ms: u64) -> Option<(TaskId, u32)> {
+        if self.paused.contains(queue) {
+            return None;
+        }
         let id = self.pop_ready(queue)?;
         let delivery = self.start_lease(id, lease_ms, None);
         Some((id, delivery.attempt))
@@ -340,6 +348,10 @@ impl Model {
             return Err("not found");
         };
         match &mut task.state {
+            ModelState::Finished {
+                state: TaskState::Cancelled,
+                ..
+            } => Err("cancelled"),
             ModelState::Finished { .. } => Err("finished"),
             ModelState::Leased {
                 seq: s, expires, ..
@@ -364,6 +376,16 @@ impl Model {
         let Some(task) = self.tasks.get_mut(&id) else {
             return Err("not found");
         };
+        // No lease of a cancelled task counts, a repeated report neither.
+        if matches!(
+            task.state,
+            ModelState::Finished {
+                state: TaskState::Cancelled,
+                ..
+            }
+        ) {
+            return Err("cancelled");
+        }
         if let Outcome::Failure {
             message,
             retry: true,
@@ -452,10 +474,10 @@ impl Model {
             ModelState::Finished { .. } => unreachable!("a task finishes once"),
         }
         let counters = self.counters.entry(queue).or_default();
-        if state == TaskState::Succeeded {
-            counters.succeeded += 1;
-        } else {
-            counters.failed += 1;
+        match state {
+            TaskState::Succeeded => counters.succeeded += 1,
+            TaskState::Cancelled => counters.cancelled += 1,
+            _ => counters.failed += 1,
         }
         self.results.entry(queue).or_default().push_back(id);
         self.finished.push_back(id);
@@ -587,6 +609,9 @@ impl Model {
     /// Tasks of a queue go to its worker streams with room in their
     /// window, in turns, while any is pending.
     fn dispatch(&mut self, queue: &'static str) {
+        if self.paused.contains(queue) {
+            return;
+        }
         while self.lines.get(queue).is_some_and(|line| !line.is_empty()) {
             let turns = self.worker_turns.entry(queue).or_default();
             let mut chosen = None;
@@ -627,6 +652,7 @@ impl Model {
             channel: VecDeque::new(),
             front: None,
             closing: false,
+            cancels: VecDeque::new(),
         };
         self.worker_streams.insert(number, stream);
         self.worker_turns
@@ -700,6 +726,59 @@ impl Model {
             }
         }
         self.dispatch(stream.queue);
+    }
+
+    // ---- Operators ----
+
+    /// CancelTask: an unfinished task ends CANCELLED; a worker stream that
+    /// holds it is told its lease. Returns the state it had.
+    pub(super) fn cancel(&mut self, id: TaskId) -> Result<TaskState, &'static str> {
+        let task = self.tasks.get(&id).ok_or("not found")?;
+        let previous = match task.state {
+            ModelState::Finished { .. } => return Err("finished"),
+            ModelState::Pending => TaskState::Pending,
+            ModelState::Leased { seq, stream, .. } => {
+                if let Some(stream) = stream.and_then(|n| self.worker_streams.get_mut(&n)) {
+                    stream.cancels.push_back((id, seq));
+                }
+                TaskState::Leased
+            }
+        };
+        self.finish(id, TaskState::Cancelled, Bytes::new(), 0, None);
+        Ok(previous)
+    }
+
+    /// The next cancelled lease a worker stream's handle hands on.
+    pub(super) fn take_cancel(&mut self, number: usize) -> Option<(TaskId, u32)> {
+        self.worker_streams.get_mut(&number)?.cancels.pop_front()
+    }
+
+    /// PauseQueue (`paused`) or ResumeQueue; whether it was paused.
+    pub(super) fn set_paused(&mut self, queue: &'static str, paused: bool) -> bool {
+        let was = if paused {
+            !self.paused.insert(queue)
+        } else {
+            self.paused.remove(queue)
+        };
+        if was && !paused {
+            self.dispatch(queue);
+        }
+        was
+    }
+
+    /// PurgeQueue: every pending task ends CANCELLED, in line order.
+    pub(super) fn purge(&mut self, queue: &'static str) -> u64 {
+        let line: Vec<TaskId> = self
+            .lines
+            .get(queue)
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        for id in &line {
+            self.finish(*id, TaskState::Cancelled, Bytes::new(), 0, None);
+        }
+        line.len() as u64
     }
 
     // ---- Counters ----
