@@ -39,10 +39,9 @@ use tokio::task::{JoinError, JoinSet};
 
 use crate::cli::connect::ClientArgs;
 use crate::cli::exit::{EXIT_FAILURE, EXIT_INTERRUPTED};
-use crate::cli::put::parse_header;
+use crate::cli::put::TaskOptions;
 use crate::client::{Client, ClientError};
 use crate::pb;
-use crate::units::parse_duration;
 use input::{Input, Origin, Position, Split};
 use order::Reorder;
 use progress::{Counts, Progress};
@@ -131,15 +130,9 @@ pub struct MapArgs {
     #[arg(long, default_value_t = DEFAULT_BATCH,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub batch: u32,
-    /// Deliveries allowed per task (0: the server's default).
-    #[arg(long, default_value = "0")]
-    pub max_attempts: u32,
-    /// A header for the workers, as name=value. Repeatable.
-    #[arg(long = "header", value_name = "NAME=VALUE", value_parser = parse_header)]
-    pub headers: Vec<(String, String)>,
-    /// Time to live of each task: it fails if not finished by then.
-    #[arg(long, value_parser = parse_duration)]
-    pub ttl: Option<Duration>,
+    /// What each task carries besides its payload.
+    #[command(flatten)]
+    pub task: TaskOptions,
 }
 
 /// Puts every input as a task and prints the outputs; exit 0 when all
@@ -232,15 +225,7 @@ struct Run {
 
 impl Run {
     fn new(args: &MapArgs, client: Client, split: Split) -> Self {
-        let template = pb::PutTaskRequest {
-            queue: args.queue.clone(),
-            max_attempts: args.max_attempts,
-            headers: args.headers.iter().cloned().collect(),
-            ttl: args
-                .ttl
-                .and_then(|t| prost_types::Duration::try_from(t).ok()),
-            ..Default::default()
-        };
+        let template = args.task.request(&args.queue);
         Self {
             client,
             queue: args.queue.clone(),

@@ -16,6 +16,35 @@ use crate::config::ConfigError;
 use crate::pb;
 use crate::units::parse_duration;
 
+/// The options of a new task that `taskq put` and `taskq map` share.
+#[derive(Debug, Args)]
+pub struct TaskOptions {
+    /// Deliveries allowed per task (0: the server's default).
+    #[arg(long, default_value = "0")]
+    pub max_attempts: u32,
+    /// A header for the workers, as name=value. Repeatable.
+    #[arg(long = "header", value_name = "NAME=VALUE", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
+    /// Time to live of each task: it fails if not finished by then.
+    #[arg(long, value_parser = parse_duration)]
+    pub ttl: Option<Duration>,
+}
+
+impl TaskOptions {
+    /// A PutTask request on `queue` with these options and no payload.
+    pub(crate) fn request(&self, queue: &str) -> pb::PutTaskRequest {
+        pb::PutTaskRequest {
+            queue: queue.to_owned(),
+            max_attempts: self.max_attempts,
+            headers: self.headers.iter().cloned().collect::<HashMap<_, _>>(),
+            ttl: self
+                .ttl
+                .and_then(|t| prost_types::Duration::try_from(t).ok()),
+            ..Default::default()
+        }
+    }
+}
+
 /// `taskq put` flags.
 #[derive(Debug, Args)]
 pub struct PutArgs {
@@ -35,15 +64,9 @@ pub struct PutArgs {
     /// returns the first task's id.
     #[arg(long)]
     pub key: Option<String>,
-    /// Deliveries allowed (0: the server's default).
-    #[arg(long, default_value = "0")]
-    pub max_attempts: u32,
-    /// A header for the worker, as name=value. Repeatable.
-    #[arg(long = "header", value_name = "NAME=VALUE", value_parser = parse_header)]
-    pub headers: Vec<(String, String)>,
-    /// Time to live: the task fails if not finished by then.
-    #[arg(long, value_parser = parse_duration)]
-    pub ttl: Option<Duration>,
+    /// What each task carries besides its payload.
+    #[command(flatten)]
+    pub task: TaskOptions,
     /// Wait this long for the result and print it instead of the id (the id
     /// goes to stderr).
     #[arg(long, value_parser = parse_duration, conflicts_with = "lines")]
@@ -103,14 +126,9 @@ pub async fn run(args: PutArgs) -> ExitCode {
         return put_lines(&client, &args, &payload).await;
     }
     let request = pb::PutTaskRequest {
-        queue: args.queue.clone(),
         payload,
         idempotency_key: args.key.clone().unwrap_or_default(),
-        max_attempts: args.max_attempts,
-        headers: args.headers.iter().cloned().collect::<HashMap<_, _>>(),
-        ttl: args
-            .ttl
-            .and_then(|t| prost_types::Duration::try_from(t).ok()),
+        ..args.task.request(&args.queue)
     };
     let put = match client.put_task(request).await {
         Ok(put) => put,
@@ -147,15 +165,7 @@ pub async fn run(args: PutArgs) -> ExitCode {
 /// `--lines`: every non-empty line a task, in batches; exit 1 if any was
 /// refused (its error goes to stderr, its line number with it).
 async fn put_lines(client: &crate::client::Client, args: &PutArgs, input: &[u8]) -> ExitCode {
-    let template = pb::PutTaskRequest {
-        queue: args.queue.clone(),
-        max_attempts: args.max_attempts,
-        headers: args.headers.iter().cloned().collect::<HashMap<_, _>>(),
-        ttl: args
-            .ttl
-            .and_then(|t| prost_types::Duration::try_from(t).ok()),
-        ..Default::default()
-    };
+    let template = args.task.request(&args.queue);
     let lines: Vec<(usize, &[u8])> = input
         .split(|b| *b == b'\n')
         .enumerate()
