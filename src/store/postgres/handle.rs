@@ -14,7 +14,6 @@ use super::counters::{Counters, Tally};
 use super::error::PgError;
 use super::inner::Inner;
 use super::jobs::{Job, Prepared};
-use super::notify::notify_finished;
 use super::registry::lock;
 use super::rows::{leased_task, result_row, state_of, unix_ms};
 use super::sql::Sql;
@@ -427,8 +426,7 @@ impl PgStore {
             let previous = state_of(row.get::<_, i16>(1));
             let finished =
                 std::collections::BTreeMap::from([(queue.clone(), vec![task.as_uuid()])]);
-            writer::subtract_finished(inner, &transaction, &finished).await?;
-            notify_finished(inner, &transaction, &queue, &[task.as_uuid()], false).await?;
+            writer::tasks_ended(inner, &transaction, &finished).await?;
             if previous == TaskState::Leased {
                 let seq: i32 = row.get(2);
                 transaction
@@ -496,8 +494,7 @@ impl PgStore {
             if !ids.is_empty() {
                 let finished =
                     std::collections::BTreeMap::from([(queue.as_str().to_owned(), ids.clone())]);
-                writer::subtract_finished(inner, &transaction, &finished).await?;
-                notify_finished(inner, &transaction, queue.as_str(), &ids, false).await?;
+                writer::tasks_ended(inner, &transaction, &finished).await?;
             }
             transaction.commit().await?;
             let mut tally = Tally::default();

@@ -14,8 +14,7 @@ use uuid::Uuid;
 use super::counters::Tally;
 use super::error::PgError;
 use super::inner::Inner;
-use super::notify::notify_finished;
-use super::writer::subtract_finished;
+use super::writer::tasks_ended;
 
 /// How often leases and ttl are swept. Leases run out on the database's
 /// clock; a lease is given back within this long after it ran out.
@@ -47,7 +46,11 @@ pub(crate) async fn run(inner: Weak<Inner>) {
 /// One pass over expired leases and ttl, each change in its own short
 /// transaction with the notifications it owes.
 async fn sweep(inner: &Inner) -> Result<(), PgError> {
-    for statement in [&inner.sql.sweep_leases, &inner.sql.sweep_ttl] {
+    // The ttl sweep's failures are expiries.
+    for (statement, ttl) in [
+        (&inner.sql.sweep_leases, false),
+        (&inner.sql.sweep_ttl, true),
+    ] {
         loop {
             let mut client = inner.pool.get().await?;
             let transaction = client.transaction().await?;
@@ -58,7 +61,6 @@ async fn sweep(inner: &Inner) -> Result<(), PgError> {
             let mut finished: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
             let mut ready: Vec<String> = Vec::new();
             let mut tally = Tally::default();
-            let ttl = std::ptr::eq(statement, &inner.sql.sweep_ttl);
             for row in &rows {
                 let queue: String = row.get(1);
                 let counts = tally.queue(&queue);
@@ -72,12 +74,7 @@ async fn sweep(inner: &Inner) -> Result<(), PgError> {
                     finished.entry(queue).or_default().push(row.get(0));
                 }
             }
-            if !finished.is_empty() {
-                subtract_finished(inner, &transaction, &finished).await?;
-                for (queue, ids) in &finished {
-                    notify_finished(inner, &transaction, queue, ids, false).await?;
-                }
-            }
+            tasks_ended(inner, &transaction, &finished).await?;
             if !ready.is_empty() {
                 ready.sort_unstable();
                 ready.dedup();

@@ -748,6 +748,24 @@ fn count_report(tally: &mut Tally, row: &tokio_postgres::Row) {
     }
 }
 
+/// Tasks a server ended outside the writers' batches (the sweep, a
+/// cancel, a purge): counted out of their queues, and whoever waits for
+/// their results told at commit.
+pub(crate) async fn tasks_ended(
+    inner: &Inner,
+    transaction: &Transaction<'_>,
+    finished: &BTreeMap<String, Vec<Uuid>>,
+) -> Result<(), PgError> {
+    if finished.is_empty() {
+        return Ok(());
+    }
+    subtract_finished(inner, transaction, finished).await?;
+    for (queue, ids) in finished {
+        notify_finished(inner, transaction, queue, ids, false).await?;
+    }
+    Ok(())
+}
+
 /// Counts tasks finished in this transaction out of their queues, in a
 /// finish shard picked at random (see the schema's `queue_counts`).
 pub(crate) async fn subtract_finished(
