@@ -14,7 +14,7 @@ use clap::{Args, ValueEnum};
 
 use crate::auth::Tokens;
 use crate::broker::{
-    BrokerConfig, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_QUEUES, DEFAULT_MAX_RESULTS,
+    BrokerConfig, DEFAULT_MAX_ATTEMPTS, RetryBackoff, DEFAULT_MAX_QUEUES, DEFAULT_MAX_RESULTS,
     DEFAULT_MAX_WAITERS, DEFAULT_QUEUE_CAPACITY,
 };
 use crate::server::{
@@ -141,6 +141,20 @@ pub struct ServeArgs {
     #[arg(long, env = "TASKQ_DEFAULT_MAX_ATTEMPTS", default_value_t = DEFAULT_MAX_ATTEMPTS,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub default_max_attempts: u32,
+
+    /// Wait before the first retry of a failed task (a worker's failure with
+    /// retry). Each further failure of the task doubles it, up to
+    /// --retry-backoff-max, and the wait is drawn at random from the upper
+    /// half of that step, so that tasks failing together do not come back
+    /// together. A worker's `retry_after` replaces it. `0s`: retry at once.
+    /// Tasks whose lease ran out (their worker died) go back at once.
+    #[arg(long, env = "TASKQ_RETRY_BACKOFF", default_value = "1s", value_parser = parse_duration)]
+    pub retry_backoff: Duration,
+
+    /// Longest wait between retries of a failed task (see
+    /// --retry-backoff).
+    #[arg(long, env = "TASKQ_RETRY_BACKOFF_MAX", default_value = "5m", value_parser = parse_duration)]
+    pub retry_backoff_max: Duration,
 
     /// Longest wait of GetTask, GetResult and PutTask (for room) when the
     /// call has no gRPC deadline.
@@ -313,6 +327,9 @@ impl ConfigError {
     }
 }
 
+/// Longest retry backoff accepted: the engine's limit for any wait.
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// Largest payload or result limit accepted: far above any sane value,
 /// below what a gRPC message can carry.
 const MAX_MESSAGE_LIMIT: u64 = 1 << 30;
@@ -331,6 +348,23 @@ impl ServeArgs {
                     humantime::format_duration(self.default_lease),
                     humantime::format_duration(self.max_lease)
                 ),
+            ));
+        }
+        if self.retry_backoff > self.retry_backoff_max {
+            return Err(ConfigError::new(
+                "--retry-backoff (TASKQ_RETRY_BACKOFF)",
+                format!(
+                    "{} is longer than --retry-backoff-max {}; raise the maximum or lower the \
+                     first wait",
+                    humantime::format_duration(self.retry_backoff),
+                    humantime::format_duration(self.retry_backoff_max)
+                ),
+            ));
+        }
+        if self.retry_backoff_max > MAX_RETRY_WAIT {
+            return Err(ConfigError::new(
+                "--retry-backoff-max (TASKQ_RETRY_BACKOFF_MAX)",
+                "must be at most 366 days",
             ));
         }
         for (flag, value) in [
@@ -360,6 +394,10 @@ impl ServeArgs {
                 max_queues: self.max_queues,
                 max_waiters: self.max_waiters,
                 max_held_bytes: usize::try_from(self.max_held_bytes).unwrap_or(usize::MAX),
+                retry_backoff: RetryBackoff {
+                    base: self.retry_backoff,
+                    max: self.retry_backoff_max,
+                },
                 ..BrokerConfig::default()
             },
             tokens,

@@ -158,6 +158,7 @@ async fn a_failed_task_exits_1_with_its_error() {
     let failure = pb::Failure {
         message: "disk full".into(),
         retry: false,
+        retry_after: None,
     };
     client
         .put_result(&task, pb::put_result_request::Outcome::Failure(failure))

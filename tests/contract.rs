@@ -64,6 +64,7 @@ fn failure(task: &pb::Task, message: &str, retry: bool) -> pb::PutResultRequest 
         outcome: Some(Outcome::Failure(pb::Failure {
             message: message.into(),
             retry,
+            retry_after: None,
         })),
     }
 }

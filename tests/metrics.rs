@@ -100,6 +100,7 @@ async fn workload(client: &mut AuthClient) {
     let failure = pb::Failure {
         message: "flaky".into(),
         retry: true,
+        retry_after: None,
     };
     report(client, &retried, Some(failure)).await;
     // The retried one comes back first (the head), then the other four,
@@ -113,6 +114,7 @@ async fn workload(client: &mut AuthClient) {
     let failure = pb::Failure {
         message: "broken".into(),
         retry: false,
+        retry_after: None,
     };
     report(client, &doomed, Some(failure)).await;
 }

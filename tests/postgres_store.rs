@@ -176,6 +176,7 @@ async fn three_servers_on_one_database_are_one_queue() {
             outcome: Some(Outcome::Failure(pb::Failure {
                 message: "late".into(),
                 retry: true,
+                retry_after: None,
             })),
             ..output_of(&leased[0])
         })

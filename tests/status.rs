@@ -264,6 +264,7 @@ async fn fail_one(client: &mut AuthClient, queue: &str, message: &str) -> String
             outcome: Some(pb::put_result_request::Outcome::Failure(pb::Failure {
                 message: message.into(),
                 retry: false,
+                retry_after: None,
             })),
         })
         .await

@@ -318,6 +318,8 @@ async fn report(
         Report::Retry => pb::put_result_request::Outcome::Failure(pb::Failure {
             message: "flaky".into(),
             retry: true,
+            // At once: this test is about faults, not the backoff.
+            retry_after: Some(prost_types::Duration::default()),
         }),
         Report::Success | Report::Late => {
             pb::put_result_request::Outcome::Output(output_for(&task.payload))

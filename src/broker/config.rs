@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use super::RetryBackoff;
+
 /// Limits and defaults of a broker.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BrokerConfig {
@@ -32,6 +34,9 @@ pub struct BrokerConfig {
     /// Most bytes of payloads (of unfinished tasks) and outputs (of
     /// results) held in all; a put past it is refused.
     pub max_held_bytes: usize,
+    /// How long a retried failure waits before its next attempt, unless
+    /// the worker names the wait.
+    pub retry_backoff: RetryBackoff,
 }
 
 /// Default of [`BrokerConfig::queue_capacity`] (`--queue-capacity`).
@@ -78,6 +83,7 @@ impl Default for BrokerConfig {
             max_waiters: DEFAULT_MAX_WAITERS,
             max_workers: DEFAULT_MAX_WORKERS,
             max_held_bytes: DEFAULT_MAX_HELD_BYTES,
+            retry_backoff: RetryBackoff::default(),
         }
     }
 }

@@ -8,7 +8,8 @@
 //!
 //! Invariants:
 //! - Every held task is in exactly one state: pending (once in its queue's
-//!   line), leased (to exactly one lease), or finished (with a result).
+//!   line), delayed (in no line, with one timer entry for when it is due),
+//!   leased (to exactly one lease), or finished (with a result).
 //! - All state sits behind one `std::sync::Mutex`, held only for short,
 //!   synchronous sections. No change spans an `.await`, so a call that is
 //!   cancelled at any point leaves the broker consistent.
@@ -16,7 +17,13 @@
 //!   is gone, the task goes back to the head of its queue at once.
 //! - Lease and ttl deadlines live in one heap driven by one background task;
 //!   time is `tokio::time::Instant` (monotonic, and pausable in tests).
+//! - A queue hands out its highest priority first and, within one
+//!   priority, its oldest task (by id, which is made in put order). A task
+//!   that comes back (its lease lost, its retry's backoff or its delay
+//!   over) takes its place by id, so it goes before every task put after
+//!   it.
 
+mod backoff;
 mod clock;
 mod config;
 mod durations;
@@ -25,8 +32,11 @@ mod handle;
 #[doc(hidden)]
 pub mod model;
 mod queue;
+mod ready;
 mod retention;
 mod state;
+#[cfg(test)]
+mod schedule_tests;
 #[cfg(test)]
 mod tests;
 mod timers;
@@ -34,6 +44,7 @@ mod types;
 mod waiters;
 mod workers;
 
+pub use backoff::RetryBackoff;
 pub use config::{
     BrokerConfig, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_QUEUES, DEFAULT_MAX_RESULTS,
     DEFAULT_MAX_WAITERS, DEFAULT_QUEUE_CAPACITY,

@@ -8,8 +8,8 @@
 //!   are skipped when popped, and a line is compacted once it holds more
 //!   than twice its live entries plus [`COMPACT_SLACK`], so a queue nobody
 //!   takes from still does not keep them.
-//! - `pending` and `leased` move only through the transitions below,
-//!   which the state calls as a task changes state.
+//! - `pending`, `delayed` and `leased` move only through the transitions
+//!   below, which the state calls as a task changes state.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -17,17 +17,31 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use super::ready::ReadyLines;
 use super::retention::Report;
 use super::timers::COMPACT_SLACK;
 use super::waiters::{ResultStreamId, ResultWaiter, StreamId, TaskWaiter, WaiterId};
 use super::{QueueName, QueueStats, TaskDurations, TaskId};
 
+/// Where an unfinished task was when it finished.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Unfinished {
+    /// In line.
+    Pending,
+    /// Waiting out a delay or backoff.
+    Delayed,
+    /// Leased; its last lease had run this long.
+    Leased { ran: Duration },
+}
+
 #[derive(Default)]
 pub(super) struct QueueState {
     /// Tasks in hand-out order. Entries of tasks that are no longer pending
     /// (finished while waiting, say by ttl) are skipped when popped.
-    ready: VecDeque<TaskId>,
+    ready: ReadyLines,
     pending: u64,
+    /// Tasks waiting out a delay or a retry's backoff: in no line.
+    delayed: u64,
     leased: u64,
     /// Tasks stored since start.
     enqueued: u64,
@@ -80,37 +94,57 @@ impl QueueState {
         self.results_unclaimed
     }
 
-    /// Tasks not finished: what counts against the queue's capacity.
-    pub(super) fn unfinished(&self) -> u64 {
-        self.pending + self.leased
+    pub(super) fn delayed(&self) -> u64 {
+        self.delayed
     }
 
-    /// A new pending task at the tail. `is_pending` tells live entries
-    /// from stale ones if the line is compacted first.
-    pub(super) fn push_new(&mut self, id: TaskId, is_pending: impl FnMut(&TaskId) -> bool) {
-        if self.ready.len() > 2 * self.pending as usize + COMPACT_SLACK {
-            self.ready.retain(is_pending);
-        }
-        self.ready.push_back(id);
+    /// Tasks not finished: what counts against the queue's capacity.
+    pub(super) fn unfinished(&self) -> u64 {
+        self.pending + self.delayed + self.leased
+    }
+
+    /// A new pending task at the tail of its priority's line. `is_pending`
+    /// tells live entries from stale ones if the line is compacted first.
+    pub(super) fn push_new(
+        &mut self,
+        id: TaskId,
+        priority: i32,
+        is_pending: impl FnMut(&TaskId) -> bool,
+    ) {
+        self.ready
+            .push_new(id, priority, self.pending as usize, is_pending);
         self.pending += 1;
         self.enqueued += 1;
     }
 
-    /// Empties the ready line (PurgeQueue): the ids of its pending tasks,
-    /// stale entries included, in line order.
-    pub(super) fn take_ready(&mut self) -> std::collections::VecDeque<TaskId> {
-        std::mem::take(&mut self.ready)
+    /// A new task that waits out a delay before it joins a line.
+    pub(super) fn push_delayed(&mut self) {
+        self.delayed += 1;
+        self.enqueued += 1;
     }
 
-    /// The entry at the head of the ready line (it may be stale).
+    /// A delayed task is due: into its line, in its place by id.
+    pub(super) fn due(&mut self, id: TaskId, priority: i32) {
+        self.delayed -= 1;
+        self.pending += 1;
+        self.ready.insert(id, priority);
+    }
+
+    /// Empties the ready lines (PurgeQueue): the ids of their pending
+    /// tasks, stale entries included, in hand-out order.
+    pub(super) fn take_ready(&mut self) -> Vec<TaskId> {
+        self.ready.take_all()
+    }
+
+    /// The entry at the head of the ready lines (it may be stale).
     pub(super) fn pop_ready(&mut self) -> Option<TaskId> {
-        self.ready.pop_front()
+        self.ready.pop()
     }
 
-    /// The first pending tasks in line, stale entries included, for the
-    /// age of the oldest.
-    pub(super) fn ready_head(&self, n: usize) -> impl Iterator<Item = &TaskId> {
-        self.ready.iter().take(n)
+    /// The first pending tasks of each line, stale entries included, for
+    /// the age of the oldest.
+    pub(super) fn ready_heads(&self, n: usize) -> impl Iterator<Item = &TaskId> {
+        self.ready.heads(n)
     }
 
     /// A pending task was leased, after `waited` in line.
@@ -132,31 +166,31 @@ impl QueueState {
         self.retried_after_lease_expiry += 1;
     }
 
-    /// A leased task goes back to the head of the line.
-    pub(super) fn released(&mut self, id: TaskId) {
+    /// A leased task goes back in line, in its place by id.
+    pub(super) fn released(&mut self, id: TaskId, priority: i32) {
         self.leased -= 1;
         self.pending += 1;
-        self.ready.push_front(id);
+        self.ready.insert(id, priority);
     }
 
-    /// A task finished, from pending or leased; wakes puts waiting for
-    /// room. Its result joins the line of unclaimed results, behind those
-    /// not yet handed out, so that readers by queue get them in completion
-    /// order.
-    /// `ran` is how long its last lease had run when it ended (`None` when
-    /// it finished pending); `took` how long since its put.
-    pub(super) fn finished(
-        &mut self,
-        id: TaskId,
-        ran: Option<Duration>,
-        took: Duration,
-        report: Report,
-    ) {
-        if let Some(ran) = ran {
-            self.leased -= 1;
-            self.durations.run.observe(ran);
-        } else {
-            self.pending -= 1;
+    /// A leased task waits out a retry's backoff before it goes back.
+    pub(super) fn released_delayed(&mut self) {
+        self.leased -= 1;
+        self.delayed += 1;
+    }
+
+    /// A task finished, from `was`; wakes puts waiting for room. Its
+    /// result joins the line of unclaimed results, behind those not yet
+    /// handed out, so that readers by queue get them in completion order.
+    /// `took` is how long since its put.
+    pub(super) fn finished(&mut self, id: TaskId, was: Unfinished, took: Duration, report: Report) {
+        match was {
+            Unfinished::Pending => self.pending -= 1,
+            Unfinished::Delayed => self.delayed -= 1,
+            Unfinished::Leased { ran } => {
+                self.leased -= 1;
+                self.durations.run.observe(ran);
+            }
         }
         self.durations.end_to_end.observe(took);
         match report {
@@ -229,6 +263,7 @@ impl QueueState {
         QueueStats {
             queue: name.to_string(),
             pending: self.pending,
+            delayed: self.delayed,
             leased: self.leased,
             succeeded: self.succeeded,
             failed: self.failed,
@@ -268,9 +303,9 @@ impl QueueState {
         (self.ready.len(), self.unclaimed.len())
     }
 
-    /// How many times `id` is in the ready line.
+    /// How many times `id` is in the ready lines.
     #[cfg(any(test, feature = "fuzzing"))]
     pub(super) fn times_ready(&self, id: &TaskId) -> usize {
-        self.ready.iter().filter(|r| *r == id).count()
+        self.ready.count(id)
     }
 }

@@ -13,8 +13,13 @@ use super::*;
 
 const SEC: Duration = Duration::from_secs(1);
 
+/// A broker whose retried failures go back at once: these tests are about
+/// other things (`schedule_tests` covers the backoff).
 fn broker() -> Broker {
-    Broker::new(BrokerConfig::default())
+    Broker::new(BrokerConfig {
+        retry_backoff: RetryBackoff::NONE,
+        ..BrokerConfig::default()
+    })
 }
 
 fn q(name: &str) -> QueueName {
@@ -81,6 +86,7 @@ fn fail(message: &str, retry: bool) -> Outcome {
     Outcome::Failure {
         message: message.into(),
         retry,
+        retry_after: None,
     }
 }
 

@@ -1,4 +1,4 @@
-//! The one timer structure for every lease and ttl deadline: a binary heap
+//! The one timer structure for every lease, ttl and delay deadline: a binary heap
 //! driven by the broker's one timer task (no task or poll loop per lease).
 //!
 //! Rules:
@@ -36,6 +36,8 @@ pub(super) enum TimerKind {
     Lease(u32),
     /// The task's ttl has run out.
     Ttl,
+    /// A delayed task's delay (or its retry's backoff) is over.
+    Due,
 }
 
 /// One deadline.

@@ -375,6 +375,10 @@ pub struct NewTask {
     pub headers: HashMap<String, String>,
     /// Time to live from creation.
     pub ttl: Option<Duration>,
+    /// Hand-out order: higher first; within one priority, oldest first.
+    pub priority: i32,
+    /// Not handed out before this long after the put.
+    pub delay: Option<Duration>,
 }
 
 /// Most headers a task may carry.
@@ -431,6 +435,21 @@ impl NewTask {
             return Err(BrokerError::InvalidArgument(
                 "ttl must be positive and at most 366 days; leave it unset for no ttl".into(),
             ));
+        }
+        if self.delay.is_some_and(|delay| delay > MAX_TTL) {
+            return Err(BrokerError::InvalidArgument(
+                "delay must be at most 366 days".into(),
+            ));
+        }
+        if let (Some(delay), Some(ttl)) = (self.delay, self.ttl)
+            && delay >= ttl
+        {
+            return Err(BrokerError::InvalidArgument(format!(
+                "delay ({}) is not shorter than ttl ({}): the task would expire before it \
+                 could be handed out; shorten the delay or lengthen the ttl",
+                humantime::format_duration(delay),
+                humantime::format_duration(ttl)
+            )));
         }
         Ok(())
     }
@@ -495,6 +514,9 @@ pub enum Outcome {
         message: String,
         /// Whether to try again while attempts remain.
         retry: bool,
+        /// With `retry`: the wait before the next attempt, instead of the
+        /// broker's backoff.
+        retry_after: Option<Duration>,
     },
 }
 
@@ -513,9 +535,20 @@ impl Outcome {
                 size: output.len(),
                 limit,
             }),
-            Self::Failure { message, retry } if message.len() > limit => Ok(Self::Failure {
+            Self::Failure {
+                retry_after: Some(after),
+                ..
+            } if after > MAX_TTL => Err(BrokerError::InvalidArgument(
+                "retry_after must be at most 366 days".into(),
+            )),
+            Self::Failure {
+                message,
+                retry,
+                retry_after,
+            } if message.len() > limit => Ok(Self::Failure {
                 message: truncate(message, limit),
                 retry,
+                retry_after,
             }),
             outcome => Ok(outcome),
         }
@@ -633,6 +666,9 @@ pub struct QueueStats {
     pub queue: String,
     /// Tasks waiting to be handed out.
     pub pending: u64,
+    /// Tasks waiting out a delay or a retry's backoff before they join
+    /// `pending`.
+    pub delayed: u64,
     /// Tasks handed out and not finished.
     pub leased: u64,
     /// Tasks finished with success since start.

@@ -28,6 +28,14 @@ pub struct TaskOptions {
     /// Time to live of each task: it fails if not finished by then.
     #[arg(long, value_parser = parse_duration)]
     pub ttl: Option<Duration>,
+    /// Hand-out order: higher first; within one priority, oldest first.
+    /// Negative values go after the default.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i32,
+    /// Not handed out before this long after the put, e.g. `10s`, `2h`.
+    /// Must be shorter than --ttl.
+    #[arg(long, value_parser = parse_duration)]
+    pub delay: Option<Duration>,
 }
 
 impl TaskOptions {
@@ -40,6 +48,10 @@ impl TaskOptions {
             ttl: self
                 .ttl
                 .and_then(|t| prost_types::Duration::try_from(t).ok()),
+            priority: self.priority,
+            delay: self
+                .delay
+                .and_then(|d| prost_types::Duration::try_from(d).ok()),
             ..Default::default()
         }
     }

@@ -116,6 +116,8 @@ pub fn new_task_in_batch(
         max_attempts: request.max_attempts,
         headers: request.headers,
         ttl: duration("ttl", request.ttl)?,
+        priority: request.priority,
+        delay: duration("delay", request.delay)?,
     })
 }
 
@@ -126,6 +128,7 @@ pub fn outcome(outcome: Option<pb::put_result_request::Outcome>) -> Result<Outco
         Some(Wire::Failure(failure)) => Ok(Outcome::Failure {
             message: failure.message,
             retry: failure.retry,
+            retry_after: duration("failure.retry_after", failure.retry_after)?,
         }),
         None => Err(Status::invalid_argument(
             "set exactly one outcome: output (success) or failure",
@@ -210,6 +213,7 @@ fn queue_stats(stats: QueueStats) -> pb::QueueStats {
     pb::QueueStats {
         queue: stats.queue,
         pending: stats.pending,
+        delayed: stats.delayed,
         leased: stats.leased,
         succeeded: stats.succeeded,
         failed: stats.failed,

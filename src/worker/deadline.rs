@@ -61,6 +61,7 @@ impl Deadline {
                 humantime::format_duration(self.after)
             ),
             retry: !self.expiry,
+            retry_after: None,
         }
     }
 }

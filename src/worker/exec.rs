@@ -15,6 +15,13 @@ use crate::worker::handler::{HandlerResult, TaskFailure};
 /// How much of a failed program's stderr goes into the failure message.
 const STDERR_TAIL: usize = 2048;
 
+/// The exit code by which a program asks for its task to be retried later
+/// (`EX_TEMPFAIL` in BSD's `sysexits.h`, "temporary failure; the user is
+/// invited to retry"). A wait it prints on stdout (`30s`, `1m 30s`, or a
+/// number of seconds) is the exact wait before the retry; without one the
+/// server's backoff applies.
+pub const EXIT_RETRY_LATER: i32 = 75;
+
 /// A program to run for each task.
 #[derive(Clone, Debug)]
 pub struct ExecHandler {
@@ -65,8 +72,9 @@ impl ExecHandler {
     /// upper-cased, other characters than letters and digits as `_`).
     ///
     /// # Errors
-    /// A failure (retryable) for a non-zero exit, with the tail of stderr; a
-    /// timeout or the task's expiry kills the program and fails the task.
+    /// A failure (retryable) for a non-zero exit, with the tail of stderr;
+    /// for [`EXIT_RETRY_LATER`], with the wait the program printed, if any.
+    /// A timeout or the task's expiry kills the program and fails the task.
     pub async fn run(&self, task: pb::Task) -> HandlerResult {
         let program = self.program();
         let mut command = self.command.command();
@@ -112,12 +120,40 @@ impl ExecHandler {
         }
         let tail_start = output.stderr.len().saturating_sub(STDERR_TAIL);
         let tail = String::from_utf8_lossy(&output.stderr[tail_start..]);
+        if output.status.code() == Some(EXIT_RETRY_LATER) {
+            let retry_after = wait_printed(&output.stdout);
+            let wait = retry_after.map_or_else(
+                || "the server's backoff".to_owned(),
+                |after| humantime::format_duration(after).to_string(),
+            );
+            return Err(TaskFailure {
+                message: format!(
+                    "{program} asked to retry later (exit {EXIT_RETRY_LATER}), after {wait}: {}",
+                    tail.trim()
+                ),
+                retry: true,
+                retry_after,
+            });
+        }
         Err(TaskFailure::retryable(format!(
             "{program} exited with {}: {}",
             output.status,
             tail.trim()
         )))
     }
+}
+
+/// The wait a program that asked to retry later printed: a humantime
+/// duration or a number of seconds, alone on its output. Anything else is
+/// no wait (the server's backoff applies).
+fn wait_printed(stdout: &[u8]) -> Option<Duration> {
+    let text = std::str::from_utf8(stdout).ok()?.trim();
+    let wait = match text.parse::<f64>() {
+        Ok(secs) => Duration::try_from_secs_f64(secs).ok()?,
+        Err(_) => humantime::parse_duration(text).ok()?,
+    };
+    // The server's limit for a retry's wait is a year.
+    (wait <= Duration::from_secs(366 * 24 * 3600)).then_some(wait)
 }
 
 /// A header name as an environment variable suffix.
@@ -174,6 +210,32 @@ mod tests {
             "{}",
             failure.message
         );
+    }
+
+    #[tokio::test]
+    async fn exit_75_asks_for_a_retry_after_the_wait_printed() {
+        let handler =
+            ExecHandler::from_command_line("sh -c 'echo 1m 30s; exit 75'", None).unwrap();
+        let failure = handler.run(task(b"")).await.unwrap_err();
+        assert!(failure.retry);
+        assert_eq!(failure.retry_after, Some(Duration::from_secs(90)));
+        // Without a wait printed, the server's backoff decides.
+        let handler = ExecHandler::from_command_line("sh -c 'exit 75'", None).unwrap();
+        let failure = handler.run(task(b"")).await.unwrap_err();
+        assert!(failure.retry && failure.retry_after.is_none(), "{failure:?}");
+        assert!(failure.message.contains("retry later"), "{}", failure.message);
+        // Any other failing exit leaves the wait to the server too.
+        let handler = ExecHandler::from_command_line("sh -c 'echo 5; exit 1'", None).unwrap();
+        assert_eq!(handler.run(task(b"")).await.unwrap_err().retry_after, None);
+    }
+
+    #[test]
+    fn a_printed_wait_is_seconds_or_a_duration() {
+        assert_eq!(wait_printed(b"2.5\n"), Some(Duration::from_millis(2500)));
+        assert_eq!(wait_printed(b"10m"), Some(Duration::from_secs(600)));
+        assert_eq!(wait_printed(b"soon"), None);
+        assert_eq!(wait_printed(b"-3"), None);
+        assert_eq!(wait_printed(b"400d"), None);
     }
 
     #[tokio::test]

@@ -16,6 +16,9 @@ pub struct TaskFailure {
     pub message: String,
     /// Whether another attempt may succeed.
     pub retry: bool,
+    /// With `retry`: wait exactly this long before the next attempt,
+    /// instead of the server's backoff.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl TaskFailure {
@@ -24,6 +27,7 @@ impl TaskFailure {
         Self {
             message: message.into(),
             retry: true,
+            retry_after: None,
         }
     }
 
@@ -32,6 +36,7 @@ impl TaskFailure {
         Self {
             message: message.into(),
             retry: false,
+            retry_after: None,
         }
     }
 
@@ -81,6 +86,9 @@ pub(crate) fn outcome_of(result: HandlerResult) -> Outcome {
         Err(failure) => Outcome::Failure(pb::Failure {
             message: failure.message,
             retry: failure.retry,
+            retry_after: failure
+                .retry_after
+                .map(|after| prost_types::Duration::try_from(after).unwrap_or_default()),
         }),
     }
 }

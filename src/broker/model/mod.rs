@@ -93,6 +93,7 @@ fn config() -> BrokerConfig {
         // Longer than any sequence runs (at most 4096 steps, each sleeping
         // at most 2.5 s): results leave by count only, as in the model.
         result_ttl: Duration::from_secs(24 * 3600),
+        retry_backoff: crate::broker::RetryBackoff::NONE,
         ..BrokerConfig::default()
     }
 }
@@ -168,10 +169,12 @@ fn outcome(rng: &mut impl Choices) -> Outcome {
         2 => Outcome::Failure {
             message: "flaky".into(),
             retry: true,
+            retry_after: None,
         },
         _ => Outcome::Failure {
             message: "broken".into(),
             retry: false,
+            retry_after: None,
         },
     }
 }

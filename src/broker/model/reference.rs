@@ -259,7 +259,7 @@ impl Model {
         Some((id, delivery.attempt))
     }
 
-    /// A leased task back to the head of its line; its stream has room
+    /// A leased task back in its line, in its place by id; its stream has room
     /// for one more.
     fn release(&mut self, id: TaskId) {
         let task = self.tasks.get_mut(&id).unwrap();
@@ -267,7 +267,10 @@ impl Model {
             unreachable!("only a leased task is released");
         };
         task.state = ModelState::Pending;
-        self.lines.entry(task.queue).or_default().push_front(id);
+        // Back in its place by id: before every task put after it.
+        let line = self.lines.entry(task.queue).or_default();
+        let at = line.partition_point(|other| *other < id);
+        line.insert(at, id);
         if let Some(stream) = stream.and_then(|n| self.worker_streams.get_mut(&n)) {
             stream.outstanding.remove(&id);
         }
@@ -389,6 +392,7 @@ impl Model {
         if let Outcome::Failure {
             message,
             retry: true,
+            ..
         } = &outcome
             && task
                 .last_retry
@@ -425,7 +429,7 @@ impl Model {
                 Ok(TaskState::Succeeded)
             }
             Outcome::Failure { .. } if !current => Err("stale"),
-            Outcome::Failure { message, retry } => {
+            Outcome::Failure { message, retry, .. } => {
                 if retry && task.attempt < task.max_attempts && !ttl_passed {
                     let queue = task.queue;
                     self.release(id);

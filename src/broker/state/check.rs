@@ -37,10 +37,17 @@ impl State {
                 self.results.line_len()
             ));
         }
-        let mut counts: HashMap<&QueueName, (u64, u64)> = HashMap::new();
+        let mut counts: HashMap<&QueueName, (u64, u64, u64)> = HashMap::new();
         for (id, entry) in &self.tasks {
             let c = counts.entry(&entry.queue).or_default();
             match &entry.status {
+                Status::Pending if entry.due().is_some() => {
+                    c.2 += 1;
+                    let n = self.queues[&entry.queue].times_ready(id);
+                    if n != 0 {
+                        return Err(format!("delayed task {id} is in its queue {n} times"));
+                    }
+                }
                 Status::Pending => {
                     c.0 += 1;
                     let n = self.queues[&entry.queue].times_ready(id);
@@ -63,7 +70,13 @@ impl State {
                     q.results_unclaimed()
                 ));
             }
-            let (pending, leased) = counts.get(name).copied().unwrap_or_default();
+            let (pending, leased, delayed) = counts.get(name).copied().unwrap_or_default();
+            if q.delayed() != delayed {
+                return Err(format!(
+                    "queue {name}: counter says {} delayed, tasks say {delayed}",
+                    q.delayed()
+                ));
+            }
             if (q.pending(), q.leased()) != (pending, leased) {
                 return Err(format!(
                     "queue {name}: counters say {}/{} pending/leased, tasks say {pending}/{leased}",

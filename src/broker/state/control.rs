@@ -68,15 +68,28 @@ impl State {
         Ok(was)
     }
 
-    /// Drops every pending task of a queue: each ends CANCELLED, so whoever
-    /// waits for its result learns it. Leased tasks run on. Returns how
-    /// many it dropped. (One pass under the lock: proportional to the
-    /// queue's pending tasks.)
+    /// Drops every pending and delayed task of a queue: each ends
+    /// CANCELLED, so whoever waits for its result learns it. Leased tasks
+    /// run on. Returns how many it dropped. (Under the lock: proportional
+    /// to the queue's pending tasks, and to every task held when the queue
+    /// has delayed ones.)
     pub fn purge(&mut self, queue: &QueueName, now: Instant) -> Result<u64, BrokerError> {
         let Some(state) = self.queues.get_mut(queue) else {
             return Ok(0);
         };
-        let line = state.take_ready();
+        let mut line = state.take_ready();
+        if state.delayed() > 0 {
+            // Delayed tasks are in no line: found by a pass over the tasks
+            // held, paid only by a queue that has some.
+            let mut delayed: Vec<TaskId> = self
+                .tasks
+                .iter()
+                .filter(|(_, entry)| entry.queue == *queue && entry.due().is_some())
+                .map(|(id, _)| *id)
+                .collect();
+            delayed.sort_unstable();
+            line.extend(delayed);
+        }
         let mut purged = 0;
         for id in line {
             let pending = self

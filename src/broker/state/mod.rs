@@ -14,6 +14,7 @@
 #[cfg(any(test, feature = "fuzzing"))]
 mod check;
 mod control;
+mod deadlines;
 mod snapshot;
 mod task;
 
@@ -27,7 +28,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::clock::Clock;
-use super::queue::QueueState;
+use super::queue::{QueueState, Unfinished};
 use super::retention::{Finished, FinishedRest, Report, Retained, RetentionLimits};
 use super::timers::{TimerEntry, TimerHeap, TimerKind};
 use super::types::{IdMaker, IdMap, IdSet, NameMap};
@@ -299,24 +300,32 @@ impl State {
         if let Some(key) = &task.idempotency_key {
             queue.idempotency.insert(key.clone(), id);
         }
-        let tasks = &self.tasks;
-        queue.push_new(id, |id| {
-            tasks
-                .get(id)
-                .is_some_and(|e| matches!(e.status, Status::Pending))
-        });
+        let due = task.delay.filter(|d| !d.is_zero()).map(|d| now + d);
+        if due.is_some() {
+            queue.push_delayed();
+        } else {
+            let tasks = &self.tasks;
+            queue.push_new(id, task.priority, |id| {
+                tasks.get(id).is_some_and(|e| e.is_ready())
+            });
+        }
         let expires_at = task.ttl.map(|ttl| now + ttl);
         let max_attempts = match task.max_attempts {
             0 => self.config.default_max_attempts,
             n => n,
         };
-        let extras = (!task.headers.is_empty() || task.idempotency_key.is_some()).then(|| {
-            Box::new(Extras {
-                headers: task.headers,
-                idempotency_key: task.idempotency_key,
-                ..Extras::default()
-            })
-        });
+        let due = due.map(|at| (at, self.clock.stamp(at)));
+        let extras = (!task.headers.is_empty() || task.idempotency_key.is_some() || due.is_some())
+            .then(|| {
+                Box::new(Extras {
+                    headers: task.headers,
+                    idempotency_key: task.idempotency_key,
+                    due: due.map(|(_, stamp)| stamp),
+                    // It waits for a hand-out from when it is due.
+                    ready_since: due.map(|(_, stamp)| stamp),
+                    ..Extras::default()
+                })
+            });
         self.held_bytes += task.payload.len();
         self.tasks.insert(
             id,
@@ -326,6 +335,7 @@ impl State {
                 max_attempts,
                 attempt: 0,
                 lease_seq: 0,
+                priority: task.priority,
                 created_at: self.clock.stamp(now),
                 expires_at: expires_at.map(|at| self.clock.stamp(at)),
                 status: Status::Pending,
@@ -339,6 +349,11 @@ impl State {
             task_id: id,
             duplicate: false,
         };
+        if let Some((at, _)) = due {
+            self.schedule(at, id, TimerKind::Due);
+            // Nothing to hand out before it is due.
+            return Ok((outcome, None));
+        }
         Ok((outcome, Some(queue_name)))
     }
 
@@ -380,7 +395,7 @@ impl State {
             let Some(entry) = self.tasks.get(&id) else {
                 continue;
             };
-            if !matches!(entry.status, Status::Pending) {
+            if !entry.is_ready() {
                 continue;
             }
             if entry.expired(&self.clock, now) {
@@ -454,9 +469,10 @@ impl State {
         }
     }
 
-    /// Moves a leased task back to the head of its queue, ready again from
-    /// `now`. Returns the lease it had.
-    fn release(&mut self, id: TaskId, now: Instant) -> Option<Box<Lease>> {
+    /// Moves a leased task back in line (in its place by id), ready again
+    /// from `now`, or with `backoff` into the delayed tasks until then.
+    /// Returns the lease it had.
+    fn release(&mut self, id: TaskId, backoff: Duration, now: Instant) -> Option<Box<Lease>> {
         let entry = self.tasks.get_mut(&id)?;
         let Status::Leased(lease) = std::mem::replace(&mut entry.status, Status::Pending) else {
             unreachable!("release is only called on a leased task");
@@ -469,9 +485,18 @@ impl State {
             "one holder per ended lease"
         );
         holders.push(lease.worker.clone());
-        entry.extras_mut().ready_since = Some(self.clock.stamp(now));
-        let queue_name = entry.queue.clone();
-        self.known_queue(&queue_name).released(id);
+        let ready_at = now + backoff;
+        let stamp = self.clock.stamp(ready_at);
+        let (queue_name, priority) = (entry.queue.clone(), entry.priority);
+        let extras = entry.extras_mut();
+        extras.ready_since = Some(stamp);
+        if backoff.is_zero() {
+            self.known_queue(&queue_name).released(id, priority);
+        } else {
+            extras.due = Some(stamp);
+            self.known_queue(&queue_name).released_delayed();
+            self.schedule(ready_at, id, TimerKind::Due);
+        }
         self.workers.lease_ended(&lease.worker, id);
         self.stream_slot_freed(&lease, id);
         Some(lease)
@@ -487,7 +512,7 @@ impl State {
         if !current {
             return;
         }
-        self.release(lease_id.task, now);
+        self.release(lease_id.task, Duration::ZERO, now);
         let entry = self.tasks.get_mut(&lease_id.task).expect("just released");
         entry.attempt -= 1;
         if entry.expired(&self.clock, now) {
@@ -739,7 +764,7 @@ impl State {
         // The same retried failure again: a client retrying after a lost
         // answer. The task went back in line then; nothing changes now.
         let repeats = |last: Option<&(u32, String)>| {
-            matches!(&outcome, Outcome::Failure { message, retry: true }
+            matches!(&outcome, Outcome::Failure { message, retry: true, .. }
                 if last.is_some_and(|(seq, m)| *seq == lease_id.seq && m == message))
         };
         // The task in progress first: that is the map in cache, and where
@@ -791,15 +816,21 @@ impl State {
                 self.finish(lease_id.task, ended, now);
                 Ok(TaskState::Succeeded)
             }
-            Outcome::Failure { message, retry } => {
+            Outcome::Failure {
+                message,
+                retry,
+                retry_after,
+            } => {
                 if !is_current {
                     return Err(BrokerError::stale(lease_id));
                 }
                 let can_retry =
                     retry && entry.attempt < entry.max_attempts && !entry.expired(&self.clock, now);
+                let backoff =
+                    retry_after.unwrap_or_else(|| self.config.retry_backoff.delay(entry.attempt));
                 self.workers.touch(&holder, None, None, now);
                 if can_retry {
-                    self.release(lease_id.task, now);
+                    self.release(lease_id.task, backoff, now);
                     let entry = self.tasks.get_mut(&lease_id.task).expect("held");
                     entry.extras_mut().last_retry = Some((lease_id.seq, message));
                     let queue = entry.queue.clone();
@@ -854,6 +885,7 @@ impl State {
         // Whoever waits for this result gets it now (their slots go back as
         // they are dropped). A failed send means that caller or stream
         // left; nothing to give back.
+        let delayed = extras.as_ref().is_some_and(|x| x.due.is_some());
         let rest = extras.and_then(|extras| {
             let Extras {
                 idempotency_key,
@@ -887,20 +919,19 @@ impl State {
             }),
             now,
         );
-        let (ran, freed_stream) = match &previous {
+        let (was, freed_stream) = match &previous {
             Status::Leased(lease) => {
                 self.workers.lease_ended(&lease.worker, id);
                 self.stream_slot_freed(lease, id);
-                (
-                    Some(now.saturating_duration_since(lease.leased_at)),
-                    lease.stream.is_some(),
-                )
+                let ran = now.saturating_duration_since(lease.leased_at);
+                (Unfinished::Leased { ran }, lease.stream.is_some())
             }
-            Status::Pending => (None, false),
+            Status::Pending if delayed => (Unfinished::Delayed, false),
+            Status::Pending => (Unfinished::Pending, false),
         };
         let took = now.saturating_duration_since(self.clock.instant(created_at));
         self.known_queue(&queue_name)
-            .finished(id, ran, took, report);
+            .finished(id, was, took, report);
         self.dispatch_results(&queue_name);
         if first {
             // The timer may sleep past this result's retention otherwise.
@@ -1197,88 +1228,6 @@ impl State {
     pub fn remove_queue_result_waiter(&mut self, queue: &QueueName, id: WaiterId) {
         if let Some(q) = self.queues.get_mut(queue) {
             q.remove_result_waiter(id);
-        }
-    }
-
-    // ---- Deadlines ----
-
-    /// Handles every lease and ttl deadline that is due and drops results
-    /// past their retention. Returns when to look again.
-    pub fn fire_due(&mut self, now: Instant) -> Option<Instant> {
-        while let Some(due) = self.timers.pop_due(now) {
-            match due.kind {
-                TimerKind::Lease(seq) => self.lease_due(due.task, seq, due.at, now),
-                TimerKind::Ttl => {
-                    let pending = self
-                        .tasks
-                        .get(&due.task)
-                        .is_some_and(|e| matches!(e.status, Status::Pending));
-                    if pending {
-                        self.fail_expired(due.task, now);
-                    }
-                }
-            }
-        }
-        self.evict_results(now);
-        match (self.timers.next_at(), self.results.next_eviction()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
-    fn lease_due(&mut self, id: TaskId, seq: u32, at: Instant, now: Instant) {
-        let Some(entry) = self.tasks.get_mut(&id) else {
-            return;
-        };
-        let Status::Leased(lease) = &mut entry.status else {
-            return;
-        };
-        if lease.seq != seq || lease.scheduled != at {
-            // An entry of an earlier lease, or one replaced by an earlier
-            // expiry: stale.
-            return;
-        }
-        if lease.expires_at > now {
-            // Extended since this entry was made: re-arm it for the new expiry.
-            let expires_at = lease.expires_at;
-            lease.scheduled = expires_at;
-            self.schedule(expires_at, id, TimerKind::Lease(seq));
-            return;
-        }
-        self.lease_lost(id, now);
-    }
-
-    /// A leased task's lease is over (expired, or its stream closed): back
-    /// to the head of the queue for another attempt, or FAILED when it has
-    /// used its attempts or its ttl.
-    fn lease_lost(&mut self, id: TaskId, now: Instant) {
-        let entry = &self.tasks[&id];
-        let Status::Leased(lease) = &entry.status else {
-            return;
-        };
-        let worker = lease.worker.clone();
-        if entry.expired(&self.clock, now) {
-            self.fail_expired(id, now);
-        } else if entry.attempt >= entry.max_attempts {
-            let error = format!(
-                "lease expired on attempt {} of {}: worker {worker} reported no result in time",
-                entry.attempt, entry.max_attempts
-            );
-            let ended = Ended {
-                state: TaskState::Failed,
-                output: Bytes::new(),
-                error,
-                worker: Some(worker),
-                by_lease: 0,
-                report: Report::AttemptsUsed,
-            };
-            self.finish(id, ended, now);
-        } else {
-            tracing::debug!(task_id = %id, worker_id = %worker, "lease expired; task requeued");
-            self.release(id, now);
-            let queue = self.tasks[&id].queue.clone();
-            self.known_queue(&queue).retried_after_lease_expiry();
-            self.dispatch(&queue, now);
         }
     }
 }

@@ -108,14 +108,14 @@ impl State {
         queues
     }
 
-    /// The age of the oldest of the first pending tasks in line. Retried
-    /// tasks go to the head, so the oldest task is among the first ones;
+    /// The age of the oldest of the first pending tasks of each line. Each
+    /// line is in id order, so its oldest task is among its first ones;
     /// looking at a bounded number keeps stats cheap on long queues.
     fn oldest_pending_age(&self, queue: &QueueState, now: Instant) -> Duration {
         queue
-            .ready_head(OLDEST_SCAN)
+            .ready_heads(OLDEST_SCAN)
             .filter_map(|id| self.tasks.get(id))
-            .filter(|e| matches!(e.status, Status::Pending))
+            .filter(|e| e.is_ready())
             .map(|e| now.duration_since(self.clock.instant(e.created_at)))
             .max()
             .unwrap_or_default()

@@ -60,6 +60,10 @@ pub(super) struct Extras {
     /// has it), for the wait's duration; a task never leased has waited
     /// since its put.
     pub(super) ready_since: Option<Stamp>,
+    /// Set while it waits out a delay or a retry's backoff (it is then in
+    /// no line): when it is due. A delayed task is rare enough to pay for
+    /// extras, so a pending task stays small.
+    pub(super) due: Option<Stamp>,
 }
 
 /// An unfinished task.
@@ -69,6 +73,9 @@ pub(super) struct TaskEntry {
     pub(super) max_attempts: u32,
     pub(super) attempt: u32,
     pub(super) lease_seq: u32,
+    /// Its line: higher first. (Fits beside the three counters, where the
+    /// entry would otherwise pad.)
+    pub(super) priority: i32,
     pub(super) created_at: Stamp,
     /// The ttl's deadline.
     pub(super) expires_at: Option<Stamp>,
@@ -83,6 +90,16 @@ impl TaskEntry {
 
     pub(super) fn extras_mut(&mut self) -> &mut Extras {
         self.extras.get_or_insert_with(Box::default)
+    }
+
+    /// When a delayed task is due; `None` for any other.
+    pub(super) fn due(&self) -> Option<Stamp> {
+        self.extras.as_ref().and_then(|x| x.due)
+    }
+
+    /// In line (pending and not delayed).
+    pub(super) fn is_ready(&self) -> bool {
+        matches!(self.status, Status::Pending) && self.due().is_none()
     }
 }
 
@@ -124,6 +141,7 @@ pub(super) fn timer_is_live(tasks: &IdMap<TaskId, Box<TaskEntry>>, entry: &Timer
         .is_some_and(|e| match (&e.status, entry.kind) {
             (Status::Leased(l), TimerKind::Lease(seq)) => l.seq == seq && l.scheduled == entry.at,
             (_, TimerKind::Ttl) => true,
-            (Status::Pending, TimerKind::Lease(_)) => false,
+            (Status::Pending, TimerKind::Due) => e.due().is_some(),
+            (Status::Pending, TimerKind::Lease(_)) | (Status::Leased(_), TimerKind::Due) => false,
         })
 }

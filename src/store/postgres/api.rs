@@ -258,6 +258,7 @@ impl Store for PgStore {
                     oldest_pending_age: Duration::from_secs_f64(row.get::<_, f64>(6).max(0.0)),
                     results_unclaimed: count(row, 7),
                     expired: count(row, 8),
+                    delayed: count(row, 9),
                     ..QueueStats::default()
                 }
             })
@@ -354,8 +355,10 @@ impl Store for PgStore {
         )?;
         let names: Vec<String> = unfinished.iter().map(|row| row.get(0)).collect();
         let oldest = self.rows(&sql.snapshot_oldest, &[&names]).await?;
-        let leased: HashMap<String, i64> =
-            leased.iter().map(|row| (row.get(0), row.get(1))).collect();
+        let leased: HashMap<String, (i64, i64)> = leased
+            .iter()
+            .map(|row| (row.get(0), (row.get(1), row.get(2))))
+            .collect();
         let oldest: HashMap<String, f64> =
             oldest.iter().map(|row| (row.get(0), row.get(1))).collect();
         let counters = self.inner.counters.read();
@@ -366,11 +369,12 @@ impl Store for PgStore {
             .map(|row| {
                 let queue: String = row.get(0);
                 let unfinished = u64::try_from(row.get::<_, i64>(1)).unwrap_or(0);
-                let leased = leased
-                    .get(&queue)
-                    .map_or(0, |n| u64::try_from(*n).unwrap_or(0));
+                let (leased, delayed) = leased.get(&queue).map_or((0, 0), |(l, d)| {
+                    (u64::try_from(*l).unwrap_or(0), u64::try_from(*d).unwrap_or(0))
+                });
                 let mut stats = QueueStats {
-                    pending: unfinished.saturating_sub(leased),
+                    pending: unfinished.saturating_sub(leased + delayed),
+                    delayed,
                     leased,
                     oldest_pending_age: Duration::try_from_secs_f64(
                         oldest.get(&queue).copied().unwrap_or(0.0),

@@ -36,3 +36,10 @@ pub(crate) struct Prepared {
     pub task: NewTask,
     pub max_attempts: u32,
 }
+
+impl Prepared {
+    /// Whether it waits out a delay before it is pending.
+    pub(crate) fn is_delayed(&self) -> bool {
+        self.task.delay.is_some_and(|delay| !delay.is_zero())
+    }
+}

@@ -9,7 +9,8 @@ use crate::broker::{
 /// The task state a row's `state` column holds.
 pub(crate) fn state_of(state: i16) -> TaskState {
     match state {
-        0 => TaskState::Pending,
+        // -1: delayed, which clients see as pending.
+        -1 | 0 => TaskState::Pending,
         1 => TaskState::Leased,
         2 => TaskState::Succeeded,
         4 => TaskState::Cancelled,

@@ -14,12 +14,13 @@ const MIGRATION_LOCK: i64 = 0x0074_6173_6b71;
 
 /// The migrations, in order; `{s}` stands for the schema. Never edit one
 /// that has shipped: add the next.
-const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4)];
+const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4), (5, V5)];
 
 /// Version 1: tasks, results and per-queue counters.
 const V1: &str = r"
 -- One row per task, from its put until retention drops its result.
--- state: 0 pending, 1 leased, 2 succeeded, 3 failed.
+-- state: 0 pending, 1 leased, 2 succeeded, 3 failed (4 cancelled and -1
+-- delayed came with later versions).
 -- fillfactor below 100 leaves room in each page, so that the many updates
 -- of a task's life (lease, result) stay heap-only (HOT) and skip the
 -- indexes that do not change.
@@ -99,6 +100,19 @@ ALTER TABLE {s}.tasks ADD COLUMN leased_at timestamptz, ADD COLUMN ready_at time
 /// and hand-overs look a queue up here by its key.
 const V4: &str = r"
 CREATE TABLE {s}.paused_queues (queue text PRIMARY KEY);
+";
+
+/// Version 5: priorities and delays. `priority`: higher is claimed first
+/// (a constant default, so adding it rewrites no row). A delayed task (a
+/// put's delay, or a retry's backoff) has state -1 and `ready_at` set to
+/// when it is due; the sweep makes it pending then. Claims read the
+/// pending tasks in (priority, id) order, so that index replaces the one
+/// in id order.
+const V5: &str = r"
+ALTER TABLE {s}.tasks ADD COLUMN priority integer NOT NULL DEFAULT 0;
+CREATE INDEX tasks_ready_by_priority ON {s}.tasks (queue, priority DESC, id) WHERE state = 0;
+DROP INDEX {s}.tasks_ready;
+CREATE INDEX tasks_delayed ON {s}.tasks (ready_at) WHERE state = -1;
 ";
 
 /// Applies every migration the database lacks, under the advisory lock.

@@ -38,6 +38,7 @@ pub(crate) struct Sql {
     pub(crate) in_flight: String,
     pub(crate) sweep_leases: String,
     pub(crate) sweep_ttl: String,
+    pub(crate) sweep_delayed: String,
     pub(crate) drop_old: String,
     pub(crate) drop_over: String,
 }
@@ -48,6 +49,11 @@ pub(crate) struct Sql {
 const DURATION_COLUMNS: &str = "extract(epoch FROM now() - t.leased_at)::float8, \
      extract(epoch FROM now() - t.created_at)::float8";
 
+/// Whether a failure reported with `r.retry` goes back for another
+/// attempt: attempts and ttl allow it.
+const RETRY_AGAIN: &str = "(r.retry AND t.attempt < t.max_attempts \
+     AND (t.expires_at IS NULL OR t.expires_at > now()))";
+
 /// The columns a result is read from, in `result_row`'s order.
 const RESULT_COLUMNS: &str =
     "id, queue, state, output, error, attempt, worker, created_at, finished_at";
@@ -55,7 +61,8 @@ const RESULT_COLUMNS: &str =
 impl Sql {
     pub(crate) fn new(schema: &str) -> Self {
         let s = |text: &str| {
-            text.replace("{s}", schema)
+            text.replace("{again}", RETRY_AGAIN)
+                .replace("{s}", schema)
                 .replace("{r}", RESULT_COLUMNS)
                 .replace("{d}", DURATION_COLUMNS)
         };
@@ -71,19 +78,23 @@ impl Sql {
                 ORDER BY queue FOR UPDATE"),
             // A task with a lease ($8, $9) is handed to a worker stream of
             // this server in the insert: leased at once, attempt 1.
+            // A task with a delay ($11) waits as state -1 until `ready_at`;
+            // it never has a lease in its insert.
             insert_tasks: s("INSERT INTO {s}.tasks (id, queue, payload, headers, idempotency_key, max_attempts,
-                    expires_at, state, attempt, lease_seq, lease_until, worker, leased_at)
+                    expires_at, state, attempt, lease_seq, lease_until, worker, leased_at, priority, ready_at)
                 SELECT id, queue, payload, headers, key, max_attempts,
                        CASE WHEN ttl IS NULL THEN NULL ELSE now() + make_interval(secs => ttl) END,
-                       CASE WHEN lease IS NULL THEN 0 ELSE 1 END,
+                       CASE WHEN delay IS NOT NULL THEN -1 WHEN lease IS NULL THEN 0 ELSE 1 END,
                        CASE WHEN lease IS NULL THEN 0 ELSE 1 END,
                        CASE WHEN lease IS NULL THEN 0 ELSE 1 END,
                        CASE WHEN lease IS NULL THEN NULL ELSE now() + make_interval(secs => lease) END,
                        worker,
-                       CASE WHEN lease IS NULL THEN NULL ELSE now() END
+                       CASE WHEN lease IS NULL THEN NULL ELSE now() END,
+                       priority,
+                       CASE WHEN delay IS NULL THEN NULL ELSE now() + make_interval(secs => delay) END
                 FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::text[], $5::text[], $6::int4[],
-                            $7::float8[], $8::float8[], $9::text[])
-                     AS t(id, queue, payload, headers, key, max_attempts, ttl, lease, worker)
+                            $7::float8[], $8::float8[], $9::text[], $10::int4[], $11::float8[])
+                     AS t(id, queue, payload, headers, key, max_attempts, ttl, lease, worker, priority, delay)
                 ORDER BY id
                 ON CONFLICT (queue, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                 RETURNING id, lease_until, created_at, expires_at,
@@ -102,7 +113,7 @@ impl Sql {
             purge: s("UPDATE {s}.tasks t
                 SET state = 4, finished_at = now(), lease_until = NULL,
                     error = 'purged by PurgeQueue before it was handed out'
-                WHERE t.queue = $1 AND t.state = 0
+                WHERE t.queue = $1 AND t.state IN (0, -1)
                 RETURNING t.id, {d}"),
             find_keys: s("SELECT t.queue, t.idempotency_key, t.id FROM {s}.tasks t
                 JOIN unnest($1::text[], $2::text[]) AS k(queue, key)
@@ -113,11 +124,11 @@ impl Sql {
             notify: s("SELECT pg_notify($1, $2)"),
             // Row n (in id order) goes to slot n: its worker and lease.
             claim: s("WITH locked AS (
-                    SELECT id FROM {s}.tasks
+                    SELECT id, priority FROM {s}.tasks
                     WHERE queue = $1 AND state = 0 AND (expires_at IS NULL OR expires_at > now())
                       AND NOT EXISTS (SELECT 1 FROM {s}.paused_queues WHERE queue = $1)
-                    ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED),
-                numbered AS (SELECT id, row_number() OVER (ORDER BY id) AS n FROM locked)
+                    ORDER BY priority DESC, id LIMIT $2 FOR UPDATE SKIP LOCKED),
+                numbered AS (SELECT id, row_number() OVER (ORDER BY priority DESC, id) AS n FROM locked)
                 UPDATE {s}.tasks t
                 SET state = 1, attempt = t.attempt + 1, lease_seq = t.lease_seq + 1,
                     lease_until = now() + make_interval(secs => ($3::float8[])[c.n]),
@@ -144,18 +155,22 @@ impl Sql {
                 WHERE t.id = r.id AND t.state < 2 AND r.seq >= 1 AND r.seq <= t.lease_seq
                 RETURNING t.id, t.queue, t.state, t.output, t.error, t.attempt, t.worker,
                           t.created_at, t.finished_at, {d}"),
+            // A retried failure waits `after` ($5, the worker's
+            // retry_after) or else the backoff: `$6 * 2^(attempt - 1)` at
+            // most $7, at a random point of its upper half (as
+            // `RetryBackoff::delay`), as a delayed task (-1) when it
+            // waits at all.
             complete_failed: s("UPDATE {s}.tasks t
-                SET state = CASE WHEN r.retry AND t.attempt < t.max_attempts
-                                      AND (t.expires_at IS NULL OR t.expires_at > now())
-                                 THEN 0 ELSE 3 END,
-                    finished_at = CASE WHEN r.retry AND t.attempt < t.max_attempts
-                                      AND (t.expires_at IS NULL OR t.expires_at > now())
-                                 THEN NULL ELSE now() END,
-                    ready_at = CASE WHEN r.retry AND t.attempt < t.max_attempts
-                                      AND (t.expires_at IS NULL OR t.expires_at > now())
-                                 THEN now() ELSE t.ready_at END,
+                SET state = CASE WHEN NOT {again} THEN 3
+                                 WHEN coalesce(r.after, $6::float8) > 0 THEN -1 ELSE 0 END,
+                    finished_at = CASE WHEN {again} THEN NULL ELSE now() END,
+                    ready_at = CASE WHEN {again} THEN now() + make_interval(secs => coalesce(r.after,
+                                   least($7::float8, $6::float8 * power(2, least(t.attempt - 1, 30)))
+                                   * (0.5 + random() * 0.5)))
+                               ELSE t.ready_at END,
                     error = r.error, by_lease = r.seq, lease_until = NULL
-                FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::bool[]) AS r(id, seq, error, retry)
+                FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::bool[], $5::float8[])
+                     AS r(id, seq, error, retry, after)
                 WHERE t.id = r.id AND t.state = 1 AND t.lease_seq = r.seq AND t.lease_until > now()
                 RETURNING t.id, t.queue, t.state, t.output, t.error, t.attempt, t.worker,
                           t.created_at, t.finished_at, {d}"),
@@ -200,10 +215,14 @@ impl Sql {
             // tasks_ready.
             snapshot_unfinished: s("SELECT queue, sum(unfinished)::int8 FROM {s}.queue_counts
                 GROUP BY queue ORDER BY queue"),
-            snapshot_leased: s("SELECT queue, count(*) FROM {s}.tasks WHERE state = 1 GROUP BY queue"),
+            snapshot_leased: s("SELECT queue, count(*) FILTER (WHERE state = 1),
+                    count(*) FILTER (WHERE state = -1)
+                FROM {s}.tasks WHERE state = 1 OR state = -1 GROUP BY queue"),
+            // The oldest of the first 64 in hand-out order: the oldest of
+            // all when the queue uses one priority.
             snapshot_oldest: s("SELECT q, coalesce(extract(epoch FROM now() - (
-                    SELECT created_at FROM {s}.tasks WHERE queue = q AND state = 0
-                    ORDER BY id LIMIT 1)), 0)::float8
+                    SELECT min(created_at) FROM (SELECT created_at FROM {s}.tasks
+                        WHERE queue = q AND state = 0 ORDER BY priority DESC, id LIMIT 64) h)), 0)::float8
                 FROM unnest($1::text[]) AS q"),
             stats: s("SELECT queue,
                     count(*) FILTER (WHERE state = 0),
@@ -213,7 +232,8 @@ impl Sql {
                     coalesce(sum(greatest(attempt - 1, 0)), 0)::int8,
                     coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE state = 0)), 0)::float8,
                     count(*) FILTER (WHERE state >= 2 AND NOT claimed),
-                    count(*) FILTER (WHERE state = 3 AND error LIKE 'task expired:%')
+                    count(*) FILTER (WHERE state = 3 AND error LIKE 'task expired:%'),
+                    count(*) FILTER (WHERE state = -1)
                 FROM {s}.tasks WHERE $1::text[] IS NULL OR queue = ANY($1) GROUP BY queue"),
             sweep_leases: s("UPDATE {s}.tasks t
                 SET state = CASE WHEN t.attempt >= t.max_attempts THEN 3 ELSE 0 END,
@@ -229,6 +249,12 @@ impl Sql {
                       ORDER BY lease_until LIMIT 500 FOR UPDATE SKIP LOCKED) c
                 WHERE t.id = c.id
                 RETURNING t.id, t.queue, t.state, {d}"),
+            // Delayed tasks that are due join the pending ones.
+            sweep_delayed: s("UPDATE {s}.tasks t SET state = 0
+                FROM (SELECT id FROM {s}.tasks WHERE state = -1 AND ready_at <= now()
+                      ORDER BY ready_at LIMIT 500 FOR UPDATE SKIP LOCKED) c
+                WHERE t.id = c.id
+                RETURNING t.queue"),
             sweep_ttl: s("UPDATE {s}.tasks t
                 SET state = 3, finished_at = now(), lease_until = NULL,
                     error = 'task expired: its ttl ran out before it finished'

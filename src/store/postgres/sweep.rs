@@ -1,5 +1,5 @@
-//! The sweep every server runs: leases that ran out go back to pending (or
-//! fail on their last attempt), tasks whose ttl ran out fail, and finished
+//! The sweep every server runs: delayed tasks that are due become pending,
+//! leases that ran out go back to pending (or fail on their last attempt), tasks whose ttl ran out fail, and finished
 //! rows past the result ttl or the result count are dropped, in small
 //! batches. Each change takes its rows with `FOR UPDATE SKIP LOCKED` and
 //! checks the state in its `WHERE`, so servers sweeping together never
@@ -43,9 +43,10 @@ pub(crate) async fn run(inner: Weak<Inner>) {
     }
 }
 
-/// One pass over expired leases and ttl, each change in its own short
-/// transaction with the notifications it owes.
+/// One pass over delays that ended, expired leases and ttl, each change in
+/// its own short transaction with the notifications it owes.
 async fn sweep(inner: &Inner) -> Result<(), PgError> {
+    promote_delayed(inner).await?;
     // The ttl sweep's failures are expiries.
     for (statement, ttl) in [
         (&inner.sql.sweep_leases, false),
@@ -93,6 +94,37 @@ async fn sweep(inner: &Inner) -> Result<(), PgError> {
         }
     }
     Ok(())
+}
+
+/// Makes delayed tasks that are due pending, 500 per statement, and
+/// wakes their queues' claimers on every server. A delayed task is thus
+/// handed out within [`SWEEP_EVERY`] of when it is due.
+async fn promote_delayed(inner: &Inner) -> Result<(), PgError> {
+    loop {
+        let mut client = inner.pool.get().await?;
+        let transaction = client.transaction().await?;
+        let rows = transaction
+            .query(
+                &transaction.prepare_cached(&inner.sql.sweep_delayed).await?,
+                &[],
+            )
+            .await?;
+        let mut ready: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+        if !ready.is_empty() {
+            ready.sort_unstable();
+            ready.dedup();
+            transaction
+                .execute(
+                    &transaction.prepare_cached(&inner.sql.notify_tasks).await?,
+                    &[&inner.channels.0, &ready],
+                )
+                .await?;
+        }
+        transaction.commit().await?;
+        if rows.len() < 500 {
+            return Ok(());
+        }
+    }
 }
 
 /// Drops finished rows past the result ttl, then past the result count,

@@ -317,7 +317,9 @@ async fn put_tasks(
         }
         *left -= 1;
         answers.push(None);
-        *accepted.entry(task.queue.as_str()).or_default() += 1;
+        if !task.is_delayed() {
+            *accepted.entry(task.queue.as_str()).or_default() += 1;
+        }
     }
     // Places in this server's worker streams with room, for the first
     // tasks of each queue; only when nothing older waits in that queue, so
@@ -353,6 +355,7 @@ async fn put_tasks(
         }
         let place = places_of
             .get_mut(task.queue.as_str())
+            .filter(|_| !task.is_delayed())
             .and_then(std::collections::VecDeque::pop_front);
         let lease = place.as_ref().map(|stream| {
             (
@@ -386,6 +389,8 @@ async fn put_tasks(
                     &rows.ttls,
                     &rows.lease_secs,
                     &rows.workers,
+                    &rows.priorities,
+                    &rows.delays,
                 ],
             )
             .await?
@@ -462,7 +467,7 @@ async fn put_tasks(
         if inserted.contains(&task.id.as_uuid()) {
             *added.entry(task.queue.as_str().to_owned()).or_default() += 1;
             handoffs.tally.queue(task.queue.as_str()).enqueued += 1;
-            if !handed_ids.contains(&task.id) {
+            if !handed_ids.contains(&task.id) && !task.is_delayed() {
                 ready.insert(task.queue.as_str().to_owned());
             }
             results.push(Ok(PutOutcome {
@@ -525,6 +530,9 @@ struct Rows {
     /// Set for a task handed to a worker stream in the insert.
     lease_secs: Vec<Option<f64>>,
     workers: Vec<Option<String>>,
+    priorities: Vec<i32>,
+    /// Set for a task that waits before it is pending.
+    delays: Vec<Option<f64>>,
 }
 
 impl Rows {
@@ -547,6 +555,11 @@ impl Rows {
         let (worker, secs) = lease.unzip();
         self.lease_secs.push(secs);
         self.workers.push(worker);
+        self.priorities.push(task.task.priority);
+        self.delays.push(
+            task.is_delayed()
+                .then(|| task.task.delay.unwrap_or_default().as_secs_f64()),
+        );
         Ok(())
     }
 }
@@ -566,7 +579,7 @@ async fn complete(
     let mut answers: Vec<Option<Result<TaskState, BrokerError>>> =
         Vec::with_capacity(results.len());
     let mut ok = (Vec::new(), Vec::new(), Vec::new());
-    let mut failed = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut failed = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut checked = Vec::with_capacity(results.len());
     // A task reported twice in one batch: only its first report goes to the
     // statements; the others are explained by the row afterwards, as they
@@ -593,11 +606,16 @@ async fn complete(
                         ok.1.push(seq);
                         ok.2.push(output.to_vec());
                     }
-                    Outcome::Failure { message, retry } => {
+                    Outcome::Failure {
+                        message,
+                        retry,
+                        retry_after,
+                    } => {
                         failed.0.push(lease.task.as_uuid());
                         failed.1.push(seq);
                         failed.2.push(message.clone());
                         failed.3.push(*retry);
+                        failed.4.push(retry_after.map(|after| after.as_secs_f64()));
                     }
                 }
             }
@@ -624,10 +642,19 @@ async fn complete(
         }
     }
     if !failed.0.is_empty() {
+        let backoff = inner.broker.retry_backoff;
         for row in transaction
             .query(
                 &transaction.prepare_cached(&sql.complete_failed).await?,
-                &[&failed.0, &failed.1, &failed.2, &failed.3],
+                &[
+                    &failed.0,
+                    &failed.1,
+                    &failed.2,
+                    &failed.3,
+                    &failed.4,
+                    &backoff.base.as_secs_f64(),
+                    &backoff.max.as_secs_f64(),
+                ],
             )
             .await?
         {
@@ -845,10 +872,12 @@ fn explain(
         Outcome::Failure {
             message,
             retry: true,
+            ..
         } => by_this && error.as_deref() == Some(message.as_str()) && state != TaskState::Succeeded,
         Outcome::Failure {
             message,
             retry: false,
+            ..
         } => by_this && state == TaskState::Failed && error.as_deref() == Some(message.as_str()),
         Outcome::Success(given) => {
             by_this && state == TaskState::Succeeded && output.as_deref() == Some(&given[..])

@@ -69,6 +69,9 @@ pub(crate) enum AnswerError {
     /// `retry` is not a boolean.
     #[error("\"retry\" is not true or false")]
     RetryNotABool,
+    /// `retry_after` is not a number of seconds from 0 to a year.
+    #[error("\"retry_after\" is not a number of seconds from 0 to 31622400")]
+    BadRetryAfter,
     /// None of `output`, `output_base64`, `error`.
     #[error("none of \"output\", \"output_base64\" or \"error\"")]
     NoOutcome,
@@ -100,12 +103,26 @@ pub(crate) fn parse_answer(line: &[u8]) -> Result<Answer, AnswerError> {
         Some(Value::Bool(retry)) => retry,
         Some(_) => return Err(AnswerError::RetryNotABool),
     };
+    let retry_after = match fields.remove("retry_after") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(secs)) => Some(
+            secs.as_f64()
+                .filter(|s| (0.0..=31_622_400.0).contains(s))
+                .map(std::time::Duration::from_secs_f64)
+                .ok_or(AnswerError::BadRetryAfter)?,
+        ),
+        Some(_) => return Err(AnswerError::BadRetryAfter),
+    };
     let result = match (output, output_base64, error) {
         (Some(text), None, None) => Ok(Bytes::from(text)),
         (None, Some(encoded), None) => Ok(Bytes::from(
             BASE64.decode(encoded).map_err(AnswerError::NotBase64)?,
         )),
-        (None, None, Some(message)) => Err(TaskFailure { message, retry }),
+        (None, None, Some(message)) => Err(TaskFailure {
+            message,
+            retry,
+            retry_after,
+        }),
         (None, None, None) => return Err(AnswerError::NoOutcome),
         _ => return Err(AnswerError::TwoOutcomes),
     };
