@@ -143,7 +143,8 @@ impl Families {
         };
         registry.register(
             "taskq_tasks",
-            "Unfinished tasks by state: ready (waiting to be handed out) or leased",
+            "Unfinished tasks by state: ready (waiting to be handed out), delayed (waiting out a \
+             delay or a retry's backoff) or leased",
             families.tasks.clone(),
         );
         registry.register(
@@ -191,6 +192,7 @@ impl Families {
         };
         gauge(&self.tasks, queue_and(queue, "state", "ready"), q.pending);
         gauge(&self.tasks, queue_and(queue, "state", "leased"), q.leased);
+        gauge(&self.tasks, queue_and(queue, "state", "delayed"), q.delayed);
         gauge(&self.worker_streams, queue_label(queue), q.worker_streams);
         let age = self.oldest_ready_age.get_or_create(&queue_label(queue));
         age.set(age.get().max(q.oldest_pending_age.as_secs_f64()));

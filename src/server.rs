@@ -25,7 +25,7 @@ use crate::store::Store;
 use crate::store::postgres::PgStore;
 
 pub use crate::auth::{TokenError, Tokens};
-pub use crate::broker::BrokerConfig;
+pub use crate::broker::{BrokerConfig, RetryBackoff};
 pub use crate::http::{DEFAULT_METRICS_MAX_QUEUES, HttpConfig};
 pub use crate::store::postgres::{
     DEFAULT_MAX_PENDING, DEFAULT_POOL_SIZE, DEFAULT_SCHEMA, DEFAULT_STATEMENT_TIMEOUT, PgError,

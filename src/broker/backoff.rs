@@ -98,6 +98,10 @@ mod tests {
             }
         }
         // Jitter: draws differ (600 draws over 12 steps of at least 0.5 s).
-        assert!(distinct.len() > 500, "only {} distinct delays", distinct.len());
+        assert!(
+            distinct.len() > 500,
+            "only {} distinct delays",
+            distinct.len()
+        );
     }
 }

@@ -34,9 +34,9 @@ pub mod model;
 mod queue;
 mod ready;
 mod retention;
-mod state;
 #[cfg(test)]
 mod schedule_tests;
+mod state;
 #[cfg(test)]
 mod tests;
 mod timers;

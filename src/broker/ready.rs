@@ -50,7 +50,10 @@ impl ReadyLines {
         if line.len() > 2 * live + COMPACT_SLACK {
             line.retain(is_live);
         }
-        debug_assert!(line.back().is_none_or(|last| *last < id), "ids come in order");
+        debug_assert!(
+            line.back().is_none_or(|last| *last < id),
+            "ids come in order"
+        );
         line.push_back(id);
     }
 
@@ -94,10 +97,11 @@ impl ReadyLines {
     /// pending task is among them, unless more than `n` stale entries lead
     /// its line.
     pub(super) fn heads(&self, n: usize) -> impl Iterator<Item = &TaskId> {
-        self.default
-            .iter()
-            .take(n)
-            .chain(self.others.values().flat_map(move |line| line.iter().take(n)))
+        self.default.iter().take(n).chain(
+            self.others
+                .values()
+                .flat_map(move |line| line.iter().take(n)),
+        )
     }
 
     /// Entries held, stale ones included.
@@ -138,7 +142,10 @@ mod tests {
         for (i, priority) in [(0, 0), (1, -5), (2, 7), (3, 0), (4, 7), (5, -5)] {
             lines.push_new(id[i], priority, 10, |_| true);
         }
-        assert_eq!(drain(&mut lines), [id[2], id[4], id[0], id[3], id[1], id[5]]);
+        assert_eq!(
+            drain(&mut lines),
+            [id[2], id[4], id[0], id[3], id[1], id[5]]
+        );
         assert!(lines.others.is_empty(), "empty lines leave the map");
     }
 

@@ -67,9 +67,12 @@ impl Finished {
     pub(super) fn finished_by(&self, outcome: &Outcome) -> bool {
         match (self.report, outcome) {
             (Report::Success, Outcome::Success(output)) => self.result.output == *output,
-            (Report::Failure { retry }, Outcome::Failure { message, retry: r, .. }) => {
-                retry == *r && self.result.error == *message
-            }
+            (
+                Report::Failure { retry },
+                Outcome::Failure {
+                    message, retry: r, ..
+                },
+            ) => retry == *r && self.result.error == *message,
             _ => false,
         }
     }

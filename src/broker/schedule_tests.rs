@@ -174,7 +174,10 @@ async fn retried_failures_back_off_within_their_jitter_bounds() {
     b.put(t, Duration::ZERO).await.unwrap();
     let mut leased = next(&b).await.expect("ready");
     for step in [SEC, 2 * SEC, 4 * SEC] {
-        assert_eq!(b.complete(leased.lease_id, retry(None)), Ok(TaskState::Pending));
+        assert_eq!(
+            b.complete(leased.lease_id, retry(None)),
+            Ok(TaskState::Pending)
+        );
         let s = stats(&b);
         assert_eq!((s.pending, s.delayed), (0, 1));
         let started = tokio::time::Instant::now();
@@ -212,7 +215,10 @@ async fn retry_after_is_exact_and_a_lost_lease_goes_back_at_once() {
     tokio::time::advance(SEC).await;
     tokio::task::yield_now().await;
     let s = stats(&b);
-    assert_eq!((s.pending, s.delayed, s.retried_after_lease_expiry), (1, 0, 1));
+    assert_eq!(
+        (s.pending, s.delayed, s.retried_after_lease_expiry),
+        (1, 0, 1)
+    );
     assert_eq!(next(&b).await.unwrap().attempt, 3);
     b.check();
 }

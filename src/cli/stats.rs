@@ -73,14 +73,23 @@ pub(crate) fn short(duration: Duration) -> String {
 /// The stats as a table people can read.
 pub fn table(stats: &pb::GetStatsResponse, now: SystemTime) -> String {
     let mut out = format!(
-        "{:<24} {:>9} {:>9} {:>10} {:>9} {:>11} {:>9} {:>10}\n",
-        "QUEUE", "PENDING", "LEASED", "SUCCEEDED", "FAILED", "REDELIVERED", "OLDEST", "UNCLAIMED"
+        "{:<24} {:>9} {:>9} {:>9} {:>10} {:>9} {:>11} {:>9} {:>10}\n",
+        "QUEUE",
+        "PENDING",
+        "DELAYED",
+        "LEASED",
+        "SUCCEEDED",
+        "FAILED",
+        "REDELIVERED",
+        "OLDEST",
+        "UNCLAIMED"
     );
     for q in &stats.queues {
         out += &format!(
-            "{:<24} {:>9} {:>9} {:>10} {:>9} {:>11} {:>9} {:>10}\n",
+            "{:<24} {:>9} {:>9} {:>9} {:>10} {:>9} {:>11} {:>9} {:>10}\n",
             q.queue,
             q.pending,
+            q.delayed,
             q.leased,
             q.succeeded,
             q.failed,
@@ -126,6 +135,7 @@ pub fn to_json(stats: &pb::GetStatsResponse) -> serde_json::Value {
             json!({
                 "queue": q.queue,
                 "pending": q.pending,
+                "delayed": q.delayed,
                 "leased": q.leased,
                 "succeeded": q.succeeded,
                 "failed": q.failed,

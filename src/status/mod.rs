@@ -191,6 +191,7 @@ impl<S: Store> StatusSources<S> {
                 json!({
                     "queue": q.queue,
                     "ready": q.pending,
+                    "delayed": q.delayed,
                     "leased": q.leased,
                     "oldest_ready_age_seconds": q.oldest_pending_age.as_secs_f64(),
                     "enqueued": q.enqueued,

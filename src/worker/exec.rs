@@ -214,16 +214,22 @@ mod tests {
 
     #[tokio::test]
     async fn exit_75_asks_for_a_retry_after_the_wait_printed() {
-        let handler =
-            ExecHandler::from_command_line("sh -c 'echo 1m 30s; exit 75'", None).unwrap();
+        let handler = ExecHandler::from_command_line("sh -c 'echo 1m 30s; exit 75'", None).unwrap();
         let failure = handler.run(task(b"")).await.unwrap_err();
         assert!(failure.retry);
         assert_eq!(failure.retry_after, Some(Duration::from_secs(90)));
         // Without a wait printed, the server's backoff decides.
         let handler = ExecHandler::from_command_line("sh -c 'exit 75'", None).unwrap();
         let failure = handler.run(task(b"")).await.unwrap_err();
-        assert!(failure.retry && failure.retry_after.is_none(), "{failure:?}");
-        assert!(failure.message.contains("retry later"), "{}", failure.message);
+        assert!(
+            failure.retry && failure.retry_after.is_none(),
+            "{failure:?}"
+        );
+        assert!(
+            failure.message.contains("retry later"),
+            "{}",
+            failure.message
+        );
         // Any other failing exit leaves the wait to the server too.
         let handler = ExecHandler::from_command_line("sh -c 'echo 5; exit 1'", None).unwrap();
         assert_eq!(handler.run(task(b"")).await.unwrap_err().retry_after, None);

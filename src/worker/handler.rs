@@ -31,6 +31,16 @@ impl TaskFailure {
         }
     }
 
+    /// A task that did not fail but was not run to its end (the worker is
+    /// stopping): back to the queue at once, with no backoff.
+    pub fn interrupted(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retry: true,
+            retry_after: Some(std::time::Duration::ZERO),
+        }
+    }
+
     /// A failure no retry will fix (bad input).
     pub fn fatal(message: impl Into<String>) -> Self {
         Self {

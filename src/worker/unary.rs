@@ -143,7 +143,7 @@ async fn run_task<H: Handler>(
         _ = interrupted.wait_for(|stop| *stop) => None,
     };
     let Some(result) = result else {
-        let stopped = TaskFailure::retryable("the worker stopped before the task finished");
+        let stopped = TaskFailure::interrupted("the worker stopped before the task finished");
         return match deliver(&ctx, &task, outcome_of(Err(stopped))).await {
             Ran::Failed => Ran::Interrupted,
             other => other,

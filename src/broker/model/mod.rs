@@ -4,8 +4,9 @@
 //! values, deliveries, results, queue counters, what a worker stream
 //! holds) must agree, and the broker's bookkeeping must hold.
 //!
-//! The operations: put (with ttl, idempotency keys and tasks the broker
-//! must refuse) and `put_many`, lease, extend, complete and
+//! The operations: put (with ttl, priority, delay, idempotency keys and
+//! tasks the broker must refuse) and `put_many`, failures with and without
+//! a `retry_after`, lease, extend, complete and
 //! `complete_many`, results by id and by queue, result streams, worker
 //! streams (open with a window, take deliveries, change the window, drop),
 //! and time passing on the paused clock (leases and ttls running out).
@@ -141,12 +142,20 @@ impl Spec {
             _ => None,
         };
         let key = (rng.below(3) == 0).then(|| KEYS[rng.below(3) as usize]);
+        let priority = [0, 0, 0, 3, -1][rng.below(5) as usize];
+        let delay_ms = match rng.below(8) {
+            0 => Some(100 * (1 + rng.below(20))),
+            1 => Some(0),
+            _ => None,
+        };
         Self {
             queue,
             payload,
             max_attempts,
             ttl_ms,
             key,
+            priority,
+            delay_ms,
         }
     }
 
@@ -157,13 +166,20 @@ impl Spec {
             idempotency_key: self.key.map(String::from),
             max_attempts: self.max_attempts,
             ttl: self.ttl_ms.map(Duration::from_millis),
+            priority: self.priority,
+            delay: self.delay_ms.map(Duration::from_millis),
             ..NewTask::default()
         }
     }
 }
 
 fn outcome(rng: &mut impl Choices) -> Outcome {
-    match rng.below(4) {
+    match rng.below(5) {
+        4 => Outcome::Failure {
+            message: "later".into(),
+            retry: true,
+            retry_after: Some(Duration::from_millis(100 * (1 + rng.below(10)))),
+        },
         0 => Outcome::Success(Bytes::from_static(b"ok")),
         1 => Outcome::Success(Bytes::from_static(b"other")),
         2 => Outcome::Failure {
@@ -217,11 +233,21 @@ struct Runner {
 impl Runner {
     /// A put's answer against the model's; a new task is stored in the
     /// model under the broker's id.
-    fn check_put(&mut self, spec: &Spec, got: &Result<PutOutcome, BrokerError>, at: &str) {
+    /// Checks a put's answer and stores what it stored; `dispatch`: hand
+    /// out at once (a put alone), or not (a batch hands out per queue).
+    /// True when a task joined its queue's line.
+    fn check_put(
+        &mut self,
+        spec: &Spec,
+        got: &Result<PutOutcome, BrokerError>,
+        dispatch: bool,
+        at: &str,
+    ) -> bool {
         match (self.model.admit(spec), got) {
             (Ok(Admit::New), Ok(out)) if !out.duplicate => {
-                self.model.store(out.task_id, spec);
+                self.model.store(out.task_id, spec, dispatch);
                 self.ids.push(out.task_id);
+                return spec.delay_ms.is_none_or(|ms| ms == 0);
             }
             (Ok(Admit::Duplicate(id)), Ok(out)) if out.duplicate && out.task_id == id => {}
             (Err(expected), Err(error)) if kind(error) == expected => {}
@@ -229,16 +255,18 @@ impl Runner {
                 panic!("{at}: put {spec:?}: the model says {expected:?}, the broker {got:?}")
             }
         }
+        false
     }
 
     async fn put(&mut self, rng: &mut impl Choices, queue: &'static str, step: usize, at: &str) {
         let spec = Spec::choose(rng, queue, step);
         let got = self.b.put(spec.task(), Duration::ZERO).await;
-        self.check_put(&spec, &got, at);
+        self.check_put(&spec, &got, true, at);
     }
 
     /// A batch, its tasks in either queue: each answer as a put one after
-    /// another would give it.
+    /// another would give it; the tasks are handed out per run of one
+    /// queue, so a run goes out by priority.
     fn put_many(&mut self, rng: &mut impl Choices, step: usize, at: &str) {
         let specs: Vec<Spec> = (0..1 + rng.below(4))
             .map(|_| {
@@ -248,8 +276,18 @@ impl Runner {
             .collect();
         let got = self.b.put_many(specs.iter().map(Spec::task).collect());
         assert_eq!(got.len(), specs.len(), "{at}: put_many answers");
+        let mut stored: Option<&'static str> = None;
         for (spec, got) in specs.iter().zip(&got) {
-            self.check_put(spec, got, at);
+            if self.check_put(spec, got, false, at) {
+                if let Some(before) = stored.replace(spec.queue)
+                    && before != spec.queue
+                {
+                    self.model.dispatch(before);
+                }
+            }
+        }
+        if let Some(queue) = stored {
+            self.model.dispatch(queue);
         }
     }
 
@@ -489,6 +527,7 @@ impl Runner {
             let s = self.b.stats(Some(&[queue_name(queue)])).queues.remove(0);
             let got = Counts {
                 pending: s.pending,
+                delayed: s.delayed,
                 leased: s.leased,
                 succeeded: s.succeeded,
                 failed: s.failed,

@@ -27,6 +27,10 @@ pub(super) const MAX_RESULTS: usize = 16;
 #[derive(Clone, Debug, PartialEq)]
 enum ModelState {
     Pending,
+    /// Waiting out a delay or a retry's wait, until `due`.
+    Delayed {
+        due: u64,
+    },
     Leased {
         seq: u32,
         expires: u64,
@@ -47,6 +51,7 @@ struct ModelTask {
     attempt: u32,
     max_attempts: u32,
     lease_seq: u32,
+    priority: i32,
     state: ModelState,
     last_retry: Option<(u32, String)>,
     /// When its ttl runs out, if it has one.
@@ -63,6 +68,9 @@ pub(super) struct Spec {
     pub max_attempts: u32,
     pub ttl_ms: Option<u64>,
     pub key: Option<&'static str>,
+    pub priority: i32,
+    /// 0 and `None` alike: no delay.
+    pub delay_ms: Option<u64>,
 }
 
 /// What a put should do when it is not refused.
@@ -115,6 +123,7 @@ struct ModelResultStream {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Counts {
     pub pending: u64,
+    pub delayed: u64,
     pub leased: u64,
     pub succeeded: u64,
     pub failed: u64,
@@ -130,7 +139,8 @@ pub(super) struct Model {
     now: u64,
     /// Unfinished tasks and the results still held.
     tasks: BTreeMap<TaskId, ModelTask>,
-    /// Pending tasks of each queue, in the order they are handed out.
+    /// Pending tasks of each queue, in no order: the next one handed out
+    /// is picked by priority, then id (`pop_ready`).
     lines: BTreeMap<&'static str, VecDeque<TaskId>>,
     /// Results not handed out, in completion order.
     results: BTreeMap<&'static str, VecDeque<TaskId>>,
@@ -163,6 +173,11 @@ impl Model {
         if spec.max_attempts > MAX_ATTEMPTS_LIMIT || spec.ttl_ms == Some(0) {
             return Err("invalid");
         }
+        if let (Some(delay), Some(ttl)) = (spec.delay_ms, spec.ttl_ms)
+            && delay >= ttl
+        {
+            return Err("invalid");
+        }
         if let Some(&id) = spec.key.and_then(|key| self.keys.get(&(spec.queue, key))) {
             return Ok(Admit::Duplicate(id));
         }
@@ -179,8 +194,9 @@ impl Model {
     }
 
     /// Stores a task [`Model::admit`] let in, under the id the broker gave
-    /// it, and hands it out if a worker stream has room.
-    pub(super) fn store(&mut self, id: TaskId, spec: &Spec) {
+    /// it: delayed until its time, or in line and, with `dispatch`, handed
+    /// out if a worker stream has room.
+    pub(super) fn store(&mut self, id: TaskId, spec: &Spec, dispatch: bool) {
         let max_attempts = match spec.max_attempts {
             0 => DEFAULT_MAX_ATTEMPTS,
             n => n,
@@ -192,6 +208,7 @@ impl Model {
                 attempt: 0,
                 max_attempts,
                 lease_seq: 0,
+                priority: spec.priority,
                 state: ModelState::Pending,
                 last_retry: None,
                 ttl_at: spec.ttl_ms.map(|ttl| self.now + ttl),
@@ -201,8 +218,17 @@ impl Model {
         if let Some(key) = spec.key {
             self.keys.insert((spec.queue, key), id);
         }
-        self.lines.entry(spec.queue).or_default().push_back(id);
-        self.dispatch(spec.queue);
+        match spec.delay_ms.filter(|ms| *ms > 0) {
+            Some(ms) => {
+                self.tasks.get_mut(&id).unwrap().state = ModelState::Delayed { due: self.now + ms };
+            }
+            None => {
+                self.lines.entry(spec.queue).or_default().push_back(id);
+                if dispatch {
+                    self.dispatch(spec.queue);
+                }
+            }
+        }
     }
 
     // ---- Leases ----
@@ -215,7 +241,12 @@ impl Model {
     /// ttl are failed on the way.
     fn pop_ready(&mut self, queue: &'static str) -> Option<TaskId> {
         loop {
-            let id = self.lines.get_mut(queue)?.pop_front()?;
+            let line = self.lines.get_mut(queue)?;
+            // Highest priority first; within one, the oldest (lowest id).
+            let tasks = &self.tasks;
+            let at = (0..line.len())
+                .max_by_key(|&i| (tasks[&line[i]].priority, std::cmp::Reverse(line[i])))?;
+            let id = line.remove(at)?;
             if !self.ttl_passed(id) {
                 return Some(id);
             }
@@ -267,13 +298,22 @@ impl Model {
             unreachable!("only a leased task is released");
         };
         task.state = ModelState::Pending;
-        // Back in its place by id: before every task put after it.
-        let line = self.lines.entry(task.queue).or_default();
-        let at = line.partition_point(|other| *other < id);
-        line.insert(at, id);
+        // Back in line; its id gives it its place before every task put
+        // after it.
+        self.lines.entry(task.queue).or_default().push_back(id);
         if let Some(stream) = stream.and_then(|n| self.worker_streams.get_mut(&n)) {
             stream.outstanding.remove(&id);
         }
+    }
+
+    /// A delayed task is due: back in line, and handed out if a worker
+    /// stream has room.
+    fn delay_over(&mut self, id: TaskId) {
+        let task = self.tasks.get_mut(&id).unwrap();
+        task.state = ModelState::Pending;
+        let queue = task.queue;
+        self.lines.entry(queue).or_default().push_back(id);
+        self.dispatch(queue);
     }
 
     /// A lease ran out (or its stream closed): FAILED when past its ttl or
@@ -330,6 +370,11 @@ impl Model {
                     let at = match t.state {
                         ModelState::Leased { expires, .. } => Some(expires),
                         ModelState::Pending => t.ttl_at,
+                        // The ttl first when both fall at once (the
+                        // broker's timers: ttl before due).
+                        ModelState::Delayed { due } => {
+                            Some(t.ttl_at.map_or(due, |ttl| ttl.min(due)))
+                        }
                         ModelState::Finished { .. } => None,
                     };
                     at.filter(|at| *at <= until).map(|at| (at, *id))
@@ -337,10 +382,14 @@ impl Model {
                 .min();
             let Some((at, id)) = due else { break };
             self.now = at;
-            if matches!(self.tasks[&id].state, ModelState::Pending) {
-                self.fail_expired(id);
-            } else {
-                self.lease_lost(id);
+            match self.tasks[&id].state {
+                ModelState::Delayed { due }
+                    if self.tasks[&id].ttl_at.is_none_or(|ttl| due < ttl) =>
+                {
+                    self.delay_over(id);
+                }
+                ModelState::Pending | ModelState::Delayed { .. } => self.fail_expired(id),
+                _ => self.lease_lost(id),
             }
         }
         self.now = until;
@@ -400,7 +449,7 @@ impl Model {
                 .is_some_and(|(s, m)| *s == seq && m == message)
         {
             return Ok(match &task.state {
-                ModelState::Pending => TaskState::Pending,
+                ModelState::Pending | ModelState::Delayed { .. } => TaskState::Pending,
                 ModelState::Leased { .. } => TaskState::Leased,
                 ModelState::Finished { state, .. } => *state,
             });
@@ -412,7 +461,8 @@ impl Model {
             ..
         } = &task.state
         {
-            return if *by_lease == seq && done.as_ref() == Some(&outcome) {
+            // A failure's wait is advice, not part of the report.
+            return if *by_lease == seq && done.as_ref().map(report) == Some(report(&outcome)) {
                 Ok(*state)
             } else {
                 Err("conflict")
@@ -429,10 +479,23 @@ impl Model {
                 Ok(TaskState::Succeeded)
             }
             Outcome::Failure { .. } if !current => Err("stale"),
-            Outcome::Failure { message, retry, .. } => {
+            Outcome::Failure {
+                message,
+                retry,
+                retry_after,
+            } => {
                 if retry && task.attempt < task.max_attempts && !ttl_passed {
                     let queue = task.queue;
                     self.release(id);
+                    // The runner's broker has no backoff: only a worker's
+                    // own wait delays the retry.
+                    let wait = retry_after.map_or(0, |after| after.as_millis() as u64);
+                    if wait > 0 {
+                        self.lines.get_mut(queue).unwrap().retain(|t| *t != id);
+                        self.tasks.get_mut(&id).unwrap().state = ModelState::Delayed {
+                            due: self.now + wait,
+                        };
+                    }
                     self.tasks.get_mut(&id).unwrap().last_retry = Some((seq, message));
                     self.counters.entry(queue).or_default().redelivered += 1;
                     self.dispatch(queue);
@@ -467,6 +530,7 @@ impl Model {
         let mut freed_stream = false;
         match std::mem::replace(&mut task.state, finished) {
             ModelState::Pending => self.lines.get_mut(queue).unwrap().retain(|t| *t != id),
+            ModelState::Delayed { .. } => {}
             ModelState::Leased { stream, .. } => {
                 if let Some(n) = stream {
                     freed_stream = true;
@@ -612,7 +676,7 @@ impl Model {
 
     /// Tasks of a queue go to its worker streams with room in their
     /// window, in turns, while any is pending.
-    fn dispatch(&mut self, queue: &'static str) {
+    pub(super) fn dispatch(&mut self, queue: &'static str) {
         if self.paused.contains(queue) {
             return;
         }
@@ -740,7 +804,7 @@ impl Model {
         let task = self.tasks.get(&id).ok_or("not found")?;
         let previous = match task.state {
             ModelState::Finished { .. } => return Err("finished"),
-            ModelState::Pending => TaskState::Pending,
+            ModelState::Pending | ModelState::Delayed { .. } => TaskState::Pending,
             ModelState::Leased { seq, stream, .. } => {
                 if let Some(stream) = stream.and_then(|n| self.worker_streams.get_mut(&n)) {
                     stream.cancels.push_back((id, seq));
@@ -770,15 +834,23 @@ impl Model {
         was
     }
 
-    /// PurgeQueue: every pending task ends CANCELLED, in line order.
+    /// PurgeQueue: every pending task ends CANCELLED, in hand-out order,
+    /// then every delayed one, by id.
     pub(super) fn purge(&mut self, queue: &'static str) -> u64 {
-        let line: Vec<TaskId> = self
+        let mut line: Vec<TaskId> = self
             .lines
             .get(queue)
             .into_iter()
             .flatten()
             .copied()
             .collect();
+        line.sort_by_key(|id| (std::cmp::Reverse(self.tasks[id].priority), *id));
+        line.extend(
+            self.tasks
+                .iter()
+                .filter(|(_, t)| t.queue == queue && matches!(t.state, ModelState::Delayed { .. }))
+                .map(|(id, _)| *id),
+        );
         for id in &line {
             self.finish(*id, TaskState::Cancelled, Bytes::new(), 0, None);
         }
@@ -792,11 +864,24 @@ impl Model {
         for t in self.tasks.values().filter(|t| t.queue == queue) {
             match t.state {
                 ModelState::Pending => counts.pending += 1,
+                ModelState::Delayed { .. } => counts.delayed += 1,
                 ModelState::Leased { .. } => counts.leased += 1,
                 ModelState::Finished { .. } => {}
             }
         }
         counts.results_unclaimed = self.results.get(queue).map_or(0, |r| r.len() as u64);
         counts
+    }
+}
+
+/// An outcome as the report it makes: a failure without its wait.
+fn report(outcome: &Outcome) -> Outcome {
+    match outcome {
+        Outcome::Failure { message, retry, .. } => Outcome::Failure {
+            message: message.clone(),
+            retry: *retry,
+            retry_after: None,
+        },
+        other => other.clone(),
     }
 }

@@ -217,9 +217,9 @@ impl State {
     }
 
     /// Stores a batch of tasks, each as [`State::put`] would, and then
-    /// hands out what it can: recipients get the same tasks in the same
-    /// order as with one put after another, but a batch does not look for
-    /// a recipient once per task while none has room.
+    /// hands out what it can, per run of tasks of one queue: a run goes out
+    /// by priority as a whole, and a batch does not look for a recipient
+    /// once per task while none has room.
     pub fn put_many(
         &mut self,
         tasks: Vec<NewTask>,

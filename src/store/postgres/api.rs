@@ -370,7 +370,10 @@ impl Store for PgStore {
                 let queue: String = row.get(0);
                 let unfinished = u64::try_from(row.get::<_, i64>(1)).unwrap_or(0);
                 let (leased, delayed) = leased.get(&queue).map_or((0, 0), |(l, d)| {
-                    (u64::try_from(*l).unwrap_or(0), u64::try_from(*d).unwrap_or(0))
+                    (
+                        u64::try_from(*l).unwrap_or(0),
+                        u64::try_from(*d).unwrap_or(0),
+                    )
                 });
                 let mut stats = QueueStats {
                     pending: unfinished.saturating_sub(leased + delayed),

@@ -152,7 +152,7 @@ impl PipeHandler {
     /// said otherwise in the module docs) when the program broke.
     pub async fn run(&self, task: pb::Task) -> HandlerResult {
         let Ok(permit) = self.pool.free.acquire().await else {
-            return Err(TaskFailure::retryable("the worker is stopping"));
+            return Err(TaskFailure::interrupted("the worker is stopping"));
         };
         let slot = lock(&self.pool.idle)
             .pop()
