@@ -212,6 +212,55 @@ async fn put_reads_stdin_and_files() {
     server.shutdown().await;
 }
 
+/// `put --priority` and `--delay` reach the server: the delayed task is
+/// counted apart and not handed out, the urgent one goes first, and
+/// `stats` shows the DELAYED column.
+#[tokio::test]
+async fn put_takes_a_priority_and_a_delay() {
+    let server = TestServer::spawn().await;
+    for args in [
+        &["put", "--queue", "q", "--data", "plain"][..],
+        &["put", "--queue", "q", "--data", "later", "--delay", "1h"],
+        &["put", "--queue", "q", "--data", "urgent", "--priority", "5"],
+        &["put", "--queue", "q", "--data", "last", "--priority", "-1"],
+    ] {
+        let put = run(&server, args).await;
+        assert!(put.status.success(), "{args:?}: {}", stderr(&put));
+    }
+    let bad = run(
+        &server,
+        &[
+            "put", "--queue", "q", "--data", "x", "--delay", "1h", "--ttl", "1m",
+        ],
+    )
+    .await;
+    assert_eq!(bad.status.code(), Some(1), "{}", stderr(&bad));
+    assert!(stderr(&bad).contains("ttl"), "{}", stderr(&bad));
+    let stats = run(&server, &["stats", "--json"]).await;
+    let json: serde_json::Value = serde_json::from_str(&stdout(&stats)).unwrap();
+    assert_eq!(json["queues"][0]["pending"], 3);
+    assert_eq!(json["queues"][0]["delayed"], 1);
+    let table = stdout(&run(&server, &["stats"]).await);
+    assert!(table.contains("DELAYED"), "{table}");
+    let client = server.taskq_client().await;
+    let mut order = Vec::new();
+    while let Some(task) = client
+        .get_task(
+            pb::GetTaskRequest {
+                queue: "q".into(),
+                ..Default::default()
+            },
+            Duration::ZERO,
+        )
+        .await
+        .unwrap()
+    {
+        order.push(String::from_utf8(task.payload.to_vec()).unwrap());
+    }
+    assert_eq!(order, ["urgent", "plain", "last"]);
+    server.shutdown().await;
+}
+
 /// `put --wait` with a builtin worker process, then `results` and `stats`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_builtin_worker_answers_put_wait_and_stops_on_sigterm() {

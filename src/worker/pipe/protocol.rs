@@ -213,6 +213,13 @@ mod tests {
             Err(TaskFailure::retryable("flaky")),
             "retry by default; unknown fields and a carriage return are ignored"
         );
+        assert_eq!(
+            answer(r#"{"id": "t1", "error": "busy", "retry_after": 2.5}"#).result,
+            Err(TaskFailure {
+                retry_after: Some(std::time::Duration::from_millis(2500)),
+                ..TaskFailure::retryable("busy")
+            })
+        );
     }
 
     #[test]
@@ -227,5 +234,7 @@ mod tests {
         assert!(why(r#"{"id": "t1", "output": 49}"#).contains("\"output\" is not a string"));
         assert!(why(r#"{"id": "t1", "error": "e", "retry": "yes"}"#).contains("retry"));
         assert!(why(r#"{"id": "t1", "output_base64": "!!"}"#).contains("base64"));
+        assert!(why(r#"{"id": "t1", "error": "e", "retry_after": -1}"#).contains("retry_after"));
+        assert!(why(r#"{"id": "t1", "error": "e", "retry_after": "1s"}"#).contains("retry_after"));
     }
 }
