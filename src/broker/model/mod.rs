@@ -278,12 +278,11 @@ impl Runner {
         assert_eq!(got.len(), specs.len(), "{at}: put_many answers");
         let mut stored: Option<&'static str> = None;
         for (spec, got) in specs.iter().zip(&got) {
-            if self.check_put(spec, got, false, at) {
-                if let Some(before) = stored.replace(spec.queue)
-                    && before != spec.queue
-                {
-                    self.model.dispatch(before);
-                }
+            if self.check_put(spec, got, false, at)
+                && let Some(before) = stored.replace(spec.queue)
+                && before != spec.queue
+            {
+                self.model.dispatch(before);
             }
         }
         if let Some(queue) = stored {
