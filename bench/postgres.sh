@@ -21,8 +21,11 @@ closed=2000
 
 bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
 [ -x "$bin/initdb" ] || { echo "bench/postgres.sh: needs PostgreSQL (Debian: apt-get install postgresql)" >&2; exit 1; }
-cargo build --release --quiet --bin taskq
-taskq=$PWD/target/release/taskq
+# TASKQ_BIN=PATH runs another build (an older one, to compare) instead.
+if [ -z "${TASKQ_BIN:-}" ]; then
+  cargo build --release --quiet --bin taskq
+fi
+taskq=${TASKQ_BIN:-$PWD/target/release/taskq}
 
 dir=$(mktemp -d /tmp/taskq-bench-pg.XXXXXX)
 as_pg=()
