@@ -36,6 +36,15 @@ async fn run(server: &TestServer, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// The next task of queue "q", if one is ready now.
+async fn next_task(client: &taskq::client::Client) -> Option<pb::Task> {
+    let request = pb::GetTaskRequest {
+        queue: "q".into(),
+        ..Default::default()
+    };
+    client.get_task(request, Duration::ZERO).await.unwrap()
+}
+
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
@@ -84,17 +93,7 @@ async fn put_then_result_prints_the_output() {
     assert_eq!(id.len(), 36, "a UUID: {id}");
 
     let client = server.taskq_client().await;
-    let task = client
-        .get_task(
-            pb::GetTaskRequest {
-                queue: "q".into(),
-                ..Default::default()
-            },
-            Duration::ZERO,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let task = next_task(&client).await.expect("a task is ready");
     assert_eq!(
         (&task.payload[..], task.headers["k"].as_str()),
         (&b"12"[..], "v")
@@ -144,17 +143,7 @@ async fn a_failed_task_exits_1_with_its_error() {
     .await;
     let id = stdout(&put).trim().to_string();
     let client = server.taskq_client().await;
-    let task = client
-        .get_task(
-            pb::GetTaskRequest {
-                queue: "q".into(),
-                ..Default::default()
-            },
-            Duration::ZERO,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let task = next_task(&client).await.expect("a task is ready");
     let failure = pb::Failure {
         message: "disk full".into(),
         retry: false,
@@ -196,17 +185,7 @@ async fn put_reads_stdin_and_files() {
     std::fs::remove_file(&path).unwrap();
     let client = server.taskq_client().await;
     for expected in [&b"from stdin"[..], b"from a file"] {
-        let task = client
-            .get_task(
-                pb::GetTaskRequest {
-                    queue: "q".into(),
-                    ..Default::default()
-                },
-                Duration::ZERO,
-            )
-            .await
-            .unwrap()
-            .unwrap();
+        let task = next_task(&client).await.expect("a task is ready");
         assert_eq!(&task.payload[..], expected);
     }
     server.shutdown().await;
@@ -244,17 +223,7 @@ async fn put_takes_a_priority_and_a_delay() {
     assert!(table.contains("DELAYED"), "{table}");
     let client = server.taskq_client().await;
     let mut order = Vec::new();
-    while let Some(task) = client
-        .get_task(
-            pb::GetTaskRequest {
-                queue: "q".into(),
-                ..Default::default()
-            },
-            Duration::ZERO,
-        )
-        .await
-        .unwrap()
-    {
+    while let Some(task) = next_task(&client).await {
         order.push(String::from_utf8(task.payload.to_vec()).unwrap());
     }
     assert_eq!(order, ["urgent", "plain", "last"]);

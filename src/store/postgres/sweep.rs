@@ -76,16 +76,7 @@ async fn sweep(inner: &Inner) -> Result<(), PgError> {
                 }
             }
             tasks_ended(inner, &transaction, &finished).await?;
-            if !ready.is_empty() {
-                ready.sort_unstable();
-                ready.dedup();
-                transaction
-                    .execute(
-                        &transaction.prepare_cached(&inner.sql.notify_tasks).await?,
-                        &[&inner.channels.0, &ready],
-                    )
-                    .await?;
-            }
+            notify_ready(inner, &transaction, ready).await?;
             transaction.commit().await?;
             inner.counters.add(tally);
             if rows.len() < 500 {
@@ -109,22 +100,34 @@ async fn promote_delayed(inner: &Inner) -> Result<(), PgError> {
                 &[],
             )
             .await?;
-        let mut ready: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
-        if !ready.is_empty() {
-            ready.sort_unstable();
-            ready.dedup();
-            transaction
-                .execute(
-                    &transaction.prepare_cached(&inner.sql.notify_tasks).await?,
-                    &[&inner.channels.0, &ready],
-                )
-                .await?;
-        }
+        let ready: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+        notify_ready(inner, &transaction, ready).await?;
         transaction.commit().await?;
         if rows.len() < 500 {
             return Ok(());
         }
     }
+}
+
+/// Wakes the claimers of every server for each queue in `ready` (at
+/// commit), once per queue.
+async fn notify_ready(
+    inner: &Inner,
+    transaction: &deadpool_postgres::Transaction<'_>,
+    mut ready: Vec<String>,
+) -> Result<(), PgError> {
+    if ready.is_empty() {
+        return Ok(());
+    }
+    ready.sort_unstable();
+    ready.dedup();
+    transaction
+        .execute(
+            &transaction.prepare_cached(&inner.sql.notify_tasks).await?,
+            &[&inner.channels.0, &ready],
+        )
+        .await?;
+    Ok(())
 }
 
 /// Drops finished rows past the result ttl, then past the result count,
