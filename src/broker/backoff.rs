@@ -60,7 +60,7 @@ impl RetryBackoff {
         let roll = RandomState::new().hash_one(attempt);
         let half = step / 2;
         let spread = u64::try_from((step - half).as_nanos()).unwrap_or(u64::MAX);
-        half + Duration::from_nanos(if spread == 0 { 0 } else { roll % (spread + 1) })
+        half + Duration::from_nanos(roll % spread.saturating_add(1))
     }
 }
 

@@ -395,7 +395,9 @@ impl State {
             let Some(entry) = self.tasks.get(&id) else {
                 continue;
             };
-            if !entry.is_ready() {
+            // A line never holds a delayed task (`check_consistency`), so
+            // the status alone tells a stale entry.
+            if !matches!(entry.status, Status::Pending) {
                 continue;
             }
             if entry.expired(&self.clock, now) {
@@ -826,10 +828,10 @@ impl State {
                 }
                 let can_retry =
                     retry && entry.attempt < entry.max_attempts && !entry.expired(&self.clock, now);
-                let backoff =
-                    retry_after.unwrap_or_else(|| self.config.retry_backoff.delay(entry.attempt));
                 self.workers.touch(&holder, None, None, now);
                 if can_retry {
+                    let backoff = retry_after
+                        .unwrap_or_else(|| self.config.retry_backoff.delay(entry.attempt));
                     self.release(lease_id.task, backoff, now);
                     let entry = self.tasks.get_mut(&lease_id.task).expect("held");
                     entry.extras_mut().last_retry = Some((lease_id.seq, message));

@@ -350,7 +350,7 @@ impl Store for PgStore {
         let failures_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&limit];
         let (unfinished, leased, failures) = tokio::try_join!(
             self.rows(&sql.snapshot_unfinished, &[]),
-            self.rows(&sql.snapshot_leased, &[]),
+            self.rows(&sql.snapshot_leased_delayed, &[]),
             self.rows(&sql.recent_failures, &failures_params),
         )?;
         let names: Vec<String> = unfinished.iter().map(|row| row.get(0)).collect();

@@ -33,7 +33,7 @@ pub(crate) struct Sql {
     pub(crate) recent_failures: String,
     pub(crate) stats: String,
     pub(crate) snapshot_unfinished: String,
-    pub(crate) snapshot_leased: String,
+    pub(crate) snapshot_leased_delayed: String,
     pub(crate) snapshot_oldest: String,
     pub(crate) in_flight: String,
     pub(crate) sweep_leases: String,
@@ -210,12 +210,13 @@ impl Sql {
                 FROM {s}.tasks
                 WHERE state = 1 AND worker = ANY($1) GROUP BY worker"),
             // A scrape's numbers, none proportional to the tasks held: the
-            // unfinished counts from their shards, the leased rows through
-            // the partial index tasks_leases, and each queue's head through
-            // tasks_ready.
+            // unfinished counts from their shards, the leased and delayed
+            // rows through the partial indexes tasks_leases and
+            // tasks_delayed, and each queue's head through
+            // tasks_ready_by_priority.
             snapshot_unfinished: s("SELECT queue, sum(unfinished)::int8 FROM {s}.queue_counts
                 GROUP BY queue ORDER BY queue"),
-            snapshot_leased: s("SELECT queue, count(*) FILTER (WHERE state = 1),
+            snapshot_leased_delayed: s("SELECT queue, count(*) FILTER (WHERE state = 1),
                     count(*) FILTER (WHERE state = -1)
                 FROM {s}.tasks WHERE state = 1 OR state = -1 GROUP BY queue"),
             // The oldest of the first 64 in hand-out order: the oldest of

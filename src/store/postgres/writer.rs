@@ -696,12 +696,15 @@ async fn complete(
         let id = lease.task.as_uuid();
         if primary {
             if let Some((queue, state)) = changed.get(&id) {
-                let state = state_of(*state);
-                match state {
-                    TaskState::Pending => retried.push(queue.clone()),
+                match state_of(*state) {
+                    // Pending now (0): its queue's claimers are woken. A
+                    // retry waiting out its backoff (-1) is woken by the
+                    // sweep when it is due.
+                    TaskState::Pending if *state == 0 => retried.push(queue.clone()),
+                    TaskState::Pending => {}
                     _ => finished.entry(queue.clone()).or_default().push(id),
                 }
-                out.push(Ok(state));
+                out.push(Ok(state_of(*state)));
                 continue;
             }
         }
