@@ -194,7 +194,9 @@ pub struct ServeArgs {
     /// lost on restart, one server) or a PostgreSQL URL
     /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DB` (durable once
     /// acknowledged; several servers may share it). Migrations are applied
-    /// at start (or ahead, with `taskq migrate`).
+    /// at start (or ahead, with `taskq migrate`). TLS to the database as
+    /// libpq reads the URL: `?sslmode=verify-full&sslrootcert=CA.pem`
+    /// (or `verify-ca`, `require`, `disable`; `sslrootcert=system`).
     #[arg(long, env = "TASKQ_STORE", default_value = "memory", value_parser = parse_store)]
     pub store: StoreChoice,
 

@@ -2,6 +2,7 @@
 //! real PostgreSQL in `postgres`, a faulty network in `proxy`.
 #![allow(dead_code)]
 
+pub mod pki;
 pub mod postgres;
 pub mod proxy;
 

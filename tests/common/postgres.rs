@@ -60,6 +60,7 @@
 use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -273,6 +274,43 @@ impl TestDatabase {
     /// As [`TestDatabase::restart`].
     pub async fn start_cluster(&self) {
         self.own_cluster("start_cluster").start_again().await;
+    }
+
+    /// Turns TLS on in this database's own cluster, with `cert_pem` (the
+    /// server's certificate chain) and `key_pem` (its private key), and
+    /// restarts it. Plain connections stay allowed: the test harness's own
+    /// `psql` calls use them.
+    ///
+    /// # Panics
+    ///
+    /// As [`TestDatabase::restart`], or when the files cannot be written.
+    #[allow(dead_code)]
+    pub async fn enable_tls(&self, cert_pem: &str, key_pem: &str) {
+        let cluster = self.own_cluster("enable_tls");
+        let cert = cluster.data.join("taskq-test-server.crt");
+        let key = cluster.data.join("taskq-test-server.key");
+        let write = |path: &Path, text: &str| -> Result<(), String> {
+            std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+            // PostgreSQL refuses a key that others can read.
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            if cluster.as_postgres_user {
+                chown_to_postgres(path)?;
+            }
+            Ok(())
+        };
+        write(&cert, cert_pem)
+            .and_then(|()| write(&key, key_pem))
+            .and_then(|()| {
+                append(
+                    &cluster.data.join("postgresql.conf"),
+                    "ssl = on\n\
+                     ssl_cert_file = 'taskq-test-server.crt'\n\
+                     ssl_key_file = 'taskq-test-server.key'\n",
+                )
+            })
+            .unwrap_or_else(|error| panic!("enable_tls: {error}"));
+        self.restart().await;
     }
 
     fn own_cluster(&self, what: &str) -> &Cluster {

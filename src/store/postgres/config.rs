@@ -46,7 +46,18 @@ impl PostgresConfig {
         text.starts_with("postgres://") || text.starts_with("postgresql://")
     }
 
-    /// Checks the schema name and the URL.
+    /// The URL's connection settings and the TLS connector its `sslmode`
+    /// asks for (`super::tls`).
+    ///
+    /// # Errors
+    /// What is wrong with the URL or the certificates it names.
+    pub(crate) fn connection(
+        &self,
+    ) -> Result<(tokio_postgres::Config, super::tls::MakeRustlsConnect), String> {
+        super::tls::connection(&self.url)
+    }
+
+    /// Checks the schema name, the URL and the certificates it names.
     ///
     /// # Errors
     /// What is wrong, to show beside the flag's name.
@@ -67,20 +78,7 @@ impl PostgresConfig {
         if self.pool_size == 0 {
             return Err("the pool needs at least one connection".into());
         }
-        let parsed: tokio_postgres::Config = self
-            .url
-            .parse()
-            .map_err(|error| format!("cannot parse the store URL: {error}"))?;
-        if matches!(
-            parsed.get_ssl_mode(),
-            tokio_postgres::config::SslMode::Require
-        ) {
-            return Err(
-                "sslmode=require: TLS to the database is not supported yet; use sslmode=disable \
-                 on a trusted network, or a TLS-terminating proxy beside the server"
-                    .into(),
-            );
-        }
+        self.connection()?;
         Ok(())
     }
 }

@@ -26,12 +26,24 @@ pub enum PgError {
 }
 
 /// The database's own message when there is one (its SQLSTATE and text),
-/// not only "db error".
+/// not only "db error"; otherwise the error with its causes ("error
+/// performing TLS handshake: invalid peer certificate: UnknownIssuer"),
+/// which tokio-postgres keeps out of its own text.
 fn describe(error: &tokio_postgres::Error) -> String {
-    match error.as_db_error() {
-        Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => error.to_string(),
+    if let Some(db) = error.as_db_error() {
+        return format!("{} ({})", db.message(), db.code().code());
     }
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(error) = cause {
+        let next = error.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = error.source();
+    }
+    text
 }
 
 impl PgError {

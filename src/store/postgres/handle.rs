@@ -6,7 +6,6 @@ use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::{Mutex as AsyncMutex, mpsc, oneshot, watch};
-use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 use super::config::PostgresConfig;
@@ -37,11 +36,8 @@ pub struct PgStore {
 /// [`PgError`] when the database cannot be reached or refuses.
 pub async fn migrate(config: &PostgresConfig) -> Result<Vec<i32>, PgError> {
     config.validate().map_err(PgError::Config)?;
-    let pg: tokio_postgres::Config = config
-        .url
-        .parse()
-        .map_err(|e: tokio_postgres::Error| PgError::Config(e.to_string()))?;
-    let (mut client, connection) = pg.connect(NoTls).await?;
+    let (pg, tls) = config.connection().map_err(PgError::Config)?;
+    let (mut client, connection) = pg.connect(tls).await?;
     let driver = tokio::spawn(connection);
     let applied = schema::migrate(&mut client, &config.schema).await;
     drop(client);
@@ -61,10 +57,7 @@ impl PgStore {
         if !applied.is_empty() {
             tracing::info!(schema = %config.schema, versions = ?applied, "postgres store: migrations applied");
         }
-        let mut pg: tokio_postgres::Config = config
-            .url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| PgError::Config(e.to_string()))?;
+        let (mut pg, tls) = config.connection().map_err(PgError::Config)?;
         pg.application_name("taskq");
         pg.options(format!(
             "-c statement_timeout={}",
@@ -73,7 +66,7 @@ impl PgStore {
         pg.connect_timeout(Duration::from_secs(5));
         let manager = Manager::from_config(
             pg.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -105,6 +98,7 @@ impl PgStore {
         let (ready_tx, ready_rx) = oneshot::channel();
         tokio::spawn(wake::listen(
             pg,
+            tls,
             config.schema.clone(),
             Arc::downgrade(&wakeups),
             ready_tx,

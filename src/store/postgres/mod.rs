@@ -29,6 +29,7 @@ mod schema;
 mod sql;
 mod streams;
 mod sweep;
+mod tls;
 mod wake;
 mod writer;
 

@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
+
+use super::tls::MakeRustlsConnect;
 
 use super::registry::lock;
 use crate::broker::{LeaseId, TaskId};
@@ -197,6 +199,7 @@ pub(crate) fn channels(schema: &str) -> (String, String) {
 /// while the database is unreachable.
 pub(crate) async fn listen(
     config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
     schema: String,
     wakeups: std::sync::Weak<Wakeups>,
     ready: tokio::sync::oneshot::Sender<()>,
@@ -208,7 +211,7 @@ pub(crate) async fn listen(
         if wakeups.strong_count() == 0 {
             return;
         }
-        match config.clone_for_listen().connect(NoTls).await {
+        match config.clone_for_listen().connect(tls.clone()).await {
             Ok((client, mut connection)) => {
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
                 let drive = tokio::spawn(async move {
