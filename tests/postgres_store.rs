@@ -188,6 +188,65 @@ async fn three_servers_on_one_database_are_one_queue() {
     }
 }
 
+/// `--max-queues` counts the queues of the database: two servers making
+/// new queues at once make no more than the cap between them, and a queue
+/// that exists stays usable through either.
+#[tokio::test]
+async fn max_queues_holds_across_servers_making_queues_at_once() {
+    let database = TestDatabase::start().await;
+    let capped = || {
+        let mut config = on(&database);
+        config.broker.max_queues = 3;
+        config
+    };
+    let (a, b) = (
+        TestServer::with_config(capped()).await,
+        TestServer::with_config(capped()).await,
+    );
+    let mut puts = Vec::new();
+    for n in 0..8 {
+        let mut client = if n % 2 == 0 {
+            a.client().await
+        } else {
+            b.client().await
+        };
+        puts.push(tokio::spawn(async move {
+            let queue = format!("q{n}");
+            let answer = client.put_task(new_task(&queue, "x".into(), None)).await;
+            (queue, answer.map_err(|status| status.code()))
+        }));
+    }
+    let mut made = Vec::new();
+    for put in puts {
+        match put.await.unwrap() {
+            (queue, Ok(_)) => made.push(queue),
+            (_, Err(code)) => assert_eq!(code, Code::ResourceExhausted),
+        }
+    }
+    assert_eq!(made.len(), 3, "exactly the cap is made: {made:?}");
+    let held = database
+        .psql("SELECT count(*) FROM taskq.queue_counts WHERE shard = 0")
+        .await;
+    assert_eq!(held, "3", "the database holds the cap's queues");
+    // The queues made work through both servers; another new one does not.
+    let mut cb = b.client().await;
+    let mut ca = a.client().await;
+    for queue in &made {
+        cb.put_task(new_task(queue, "y".into(), None))
+            .await
+            .unwrap();
+        assert!(lease(&mut ca, queue, "w").await.is_some());
+    }
+    let refused = ca
+        .put_task(new_task("another", "z".into(), None))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(refused.message().contains("--max-queues"), "{refused:?}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 /// Worker streams on three servers race for one queue: each task is
 /// leased once (no lease runs out here), and every result is there.
 #[tokio::test]

@@ -848,6 +848,20 @@ pub enum BrokerError {
 }
 
 impl BrokerError {
+    /// `limit` calls and streams wait already (`--max-waiters`).
+    pub(crate) fn waiters_full(limit: usize) -> Self {
+        Self::LimitReached(format!(
+            "{limit} calls are already waiting (server flag --max-waiters); retry later"
+        ))
+    }
+
+    /// `limit` queues exist already (`--max-queues`).
+    pub(crate) fn queues_full(limit: usize) -> Self {
+        Self::LimitReached(format!(
+            "{limit} queues exist (server flag --max-queues); reuse an existing queue name"
+        ))
+    }
+
     pub(crate) fn stale(lease: LeaseId) -> Self {
         Self::StaleLease {
             task: lease.task,

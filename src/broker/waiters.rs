@@ -87,10 +87,7 @@ impl WaiterSlots {
     /// [`BrokerError::LimitReached`] when they do not.
     pub(super) fn check_room(&self, n: usize) -> Result<(), BrokerError> {
         if self.out() + n > self.limit {
-            return Err(BrokerError::LimitReached(format!(
-                "{} calls are already waiting (server flag --max-waiters); retry later",
-                self.limit
-            )));
+            return Err(BrokerError::waiters_full(self.limit));
         }
         Ok(())
     }

@@ -163,9 +163,7 @@ impl State {
         let count = self.queues.len();
         match self.queues.entry(name.clone()) {
             Entry::Occupied(entry) => Ok((entry.key().clone(), entry.into_mut())),
-            Entry::Vacant(_) if count >= limit => Err(BrokerError::LimitReached(format!(
-                "{limit} queues exist (server flag --max-queues); reuse an existing queue name"
-            ))),
+            Entry::Vacant(_) if count >= limit => Err(BrokerError::queues_full(limit)),
             Entry::Vacant(entry) => {
                 let name = entry.key().clone();
                 Ok((name, entry.insert(QueueState::default())))

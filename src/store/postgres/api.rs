@@ -25,6 +25,7 @@ impl Store for PgStore {
 
     async fn put(&self, task: NewTask, wait: Duration) -> Result<PutOutcome, BrokerError> {
         let task = self.prepare(task)?;
+        self.admit_queue(&task.queue).await?;
         let until = tokio::time::Instant::now() + wait.min(Duration::from_secs(24 * 3600));
         // Room comes when tasks of the queue finish: their results'
         // notification.
@@ -72,6 +73,27 @@ impl Store for PgStore {
                 Err(error) => slots.push(Some(error)),
             }
         }
+        let queues: Vec<&QueueName> = valid.iter().map(|task| &task.queue).collect();
+        match self.admit_queues(&queues).await {
+            Ok(refused) if refused.is_empty() => {}
+            Ok(refused) => {
+                // Tasks of queues past --max-queues are refused one by one.
+                let mut kept = Vec::with_capacity(valid.len());
+                let mut valid_tasks = valid.into_iter();
+                for slot in &mut slots {
+                    if slot.is_none() {
+                        let task = valid_tasks.next().expect("a task per empty slot");
+                        if refused.contains(task.queue.as_str()) {
+                            *slot = Some(BrokerError::queues_full(self.inner.broker.max_queues));
+                        } else {
+                            kept.push(task);
+                        }
+                    }
+                }
+                valid = kept;
+            }
+            Err(error) => return vec![Err(error); slots.len()],
+        }
         let n = slots.len();
         let stored = if valid.is_empty() {
             Ok(Vec::new())
@@ -99,6 +121,7 @@ impl Store for PgStore {
         wait: Duration,
     ) -> Result<Option<LeasedTask>, BrokerError> {
         let until = tokio::time::Instant::now() + wait.min(Duration::from_secs(24 * 3600));
+        self.admit_queue(&request.queue).await?;
         let ready = self.inner.wakeups.tasks(request.queue.as_str());
         self.touch(&request.worker, &request.queue);
         let mut waiting = None;
@@ -113,7 +136,10 @@ impl Store for PgStore {
             if self.is_closed() || wait.is_zero() {
                 return Ok(None);
             }
-            waiting.get_or_insert_with(|| self.inner.wakeups.waiting(request.queue.as_str()));
+            if waiting.is_none() {
+                let slot = self.inner.waiters.admit()?;
+                waiting = Some((slot, self.inner.wakeups.waiting(request.queue.as_str())));
+            }
             if !self.wait_for(notified, until).await {
                 return Ok(None);
             }
@@ -204,6 +230,7 @@ impl Store for PgStore {
         let until = tokio::time::Instant::now() + wait.min(Duration::from_secs(24 * 3600));
         let notify = Arc::new(Notify::new());
         let _guard = self.inner.wakeups.watch_tasks(&[task], &notify);
+        let mut slot = None;
         loop {
             let notified = notify.notified();
             tokio::pin!(notified);
@@ -211,7 +238,13 @@ impl Store for PgStore {
             if let Some(result) = self.result_now(task).await? {
                 return Ok(Some(result));
             }
-            if self.is_closed() || wait.is_zero() || !self.wait_for(notified, until).await {
+            if self.is_closed() || wait.is_zero() {
+                return Ok(None);
+            }
+            if slot.is_none() {
+                slot = Some(self.inner.waiters.admit()?);
+            }
+            if !self.wait_for(notified, until).await {
                 return Ok(None);
             }
         }
@@ -223,7 +256,9 @@ impl Store for PgStore {
         wait: Duration,
     ) -> Result<Option<TaskResult>, BrokerError> {
         let until = tokio::time::Instant::now() + wait.min(Duration::from_secs(24 * 3600));
+        self.admit_queue(&queue).await?;
         let ready = self.inner.wakeups.results(queue.as_str());
+        let mut slot = None;
         loop {
             let notified = ready.notified();
             tokio::pin!(notified);
@@ -231,7 +266,13 @@ impl Store for PgStore {
             if let Some(result) = self.claim_results(&queue, 1).await?.pop() {
                 return Ok(Some(result));
             }
-            if self.is_closed() || wait.is_zero() || !self.wait_for(notified, until).await {
+            if self.is_closed() || wait.is_zero() {
+                return Ok(None);
+            }
+            if slot.is_none() {
+                slot = Some(self.inner.waiters.admit()?);
+            }
+            if !self.wait_for(notified, until).await {
                 return Ok(None);
             }
         }
@@ -333,15 +374,20 @@ impl Store for PgStore {
         if self.is_closed() {
             return Err(BrokerError::ShuttingDown);
         }
-        Ok(PgWorkerStream::open(self, request, window))
+        self.admit_queue(&request.queue).await?;
+        let slot = self.inner.waiters.admit()?;
+        Ok(PgWorkerStream::open(self, request, window, slot))
     }
 
     async fn open_result_stream(&self, queue: &QueueName) -> Result<PgResultStream, BrokerError> {
-        Ok(PgResultStream::open(self, queue.clone()))
+        self.admit_queue(queue).await?;
+        let slot = self.inner.waiters.admit()?;
+        Ok(PgResultStream::open(self, queue.clone(), slot))
     }
 
     async fn watch(&self, ids: &[TaskId]) -> Result<PgWatch, BrokerError> {
-        PgWatch::open(self.clone(), ids).await
+        let slot = self.inner.waiters.admit()?;
+        PgWatch::open(self.clone(), ids, slot).await
     }
 
     async fn snapshot(&self) -> Result<Snapshot, BrokerError> {

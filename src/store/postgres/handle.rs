@@ -13,6 +13,7 @@ use super::counters::{Counters, Tally};
 use super::error::PgError;
 use super::inner::Inner;
 use super::jobs::{Job, Prepared};
+use super::limits::{KnownQueues, Waiters};
 use super::registry::lock;
 use super::rows::{leased_task, result_row, state_of, unix_ms};
 use super::sql::Sql;
@@ -79,6 +80,7 @@ impl PgStore {
             .build()?;
         let (jobs_tx, jobs_rx) = mpsc::channel(config.max_pending.max(1));
         let wakeups = Arc::new(Wakeups::default());
+        let max_waiters = broker.max_waiters;
         let inner = Arc::new(Inner {
             pool,
             sql: Sql::new(&config.schema),
@@ -94,6 +96,8 @@ impl PgStore {
             ids: Mutex::new(IdMaker::new()),
             workers: Mutex::default(),
             counters: Counters::default(),
+            known_queues: KnownQueues::default(),
+            waiters: Waiters::new(max_waiters),
         });
         let (ready_tx, ready_rx) = oneshot::channel();
         tokio::spawn(wake::listen(
@@ -331,6 +335,16 @@ impl PgStore {
                 seen.1 = now;
             }
             None => {
+                let timeout = self.inner.broker.worker_timeout;
+                if workers.len() >= self.inner.broker.max_workers {
+                    // Silent workers first; if that frees nothing, this
+                    // one is not tracked, and its calls go on as usual.
+                    workers
+                        .retain(|_, (_, at)| now.duration_since(*at).unwrap_or_default() < timeout);
+                    if workers.len() >= self.inner.broker.max_workers {
+                        return;
+                    }
+                }
                 workers.insert(worker.as_str().to_owned(), (queue.as_str().to_owned(), now));
             }
         }

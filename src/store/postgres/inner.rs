@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::counters::Counters;
 use super::jobs::Job;
+use super::limits::{KnownQueues, Waiters};
 use super::registry::{ResultDispatch, StreamShared, TaskDispatch};
 use super::sql::Sql;
 use super::wake::Wakeups;
@@ -39,6 +40,10 @@ pub(crate) struct Inner {
     pub(crate) workers: Mutex<HashMap<String, (String, SystemTime)>>,
     /// What this server did since it started, for monitoring.
     pub(crate) counters: Counters,
+    /// Queues known to exist (`--max-queues`).
+    pub(crate) known_queues: KnownQueues,
+    /// This server's waiting calls and streams (`--max-waiters`).
+    pub(crate) waiters: Waiters,
 }
 
 impl std::fmt::Debug for Inner {

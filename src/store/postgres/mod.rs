@@ -22,6 +22,7 @@ mod error;
 mod handle;
 mod inner;
 mod jobs;
+mod limits;
 mod notify;
 mod registry;
 mod rows;

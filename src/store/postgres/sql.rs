@@ -3,6 +3,9 @@
 /// The store's statements, with the schema filled in once.
 pub(crate) struct Sql {
     pub(crate) ensure_queues: String,
+    pub(crate) lock_queue_list: String,
+    pub(crate) existing_queues: String,
+    pub(crate) queue_total: String,
     pub(crate) lock_queues: String,
     pub(crate) insert_tasks: String,
     pub(crate) any_ready: String,
@@ -69,6 +72,11 @@ impl Sql {
         Self {
             ensure_queues: s("INSERT INTO {s}.queue_counts (queue, shard)
                 SELECT unnest($1::text[]), 0 ON CONFLICT DO NOTHING"),
+            // A new queue is made under this lock, so that servers making
+            // queues at once count each other's (`--max-queues`).
+            lock_queue_list: s("SELECT pg_advisory_xact_lock(hashtextextended('{s}.queue_counts', 0))"),
+            existing_queues: s("SELECT queue FROM {s}.queue_counts WHERE shard = 0 AND queue = ANY($1)"),
+            queue_total: s("SELECT count(*) FROM {s}.queue_counts WHERE shard = 0"),
             count_unfinished: s("SELECT queue, sum(unfinished)::int8 FROM {s}.queue_counts
                 WHERE queue = ANY($1) GROUP BY queue"),
             subtract_unfinished: s("INSERT INTO {s}.queue_counts AS c (queue, shard, unfinished)

@@ -21,6 +21,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
 use super::handle::PgStore;
+use super::limits::WaiterSlot;
 use super::registry::{
     RESULT_WINDOW, ResultDispatch, ResultShared, StreamShared, TaskDispatch, lock,
 };
@@ -42,10 +43,17 @@ pub struct PgWorkerStream {
     shared: Arc<StreamShared>,
     store: PgStore,
     queue: QueueName,
+    /// Its place among the waiters (`--max-waiters`).
+    _slot: WaiterSlot,
 }
 
 impl PgWorkerStream {
-    pub(crate) fn open(store: &PgStore, request: LeaseRequest, window: u32) -> Self {
+    pub(crate) fn open(
+        store: &PgStore,
+        request: LeaseRequest,
+        window: u32,
+        slot: WaiterSlot,
+    ) -> Self {
         let (tx, deliveries) = mpsc::unbounded_channel();
         let (cancels_tx, cancels) = mpsc::unbounded_channel();
         let mut dispatches = lock(&store.inner.task_dispatch);
@@ -86,6 +94,7 @@ impl PgWorkerStream {
             shared,
             store: store.clone(),
             queue: request.queue,
+            _slot: slot,
         }
     }
 }
@@ -291,10 +300,12 @@ pub struct PgResultStream {
     shared: Arc<ResultShared>,
     store: PgStore,
     queue: QueueName,
+    /// Its place among the waiters (`--max-waiters`).
+    _slot: WaiterSlot,
 }
 
 impl PgResultStream {
-    pub(crate) fn open(store: &PgStore, queue: QueueName) -> Self {
+    pub(crate) fn open(store: &PgStore, queue: QueueName, slot: WaiterSlot) -> Self {
         let (tx, results) = mpsc::unbounded_channel();
         let mut dispatches = lock(&store.inner.result_dispatch);
         let (dispatch, start) = match dispatches.get(queue.as_str()) {
@@ -327,6 +338,7 @@ impl PgResultStream {
             shared,
             store: store.clone(),
             queue,
+            _slot: slot,
         }
     }
 }
@@ -473,10 +485,16 @@ impl ResultDeliveries for PgResultStream {
 /// A watch of listed tasks on the PostgreSQL store.
 pub struct PgWatch {
     results: mpsc::UnboundedReceiver<TaskResult>,
+    /// Its place among the waiters (`--max-waiters`).
+    _slot: WaiterSlot,
 }
 
 impl PgWatch {
-    pub(crate) async fn open(store: PgStore, ids: &[TaskId]) -> Result<Self, BrokerError> {
+    pub(crate) async fn open(
+        store: PgStore,
+        ids: &[TaskId],
+        slot: WaiterSlot,
+    ) -> Result<Self, BrokerError> {
         // Every id must be held before anything is watched.
         for id in ids {
             crate::store::Store::task_queue(&store, *id).await?;
@@ -520,7 +538,10 @@ impl PgWatch {
                 }
             }
         });
-        Ok(Self { results })
+        Ok(Self {
+            results,
+            _slot: slot,
+        })
     }
 }
 
