@@ -303,6 +303,43 @@ async fn a_broken_stream_requeues_its_tasks_at_once() {
     server.shutdown().await;
 }
 
+/// A broken stream's task on its last attempt is not handed out again: it
+/// ends FAILED at once, saying why, as when its lease runs out.
+#[tokio::test]
+async fn a_broken_stream_fails_a_task_on_its_last_attempt() {
+    let server = TestServer::spawn().await;
+    let mut client = server.client().await;
+    let id = client
+        .put_task(pb::PutTaskRequest {
+            max_attempts: 1,
+            ..task_req("last", "only once")
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id;
+    let mut doomed = WorkerStream::open(&mut client, "last", "doomed", 1).await;
+    assert_eq!(doomed.task().await.id, id);
+    drop(doomed);
+    let result = client
+        .get_result(common::with_deadline(
+            pb::GetResultRequest {
+                target: Some(pb::get_result_request::Target::TaskId(id)),
+                max_wait: Some(WAIT.try_into().unwrap()),
+            },
+            WAIT + Duration::from_secs(1),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .expect("failed when the stream broke, not when the 60s lease ran out");
+    assert_eq!(result.state, pb::TaskState::Failed as i32);
+    assert_eq!(result.attempts, 1);
+    assert!(result.error.contains("attempt 1 of 1"), "{}", result.error);
+    server.shutdown().await;
+}
+
 /// A slow worker with a full window does not hold up others.
 #[tokio::test]
 async fn a_slow_worker_does_not_starve_others() {

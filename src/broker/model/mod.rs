@@ -17,6 +17,8 @@
 //! `fuzz/corpus/engine_ops` and replayed by a unit test. Compiled only for
 //! tests and the `fuzzing` feature.
 
+#[cfg(test)]
+mod on_store;
 mod reference;
 
 use std::task::{Context, Poll, Waker};
@@ -25,6 +27,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::*;
+#[cfg(test)]
+pub(crate) use on_store::{run_on_store, store_config};
 use reference::{Admit, Counts, MAX_PAYLOAD, MAX_RESULTS, Model, QUEUE_CAPACITY, Spec};
 
 /// Where a sequence's choices come from.
@@ -37,7 +41,7 @@ pub trait Choices {
 
 /// xorshift64: reproducible sequences without a dependency.
 #[cfg(test)]
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 #[cfg(test)]
 impl Choices for Rng {
@@ -216,6 +220,33 @@ fn poll_now<T>(poll: impl FnOnce(&mut Context<'_>) -> Poll<Option<T>>) -> Option
     }
 }
 
+/// A put's answer against the model's; a new task is stored in the model
+/// under the store's id, and its id joins `ids`. `dispatch`: hand out at
+/// once (a put alone), or not (a batch hands out per queue). True when a
+/// task joined its queue's line.
+fn check_put(
+    model: &mut Model,
+    ids: &mut Vec<TaskId>,
+    spec: &Spec,
+    got: &Result<PutOutcome, BrokerError>,
+    dispatch: bool,
+    at: &str,
+) -> bool {
+    match (model.admit(spec), got) {
+        (Ok(Admit::New), Ok(out)) if !out.duplicate => {
+            model.store(out.task_id, spec, dispatch);
+            ids.push(out.task_id);
+            return spec.delay_ms.is_none_or(|ms| ms == 0);
+        }
+        (Ok(Admit::Duplicate(id)), Ok(out)) if out.duplicate && out.task_id == id => {}
+        (Err(expected), Err(error)) if kind(error) == expected => {}
+        (expected, got) => {
+            panic!("{at}: put {spec:?}: the model says {expected:?}, the store {got:?}")
+        }
+    }
+    false
+}
+
 /// The broker and its model side by side, and what a client holds
 /// between steps: every lease it was handed (so that stale and repeated
 /// reports happen), the ids it put, its open streams (numbered as the
@@ -231,11 +262,6 @@ struct Runner {
 }
 
 impl Runner {
-    /// A put's answer against the model's; a new task is stored in the
-    /// model under the broker's id.
-    /// Checks a put's answer and stores what it stored; `dispatch`: hand
-    /// out at once (a put alone), or not (a batch hands out per queue).
-    /// True when a task joined its queue's line.
     fn check_put(
         &mut self,
         spec: &Spec,
@@ -243,19 +269,7 @@ impl Runner {
         dispatch: bool,
         at: &str,
     ) -> bool {
-        match (self.model.admit(spec), got) {
-            (Ok(Admit::New), Ok(out)) if !out.duplicate => {
-                self.model.store(out.task_id, spec, dispatch);
-                self.ids.push(out.task_id);
-                return spec.delay_ms.is_none_or(|ms| ms == 0);
-            }
-            (Ok(Admit::Duplicate(id)), Ok(out)) if out.duplicate && out.task_id == id => {}
-            (Err(expected), Err(error)) if kind(error) == expected => {}
-            (expected, got) => {
-                panic!("{at}: put {spec:?}: the model says {expected:?}, the broker {got:?}")
-            }
-        }
-        false
+        check_put(&mut self.model, &mut self.ids, spec, got, dispatch, at)
     }
 
     async fn put(&mut self, rng: &mut impl Choices, queue: &'static str, step: usize, at: &str) {

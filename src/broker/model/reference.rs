@@ -158,9 +158,21 @@ pub(super) struct Model {
     worker_turns: BTreeMap<&'static str, VecDeque<usize>>,
     /// Queues whose hand-outs are paused.
     paused: BTreeSet<&'static str>,
+    /// Every result is kept (no eviction by count): for a store that drops
+    /// results past the count in the background (PostgreSQL's retention).
+    keep_all_results: bool,
 }
 
 impl Model {
+    #[cfg(test)]
+    /// A model that never drops a result by count.
+    pub(super) fn keeping_all_results() -> Self {
+        Self {
+            keep_all_results: true,
+            ..Self::default()
+        }
+    }
+
     // ---- Put ----
 
     /// What a put of `spec` does now: refused (the error's kind), a new
@@ -558,7 +570,7 @@ impl Model {
 
     /// Results past the count, oldest first: gone, with their key.
     fn evict(&mut self) {
-        while self.finished.len() > MAX_RESULTS {
+        while !self.keep_all_results && self.finished.len() > MAX_RESULTS {
             let id = self.finished.pop_front().unwrap();
             let task = self.tasks.remove(&id).unwrap();
             let results = self.results.get_mut(task.queue).unwrap();
@@ -589,6 +601,32 @@ impl Model {
             }
             _ => None,
         })
+    }
+
+    #[cfg(test)]
+    /// How many results of each queue wait to be handed out by queue.
+    pub(super) fn unclaimed_lengths(&self) -> Vec<(&'static str, usize)> {
+        self.results.iter().map(|(q, r)| (*q, r.len())).collect()
+    }
+
+    #[cfg(test)]
+    /// Results that finished together (`since`: the lengths before) go
+    /// out by priority, then id: PostgreSQL's order for the results of
+    /// one transaction, which share their finishing time.
+    pub(super) fn tie_results_since(&mut self, since: &[(&'static str, usize)]) {
+        let tasks = &self.tasks;
+        for (queue, results) in &mut self.results {
+            let from = since
+                .iter()
+                .find(|(q, _)| q == queue)
+                .map_or(0, |(_, n)| *n)
+                .min(results.len());
+            results
+                .make_contiguous()
+                .get_mut(from..)
+                .unwrap_or_default()
+                .sort_by_key(|id| (std::cmp::Reverse(tasks[id].priority), *id));
+        }
     }
 
     /// GetResult(queue) without a wait.
@@ -834,8 +872,8 @@ impl Model {
         was
     }
 
-    /// PurgeQueue: every pending task ends CANCELLED, in hand-out order,
-    /// then every delayed one, by id.
+    /// PurgeQueue: every pending or delayed task ends CANCELLED, by
+    /// priority, then id.
     pub(super) fn purge(&mut self, queue: &'static str) -> u64 {
         let mut line: Vec<TaskId> = self
             .lines
@@ -844,13 +882,13 @@ impl Model {
             .flatten()
             .copied()
             .collect();
-        line.sort_by_key(|id| (std::cmp::Reverse(self.tasks[id].priority), *id));
         line.extend(
             self.tasks
                 .iter()
                 .filter(|(_, t)| t.queue == queue && matches!(t.state, ModelState::Delayed { .. }))
                 .map(|(id, _)| *id),
         );
+        line.sort_by_key(|id| (std::cmp::Reverse(self.tasks[id].priority), *id));
         for id in &line {
             self.finish(*id, TaskState::Cancelled, Bytes::new(), 0, None);
         }

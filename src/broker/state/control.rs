@@ -81,14 +81,20 @@ impl State {
         if state.delayed() > 0 {
             // Delayed tasks are in no line: found by a pass over the tasks
             // held, paid only by a queue that has some.
-            let mut delayed: Vec<TaskId> = self
+            let delayed: Vec<TaskId> = self
                 .tasks
                 .iter()
                 .filter(|(_, entry)| entry.queue == *queue && entry.due().is_some())
                 .map(|(id, _)| *id)
                 .collect();
-            delayed.sort_unstable();
             line.extend(delayed);
+            // One order for both, as PostgreSQL's results of one purge
+            // go out: by priority, then id.
+            let tasks = &self.tasks;
+            line.sort_unstable_by_key(|id| {
+                let priority = tasks.get(id).map_or(0, |entry| entry.priority);
+                (std::cmp::Reverse(priority), *id)
+            });
         }
         let mut purged = 0;
         for id in line {

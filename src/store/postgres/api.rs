@@ -300,6 +300,7 @@ impl Store for PgStore {
                     results_unclaimed: count(row, 7),
                     expired: count(row, 8),
                     delayed: count(row, 9),
+                    cancelled: count(row, 10),
                     ..QueueStats::default()
                 }
             })

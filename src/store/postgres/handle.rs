@@ -212,8 +212,9 @@ impl PgStore {
         Ok(tasks)
     }
 
-    /// Gives leases back to pending at once (a worker stream ended), and
-    /// wakes claimers of their queue.
+    /// Ends a worker stream's leases at once, as if they had run out now:
+    /// each task back to pending (its queue's claimers woken), or FAILED
+    /// on its last attempt, as on the memory store.
     pub(crate) async fn release(&self, queue: &QueueName, leases: Vec<(TaskId, u32)>) {
         if leases.is_empty() {
             return;
@@ -224,16 +225,15 @@ impl PgStore {
             .map(|(_, seq)| i32::try_from(*seq).unwrap_or(i32::MAX))
             .collect();
         let released = async {
-            let client = self.inner.pool.get().await?;
-            client
-                .execute(
-                    &client
-                        .prepare_cached(&self.inner.sql.release)
-                        .await
-                        .map_err(PgError::from)?,
-                    &[&ids, &seqs, &self.inner.channels.0, &queue.as_str()],
-                )
+            let mut client = self.inner.pool.get().await?;
+            let transaction = client.transaction().await?;
+            let statement = transaction
+                .prepare_cached(&self.inner.sql.lose_leases)
                 .await?;
+            let rows = transaction.query(&statement, &[&ids, &seqs]).await?;
+            let tally = sweep::leases_ended(&self.inner, &transaction, &rows, false).await?;
+            transaction.commit().await?;
+            self.inner.counters.add(tally);
             Ok::<_, PgError>(())
         }
         .await;

@@ -23,6 +23,8 @@ mod handle;
 mod inner;
 mod jobs;
 mod limits;
+#[cfg(test)]
+mod model_tests;
 mod notify;
 mod registry;
 mod rows;

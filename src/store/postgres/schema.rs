@@ -14,7 +14,7 @@ const MIGRATION_LOCK: i64 = 0x0074_6173_6b71;
 
 /// The migrations, in order; `{s}` stands for the schema. Never edit one
 /// that has shipped: add the next.
-const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4), (5, V5)];
+const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4), (5, V5), (6, V6)];
 
 /// Version 1: tasks, results and per-queue counters.
 const V1: &str = r"
@@ -113,6 +113,18 @@ ALTER TABLE {s}.tasks ADD COLUMN priority integer NOT NULL DEFAULT 0;
 CREATE INDEX tasks_ready_by_priority ON {s}.tasks (queue, priority DESC, id) WHERE state = 0;
 DROP INDEX {s}.tasks_ready;
 CREATE INDEX tasks_delayed ON {s}.tasks (ready_at) WHERE state = -1;
+";
+
+/// Version 6: `requeued`, how many times the task went back to its queue
+/// for another attempt (a lease lost, a failure retried): GetStats'
+/// `redelivered`, as the memory store counts it. `retry_seq` and
+/// `retry_error`: the lease and message of the last failure retried, so
+/// that a repeat of that report is answered with the task's state even
+/// after a later lease finished it (as on the memory store). A constant
+/// default or none: adding them rewrites no row.
+const V6: &str = r"
+ALTER TABLE {s}.tasks ADD COLUMN requeued integer NOT NULL DEFAULT 0,
+    ADD COLUMN retry_seq integer, ADD COLUMN retry_error text;
 ";
 
 /// Applies every migration the database lacks, under the advisory lock.

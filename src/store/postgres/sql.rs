@@ -21,7 +21,7 @@ pub(crate) struct Sql {
     pub(crate) notify_tasks: String,
     pub(crate) notify: String,
     pub(crate) claim: String,
-    pub(crate) release: String,
+    pub(crate) lose_leases: String,
     pub(crate) extend: String,
     pub(crate) complete_ok: String,
     pub(crate) complete_failed: String,
@@ -57,6 +57,20 @@ const DURATION_COLUMNS: &str = "extract(epoch FROM now() - t.leased_at)::float8,
 const RETRY_AGAIN: &str = "(r.retry AND t.attempt < t.max_attempts \
      AND (t.expires_at IS NULL OR t.expires_at > now()))";
 
+/// A lease lost (it ran out, or its worker stream ended): back to
+/// pending for another attempt, or FAILED on the last one with the memory
+/// store's message.
+const LEASE_LOST: &str = "state = CASE WHEN t.attempt >= t.max_attempts THEN 3 ELSE 0 END,
+    finished_at = CASE WHEN t.attempt >= t.max_attempts THEN now() END,
+    error = CASE WHEN t.attempt >= t.max_attempts
+                 THEN 'lease expired on attempt ' || t.attempt || ' of ' || t.max_attempts
+                      || ': worker ' || coalesce(t.worker, '?') || ' reported no result in time'
+                 ELSE t.error END,
+    by_lease = CASE WHEN t.attempt >= t.max_attempts THEN t.lease_seq ELSE t.by_lease END,
+    ready_at = CASE WHEN t.attempt >= t.max_attempts THEN t.ready_at ELSE now() END,
+    requeued = t.requeued + CASE WHEN t.attempt >= t.max_attempts THEN 0 ELSE 1 END,
+    lease_until = NULL";
+
 /// The columns a result is read from, in `result_row`'s order.
 const RESULT_COLUMNS: &str =
     "id, queue, state, output, error, attempt, worker, created_at, finished_at";
@@ -68,6 +82,7 @@ impl Sql {
                 .replace("{s}", schema)
                 .replace("{r}", RESULT_COLUMNS)
                 .replace("{d}", DURATION_COLUMNS)
+                .replace("{lost}", LEASE_LOST)
         };
         Self {
             ensure_queues: s("INSERT INTO {s}.queue_counts (queue, shard)
@@ -147,12 +162,11 @@ impl Sql {
                           t.lease_until, t.created_at, t.expires_at,
                           extract(epoch FROM t.lease_until - now())::float8, c.n,
                           extract(epoch FROM now() - coalesce(t.ready_at, t.created_at))::float8"),
-            release: s("WITH back AS (
-                    UPDATE {s}.tasks t SET state = 0, lease_until = NULL, ready_at = now()
-                    FROM unnest($1::uuid[], $2::int4[]) AS r(id, seq)
-                    WHERE t.id = r.id AND t.state = 1 AND t.lease_seq = r.seq
-                    RETURNING t.id)
-                SELECT pg_notify($3, $4) WHERE EXISTS (SELECT 1 FROM back)"),
+            // A worker stream's leases, given back when it ends.
+            lose_leases: s("UPDATE {s}.tasks t SET {lost}
+                FROM unnest($1::uuid[], $2::int4[]) AS r(id, seq)
+                WHERE t.id = r.id AND t.state = 1 AND t.lease_seq = r.seq
+                RETURNING t.id, t.queue, t.state, {d}"),
             extend: s("UPDATE {s}.tasks SET lease_until = now() + make_interval(secs => $3)
                 WHERE id = $1 AND state = 1 AND lease_seq = $2 AND lease_until > now()
                 RETURNING lease_until"),
@@ -176,18 +190,22 @@ impl Sql {
                                    least($7::float8, $6::float8 * power(2, least(t.attempt - 1, 30)))
                                    * (0.5 + random() * 0.5)))
                                ELSE t.ready_at END,
+                    requeued = t.requeued + CASE WHEN {again} THEN 1 ELSE 0 END,
+                    retry_seq = CASE WHEN {again} THEN r.seq ELSE t.retry_seq END,
+                    retry_error = CASE WHEN {again} THEN r.error ELSE t.retry_error END,
                     error = r.error, by_lease = r.seq, lease_until = NULL
                 FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::bool[], $5::float8[])
                      AS r(id, seq, error, retry, after)
                 WHERE t.id = r.id AND t.state = 1 AND t.lease_seq = r.seq AND t.lease_until > now()
                 RETURNING t.id, t.queue, t.state, t.output, t.error, t.attempt, t.worker,
                           t.created_at, t.finished_at, {d}"),
-            report_view: s("SELECT id, state, lease_seq, by_lease, output, error FROM {s}.tasks WHERE id = ANY($1)"),
+            report_view: s("SELECT id, state, lease_seq, by_lease, output, error, retry_seq, retry_error
+                FROM {s}.tasks WHERE id = ANY($1)"),
             result_of: s("SELECT {r} FROM {s}.tasks WHERE id = $1"),
             results_of: s("SELECT {r} FROM {s}.tasks WHERE id = ANY($1) AND state >= 2"),
             claim_results: s("UPDATE {s}.tasks t SET claimed = true
                 FROM (SELECT id FROM {s}.tasks WHERE queue = $1 AND state >= 2 AND NOT claimed
-                      ORDER BY finished_at, id LIMIT $2 FOR UPDATE SKIP LOCKED) c
+                      ORDER BY finished_at, priority DESC, id LIMIT $2 FOR UPDATE SKIP LOCKED) c
                 WHERE t.id = c.id
                 RETURNING t.id, t.queue, t.state, t.output, t.error, t.attempt, t.worker,
                           t.created_at, t.finished_at"),
@@ -238,22 +256,14 @@ impl Sql {
                     count(*) FILTER (WHERE state = 1),
                     count(*) FILTER (WHERE state = 2),
                     count(*) FILTER (WHERE state = 3),
-                    coalesce(sum(greatest(attempt - 1, 0)), 0)::int8,
+                    coalesce(sum(requeued), 0)::int8,
                     coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE state = 0)), 0)::float8,
                     count(*) FILTER (WHERE state >= 2 AND NOT claimed),
                     count(*) FILTER (WHERE state = 3 AND error LIKE 'task expired:%'),
-                    count(*) FILTER (WHERE state = -1)
+                    count(*) FILTER (WHERE state = -1),
+                    count(*) FILTER (WHERE state = 4)
                 FROM {s}.tasks WHERE $1::text[] IS NULL OR queue = ANY($1) GROUP BY queue"),
-            sweep_leases: s("UPDATE {s}.tasks t
-                SET state = CASE WHEN t.attempt >= t.max_attempts THEN 3 ELSE 0 END,
-                    finished_at = CASE WHEN t.attempt >= t.max_attempts THEN now() END,
-                    error = CASE WHEN t.attempt >= t.max_attempts
-                                 THEN 'lease expired on attempt ' || t.attempt || ' of ' || t.max_attempts
-                                      || ': worker ' || coalesce(t.worker, '?') || ' reported no result in time'
-                                 ELSE t.error END,
-                    by_lease = CASE WHEN t.attempt >= t.max_attempts THEN t.lease_seq ELSE t.by_lease END,
-                    ready_at = CASE WHEN t.attempt >= t.max_attempts THEN t.ready_at ELSE now() END,
-                    lease_until = NULL
+            sweep_leases: s("UPDATE {s}.tasks t SET {lost}
                 FROM (SELECT id FROM {s}.tasks WHERE state = 1 AND lease_until <= now()
                       ORDER BY lease_until LIMIT 500 FOR UPDATE SKIP LOCKED) c
                 WHERE t.id = c.id

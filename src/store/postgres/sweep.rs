@@ -59,24 +59,7 @@ async fn sweep(inner: &Inner) -> Result<(), PgError> {
             if rows.is_empty() {
                 break;
             }
-            let mut finished: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
-            let mut ready: Vec<String> = Vec::new();
-            let mut tally = Tally::default();
-            for row in &rows {
-                let queue: String = row.get(1);
-                let counts = tally.queue(&queue);
-                if row.get::<_, i16>(2) == 0 {
-                    counts.retried_after_lease_expiry += 1;
-                    ready.push(queue);
-                } else {
-                    counts.failed += 1;
-                    counts.expired += u64::from(ttl);
-                    counts.finished(row.get(3), row.get(4));
-                    finished.entry(queue).or_default().push(row.get(0));
-                }
-            }
-            tasks_ended(inner, &transaction, &finished).await?;
-            notify_ready(inner, &transaction, ready).await?;
+            let tally = leases_ended(inner, &transaction, &rows, ttl).await?;
             transaction.commit().await?;
             inner.counters.add(tally);
             if rows.len() < 500 {
@@ -85,6 +68,38 @@ async fn sweep(inner: &Inner) -> Result<(), PgError> {
         }
     }
     Ok(())
+}
+
+/// What a statement that ends leases or ttls returned (id, queue, state,
+/// then the durations `counters` reads): the failed tasks counted out of
+/// their queues and their waiters told, the claimers of the queues that
+/// got a task back woken, all at `transaction`'s commit. Returns the
+/// counts to add once it committed. `ttl`: the failures are expiries.
+pub(crate) async fn leases_ended(
+    inner: &Inner,
+    transaction: &deadpool_postgres::Transaction<'_>,
+    rows: &[tokio_postgres::Row],
+    ttl: bool,
+) -> Result<Tally, PgError> {
+    let mut finished: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
+    let mut ready: Vec<String> = Vec::new();
+    let mut tally = Tally::default();
+    for row in rows {
+        let queue: String = row.get(1);
+        let counts = tally.queue(&queue);
+        if row.get::<_, i16>(2) == 0 {
+            counts.retried_after_lease_expiry += 1;
+            ready.push(queue);
+        } else {
+            counts.failed += 1;
+            counts.expired += u64::from(ttl);
+            counts.finished(row.get(3), row.get(4));
+            finished.entry(queue).or_default().push(row.get(0));
+        }
+    }
+    tasks_ended(inner, transaction, &finished).await?;
+    notify_ready(inner, transaction, ready).await?;
+    Ok(tally)
 }
 
 /// Makes delayed tasks that are due pending, 500 per statement, and

@@ -281,7 +281,7 @@ async fn write_transaction(
     let complete_results = if completes.is_empty() {
         Vec::new()
     } else {
-        complete(inner, &transaction, completes, handoffs).await?
+        complete_in_rounds(inner, &transaction, completes, handoffs).await?
     };
     transaction.commit().await?;
     Ok((put_results, complete_results))
@@ -303,10 +303,27 @@ async fn put_tasks(
         .iter()
         .map(|(name, n)| (name.clone(), capacity - n))
         .collect();
+    // Keys first, as the memory store checks them: a put whose key is
+    // held (or taken by an earlier task of this batch) is a duplicate and
+    // takes no room. Puts to a queue run one transaction at a time (its
+    // counter row is locked), so no other server adds a key meanwhile.
+    let mut held_keys = held_keys(inner, transaction, tasks).await?;
     // Tasks within room, in order; the others are refused at once.
     let mut answers: Vec<Option<Result<PutOutcome, BrokerError>>> = Vec::with_capacity(tasks.len());
     let mut accepted: BTreeMap<&str, usize> = BTreeMap::new();
     for task in tasks {
+        let key = task
+            .task
+            .idempotency_key
+            .as_ref()
+            .map(|key| (task.queue.as_str().to_owned(), key.clone()));
+        if let Some(first) = key.as_ref().and_then(|key| held_keys.get(key)) {
+            answers.push(Some(Ok(PutOutcome {
+                task_id: TaskId::from_uuid(*first),
+                duplicate: true,
+            })));
+            continue;
+        }
         let left = room.entry(task.queue.as_str().to_owned()).or_insert(0);
         if *left <= 0 {
             answers.push(Some(Err(BrokerError::QueueFull {
@@ -317,6 +334,9 @@ async fn put_tasks(
         }
         *left -= 1;
         answers.push(None);
+        if let Some(key) = key {
+            held_keys.insert(key, task.id.as_uuid());
+        }
         if !task.is_delayed() {
             *accepted.entry(task.queue.as_str()).or_default() += 1;
         }
@@ -517,6 +537,38 @@ async fn put_tasks(
     Ok(results)
 }
 
+/// The idempotency keys of `tasks` already held: (queue, key) → the
+/// task holding it. No statement when no task has a key.
+async fn held_keys(
+    inner: &Inner,
+    transaction: &Transaction<'_>,
+    tasks: &[Prepared],
+) -> Result<HashMap<(String, String), Uuid>, PgError> {
+    let (queues, keys): (Vec<String>, Vec<String>) = tasks
+        .iter()
+        .filter_map(|t| {
+            t.task
+                .idempotency_key
+                .clone()
+                .map(|key| (t.queue.as_str().to_owned(), key))
+        })
+        .unzip();
+    let mut held = HashMap::new();
+    if queues.is_empty() {
+        return Ok(held);
+    }
+    for row in transaction
+        .query(
+            &transaction.prepare_cached(&inner.sql.find_keys).await?,
+            &[&queues, &keys],
+        )
+        .await?
+    {
+        held.insert((row.get(0), row.get(1)), row.get(2));
+    }
+    Ok(held)
+}
+
 /// The columns of an insert, one array each.
 #[derive(Default)]
 struct Rows {
@@ -569,6 +621,48 @@ impl Rows {
 /// go back to pending while attempts and ttl allow a retry. Whatever no
 /// statement changed is explained by a look at the row: a repeat of the
 /// same report answers the state again, anything else is refused.
+/// Applies reports in the order they came. A task reported more than once
+/// in one batch (a worker's repeat, a stream's report racing its retry)
+/// has its later reports applied after its earlier ones, as if they came
+/// in later transactions: each round takes at most one report per task.
+async fn complete_in_rounds(
+    inner: &Inner,
+    transaction: &Transaction<'_>,
+    results: &[(LeaseId, Outcome)],
+    handoffs: &mut Handoffs,
+) -> Result<Vec<Result<TaskState, BrokerError>>, PgError> {
+    let mut seen: HashMap<Uuid, usize> = HashMap::new();
+    let round_of: Vec<usize> = results
+        .iter()
+        .map(|(lease, _)| {
+            let n = seen.entry(lease.task.as_uuid()).or_default();
+            *n += 1;
+            *n - 1
+        })
+        .collect();
+    let rounds = round_of.iter().max().map_or(0, |last| last + 1);
+    if rounds <= 1 {
+        return complete(inner, transaction, results, handoffs).await;
+    }
+    let mut answers: Vec<Option<Result<TaskState, BrokerError>>> = vec![None; results.len()];
+    for round in 0..rounds {
+        let (at, batch): (Vec<usize>, Vec<(LeaseId, Outcome)>) = results
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| round_of[*i] == round)
+            .map(|(i, report)| (i, report.clone()))
+            .unzip();
+        let got = complete(inner, transaction, &batch, handoffs).await?;
+        for (i, answer) in at.into_iter().zip(got) {
+            answers[i] = Some(answer);
+        }
+    }
+    Ok(answers
+        .into_iter()
+        .map(|answer| answer.unwrap_or(Err(BrokerError::ShuttingDown)))
+        .collect())
+}
+
 async fn complete(
     inner: &Inner,
     transaction: &Transaction<'_>,
@@ -581,10 +675,6 @@ async fn complete(
     let mut ok = (Vec::new(), Vec::new(), Vec::new());
     let mut failed = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut checked = Vec::with_capacity(results.len());
-    // A task reported twice in one batch: only its first report goes to the
-    // statements; the others are explained by the row afterwards, as they
-    // would be in a later transaction.
-    let mut first: std::collections::HashSet<Uuid> = Default::default();
     for (lease, outcome) in results {
         let lease = *lease;
         match outcome.clone().within(inner.broker.max_result) {
@@ -594,11 +684,7 @@ async fn complete(
             }
             Ok(outcome) => {
                 answers.push(None);
-                let primary = first.insert(lease.task.as_uuid());
-                checked.push(Some((lease, outcome.clone(), primary)));
-                if !primary {
-                    continue;
-                }
+                checked.push(Some((lease, outcome.clone())));
                 let seq = i32::try_from(lease.seq).unwrap_or(i32::MAX);
                 match &outcome {
                     Outcome::Success(output) => {
@@ -669,8 +755,8 @@ async fn complete(
     let unexplained: Vec<Uuid> = checked
         .iter()
         .flatten()
-        .filter(|(lease, _, primary)| !(*primary && changed.contains_key(&lease.task.as_uuid())))
-        .map(|(lease, _, _)| lease.task.as_uuid())
+        .filter(|(lease, _)| !changed.contains_key(&lease.task.as_uuid()))
+        .map(|(lease, _)| lease.task.as_uuid())
         .collect();
     let mut rows: HashMap<Uuid, tokio_postgres::Row> = HashMap::new();
     if !unexplained.is_empty() {
@@ -692,21 +778,19 @@ async fn complete(
             out.push(answer);
             continue;
         }
-        let (lease, outcome, primary) = checked.expect("checked when not answered");
+        let (lease, outcome) = checked.expect("checked when not answered");
         let id = lease.task.as_uuid();
-        if primary {
-            if let Some((queue, state)) = changed.get(&id) {
-                match state_of(*state) {
-                    // Pending now (0): its queue's claimers are woken. A
-                    // retry waiting out its backoff (-1) is woken by the
-                    // sweep when it is due.
-                    TaskState::Pending if *state == 0 => retried.push(queue.clone()),
-                    TaskState::Pending => {}
-                    _ => finished.entry(queue.clone()).or_default().push(id),
-                }
-                out.push(Ok(state_of(*state)));
-                continue;
+        if let Some((queue, state)) = changed.get(&id) {
+            match state_of(*state) {
+                // Pending now (0): its queue's claimers are woken. A retry
+                // waiting out its backoff (-1) is woken by the sweep when
+                // it is due.
+                TaskState::Pending if *state == 0 => retried.push(queue.clone()),
+                TaskState::Pending => {}
+                _ => finished.entry(queue.clone()).or_default().push(id),
             }
+            out.push(Ok(state_of(*state)));
+            continue;
         }
         out.push(match rows.get(&id) {
             None => Err(BrokerError::TaskNotFound(lease.task.to_string())),
@@ -869,28 +953,37 @@ fn explain(
     let by_lease: Option<i32> = row.get(3);
     let output: Option<Vec<u8>> = row.get(4);
     let error: Option<String> = row.get(5);
+    let retry_seq: Option<i32> = row.get(6);
+    let retry_error: Option<String> = row.get(7);
     let seq = i32::try_from(lease.seq).unwrap_or(i32::MAX);
+    // In the memory store's order: no lease of a cancelled task counts;
+    // a repeat of the last retried failure gets the task's state, whatever
+    // came after it; a repeat of the report that finished the task gets
+    // its state; any other report on a finished task conflicts.
+    if state == TaskState::Cancelled {
+        return Err(BrokerError::Cancelled(lease.task));
+    }
+    if let Outcome::Failure {
+        message,
+        retry: true,
+        ..
+    } = outcome
+        && retry_seq == Some(seq)
+        && retry_error.as_deref() == Some(message.as_str())
+    {
+        return Ok(state);
+    }
     let by_this = by_lease == Some(seq);
     let repeat = match outcome {
-        Outcome::Failure {
-            message,
-            retry: true,
-            ..
-        } => by_this && error.as_deref() == Some(message.as_str()) && state != TaskState::Succeeded,
-        Outcome::Failure {
-            message,
-            retry: false,
-            ..
-        } => by_this && state == TaskState::Failed && error.as_deref() == Some(message.as_str()),
+        Outcome::Failure { message, .. } => {
+            by_this && state == TaskState::Failed && error.as_deref() == Some(message.as_str())
+        }
         Outcome::Success(given) => {
             by_this && state == TaskState::Succeeded && output.as_deref() == Some(&given[..])
         }
     };
     if repeat {
         return Ok(state);
-    }
-    if state == TaskState::Cancelled {
-        return Err(BrokerError::Cancelled(lease.task));
     }
     let finished = matches!(state, TaskState::Succeeded | TaskState::Failed);
     if !finished || seq == 0 || seq > lease_seq {
