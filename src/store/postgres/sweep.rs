@@ -55,7 +55,8 @@ async fn sweep(inner: &Inner) -> Result<(), PgError> {
         loop {
             let mut client = inner.pool.get().await?;
             let transaction = client.transaction().await?;
-            let rows = transaction.query(statement.as_str(), &[]).await?;
+            let prepared = transaction.prepare_cached(statement).await?;
+            let rows = transaction.query(&prepared, &[]).await?;
             if rows.is_empty() {
                 break;
             }
