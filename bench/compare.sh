@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command, one machine, side by side: the seed's pattern, taskq unary,
-# taskq stream, and the transport ceiling (a bench-only tonic echo service,
-# unary and bidi). Prints a table with the ratios taskq/seed and
+# taskq stream (on the memory store, and on the PostgreSQL store when
+# PostgreSQL's server binaries are here), and the transport ceiling (a
+# bench-only tonic echo service, unary and bidi). Prints a table with the ratios taskq/seed and
 # taskq/ceiling. Every load is bounded by its task count.
 #
 #   bench/compare.sh [TASKS] [RUNS]   # default 100000 tasks (the seed and unary
@@ -28,7 +29,14 @@ closed=5000
 
 cargo build --release --quiet --bin taskq --example echo_ceiling
 out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
+# The PostgreSQL store's rows need PostgreSQL's server binaries (Debian's
+# postgresql package): a throwaway cluster and one taskq server on it
+# (bench/pg_server.sh), for the whole run. Without them the rows say so.
+. bench/pg_server.sh
+trap 'rm -rf "$out"; pg_server_stop' EXIT
+if pg_available; then
+  pg_server_start target/release/taskq
+fi
 
 # The mean items per message a taskq run's stream path carried (tasks to
 # workers and results to producers together), rounded, at least 1.
@@ -74,6 +82,15 @@ for run in $(seq "$runs"); do
   ceiling_like sixteen "$run"
   echo "run $run of $runs: taskq stream, one task in flight..." >&2
   target/release/taskq bench --mode stream --tasks "$closed" --producers 1 --batch 1 --workers 1 --concurrency 1 --payload-bytes 8 --fill 0 --json > "$out/single.$run.json"
+  if [ -n "${pg_grpc:-}" ]; then
+    # The GetStats baseline is skipped: on this store it reads the
+    # database, which is not what the rows measure.
+    echo "run $run of $runs: taskq stream on the PostgreSQL store, then one task in flight..." >&2
+    target/release/taskq bench "${stream[@]}" --producers 4 --batch 256 --baseline-calls 0 \
+      --server "http://127.0.0.1:$pg_grpc" > "$out/pg_stream.$run.json"
+    target/release/taskq bench --mode stream --tasks "$closed" --producers 1 --batch 1 --workers 1 --concurrency 1 \
+      --payload-bytes 8 --fill 0 --baseline-calls 0 --json --server "http://127.0.0.1:$pg_grpc" > "$out/pg_single.$run.json"
+  fi
 done
 
 python3 - "$out" "$runs" "$small" <<'PY'
@@ -109,6 +126,16 @@ rows = [
     ("taskq stream, results by task ids", "1,024", median("by_ids", taskq), seed, like["by_ids"][0][0] / 2),
     ("taskq stream, 16 producers x 64", "1,024", median("sixteen", taskq), seed, like["sixteen"][0][0] / 2),
     ("taskq stream, 1 task in flight", "1", median("single", taskq), seed_single, None),
+]
+# The PostgreSQL store (durable, several servers), when PostgreSQL is here.
+if os.path.exists(os.path.join(d, "pg_stream.1.json")):
+    rows += [
+        ("taskq stream, PostgreSQL store", "1,024", median("pg_stream", taskq), seed, like["stream"][0][0] / 2),
+        ("taskq stream, PostgreSQL store, 1 task in flight", "1", median("pg_single", taskq), seed_single, None),
+    ]
+else:
+    print("(no PostgreSQL server binaries here: the PostgreSQL store's rows are left out)")
+rows += [
     ("ceiling: tonic unary echo, calls/s", "16", unary_ceiling, None, None),
     ("ceiling: bidi echo, 1 item per message", "16 x 1,024", bidi_ceiling, None, None),
     ("ceiling: bidi echo at the stream row's batch", "16 x 1,024", like["stream"], None, None),

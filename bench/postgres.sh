@@ -19,44 +19,22 @@ tasks=${1:-20000}
 runs=${2:-3}
 closed=2000
 
-bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
-[ -x "$bin/initdb" ] || { echo "bench/postgres.sh: needs PostgreSQL (Debian: apt-get install postgresql)" >&2; exit 1; }
+. bench/pg_server.sh
+pg_available || { echo "bench/postgres.sh: needs PostgreSQL (Debian: apt-get install postgresql)" >&2; exit 1; }
 # TASKQ_BIN=PATH runs another build (an older one, to compare) instead.
 if [ -z "${TASKQ_BIN:-}" ]; then
   cargo build --release --quiet --bin taskq
 fi
 taskq=${TASKQ_BIN:-$PWD/target/release/taskq}
 
-dir=$(mktemp -d /tmp/taskq-bench-pg.XXXXXX)
-as_pg=()
-if [ "$(id -u)" = 0 ]; then
-  chown postgres "$dir"
-  as_pg=(runuser -u postgres --)
-fi
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-cleanup() {
-  [ -n "${server:-}" ] && kill "$server" 2>/dev/null || true
-  "${as_pg[@]}" "$bin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-"${as_pg[@]}" "$bin/initdb" -D "$dir/data" -A trust -U postgres >/dev/null
-"${as_pg[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w \
-  -o "-c listen_addresses=127.0.0.1 -c port=$port -k $dir -c shared_preload_libraries=pg_stat_statements -c max_connections=200" \
-  start >/dev/null
-psql() { "${as_pg[@]}" "$bin/psql" -h 127.0.0.1 -p "$port" -U postgres -d postgres -Atq -c "$1"; }
-psql "CREATE EXTENSION pg_stat_statements" >/dev/null
-url="postgres://postgres@127.0.0.1:$port/postgres"
-"$taskq" migrate --store "$url" >/dev/null
+trap pg_server_stop EXIT
+pg_server_start "$taskq"
+dir=$pg_dir
+grpc=$pg_grpc
+bin=$pg_bin
 
-grpc=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$taskq" serve --listen "127.0.0.1:$grpc" --http-listen off --store "$url" > "$dir/serve.log" 2>&1 &
-server=$!
-for _ in $(seq 100); do grep -q "taskq serving" "$dir/serve.log" && break; sleep 0.1; done
-grep -q "taskq serving" "$dir/serve.log" || { cat "$dir/serve.log" >&2; exit 1; }
-
-stream=(bench --mode stream --tasks "$tasks" --workers 4 --concurrency 256 --payload-bytes 8 --fill 0 --json)
-single=(bench --mode stream --tasks "$closed" --producers 1 --workers 1 --concurrency 1 --batch 1 --payload-bytes 8 --fill 0 --json)
+stream=(bench --mode stream --tasks "$tasks" --workers 4 --concurrency 256 --payload-bytes 8 --fill 0 --baseline-calls 0 --json)
+single=(bench --mode stream --tasks "$closed" --producers 1 --workers 1 --concurrency 1 --batch 1 --payload-bytes 8 --fill 0 --baseline-calls 0 --json)
 counters() {
   psql "SELECT (SELECT sum(xact_commit) FROM pg_stat_database), (SELECT sum(tup_inserted + tup_updated + tup_deleted) FROM pg_stat_database), (SELECT wal_bytes FROM pg_stat_wal), (SELECT sum(calls) FROM pg_stat_statements)"
 }
@@ -88,14 +66,13 @@ for name, label in [("memory", "memory store, stream (1,024 in flight)"),
                     ("postgres_single", "postgres store, one task in flight")]:
     m, lo, hi = row(name)
     print(f"{label:44} {m['tasks_per_second']:9.0f} {lo:8.0f}-{hi:<8.0f} {m['latency_ms']['p50']:7.2f}ms {m['latency_ms']['p99']:7.2f}ms")
-# The GetStats baseline phase of each postgres run (min(tasks, 20000) calls,
-# one read-only transaction each) is subtracted from the commits.
+# The runs skip the GetStats baseline (--baseline-calls 0): every commit and
+# statement counted is the stream path's.
 per = []
 for r in range(1, runs + 1):
     b, a = open(f"{d}/counts.{r}").read().strip().split("\n")
     b = [float(x or 0) for x in b.split("|")]; a = [float(x or 0) for x in a.split("|")]
-    baseline = min(tasks, 20000)
-    per.append(((a[0] - b[0] - baseline) / tasks, (a[1] - b[1]) / tasks, (a[2] - b[2]) / tasks, (a[3] - b[3] - baseline) / tasks))
+    per.append(((a[0] - b[0]) / tasks, (a[1] - b[1]) / tasks, (a[2] - b[2]) / tasks, (a[3] - b[3]) / tasks))
 c, w, wal, s = (statistics.median(x) for x in zip(*per))
 print(f"postgres per task (medians): {c:.2f} commits, {s:.2f} statements, {w:.2f} rows written, {wal:.0f} WAL bytes")
 EOF

@@ -98,6 +98,12 @@ pub struct BenchArgs {
     /// one per message, as clients written before batches do.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub batches: bool,
+    /// Unary GetStats calls made first, a baseline of plain unary calls on
+    /// the same server (default: the task count, at most 20,000; 0
+    /// skips). On the PostgreSQL store a GetStats reads the database, so
+    /// its benches skip it.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    pub baseline_calls: Option<u64>,
     /// After the round trip, put this many tasks nobody takes and report
     /// the memory per pending task (embedded server only; 0 skips).
     #[arg(long, default_value = "100000", value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
@@ -452,13 +458,15 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             "taskq bench ({:?} mode): {} tasks, {} producers{batches}, {workers}, {}-byte payloads, {target}",
             args.mode, args.tasks, args.producers, args.payload_bytes
         );
-        println!(
-            "{}",
-            baseline.line(
-                &format!("baseline: unary GetStats, {} callers", args.producers),
-                "calls"
-            )
-        );
+        if baseline.count > 0 {
+            println!(
+                "{}",
+                baseline.line(
+                    &format!("baseline: unary GetStats, {} callers", args.producers),
+                    "calls"
+                )
+            );
+        }
         println!(
             "{}",
             round_trip
@@ -503,7 +511,8 @@ async fn measure(
     for _ in 0..args.producers {
         producers.push(Client::connect(address, options.clone()).await?);
     }
-    let baseline = baseline(&producers, args.tasks.min(20_000)).await;
+    let calls = args.baseline_calls.unwrap_or(args.tasks.min(20_000));
+    let baseline = baseline(&producers, calls).await;
 
     let mut workers = Vec::new();
     for i in 0..args.workers {
@@ -893,7 +902,7 @@ async fn baseline(clients: &[Client], calls: u64) -> Phase {
     let per_client = (calls / clients.len() as u64).max(1);
     let started = Instant::now();
     let mut running = Vec::new();
-    for client in clients {
+    for client in clients.iter().filter(|_| calls > 0) {
         running.push(load_loop(per_client, client.clone(), |client| async move {
             let ok = client.stats("bench-baseline").await.is_ok();
             (client, ok)
