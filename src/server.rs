@@ -478,6 +478,9 @@ async fn serve<S: Store>(
             Ok(())
         }
     };
+    // Worker streams cut by the stop give their tasks back now, as a
+    // stream that breaks does (those that ended in the grace already did).
+    broker.release_streams().await;
     let _ = http_stop.send(());
     http_serving.stop(config.shutdown_grace).await;
     let held = broker.holdings();

@@ -155,6 +155,11 @@ impl Store for Broker {
         Broker::closed(self)
     }
 
+    /// Nothing to do: what the streams hold ends with the process.
+    fn release_streams(&self) -> impl Future<Output = ()> + Send {
+        ready(())
+    }
+
     fn holdings(&self) -> Holdings {
         Broker::holdings(self)
     }

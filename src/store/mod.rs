@@ -158,6 +158,12 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Resolves once [`Store::close`] has been called.
     fn closed(&self) -> impl Future<Output = ()> + Send + 'static;
 
+    /// Gives back at once what this server's worker streams still hold:
+    /// the drain's grace is over and the server stops, so those streams
+    /// end (StreamTasks, point 5). A store that outlives the process would
+    /// otherwise keep the tasks until their leases run out.
+    fn release_streams(&self) -> impl Future<Output = ()> + Send;
+
     /// What this server holds that a stop would lose (nothing, for a
     /// durable store), for the last log line.
     fn holdings(&self) -> Holdings;

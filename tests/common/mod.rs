@@ -1,7 +1,9 @@
 //! A real server on 127.0.0.1:0 for integration tests, with clients; a
-//! real PostgreSQL in `postgres`, a faulty network in `proxy`.
+//! real PostgreSQL in `postgres`, a faulty network in `proxy`, the history
+//! check of the load tests with faults in `history`.
 #![allow(dead_code)]
 
+pub mod history;
 pub mod pki;
 pub mod postgres;
 pub mod proxy;

@@ -464,6 +464,27 @@ impl Store for PgStore {
         }
     }
 
+    async fn release_streams(&self) {
+        let held: Vec<(TaskId, u32)> = {
+            let mut leases = super::registry::lock(&self.inner.stream_leases);
+            leases
+                .drain()
+                .map(|(task, (seq, stream))| {
+                    // Ended: its dispatch hands it nothing more.
+                    stream
+                        .ended
+                        .store(true, std::sync::atomic::Ordering::Release);
+                    super::registry::lock(&stream.held).remove(&task);
+                    (task, seq)
+                })
+                .collect()
+        };
+        if let Err(error) = self.lose_leases(&held).await {
+            tracing::warn!(%error, tasks = held.len(),
+                "postgres store: could not give the worker streams' tasks back at the stop; their leases will expire");
+        }
+    }
+
     fn holdings(&self) -> Holdings {
         Holdings::default()
     }

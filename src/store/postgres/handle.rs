@@ -216,31 +216,32 @@ impl PgStore {
     /// each task back to pending (its queue's claimers woken), or FAILED
     /// on its last attempt, as on the memory store.
     pub(crate) async fn release(&self, queue: &QueueName, leases: Vec<(TaskId, u32)>) {
+        if let Err(error) = self.lose_leases(&leases).await {
+            tracing::warn!(%error, queue = %queue, tasks = leases.len(),
+                "postgres store: could not give a closed stream's tasks back; their leases will expire");
+        }
+    }
+
+    /// Ends `leases` at once, in one transaction (see [`PgStore::release`]).
+    pub(crate) async fn lose_leases(&self, leases: &[(TaskId, u32)]) -> Result<(), PgError> {
         if leases.is_empty() {
-            return;
+            return Ok(());
         }
         let ids: Vec<Uuid> = leases.iter().map(|(id, _)| id.as_uuid()).collect();
         let seqs: Vec<i32> = leases
             .iter()
             .map(|(_, seq)| i32::try_from(*seq).unwrap_or(i32::MAX))
             .collect();
-        let released = async {
-            let mut client = self.inner.pool.get().await?;
-            let transaction = client.transaction().await?;
-            let statement = transaction
-                .prepare_cached(&self.inner.sql.lose_leases)
-                .await?;
-            let rows = transaction.query(&statement, &[&ids, &seqs]).await?;
-            let tally = sweep::leases_ended(&self.inner, &transaction, &rows, false).await?;
-            transaction.commit().await?;
-            self.inner.counters.add(tally);
-            Ok::<_, PgError>(())
-        }
-        .await;
-        if let Err(error) = released {
-            tracing::warn!(%error, queue = %queue, tasks = ids.len(),
-                "postgres store: could not give a closed stream's tasks back; their leases will expire");
-        }
+        let mut client = self.inner.pool.get().await?;
+        let transaction = client.transaction().await?;
+        let statement = transaction
+            .prepare_cached(&self.inner.sql.lose_leases)
+            .await?;
+        let rows = transaction.query(&statement, &[&ids, &seqs]).await?;
+        let tally = sweep::leases_ended(&self.inner, &transaction, &rows, false).await?;
+        transaction.commit().await?;
+        self.inner.counters.add(tally);
+        Ok(())
     }
 
     /// The rows of `statement` (prepared once per connection) run on a

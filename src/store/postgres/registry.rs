@@ -40,9 +40,28 @@ pub(crate) type StreamLeases = HashMap<TaskId, (u32, Arc<StreamShared>)>;
 impl StreamShared {
     /// Records `task`, handed to this stream, as held by it (and in the
     /// server's table of stream leases, so that its report frees a place).
+    /// A stream of this server that still counts an older lease of the task
+    /// (it ran out, or a retried failure put the task back, and the new
+    /// lease came before the report's answer) frees that place now.
     pub(crate) fn hold(self: &Arc<Self>, task: &LeasedTask, leases: &mut StreamLeases) {
+        if let Some((seq, before)) = leases.insert(task.id, (task.lease_id.seq, Arc::clone(self))) {
+            before.ended(task.id, seq);
+        }
         lock(&self.held).insert(task.id, task.lease_id.seq);
-        leases.insert(task.id, (task.lease_id.seq, Arc::clone(self)));
+    }
+
+    /// Lease `seq` of `task` ended without a report through this server
+    /// (it ran out, it was reported through another server, or a newer
+    /// lease of the task was handed out): its place is free, if this stream
+    /// still counts it.
+    pub(crate) fn ended(&self, task: TaskId, seq: u32) {
+        let mut held = lock(&self.held);
+        if held.get(&task) == Some(&seq) {
+            held.remove(&task);
+            drop(held);
+            self.outstanding.fetch_sub(1, Ordering::AcqRel);
+            self.dispatch.changed.notify_one();
+        }
     }
 
     /// A task of this stream was reported.

@@ -22,6 +22,7 @@ pub(crate) struct Sql {
     pub(crate) notify: String,
     pub(crate) claim: String,
     pub(crate) lose_leases: String,
+    pub(crate) live_leases: String,
     pub(crate) extend: String,
     pub(crate) complete_ok: String,
     pub(crate) complete_failed: String,
@@ -167,6 +168,12 @@ impl Sql {
                 FROM unnest($1::uuid[], $2::int4[]) AS r(id, seq)
                 WHERE t.id = r.id AND t.state = 1 AND t.lease_seq = r.seq
                 RETURNING t.id, t.queue, t.state, {d}"),
+            // Which of these leases still hold (leased under that sequence),
+            // or were cancelled (the cancel notification frees their places
+            // and tells their streams).
+            live_leases: s("SELECT t.id FROM unnest($1::uuid[], $2::int4[]) AS h(id, seq)
+                JOIN {s}.tasks t ON t.id = h.id AND t.lease_seq = h.seq
+                WHERE t.state IN (1, 4)"),
             extend: s("UPDATE {s}.tasks SET lease_until = now() + make_interval(secs => $3)
                 WHERE id = $1 AND state = 1 AND lease_seq = $2 AND lease_until > now()
                 RETURNING lease_until"),

@@ -5,7 +5,7 @@
 //! checks the state in its `WHERE`, so servers sweeping together never
 //! change a task twice and never wait on each other.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Weak;
 use std::time::Duration;
 
@@ -14,7 +14,9 @@ use uuid::Uuid;
 use super::counters::Tally;
 use super::error::PgError;
 use super::inner::Inner;
+use super::registry::lock;
 use super::writer::tasks_ended;
+use crate::broker::TaskId;
 
 /// How often leases and ttl are swept. Leases run out on the database's
 /// clock; a lease is given back within this long after it ran out.
@@ -33,6 +35,9 @@ pub(crate) async fn run(inner: Weak<Inner>) {
         if let Err(error) = sweep(&inner).await {
             tracing::debug!(%error, "postgres store: sweep failed; next in a moment");
             continue;
+        }
+        if let Err(error) = free_ended_stream_leases(&inner).await {
+            tracing::debug!(%error, "postgres store: could not look up worker streams' leases; next in a moment");
         }
         if last_retention.elapsed() >= RETAIN_EVERY {
             last_retention = tokio::time::Instant::now();
@@ -101,6 +106,46 @@ pub(crate) async fn leases_ended(
     tasks_ended(inner, transaction, &finished).await?;
     notify_ready(inner, transaction, ready).await?;
     Ok(tally)
+}
+
+/// Frees the places in this server's worker streams of leases that ended
+/// where this server did not see it: run out (swept by any server), or
+/// reported through another server. A stream counts a task as outstanding
+/// until its lease ends (StreamTasks, point 2): without this, a stream
+/// whose leases ran out would keep them in its window and starve. Within
+/// [`SWEEP_EVERY`] of the end, as for the sweep.
+async fn free_ended_stream_leases(inner: &Inner) -> Result<(), PgError> {
+    let (ids, seqs): (Vec<Uuid>, Vec<i32>) = lock(&inner.stream_leases)
+        .iter()
+        .map(|(task, (seq, _))| (task.as_uuid(), i32::try_from(*seq).unwrap_or(i32::MAX)))
+        .unzip();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let client = inner.pool.get().await?;
+    let live: HashSet<Uuid> = client
+        .query(&inner.sql.live_leases, &[&ids, &seqs])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let mut leases = lock(&inner.stream_leases);
+    for (id, seq) in ids.into_iter().zip(seqs) {
+        if live.contains(&id) {
+            continue;
+        }
+        let task = TaskId::from_uuid(id);
+        // Still the lease looked up: not reported or handed out again since.
+        let same = leases
+            .get(&task)
+            .is_some_and(|(held, _)| i32::try_from(*held).unwrap_or(i32::MAX) == seq);
+        if same {
+            if let Some((held, stream)) = leases.remove(&task) {
+                stream.ended(task, held);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Makes delayed tasks that are due pending, 500 per statement, and
