@@ -6,7 +6,8 @@
 #
 #   pg_server_start TASKQ_BINARY
 #
-# sets: pg_dir, pg_url, pg_grpc (the taskq server's port); defines psql().
+# sets: pg_dir, pg_port, pg_url, pg_grpc (the taskq server's port);
+# defines psql().
 # Runs as root (PostgreSQL then runs as the `postgres` user) or as any user
 # that may run initdb.
 
@@ -35,15 +36,14 @@ pg_server_start() {
     chown postgres "$pg_dir"
     pg_as=(runuser -u postgres --)
   fi
-  local port
-  port=$(free_port)
+  pg_port=$(free_port)
   "${pg_as[@]}" "$pg_bin/initdb" -D "$pg_dir/data" -A trust -U postgres >/dev/null
   "${pg_as[@]}" "$pg_bin/pg_ctl" -D "$pg_dir/data" -l "$pg_dir/log" -w \
-    -o "-c listen_addresses=127.0.0.1 -c port=$port -k $pg_dir -c shared_preload_libraries=pg_stat_statements -c max_connections=200" \
+    -o "-c listen_addresses=127.0.0.1 -c port=$pg_port -k $pg_dir -c shared_preload_libraries=pg_stat_statements -c max_connections=200" \
     start >/dev/null
-  psql() { "${pg_as[@]}" "$pg_bin/psql" -h 127.0.0.1 -p "$port" -U postgres -d postgres -Atq -c "$1"; }
+  psql() { "${pg_as[@]}" "$pg_bin/psql" -h 127.0.0.1 -p "$pg_port" -U postgres -d postgres -Atq -c "$1"; }
   psql "CREATE EXTENSION pg_stat_statements" >/dev/null
-  pg_url="postgres://postgres@127.0.0.1:$port/postgres"
+  pg_url="postgres://postgres@127.0.0.1:$pg_port/postgres"
   "$taskq" migrate --store "$pg_url" >/dev/null
   pg_grpc=$(free_port)
   "$taskq" serve --listen "127.0.0.1:$pg_grpc" --http-listen off --store "$pg_url" > "$pg_dir/serve.log" 2>&1 &
