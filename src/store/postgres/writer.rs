@@ -307,7 +307,7 @@ async fn put_tasks(
     // held (or taken by an earlier task of this batch) is a duplicate and
     // takes no room. Puts to a queue run one transaction at a time (its
     // counter row is locked), so no other server adds a key meanwhile.
-    let mut held_keys = held_keys(inner, transaction, tasks).await?;
+    let mut keys_held = held_keys(inner, transaction, tasks.iter()).await?;
     // Tasks within room, in order; the others are refused at once.
     let mut answers: Vec<Option<Result<PutOutcome, BrokerError>>> = Vec::with_capacity(tasks.len());
     let mut accepted: BTreeMap<&str, usize> = BTreeMap::new();
@@ -317,7 +317,7 @@ async fn put_tasks(
             .idempotency_key
             .as_ref()
             .map(|key| (task.queue.as_str().to_owned(), key.clone()));
-        if let Some(first) = key.as_ref().and_then(|key| held_keys.get(key)) {
+        if let Some(first) = key.as_ref().and_then(|key| keys_held.get(key)) {
             answers.push(Some(Ok(PutOutcome {
                 task_id: TaskId::from_uuid(*first),
                 duplicate: true,
@@ -335,7 +335,7 @@ async fn put_tasks(
         *left -= 1;
         answers.push(None);
         if let Some(key) = key {
-            held_keys.insert(key, task.id.as_uuid());
+            keys_held.insert(key, task.id.as_uuid());
         }
         if !task.is_delayed() {
             *accepted.entry(task.queue.as_str()).or_default() += 1;
@@ -450,29 +450,14 @@ async fn put_tasks(
             }
         }
     }
-    // Tasks not inserted met an idempotency key already held.
-    let mut duplicates: HashMap<(String, String), Uuid> = HashMap::new();
-    let (dup_queues, dup_keys): (Vec<String>, Vec<String>) = tasks
-        .iter()
-        .filter(|t| !inserted.contains(&t.id.as_uuid()))
-        .filter_map(|t| {
-            t.task
-                .idempotency_key
-                .clone()
-                .map(|key| (t.queue.as_str().to_owned(), key))
-        })
-        .unzip();
-    if !dup_queues.is_empty() {
-        for row in transaction
-            .query(
-                &transaction.prepare_cached(&sql.find_keys).await?,
-                &[&dup_queues, &dup_keys],
-            )
-            .await?
-        {
-            duplicates.insert((row.get(0), row.get(1)), row.get(2));
-        }
-    }
+    // A task not inserted met an idempotency key held (a safety net: keys
+    // were looked up under the queue's lock before the insert).
+    let duplicates = held_keys(
+        inner,
+        transaction,
+        tasks.iter().filter(|t| !inserted.contains(&t.id.as_uuid())),
+    )
+    .await?;
     let handed_ids: std::collections::HashSet<TaskId> =
         handoffs.tasks.iter().map(|(_, t)| t.id).collect();
     let mut added: BTreeMap<String, i64> = BTreeMap::new();
@@ -539,13 +524,12 @@ async fn put_tasks(
 
 /// The idempotency keys of `tasks` already held: (queue, key) → the
 /// task holding it. No statement when no task has a key.
-async fn held_keys(
+async fn held_keys<'a>(
     inner: &Inner,
     transaction: &Transaction<'_>,
-    tasks: &[Prepared],
+    tasks: impl Iterator<Item = &'a Prepared>,
 ) -> Result<HashMap<(String, String), Uuid>, PgError> {
     let (queues, keys): (Vec<String>, Vec<String>) = tasks
-        .iter()
         .filter_map(|t| {
             t.task
                 .idempotency_key
