@@ -15,7 +15,8 @@
 //!   in the background.
 //!
 //! Run against the memory store too, so that a disagreement on PostgreSQL
-//! is the store's, not this runner's.
+//! is the store's, not this runner's. `TASKQ_MODEL_TRACE=1` prints each
+//! step's operation, to follow a failing seed up to its step.
 
 use std::time::Duration;
 

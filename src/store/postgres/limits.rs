@@ -1,11 +1,8 @@
-//! The server's caps on this store, as on the memory store (the queues'
-//! in `queues.rs`):
-//! - `--max-queues` holds across all servers: a new queue is made under an
-//!   advisory lock, counting the queues of the database. Queues are never
-//!   removed, so a queue this server has seen is admitted without a
-//!   statement.
+//! The server's caps on this store, as on the memory store:
 //! - `--max-waiters` holds per server: waiting calls and open streams are
-//!   this server's memory and tasks.
+//!   this server's memory and tasks ([`Waiters`]).
+//! - `--max-queues` holds across all servers (`queues.rs`, with the
+//!   [`KnownQueues`] kept here).
 //! - Tracked workers (`PgStore::touch`): per server; past the cap, silent
 //!   workers are forgotten first, and a new worker's calls go on untracked.
 

@@ -23,8 +23,8 @@ impl PgStore {
         }
     }
 
-    /// Makes the new queues of `queues`, in order, while they fit within
-    /// `--max-queues`; returns those refused.
+    /// Makes the new queues of `queues`, in name order, while they fit
+    /// within `--max-queues`; returns those refused.
     ///
     /// # Errors
     /// UNAVAILABLE when the database cannot say; nothing is made then.

@@ -450,12 +450,17 @@ async fn put_tasks(
             }
         }
     }
-    // A task not inserted met an idempotency key held (a safety net: keys
-    // were looked up under the queue's lock before the insert).
+    // A task sent to the insert and not inserted met an idempotency key
+    // held (a safety net: keys were looked up under the queue's lock
+    // before the insert, so this finds none and sends no statement).
     let duplicates = held_keys(
         inner,
         transaction,
-        tasks.iter().filter(|t| !inserted.contains(&t.id.as_uuid())),
+        tasks
+            .iter()
+            .zip(&answers)
+            .filter(|(t, answer)| answer.is_none() && !inserted.contains(&t.id.as_uuid()))
+            .map(|(t, _)| t),
     )
     .await?;
     let handed_ids: std::collections::HashSet<TaskId> =
