@@ -26,6 +26,7 @@ mod limits;
 #[cfg(test)]
 mod model_tests;
 mod notify;
+mod pipeline;
 mod queues;
 mod registry;
 mod rows;

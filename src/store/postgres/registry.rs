@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
 
-use crate::broker::{LeaseId, LeasedTask, TaskId, TaskResult, WorkerId};
+use crate::broker::{LeaseId, LeasedTask, QueueName, TaskId, TaskResult, WorkerId};
 
 /// The lock, even if a panic poisoned it: the data stays usable.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -25,6 +25,7 @@ pub(crate) struct StreamShared {
     /// Leases held (task → sequence), to give back when the stream ends.
     pub(crate) held: Mutex<HashMap<TaskId, u32>>,
     pub(crate) ended: AtomicBool,
+    pub(crate) queue: QueueName,
     pub(crate) worker: WorkerId,
     pub(crate) lease: Option<Duration>,
     pub(crate) tx: mpsc::UnboundedSender<LeasedTask>,

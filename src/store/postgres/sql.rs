@@ -8,17 +8,16 @@ pub(crate) struct Sql {
     pub(crate) queue_total: String,
     pub(crate) lock_queues: String,
     pub(crate) insert_tasks: String,
-    pub(crate) any_ready: String,
+    pub(crate) waiting_queues: String,
+    pub(crate) claim_these: String,
     pub(crate) pause: String,
     pub(crate) resume: String,
     pub(crate) paused: String,
     pub(crate) purge: String,
-    pub(crate) claim_these: String,
     pub(crate) find_keys: String,
-    pub(crate) add_unfinished: String,
     pub(crate) count_unfinished: String,
     pub(crate) subtract_unfinished: String,
-    pub(crate) notify_tasks: String,
+    pub(crate) notify_each: String,
     pub(crate) notify: String,
     pub(crate) claim: String,
     pub(crate) lose_leases: String,
@@ -103,8 +102,10 @@ impl Sql {
             // A task with a lease ($8, $9) is handed to a worker stream of
             // this server in the insert: leased at once, attempt 1.
             // A task with a delay ($11) waits as state -1 until `ready_at`;
-            // it never has a lease in its insert.
-            insert_tasks: s("INSERT INTO {s}.tasks (id, queue, payload, headers, idempotency_key, max_attempts,
+            // it never has a lease in its insert. The rows inserted are
+            // counted into their queues' put shards (locked by
+            // `lock_queues`) in the same statement.
+            insert_tasks: s("WITH inserted AS (INSERT INTO {s}.tasks (id, queue, payload, headers, idempotency_key, max_attempts,
                     expires_at, state, attempt, lease_seq, lease_until, worker, leased_at, priority, ready_at)
                 SELECT id, queue, payload, headers, key, max_attempts,
                        CASE WHEN ttl IS NULL THEN NULL ELSE now() + make_interval(secs => ttl) END,
@@ -122,12 +123,18 @@ impl Sql {
                 ORDER BY id
                 ON CONFLICT (queue, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                 RETURNING id, lease_until, created_at, expires_at,
-                          coalesce(extract(epoch FROM lease_until - now()), 0)::float8"),
+                          coalesce(extract(epoch FROM lease_until - now()), 0)::float8 AS lease_left, queue),
+                added AS (UPDATE {s}.queue_counts c SET unfinished = c.unfinished + d.n
+                    FROM (SELECT queue, count(*) AS n FROM inserted GROUP BY queue) d
+                    WHERE c.queue = d.queue AND c.shard = 0)
+                SELECT id, lease_until, created_at, expires_at, lease_left FROM inserted"),
             claim_these: s("UPDATE {s}.tasks SET claimed = true WHERE id = ANY($1)"),
-            // Whether a new task must wait for a claim rather than be handed
-            // over in its insert: older tasks wait, or the queue is paused.
-            any_ready: s("SELECT EXISTS (SELECT 1 FROM {s}.tasks WHERE queue = $1 AND state = 0)
-                OR EXISTS (SELECT 1 FROM {s}.paused_queues WHERE queue = $1)"),
+            // Of these queues, those where a new task must wait for a claim
+            // rather than be handed over in its insert: older tasks wait,
+            // or the queue is paused.
+            waiting_queues: s("SELECT q FROM unnest($1::text[]) AS q
+                WHERE EXISTS (SELECT 1 FROM {s}.tasks WHERE queue = q AND state = 0)
+                   OR EXISTS (SELECT 1 FROM {s}.paused_queues WHERE queue = q)"),
             // One row affected: the queue was not paused before.
             pause: s("INSERT INTO {s}.paused_queues (queue) VALUES ($1) ON CONFLICT DO NOTHING"),
             // A row back: it was paused; its claimers everywhere are woken.
@@ -142,9 +149,8 @@ impl Sql {
             find_keys: s("SELECT t.queue, t.idempotency_key, t.id FROM {s}.tasks t
                 JOIN unnest($1::text[], $2::text[]) AS k(queue, key)
                   ON t.queue = k.queue AND t.idempotency_key = k.key"),
-            add_unfinished: s("UPDATE {s}.queue_counts c SET unfinished = c.unfinished + d.n
-                FROM unnest($1::text[], $2::int8[]) AS d(q, n) WHERE c.queue = d.q AND c.shard = 0"),
-            notify_tasks: s("SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q"),
+            // One notification per payload, in order, on channel $1.
+            notify_each: s("SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS n(p, i) ORDER BY i"),
             notify: s("SELECT pg_notify($1, $2)"),
             // Row n (in id order) goes to slot n: its worker and lease.
             claim: s("WITH locked AS (
@@ -177,13 +183,16 @@ impl Sql {
             extend: s("UPDATE {s}.tasks SET lease_until = now() + make_interval(secs => $3)
                 WHERE id = $1 AND state = 1 AND lease_seq = $2 AND lease_until > now()
                 RETURNING lease_until"),
+            // A result whose report has a place reserved in a result stream
+            // of this server ($4) is handed to it in the update that
+            // finishes it: claimed at once.
             complete_ok: s("UPDATE {s}.tasks t
                 SET state = 2, output = r.output, error = NULL, finished_at = now(),
-                    by_lease = r.seq, lease_until = NULL
-                FROM unnest($1::uuid[], $2::int4[], $3::bytea[]) AS r(id, seq, output)
+                    by_lease = r.seq, lease_until = NULL, claimed = r.claim
+                FROM unnest($1::uuid[], $2::int4[], $3::bytea[], $4::bool[]) AS r(id, seq, output, claim)
                 WHERE t.id = r.id AND t.state < 2 AND r.seq >= 1 AND r.seq <= t.lease_seq
                 RETURNING t.id, t.queue, t.state, t.output, t.error, t.attempt, t.worker,
-                          t.created_at, t.finished_at, {d}"),
+                          t.created_at, t.finished_at, {d}, t.claimed"),
             // A retried failure waits `after` ($5, the worker's
             // retry_after) or else the backoff: `$6 * 2^(attempt - 1)` at
             // most $7, at a random point of its upper half (as

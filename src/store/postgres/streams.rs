@@ -34,6 +34,10 @@ use crate::store::{ResultDeliveries, ResultWatch, TaskDeliveries, WindowControl}
 const MAX_CLAIM: usize = 500;
 /// How long a dispatch waits before trying again after a database error.
 const RETRY_AFTER_ERROR: Duration = Duration::from_millis(500);
+/// How long a queue found empty is believed empty: room opening in a
+/// window claims nothing then (each task made ready notifies the queue's
+/// claimers), unless a notification might have been missed this long ago.
+const BELIEVED_EMPTY: Duration = Duration::from_secs(1);
 
 /// A worker stream on the PostgreSQL store.
 pub struct PgWorkerStream {
@@ -70,6 +74,7 @@ impl PgWorkerStream {
             outstanding: AtomicUsize::new(0),
             held: Mutex::default(),
             ended: AtomicBool::new(false),
+            queue: request.queue.clone(),
             worker: request.worker,
             lease: request.lease_duration,
             tx,
@@ -111,6 +116,9 @@ impl Drop for PgWorkerStream {
 async fn dispatch_tasks(store: PgStore, queue: QueueName, dispatch: Arc<TaskDispatch>) {
     let ready = store.inner.wakeups.tasks(queue.as_str());
     let mut closed = store.inner.closed.subscribe();
+    // When the last claim found the queue empty (fewer tasks than it
+    // asked for), and no task was made ready since.
+    let mut empty_since: Option<Instant> = None;
     loop {
         let changed = dispatch.changed.notified();
         tokio::pin!(changed);
@@ -155,8 +163,10 @@ async fn dispatch_tasks(store: PgStore, queue: QueueName, dispatch: Arc<TaskDisp
                 }
             }
         }
-        if slots.is_empty() {
+        let believed_empty = empty_since.is_some_and(|at| at.elapsed() < BELIEVED_EMPTY);
+        if slots.is_empty() || believed_empty {
             tokio::select! {
+                () = &mut notified => empty_since = None,
                 () = &mut changed => {}
                 _ = closed.changed(), if !draining => {}
             }
@@ -170,10 +180,12 @@ async fn dispatch_tasks(store: PgStore, queue: QueueName, dispatch: Arc<TaskDisp
                 dispatch.turn.fetch_add(tasks.len(), Ordering::Relaxed);
                 deliver(&store, &slots, tasks);
                 if full {
+                    empty_since = None;
                     continue;
                 }
+                empty_since = Some(Instant::now());
                 tokio::select! {
-                    () = &mut notified => {}
+                    () = &mut notified => empty_since = None,
                     () = &mut changed => {}
                     _ = closed.changed(), if !draining => {}
                 }

@@ -184,7 +184,7 @@ async fn notify_ready(
     ready.dedup();
     transaction
         .execute(
-            &transaction.prepare_cached(&inner.sql.notify_tasks).await?,
+            &transaction.prepare_cached(&inner.sql.notify_each).await?,
             &[&inner.channels.0, &ready],
         )
         .await?;

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use deadpool_postgres::Transaction;
+use deadpool_postgres::GenericClient;
 use tokio::sync::{Mutex as AsyncMutex, mpsc};
 use uuid::Uuid;
 
@@ -17,7 +17,8 @@ use super::counters::Tally;
 use super::error::PgError;
 use super::inner::Inner;
 use super::jobs::{Job, Prepared};
-use super::notify::notify_finished;
+use super::notify::{finished_payloads, notify_results};
+use super::pipeline::WriteTransaction;
 use super::registry::{ResultShared, StreamShared, lock, places};
 use super::rows::{result_row, state_of};
 use crate::broker::{
@@ -34,8 +35,12 @@ pub(crate) type Jobs = Arc<AsyncMutex<mpsc::Receiver<Job>>>;
 /// One writer: takes what is queued, writes it in one transaction, answers.
 pub(crate) async fn run(inner: std::sync::Weak<Inner>, jobs: Jobs) {
     loop {
+        // The turn to gather stays with this writer until its transaction
+        // sends its COMMIT: the next one gathers what arrived meanwhile (a
+        // larger batch) and runs while this commit reaches the disk.
+        let mut turn = jobs.clone().lock_owned().await;
         let batch = {
-            let mut jobs = jobs.lock().await;
+            let jobs = &mut *turn;
             let Some(first) = jobs.recv().await else {
                 return;
             };
@@ -53,13 +58,14 @@ pub(crate) async fn run(inner: std::sync::Weak<Inner>, jobs: Jobs) {
             batch
         };
         let Some(inner) = inner.upgrade() else { return };
-        write(&inner, batch).await;
+        write(&inner, batch, Box::new(turn)).await;
     }
 }
 
 /// Writes one batch and answers its callers; on a database error every
 /// caller hears UNAVAILABLE and nothing of the batch is kept.
-async fn write(inner: &Inner, batch: Vec<Job>) {
+async fn write(inner: &Inner, batch: Vec<Job>, turn: Box<dyn Send>) {
+    let mut turn = Some(turn);
     let mut puts = Vec::new();
     let mut completes = Vec::new();
     let mut put_answers = Vec::new();
@@ -78,7 +84,7 @@ async fn write(inner: &Inner, batch: Vec<Job>) {
     }
     let mut tries = 0;
     let written = loop {
-        match write_once(inner, &puts, &completes).await {
+        match write_once(inner, &puts, &completes, &mut turn).await {
             // PostgreSQL broke a deadlock by failing this side: nothing of
             // it was kept, so it can run again.
             Err(error) if error.is_retryable() && tries < 3 => tries += 1,
@@ -121,13 +127,16 @@ type Written = (
     Handoffs,
 );
 
+/// `turn`: the writers' turn to gather, passed on when the COMMIT is sent
+/// (kept by the first try only).
 async fn write_once(
     inner: &Inner,
     puts: &[Prepared],
     completes: &[(LeaseId, Outcome)],
+    turn: &mut Option<Box<dyn Send>>,
 ) -> Result<Written, PgError> {
     let mut handoffs = Handoffs::default();
-    match write_transaction(inner, puts, completes, &mut handoffs).await {
+    match write_transaction(inner, puts, completes, turn.take(), &mut handoffs).await {
         Ok((put_results, complete_results)) => Ok((put_results, complete_results, handoffs)),
         Err(error) => {
             handoffs.undo();
@@ -150,6 +159,9 @@ pub(crate) struct Handoffs {
     /// Places reserved and not (yet) filled: given back on failure.
     task_places: Vec<Arc<StreamShared>>,
     result_places: Vec<Arc<ResultShared>>,
+    /// Results claimed for this server's result streams without a place
+    /// (never expected): given back after the commit.
+    unplaced: Vec<TaskResult>,
     /// What the transaction did, counted once it commits.
     tally: Tally,
 }
@@ -176,7 +188,7 @@ impl Handoffs {
     /// gives it back; a result for a reader that left is given back here.
     fn deliver(self, inner: &Inner) -> Vec<TaskResult> {
         inner.counters.add(self.tally);
-        let mut back = Vec::new();
+        let mut back = self.unplaced;
         for stream in self.task_places {
             stream.unreserve(1);
         }
@@ -239,6 +251,7 @@ async fn write_transaction(
     inner: &Inner,
     puts: &[Prepared],
     completes: &[(LeaseId, Outcome)],
+    turn: Option<Box<dyn Send>>,
     handoffs: &mut Handoffs,
 ) -> Result<
     (
@@ -247,67 +260,148 @@ async fn write_transaction(
     ),
     PgError,
 > {
-    let sql = &inner.sql;
-    let mut client = inner.pool.get().await?;
-    let transaction = client.transaction().await?;
-    // Puts first: the put shard of each queue is locked (in name order),
-    // then the count read, so no two puts pass the capacity check together.
-    let mut names: Vec<String> = puts.iter().map(|t| t.queue.as_str().to_owned()).collect();
-    names.sort_unstable();
-    names.dedup();
-    let mut unfinished: HashMap<String, i64> = HashMap::new();
-    if !names.is_empty() {
-        let ensure = transaction.prepare_cached(&sql.ensure_queues).await?;
-        let lock = transaction.prepare_cached(&sql.lock_queues).await?;
-        let count = transaction.prepare_cached(&sql.count_unfinished).await?;
-        // Sent together (tokio-postgres pipelines what is polled at once);
-        // the database runs them in order, and the count, a statement of
-        // its own, sees every put committed before the lock was granted.
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&names];
-        let (_, _, counts) = tokio::try_join!(
-            transaction.execute(&ensure, &params),
-            transaction.execute(&lock, &params),
-            transaction.query(&count, &params),
-        )?;
-        for row in counts {
-            unfinished.insert(row.get(0), row.get(1));
-        }
+    let tx = WriteTransaction::open(&inner.pool).await?;
+    if let Some(turn) = turn {
+        tx.hold_until_commit(turn);
     }
     let put_results = if puts.is_empty() {
         Vec::new()
     } else {
-        put_tasks(inner, &transaction, puts, &unfinished, handoffs).await?
+        put_tasks(inner, &tx, puts, completes.is_empty(), handoffs).await?
     };
     let complete_results = if completes.is_empty() {
         Vec::new()
     } else {
-        complete_in_rounds(inner, &transaction, completes, handoffs).await?
+        complete_in_rounds(inner, &tx, completes, handoffs).await?
     };
-    transaction.commit().await?;
+    tx.committed();
     Ok((put_results, complete_results))
 }
 
+/// What the database says before a batch of puts is inserted, read in one
+/// round trip under the locks of the queues' put shards.
+struct BeforePut {
+    /// Unfinished tasks per queue, across all servers.
+    unfinished: HashMap<String, i64>,
+    /// Queues where older tasks wait for a claim (or paused): their new
+    /// tasks are not handed over in the insert.
+    waiting: std::collections::HashSet<String>,
+    /// Idempotency keys already held.
+    keys_held: HashMap<(String, String), Uuid>,
+}
+
+/// Locks the put shard of each queue (in name order, so no two puts pass
+/// the capacity check together), then reads the counts, which queues have
+/// older tasks waiting (of `handing`, the queues with room in this
+/// server's worker streams) and the keys held: one round trip, with BEGIN
+/// when it is the transaction's first. Sent together, the database runs
+/// them in order: each statement after the lock sees every put committed
+/// before the lock was granted, so no other server adds a key or a task
+/// meanwhile.
+async fn before_put(
+    inner: &Inner,
+    tx: &WriteTransaction,
+    names: &[String],
+    handing: &[String],
+    tasks: &[Prepared],
+) -> Result<BeforePut, PgError> {
+    let sql = &inner.sql;
+    let client = tx.client();
+    let (key_queues, keys) = keys_of(tasks.iter());
+    let lock = client.prepare_cached(&sql.lock_queues).await?;
+    let count = client.prepare_cached(&sql.count_unfinished).await?;
+    let waiting = client.prepare_cached(&sql.waiting_queues).await?;
+    let find_keys = client.prepare_cached(&sql.find_keys).await?;
+    let ensure = client.prepare_cached(&sql.ensure_queues).await?;
+    // Every queue's put shard exists once it was admitted (`queues.rs`);
+    // should one be missing, it is made and the reads run again.
+    for made in [false, true] {
+        let making = async {
+            if made {
+                client.execute(&ensure, &[&names]).await?;
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        };
+        let reading_waiting = async {
+            if handing.is_empty() {
+                return Ok(Vec::new());
+            }
+            client.query(&waiting, &[&handing]).await
+        };
+        let reading_keys = async {
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            client.query(&find_keys, &[&key_queues, &keys]).await
+        };
+        let (_, (), locked, counts, waiting, held) = tokio::try_join!(
+            tx.begin(),
+            async { making.await.map_err(PgError::from) },
+            async { client.query(&lock, &[&names]).await.map_err(PgError::from) },
+            async { client.query(&count, &[&names]).await.map_err(PgError::from) },
+            async { reading_waiting.await.map_err(PgError::from) },
+            async { reading_keys.await.map_err(PgError::from) },
+        )?;
+        if locked.len() < names.len() && !made {
+            continue;
+        }
+        return Ok(BeforePut {
+            unfinished: counts.iter().map(|row| (row.get(0), row.get(1))).collect(),
+            waiting: waiting.iter().map(|row| row.get(0)).collect(),
+            keys_held: held
+                .iter()
+                .map(|row| ((row.get(0), row.get(1)), row.get(2)))
+                .collect(),
+        });
+    }
+    unreachable!("the second pass returns")
+}
+
 /// Inserts tasks: room checked per queue across all servers (the queue's
-/// counter row, locked by the caller), duplicates by idempotency key
-/// answered with the first task's id.
+/// put shard, locked first), duplicates by idempotency key answered with
+/// the first task's id. `last`: nothing follows in this transaction, so
+/// the COMMIT goes with the insert.
 async fn put_tasks(
     inner: &Inner,
-    transaction: &Transaction<'_>,
+    tx: &WriteTransaction,
     tasks: &[Prepared],
-    unfinished: &HashMap<String, i64>,
+    last: bool,
     handoffs: &mut Handoffs,
 ) -> Result<Vec<Result<PutOutcome, BrokerError>>, PgError> {
     let sql = &inner.sql;
+    let client = tx.client();
+    let mut names: Vec<String> = tasks.iter().map(|t| t.queue.as_str().to_owned()).collect();
+    names.sort_unstable();
+    names.dedup();
+    // Queues with room in this server's worker streams now: whether older
+    // tasks wait there is read with the counts.
+    let handing: Vec<String> = if *inner.closed.borrow() {
+        Vec::new()
+    } else {
+        let dispatches = lock(&inner.task_dispatch);
+        names
+            .iter()
+            .filter(|name| {
+                dispatches
+                    .get(name.as_str())
+                    .is_some_and(|d| lock(&d.streams).iter().any(|s| s.room() > 0))
+            })
+            .cloned()
+            .collect()
+    };
+    let before = before_put(inner, tx, &names, &handing, tasks).await?;
     let capacity = i64::try_from(inner.broker.queue_capacity).unwrap_or(i64::MAX);
-    let mut room: HashMap<String, i64> = unfinished
+    let mut room: HashMap<&str, i64> = names
         .iter()
-        .map(|(name, n)| (name.clone(), capacity - n))
+        .map(|name| {
+            let held = before.unfinished.get(name).copied().unwrap_or(0);
+            (name.as_str(), capacity - held)
+        })
         .collect();
     // Keys first, as the memory store checks them: a put whose key is
     // held (or taken by an earlier task of this batch) is a duplicate and
-    // takes no room. Puts to a queue run one transaction at a time (its
-    // counter row is locked), so no other server adds a key meanwhile.
-    let mut keys_held = held_keys(inner, transaction, tasks.iter()).await?;
+    // takes no room.
+    let mut keys_held = before.keys_held;
     // Tasks within room, in order; the others are refused at once.
     let mut answers: Vec<Option<Result<PutOutcome, BrokerError>>> = Vec::with_capacity(tasks.len());
     let mut accepted: BTreeMap<&str, usize> = BTreeMap::new();
@@ -324,7 +418,7 @@ async fn put_tasks(
             })));
             continue;
         }
-        let left = room.entry(task.queue.as_str().to_owned()).or_insert(0);
+        let left = room.entry(task.queue.as_str()).or_insert(0);
         if *left <= 0 {
             answers.push(Some(Err(BrokerError::QueueFull {
                 queue: task.queue.clone(),
@@ -346,29 +440,22 @@ async fn put_tasks(
     // that hand-over keeps the queue's order.
     let mut places_of: HashMap<&str, std::collections::VecDeque<Arc<StreamShared>>> =
         HashMap::new();
-    if !*inner.closed.borrow() {
-        for (queue, n) in &accepted {
-            let Some(dispatch) = lock(&inner.task_dispatch).get(*queue).cloned() else {
-                continue;
-            };
-            let streams = lock(&dispatch.streams).clone();
-            if streams.iter().all(|s| s.room() == 0) {
-                continue;
-            }
-            let waiting: bool = transaction
-                .query_one(&transaction.prepare_cached(&sql.any_ready).await?, &[queue])
-                .await?
-                .get(0);
-            if waiting {
-                continue;
-            }
-            let got = places(&streams, &dispatch.turn, *n, StreamShared::reserve);
-            handoffs.task_places.extend(got.iter().cloned());
-            places_of.insert(*queue, got.into());
+    for (queue, n) in &accepted {
+        if !handing.iter().any(|q| q == queue) || before.waiting.contains(*queue) {
+            continue;
         }
+        let Some(dispatch) = lock(&inner.task_dispatch).get(*queue).cloned() else {
+            continue;
+        };
+        let streams = lock(&dispatch.streams).clone();
+        let got = places(&streams, &dispatch.turn, *n, StreamShared::reserve);
+        handoffs.task_places.extend(got.iter().cloned());
+        places_of.insert(*queue, got.into());
     }
     let mut rows = Rows::default();
     let mut handed: HashMap<Uuid, Arc<StreamShared>> = HashMap::new();
+    // Queues where some new task waits for a claim: their notification.
+    let mut ready: std::collections::BTreeSet<String> = Default::default();
     for (task, answer) in tasks.iter().zip(&answers) {
         if answer.is_some() {
             continue;
@@ -383,22 +470,35 @@ async fn put_tasks(
                 inner.lease_secs(stream.lease),
             )
         });
-        if let Some(stream) = place {
-            handed.insert(task.id.as_uuid(), stream);
+        match place {
+            Some(stream) => {
+                handed.insert(task.id.as_uuid(), stream);
+            }
+            None if !task.is_delayed() => {
+                ready.insert(task.queue.as_str().to_owned());
+            }
+            None => {}
         }
         rows.push(task, lease)?;
     }
-    let mut inserted: std::collections::HashSet<Uuid> = Default::default();
     let by_id: HashMap<Uuid, &Prepared> = if handed.is_empty() {
         HashMap::new()
     } else {
         tasks.iter().map(|t| (t.id.as_uuid(), t)).collect()
     };
-    if !rows.ids.is_empty() {
-        let now = tokio::time::Instant::now();
-        for row in transaction
+    // The insert (which counts its rows into their queues), the
+    // notification and, when nothing follows, the COMMIT: one round trip.
+    let insert = client.prepare_cached(&sql.insert_tasks).await?;
+    let notify = client.prepare_cached(&sql.notify_each).await?;
+    let ready: Vec<String> = ready.into_iter().collect();
+    let now = tokio::time::Instant::now();
+    let inserting = async {
+        if rows.ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        client
             .query(
-                &transaction.prepare_cached(&sql.insert_tasks).await?,
+                &insert,
                 &[
                     &rows.ids,
                     &rows.queues,
@@ -413,41 +513,53 @@ async fn put_tasks(
                     &rows.delays,
                 ],
             )
-            .await?
-        {
-            let id: Uuid = row.get(0);
-            inserted.insert(id);
-            if let Some(stream) = handed.remove(&id) {
-                let task = by_id[&id];
-                // Leased in its own insert: it waited for nothing.
-                handoffs.tally.queue(task.queue.as_str()).delivered(0.0);
-                let left: f64 = row.get(4);
-                let task = LeasedTask {
-                    id: task.id,
-                    queue: task.queue.clone(),
-                    payload: task.task.payload.clone(),
-                    headers: task.task.headers.clone(),
-                    attempt: 1,
-                    max_attempts: task.max_attempts,
-                    lease_id: Lease {
-                        task: task.id,
-                        seq: 1,
-                    },
-                    lease_expires_at: row.get(1),
-                    lease_deadline: now + std::time::Duration::from_secs_f64(left.max(0.0)),
-                    created_at: row.get(2),
-                    expires_at: row.get(3),
-                };
-                // The place is filled: it moves from reserved to handed.
-                if let Some(i) = handoffs
-                    .task_places
-                    .iter()
-                    .position(|s| Arc::ptr_eq(s, &stream))
-                {
-                    handoffs.task_places.swap_remove(i);
-                }
-                handoffs.tasks.push((stream, task));
+            .await
+            .map_err(PgError::from)
+    };
+    let notifying = async {
+        if !ready.is_empty() {
+            client
+                .execute(&notify, &[&inner.channels.0, &ready])
+                .await?;
+        }
+        Ok::<_, PgError>(())
+    };
+    let (_, inserted_rows, (), ()) =
+        tokio::try_join!(tx.begin(), inserting, notifying, tx.commit_if(last))?;
+    let mut inserted: std::collections::HashSet<Uuid> = Default::default();
+    for row in inserted_rows {
+        let id: Uuid = row.get(0);
+        inserted.insert(id);
+        if let Some(stream) = handed.remove(&id) {
+            let task = by_id[&id];
+            // Leased in its own insert: it waited for nothing.
+            handoffs.tally.queue(task.queue.as_str()).delivered(0.0);
+            let left: f64 = row.get(4);
+            let task = LeasedTask {
+                id: task.id,
+                queue: task.queue.clone(),
+                payload: task.task.payload.clone(),
+                headers: task.task.headers.clone(),
+                attempt: 1,
+                max_attempts: task.max_attempts,
+                lease_id: Lease {
+                    task: task.id,
+                    seq: 1,
+                },
+                lease_expires_at: row.get(1),
+                lease_deadline: now + std::time::Duration::from_secs_f64(left.max(0.0)),
+                created_at: row.get(2),
+                expires_at: row.get(3),
+            };
+            // The place is filled: it moves from reserved to handed.
+            if let Some(i) = handoffs
+                .task_places
+                .iter()
+                .position(|s| Arc::ptr_eq(s, &stream))
+            {
+                handoffs.task_places.swap_remove(i);
             }
+            handoffs.tasks.push((stream, task));
         }
     }
     // A task sent to the insert and not inserted met an idempotency key
@@ -455,7 +567,7 @@ async fn put_tasks(
     // before the insert, so this finds none and sends no statement).
     let duplicates = held_keys(
         inner,
-        transaction,
+        client,
         tasks
             .iter()
             .zip(&answers)
@@ -463,11 +575,6 @@ async fn put_tasks(
             .map(|(t, _)| t),
     )
     .await?;
-    let handed_ids: std::collections::HashSet<TaskId> =
-        handoffs.tasks.iter().map(|(_, t)| t.id).collect();
-    let mut added: BTreeMap<String, i64> = BTreeMap::new();
-    // Queues where some new task waits for a claim: their notification.
-    let mut ready: std::collections::BTreeSet<String> = Default::default();
     let mut results = Vec::with_capacity(tasks.len());
     for (task, answer) in tasks.iter().zip(answers) {
         if let Some(answer) = answer {
@@ -475,11 +582,7 @@ async fn put_tasks(
             continue;
         }
         if inserted.contains(&task.id.as_uuid()) {
-            *added.entry(task.queue.as_str().to_owned()).or_default() += 1;
             handoffs.tally.queue(task.queue.as_str()).enqueued += 1;
-            if !handed_ids.contains(&task.id) && !task.is_delayed() {
-                ready.insert(task.queue.as_str().to_owned());
-            }
             results.push(Ok(PutOutcome {
                 task_id: task.id,
                 duplicate: false,
@@ -504,55 +607,35 @@ async fn put_tasks(
             }),
         });
     }
-    // The count and the notification go together (pipelined).
-    let add = transaction.prepare_cached(&sql.add_unfinished).await?;
-    let notify = transaction.prepare_cached(&sql.notify_tasks).await?;
-    let (names, counts): (Vec<String>, Vec<i64>) = added.into_iter().unzip();
-    let ready: Vec<String> = ready.into_iter().collect();
-    let adding = async {
-        if !names.is_empty() {
-            transaction.execute(&add, &[&names, &counts]).await?;
-        }
-        Ok::<_, PgError>(())
-    };
-    let notifying = async {
-        if !ready.is_empty() {
-            transaction
-                .execute(&notify, &[&inner.channels.0, &ready])
-                .await?;
-        }
-        Ok::<_, PgError>(())
-    };
-    tokio::try_join!(adding, notifying)?;
     Ok(results)
 }
 
-/// The idempotency keys of `tasks` already held: (queue, key) → the
-/// task holding it. No statement when no task has a key.
-async fn held_keys<'a>(
-    inner: &Inner,
-    transaction: &Transaction<'_>,
-    tasks: impl Iterator<Item = &'a Prepared>,
-) -> Result<HashMap<(String, String), Uuid>, PgError> {
-    let (queues, keys): (Vec<String>, Vec<String>) = tasks
+/// The (queue, key) pairs of the tasks that have an idempotency key.
+fn keys_of<'a>(tasks: impl Iterator<Item = &'a Prepared>) -> (Vec<String>, Vec<String>) {
+    tasks
         .filter_map(|t| {
             t.task
                 .idempotency_key
                 .clone()
                 .map(|key| (t.queue.as_str().to_owned(), key))
         })
-        .unzip();
+        .unzip()
+}
+
+/// The idempotency keys of `tasks` already held: (queue, key) → the
+/// task holding it. No statement when no task has a key.
+async fn held_keys<'a>(
+    inner: &Inner,
+    client: &impl GenericClient,
+    tasks: impl Iterator<Item = &'a Prepared>,
+) -> Result<HashMap<(String, String), Uuid>, PgError> {
+    let (queues, keys) = keys_of(tasks);
     let mut held = HashMap::new();
     if queues.is_empty() {
         return Ok(held);
     }
-    for row in transaction
-        .query(
-            &transaction.prepare_cached(&inner.sql.find_keys).await?,
-            &[&queues, &keys],
-        )
-        .await?
-    {
+    let statement = client.prepare_cached(&inner.sql.find_keys).await?;
+    for row in client.query(&statement, &[&queues, &keys]).await? {
         held.insert((row.get(0), row.get(1)), row.get(2));
     }
     Ok(held)
@@ -616,7 +699,7 @@ impl Rows {
 /// in later transactions: each round takes at most one report per task.
 async fn complete_in_rounds(
     inner: &Inner,
-    transaction: &Transaction<'_>,
+    tx: &WriteTransaction,
     results: &[(LeaseId, Outcome)],
     handoffs: &mut Handoffs,
 ) -> Result<Vec<Result<TaskState, BrokerError>>, PgError> {
@@ -631,7 +714,7 @@ async fn complete_in_rounds(
         .collect();
     let rounds = round_of.iter().max().map_or(0, |last| last + 1);
     if rounds <= 1 {
-        return complete(inner, transaction, results, handoffs).await;
+        return complete(inner, tx, results, true, handoffs).await;
     }
     let mut answers: Vec<Option<Result<TaskState, BrokerError>>> = vec![None; results.len()];
     for round in 0..rounds {
@@ -641,7 +724,7 @@ async fn complete_in_rounds(
             .filter(|(i, _)| round_of[*i] == round)
             .map(|(i, report)| (i, report.clone()))
             .unzip();
-        let got = complete(inner, transaction, &batch, handoffs).await?;
+        let got = complete(inner, tx, &batch, round + 1 == rounds, handoffs).await?;
         for (i, answer) in at.into_iter().zip(got) {
             answers[i] = Some(answer);
         }
@@ -652,13 +735,19 @@ async fn complete_in_rounds(
         .collect())
 }
 
+/// One round of reports: the updates (with BEGIN when they are the
+/// transaction's first statements) in one round trip, a look at the rows
+/// they did not change only when there are such reports, then the counts,
+/// the notifications and, when `last`, the COMMIT in one more.
 async fn complete(
     inner: &Inner,
-    transaction: &Transaction<'_>,
+    tx: &WriteTransaction,
     results: &[(LeaseId, Outcome)],
+    last: bool,
     handoffs: &mut Handoffs,
 ) -> Result<Vec<Result<TaskState, BrokerError>>, PgError> {
     let sql = &inner.sql;
+    let client = tx.client();
     let mut answers: Vec<Option<Result<TaskState, BrokerError>>> =
         Vec::with_capacity(results.len());
     let mut ok = (Vec::new(), Vec::new(), Vec::new());
@@ -696,50 +785,93 @@ async fn complete(
             }
         }
     }
-    // What each statement changed: task → (queue, state now).
-    // What each statement changed: task → (queue, state now), and the
-    // result of a task it finished.
+    let mut places = ResultPlaces::reserve(inner, &ok.0, &ok.1);
+    let complete_ok = client.prepare_cached(&sql.complete_ok).await?;
+    let complete_failed = client.prepare_cached(&sql.complete_failed).await?;
+    let backoff = inner.broker.retry_backoff;
+    let (base, max) = (backoff.base.as_secs_f64(), backoff.max.as_secs_f64());
+    let finishing_ok = async {
+        if ok.0.is_empty() {
+            return Ok(Vec::new());
+        }
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&ok.0, &ok.1, &ok.2, &places.claim];
+        client
+            .query(&complete_ok, &params)
+            .await
+            .map_err(PgError::from)
+    };
+    let finishing_failed = async {
+        if failed.0.is_empty() {
+            return Ok(Vec::new());
+        }
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
+            &failed.0, &failed.1, &failed.2, &failed.3, &failed.4, &base, &max,
+        ];
+        client
+            .query(&complete_failed, &params)
+            .await
+            .map_err(PgError::from)
+    };
+    let updated = tokio::try_join!(tx.begin(), finishing_ok, finishing_failed);
+    let (_, ok_rows, failed_rows) = match updated {
+        Ok(rows) => rows,
+        Err(error) => {
+            places.give_back(handoffs);
+            return Err(error);
+        }
+    };
+    // What each statement changed: task → (queue, state now). Finished
+    // tasks by queue, those whose results went to this server's result
+    // streams apart, and the results of the others.
     let mut changed: HashMap<Uuid, (String, i16)> = HashMap::new();
+    let mut finished: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
+    let mut finished_handed: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
     let mut finished_results: HashMap<Uuid, TaskResult> = HashMap::new();
-    if !ok.0.is_empty() {
-        for row in transaction
-            .query(
-                &transaction.prepare_cached(&sql.complete_ok).await?,
-                &[&ok.0, &ok.1, &ok.2],
-            )
-            .await?
-        {
-            changed.insert(row.get(0), (row.get(1), row.get(2)));
-            count_report(&mut handoffs.tally, &row);
-            if let Some(result) = result_row(&row) {
-                finished_results.insert(row.get(0), result);
+    for (row, handed) in ok_rows
+        .iter()
+        .map(|row| (row, row.get::<_, bool>(11)))
+        .chain(failed_rows.iter().map(|row| (row, false)))
+    {
+        let id: Uuid = row.get(0);
+        let queue: String = row.get(1);
+        let state: i16 = row.get(2);
+        count_report(&mut handoffs.tally, row);
+        if !matches!(state_of(state), TaskState::Pending) {
+            let ids = if handed {
+                &mut finished_handed
+            } else {
+                &mut finished
+            };
+            ids.entry(queue.clone()).or_default().push(id);
+        }
+        if let Some(result) = result_row(row) {
+            if handed {
+                places.hand(id, result, handoffs);
+            } else {
+                finished_results.insert(id, result);
             }
         }
+        changed.insert(id, (queue, state));
     }
-    if !failed.0.is_empty() {
-        let backoff = inner.broker.retry_backoff;
-        for row in transaction
-            .query(
-                &transaction.prepare_cached(&sql.complete_failed).await?,
-                &[
-                    &failed.0,
-                    &failed.1,
-                    &failed.2,
-                    &failed.3,
-                    &failed.4,
-                    &backoff.base.as_secs_f64(),
-                    &backoff.max.as_secs_f64(),
-                ],
-            )
-            .await?
-        {
-            changed.insert(row.get(0), (row.get(1), row.get(2)));
-            count_report(&mut handoffs.tally, &row);
-            if let Some(result) = result_row(&row) {
-                finished_results.insert(row.get(0), result);
-            }
+    places.give_back(handoffs);
+    // Results finished here and not handed in the update (reported outside
+    // this server's worker streams, failed, or past the places reserved)
+    // go to this server's result streams with room now, claimed with the
+    // commit.
+    let mut claimed_after: Vec<Uuid> = Vec::new();
+    for (queue, ids) in &mut finished {
+        let handed = hand_results(inner, queue, ids, &mut finished_results, handoffs);
+        if handed > 0 {
+            let moved: Vec<Uuid> = ids.drain(..handed).collect();
+            claimed_after.extend_from_slice(&moved);
+            finished_handed
+                .entry(queue.clone())
+                .or_default()
+                .extend(moved);
         }
     }
+    finished.retain(|_, ids| !ids.is_empty());
     // The rest: look at the rows (as this transaction left them).
     let unexplained: Vec<Uuid> = checked
         .iter()
@@ -749,17 +881,11 @@ async fn complete(
         .collect();
     let mut rows: HashMap<Uuid, tokio_postgres::Row> = HashMap::new();
     if !unexplained.is_empty() {
-        for row in transaction
-            .query(
-                &transaction.prepare_cached(&sql.report_view).await?,
-                &[&unexplained],
-            )
-            .await?
-        {
+        let view = client.prepare_cached(&sql.report_view).await?;
+        for row in client.query(&view, &[&unexplained]).await? {
             rows.insert(row.get(0), row);
         }
     }
-    let mut finished: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
     let mut retried: Vec<String> = Vec::new();
     let mut out = Vec::with_capacity(answers.len());
     for (answer, checked) in answers.into_iter().zip(checked) {
@@ -770,13 +896,11 @@ async fn complete(
         let (lease, outcome) = checked.expect("checked when not answered");
         let id = lease.task.as_uuid();
         if let Some((queue, state)) = changed.get(&id) {
-            match state_of(*state) {
-                // Pending now (0): its queue's claimers are woken. A retry
-                // waiting out its backoff (-1) is woken by the sweep when
-                // it is due.
-                TaskState::Pending if *state == 0 => retried.push(queue.clone()),
-                TaskState::Pending => {}
-                _ => finished.entry(queue.clone()).or_default().push(id),
+            // Pending now (0): its queue's claimers are woken. A retry
+            // waiting out its backoff (-1) is woken by the sweep when it
+            // is due.
+            if *state == 0 {
+                retried.push(queue.clone());
             }
             out.push(Ok(state_of(*state)));
             continue;
@@ -786,50 +910,171 @@ async fn complete(
             Some(row) => explain(row, lease, &outcome),
         });
     }
-    if !finished.is_empty() {
-        // Results for this server's result streams are claimed here; the
-        // count, the claims and the notifications go to the database
-        // together (pipelined).
-        let mut claimed: Vec<Uuid> = Vec::new();
-        let mut split: Vec<(&str, &[Uuid], &[Uuid])> = Vec::new();
-        for (queue, ids) in &finished {
-            let handed = hand_results(inner, queue, ids, &mut finished_results, handoffs);
-            claimed.extend_from_slice(&ids[..handed]);
-            split.push((queue, &ids[..handed], &ids[handed..]));
+    retried.sort_unstable();
+    retried.dedup();
+    // The counts, the claims, the notifications and the COMMIT: one round
+    // trip.
+    let mut payloads = Vec::new();
+    for (queue, ids) in &finished_handed {
+        finished_payloads(queue, ids, true, &mut payloads);
+    }
+    for (queue, ids) in &finished {
+        finished_payloads(queue, ids, false, &mut payloads);
+    }
+    for (queue, ids) in finished_handed {
+        finished.entry(queue).or_default().extend(ids);
+    }
+    let subtract = client.prepare_cached(&sql.subtract_unfinished).await?;
+    let claim = client.prepare_cached(&sql.claim_these).await?;
+    let notify = client.prepare_cached(&sql.notify_each).await?;
+    let (names, counts) = finished_counts(&finished);
+    let shard = finish_shard();
+    let subtracting = async {
+        if !names.is_empty() {
+            client
+                .execute(&subtract, &[&names, &counts, &shard])
+                .await?;
         }
-        let claim = transaction.prepare_cached(&sql.claim_these).await?;
-        let notifications = async {
-            for (queue, handed, rest) in &split {
-                tokio::try_join!(
-                    notify_finished(inner, transaction, queue, handed, true),
-                    notify_finished(inner, transaction, queue, rest, false),
-                )?;
-            }
-            Ok::<_, PgError>(())
-        };
-        let claims = async {
-            if !claimed.is_empty() {
-                transaction.execute(&claim, &[&claimed]).await?;
-            }
-            Ok::<_, PgError>(())
-        };
-        tokio::try_join!(
-            subtract_finished(inner, transaction, &finished),
-            claims,
-            notifications,
-        )?;
-    }
-    if !retried.is_empty() {
-        retried.sort_unstable();
-        retried.dedup();
-        transaction
-            .execute(
-                &transaction.prepare_cached(&sql.notify_tasks).await?,
-                &[&inner.channels.0, &retried],
-            )
-            .await?;
-    }
+        Ok::<_, PgError>(())
+    };
+    let claiming = async {
+        if !claimed_after.is_empty() {
+            client.execute(&claim, &[&claimed_after]).await?;
+        }
+        Ok::<_, PgError>(())
+    };
+    let telling_readers = async {
+        if !payloads.is_empty() {
+            client
+                .execute(&notify, &[&inner.channels.1, &payloads])
+                .await?;
+        }
+        Ok::<_, PgError>(())
+    };
+    let waking_claimers = async {
+        if !retried.is_empty() {
+            client
+                .execute(&notify, &[&inner.channels.0, &retried])
+                .await?;
+        }
+        Ok::<_, PgError>(())
+    };
+    tokio::try_join!(
+        tx.begin(),
+        subtracting,
+        claiming,
+        telling_readers,
+        waking_claimers,
+        tx.commit_if(last),
+    )?;
     Ok(out)
+}
+
+/// Places reserved in this server's result streams before a round of
+/// reports, for successes reported through this server's worker streams
+/// (whose queue is known before the update): the update that finishes such
+/// a task claims its result for the place (`complete_ok`'s `claim`).
+struct ResultPlaces {
+    /// Per success report, in order: whether it has a place.
+    claim: Vec<bool>,
+    places: HashMap<Uuid, Arc<ResultShared>>,
+}
+
+impl ResultPlaces {
+    /// Places for the success reports `ids` (leases `seqs`), in report
+    /// order, in the result streams of their queues with room; none while
+    /// the server drains.
+    fn reserve(inner: &Inner, ids: &[Uuid], seqs: &[i32]) -> Self {
+        let mut this = Self {
+            claim: vec![false; ids.len()],
+            places: HashMap::new(),
+        };
+        if ids.is_empty() || *inner.closed.borrow() {
+            return this;
+        }
+        // Reports by queue, where a worker stream of this server holds the
+        // lease.
+        let mut by_queue: HashMap<String, Vec<usize>> = HashMap::new();
+        {
+            let leases = lock(&inner.stream_leases);
+            if leases.is_empty() {
+                return this;
+            }
+            for (i, (id, seq)) in ids.iter().zip(seqs).enumerate() {
+                if let Some((held, stream)) = leases.get(&TaskId::from_uuid(*id))
+                    && i64::from(*held) == i64::from(*seq)
+                {
+                    by_queue
+                        .entry(stream.queue.as_str().to_owned())
+                        .or_default()
+                        .push(i);
+                }
+            }
+        }
+        for (queue, reports) in by_queue {
+            let Some(dispatch) = lock(&inner.result_dispatch).get(&queue).cloned() else {
+                continue;
+            };
+            let streams = lock(&dispatch.streams).clone();
+            let got = places(
+                &streams,
+                &dispatch.turn,
+                reports.len(),
+                ResultShared::reserve,
+            );
+            for (stream, i) in got.into_iter().zip(reports) {
+                this.claim[i] = true;
+                this.places.insert(ids[i], stream);
+            }
+        }
+        this
+    }
+
+    /// The result of a report with a place, claimed in the update, goes to
+    /// that place. (Every claimed result has one; should one be missing,
+    /// the result is given back after the commit.)
+    fn hand(&mut self, id: Uuid, result: TaskResult, handoffs: &mut Handoffs) {
+        match self.places.remove(&id) {
+            Some(stream) => handoffs.results.push((stream, result)),
+            None => handoffs.unplaced.push(result),
+        }
+    }
+
+    /// Places not filled (their reports changed nothing) go back to their
+    /// streams when the transaction ends either way.
+    fn give_back(&mut self, handoffs: &mut Handoffs) {
+        handoffs
+            .result_places
+            .extend(self.places.drain().map(|(_, stream)| stream));
+    }
+}
+
+/// Hands results just finished in this transaction to this server's
+/// result streams of `queue` with room, in completion order: how many of
+/// `ids` (the first ones) were handed, to be claimed in the transaction.
+fn hand_results(
+    inner: &Inner,
+    queue: &str,
+    ids: &[Uuid],
+    results: &mut HashMap<Uuid, TaskResult>,
+    handoffs: &mut Handoffs,
+) -> usize {
+    if *inner.closed.borrow() {
+        return 0;
+    }
+    let Some(dispatch) = lock(&inner.result_dispatch).get(queue).cloned() else {
+        return 0;
+    };
+    let streams = lock(&dispatch.streams).clone();
+    let got = places(&streams, &dispatch.turn, ids.len(), ResultShared::reserve);
+    let handed = got.len();
+    for (stream, id) in got.into_iter().zip(ids) {
+        match results.remove(id) {
+            Some(result) => handoffs.results.push((stream, result)),
+            None => handoffs.result_places.push(stream),
+        }
+    }
+    handed
 }
 
 /// Counts a report that changed its task (a row of `complete_ok` or
@@ -856,40 +1101,34 @@ fn count_report(tally: &mut Tally, row: &tokio_postgres::Row) {
 /// their results told at commit.
 pub(crate) async fn tasks_ended(
     inner: &Inner,
-    transaction: &Transaction<'_>,
+    client: &impl GenericClient,
     finished: &BTreeMap<String, Vec<Uuid>>,
 ) -> Result<(), PgError> {
     if finished.is_empty() {
         return Ok(());
     }
-    subtract_finished(inner, transaction, finished).await?;
+    let (names, counts) = finished_counts(finished);
+    let subtract = client
+        .prepare_cached(&inner.sql.subtract_unfinished)
+        .await?;
+    client
+        .execute(&subtract, &[&names, &counts, &finish_shard()])
+        .await?;
+    let mut payloads = Vec::new();
     for (queue, ids) in finished {
-        notify_finished(inner, transaction, queue, ids, false).await?;
+        finished_payloads(queue, ids, false, &mut payloads);
     }
-    Ok(())
+    notify_results(inner, client, &payloads).await
 }
 
-/// Counts tasks finished in this transaction out of their queues, in a
-/// finish shard picked at random (see the schema's `queue_counts`).
-pub(crate) async fn subtract_finished(
-    inner: &Inner,
-    transaction: &Transaction<'_>,
-    finished: &BTreeMap<String, Vec<Uuid>>,
-) -> Result<(), PgError> {
-    let names: Vec<&str> = finished.keys().map(String::as_str).collect();
-    let counts: Vec<i64> = finished
-        .values()
-        .map(|ids| i64::try_from(ids.len()).unwrap_or(i64::MAX))
-        .collect();
-    transaction
-        .execute(
-            &transaction
-                .prepare_cached(&inner.sql.subtract_unfinished)
-                .await?,
-            &[&names, &counts, &finish_shard()],
-        )
-        .await?;
-    Ok(())
+/// Tasks finished, counted per queue (in name order, the order counter
+/// rows are taken in): the arrays of `subtract_unfinished`, subtracted
+/// in a finish shard picked at random (see the schema's `queue_counts`).
+fn finished_counts(finished: &BTreeMap<String, Vec<Uuid>>) -> (Vec<&str>, Vec<i64>) {
+    finished
+        .iter()
+        .map(|(queue, ids)| (queue.as_str(), i64::try_from(ids.len()).unwrap_or(i64::MAX)))
+        .unzip()
 }
 
 /// One of the finish shards, 1 to 15: spread well enough by the clock's
@@ -899,34 +1138,6 @@ fn finish_shard() -> i16 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     i16::try_from(nanos % 15).unwrap_or(0) + 1
-}
-
-/// Hands results just finished in this transaction to this server's
-/// result streams of `queue` with room, in completion order, claiming them
-/// in the same transaction.
-fn hand_results(
-    inner: &Inner,
-    queue: &str,
-    ids: &[Uuid],
-    results: &mut HashMap<Uuid, TaskResult>,
-    handoffs: &mut Handoffs,
-) -> usize {
-    if *inner.closed.borrow() {
-        return 0;
-    }
-    let Some(dispatch) = lock(&inner.result_dispatch).get(queue).cloned() else {
-        return 0;
-    };
-    let streams = lock(&dispatch.streams).clone();
-    let got = places(&streams, &dispatch.turn, ids.len(), ResultShared::reserve);
-    let handed = got.len();
-    for (stream, id) in got.into_iter().zip(ids) {
-        match results.remove(id) {
-            Some(result) => handoffs.results.push((stream, result)),
-            None => handoffs.result_places.push(stream),
-        }
-    }
-    handed
 }
 
 /// Why a report changed nothing, from the task's row: a repeat of the
