@@ -106,6 +106,10 @@ pub(crate) struct TaskDispatch {
     pub(crate) turn: AtomicUsize,
     /// A stream opened, ended, or gained room.
     pub(crate) changed: Notify,
+    /// The last claim found no more ready tasks, and none was notified
+    /// since: a put may then hand its tasks to these streams without
+    /// first asking whether older ones wait.
+    pub(crate) drained: AtomicBool,
 }
 
 /// What a result stream and its queue's dispatch share.

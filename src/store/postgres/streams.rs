@@ -166,7 +166,10 @@ async fn dispatch_tasks(store: PgStore, queue: QueueName, dispatch: Arc<TaskDisp
         let believed_empty = empty_since.is_some_and(|at| at.elapsed() < BELIEVED_EMPTY);
         if slots.is_empty() || believed_empty {
             tokio::select! {
-                () = &mut notified => empty_since = None,
+                () = &mut notified => {
+                    empty_since = None;
+                    dispatch.drained.store(false, Ordering::Release);
+                }
                 () = &mut changed => {}
                 _ = closed.changed(), if !draining => {}
             }
@@ -181,11 +184,16 @@ async fn dispatch_tasks(store: PgStore, queue: QueueName, dispatch: Arc<TaskDisp
                 deliver(&store, &slots, tasks);
                 if full {
                     empty_since = None;
+                    dispatch.drained.store(false, Ordering::Release);
                     continue;
                 }
                 empty_since = Some(Instant::now());
+                dispatch.drained.store(true, Ordering::Release);
                 tokio::select! {
-                    () = &mut notified => empty_since = None,
+                    () = &mut notified => {
+                        empty_since = None;
+                        dispatch.drained.store(false, Ordering::Release);
+                    }
                     () = &mut changed => {}
                     _ = closed.changed(), if !draining => {}
                 }

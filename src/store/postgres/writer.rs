@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use deadpool_postgres::GenericClient;
 use tokio::sync::{Mutex as AsyncMutex, mpsc};
@@ -260,14 +261,26 @@ async fn write_transaction(
     ),
     PgError,
 > {
-    let tx = WriteTransaction::open(&inner.pool).await?;
+    let mut tx = WriteTransaction::open(&inner.pool).await?;
     if let Some(turn) = turn {
         tx.hold_until_commit(turn);
     }
+    let last = completes.is_empty();
     let put_results = if puts.is_empty() {
         Vec::new()
+    } else if let Some(results) = put_tasks(inner, &tx, puts, last, Assume::Room, handoffs).await? {
+        results
     } else {
-        put_tasks(inner, &tx, puts, completes.is_empty(), handoffs).await?
+        // The puts did not fit as assumed: they go again, after reading
+        // the counts, in this transaction or, when it committed
+        // (nothing), in a new one.
+        if last {
+            tx.committed();
+            tx = WriteTransaction::open(&inner.pool).await?;
+        }
+        put_tasks(inner, &tx, puts, last, Assume::Nothing, handoffs)
+            .await?
+            .unwrap_or_default()
     };
     let complete_results = if completes.is_empty() {
         Vec::new()
@@ -278,8 +291,21 @@ async fn write_transaction(
     Ok((put_results, complete_results))
 }
 
+/// What a writer assumes of the database before it inserts puts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Assume {
+    /// That the puts fit: room for all, no key held, nothing older waiting
+    /// where they are handed over; the insert (`insert_tasks_if_fits`)
+    /// checks it, and inserts nothing otherwise. One round trip with the
+    /// COMMIT, when it holds, as it nearly always does.
+    Room,
+    /// Nothing: the counts, keys and waiting tasks are read first.
+    Nothing,
+}
+
 /// What the database says before a batch of puts is inserted, read in one
 /// round trip under the locks of the queues' put shards.
+#[derive(Default)]
 struct BeforePut {
     /// Unfinished tasks per queue, across all servers.
     unfinished: HashMap<String, i64>,
@@ -360,21 +386,25 @@ async fn before_put(
 /// Inserts tasks: room checked per queue across all servers (the queue's
 /// put shard, locked first), duplicates by idempotency key answered with
 /// the first task's id. `last`: nothing follows in this transaction, so
-/// the COMMIT goes with the insert.
+/// the COMMIT goes with the insert. `None`: the puts did not fit as
+/// assumed, and nothing was inserted.
 async fn put_tasks(
     inner: &Inner,
     tx: &WriteTransaction,
     tasks: &[Prepared],
     last: bool,
+    assume: Assume,
     handoffs: &mut Handoffs,
-) -> Result<Vec<Result<PutOutcome, BrokerError>>, PgError> {
+) -> Result<Option<Vec<Result<PutOutcome, BrokerError>>>, PgError> {
     let sql = &inner.sql;
     let client = tx.client();
     let mut names: Vec<String> = tasks.iter().map(|t| t.queue.as_str().to_owned()).collect();
     names.sort_unstable();
     names.dedup();
     // Queues with room in this server's worker streams now: whether older
-    // tasks wait there is read with the counts.
+    // tasks wait there is read with the counts or, when assumed, checked
+    // by the insert (assumed only where the streams' last claim found
+    // none, so that a backlog does not make every such put go twice).
     let handing: Vec<String> = if *inner.closed.borrow() {
         Vec::new()
     } else {
@@ -382,14 +412,18 @@ async fn put_tasks(
         names
             .iter()
             .filter(|name| {
-                dispatches
-                    .get(name.as_str())
-                    .is_some_and(|d| lock(&d.streams).iter().any(|s| s.room() > 0))
+                dispatches.get(name.as_str()).is_some_and(|d| {
+                    (assume == Assume::Nothing || d.drained.load(Ordering::Acquire))
+                        && lock(&d.streams).iter().any(|s| s.room() > 0)
+                })
             })
             .cloned()
             .collect()
     };
-    let before = before_put(inner, tx, &names, &handing, tasks).await?;
+    let before = match assume {
+        Assume::Room => BeforePut::default(),
+        Assume::Nothing => before_put(inner, tx, &names, &handing, tasks).await?,
+    };
     let capacity = i64::try_from(inner.broker.queue_capacity).unwrap_or(i64::MAX);
     let mut room: HashMap<&str, i64> = names
         .iter()
@@ -487,34 +521,47 @@ async fn put_tasks(
         tasks.iter().map(|t| (t.id.as_uuid(), t)).collect()
     };
     // The insert (which counts its rows into their queues), the
-    // notification and, when nothing follows, the COMMIT: one round trip.
-    let insert = client.prepare_cached(&sql.insert_tasks).await?;
+    // notification and, when nothing follows, the COMMIT: one round trip
+    // (with BEGIN and the locks when nothing was read before).
+    let insert = client
+        .prepare_cached(match assume {
+            Assume::Room => &sql.insert_tasks_if_fits,
+            Assume::Nothing => &sql.insert_tasks,
+        })
+        .await?;
+    let lock_queues = client.prepare_cached(&sql.lock_queues).await?;
     let notify = client.prepare_cached(&sql.notify_each).await?;
+    let handed_queues: Vec<&str> = places_of.keys().copied().collect();
+    let locking = async {
+        if assume == Assume::Room {
+            client.execute(&lock_queues, &[&names]).await?;
+        }
+        Ok::<_, PgError>(())
+    };
     let ready: Vec<String> = ready.into_iter().collect();
     let now = tokio::time::Instant::now();
     let inserting = async {
         if rows.ids.is_empty() {
             return Ok(Vec::new());
         }
-        client
-            .query(
-                &insert,
-                &[
-                    &rows.ids,
-                    &rows.queues,
-                    &rows.payloads,
-                    &rows.headers,
-                    &rows.keys,
-                    &rows.max_attempts,
-                    &rows.ttls,
-                    &rows.lease_secs,
-                    &rows.workers,
-                    &rows.priorities,
-                    &rows.delays,
-                ],
-            )
-            .await
-            .map_err(PgError::from)
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
+            &rows.ids,
+            &rows.queues,
+            &rows.payloads,
+            &rows.headers,
+            &rows.keys,
+            &rows.max_attempts,
+            &rows.ttls,
+            &rows.lease_secs,
+            &rows.workers,
+            &rows.priorities,
+            &rows.delays,
+        ];
+        if assume == Assume::Room {
+            params.push(&capacity);
+            params.push(&handed_queues);
+        }
+        client.query(&insert, &params).await.map_err(PgError::from)
     };
     let notifying = async {
         if !ready.is_empty() {
@@ -524,8 +571,20 @@ async fn put_tasks(
         }
         Ok::<_, PgError>(())
     };
-    let (_, inserted_rows, (), ()) =
-        tokio::try_join!(tx.begin(), inserting, notifying, tx.commit_if(last))?;
+    let (_, (), inserted_rows, (), ()) = tokio::try_join!(
+        tx.begin(),
+        locking,
+        inserting,
+        notifying,
+        tx.commit_if(last)
+    )?;
+    if inserted_rows.is_empty() && !rows.ids.is_empty() && assume == Assume::Room {
+        // They did not fit: the places reserved go back.
+        for stream in handoffs.task_places.drain(..) {
+            stream.unreserve(1);
+        }
+        return Ok(None);
+    }
     let mut inserted: std::collections::HashSet<Uuid> = Default::default();
     for row in inserted_rows {
         let id: Uuid = row.get(0);
@@ -607,7 +666,7 @@ async fn put_tasks(
             }),
         });
     }
-    Ok(results)
+    Ok(Some(results))
 }
 
 /// The (queue, key) pairs of the tasks that have an idempotency key.
