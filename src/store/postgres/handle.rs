@@ -74,6 +74,10 @@ impl PgStore {
         );
         let pool = Pool::builder(manager)
             .max_size(config.pool_size)
+            // The connection used last goes out first: the few a quiet
+            // server needs stay warm (their PostgreSQL processes in the
+            // CPU caches, not woken in turns), and the rest idle.
+            .queue_mode(deadpool_postgres::QueueMode::Lifo)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(config.statement_timeout))
             .create_timeout(Some(Duration::from_secs(5)))

@@ -26,6 +26,8 @@ pub(crate) struct Sql {
     pub(crate) extend: String,
     pub(crate) complete_ok: String,
     pub(crate) complete_failed: String,
+    pub(crate) complete_ok_told: String,
+    pub(crate) complete_failed_told: String,
     pub(crate) report_view: String,
     pub(crate) result_of: String,
     pub(crate) results_of: String,
@@ -104,6 +106,34 @@ const INSERT_TASKS: &str = "inserted AS (INSERT INTO {s}.tasks (id, queue, paylo
                     WHERE c.queue = d.queue AND c.shard = 0)
                 SELECT id, lease_until, created_at, expires_at, lease_left FROM inserted";
 
+/// A statement that finishes tasks (`complete_ok`, `complete_failed`:
+/// rows in `result_row`'s order, the durations, then `claimed`), with
+/// what its transaction must do for the tasks it finished, in the same
+/// statement: count them out of their queues in finish shard `$first`,
+/// tell the waiters of their results on channel `$first+1` (payloads as
+/// `notify::finished_payloads` makes them), and wake the claimers of
+/// queues that got a task back on channel `$first+2`. Its rows gain the
+/// number of notifications sent, a last column.
+fn told(finishing: &str, first: u32) -> String {
+    let (shard, results, tasks) = (first, first + 1, first + 2);
+    format!(
+        "WITH done AS ({finishing}),
+        counted AS (INSERT INTO {{s}}.queue_counts AS c (queue, shard, unfinished)
+            SELECT queue, ${shard}::int2, -count(*) FROM done WHERE state >= 2 GROUP BY queue ORDER BY queue
+            ON CONFLICT (queue, shard) DO UPDATE SET unfinished = c.unfinished + EXCLUDED.unfinished),
+        told AS (SELECT count(pg_notify(channel, payload)) AS n FROM (
+            SELECT ${results}::text AS channel,
+                   CASE WHEN claimed THEN '!' ELSE '' END || queue || E'\\n' || string_agg(id::text, ',') AS payload
+            FROM (SELECT id, queue, claimed,
+                         (row_number() OVER (PARTITION BY queue, claimed ORDER BY id) - 1) / 150 AS chunk
+                  FROM done WHERE state >= 2) f
+            GROUP BY queue, claimed, chunk
+            UNION ALL
+            SELECT ${tasks}::text, queue FROM done WHERE state = 0 GROUP BY queue) p)
+        SELECT done.*, (SELECT n FROM told) FROM done"
+    )
+}
+
 impl Sql {
     pub(crate) fn new(schema: &str) -> Self {
         let s = |text: &str| {
@@ -113,7 +143,45 @@ impl Sql {
                 .replace("{d}", DURATION_COLUMNS)
                 .replace("{lost}", LEASE_LOST)
         };
+        // A result whose report has a place reserved in a result stream
+        // of this server ($4) is handed to it in the update that
+        // finishes it: claimed at once.
+        let complete_ok = s("UPDATE {s}.tasks t
+                SET state = 2, output = r.output, error = NULL, finished_at = now(),
+                    by_lease = r.seq, lease_until = NULL, claimed = r.claim
+                FROM unnest($1::uuid[], $2::int4[], $3::bytea[], $4::bool[]) AS r(id, seq, output, claim)
+                WHERE t.id = r.id AND t.state < 2 AND r.seq >= 1 AND r.seq <= t.lease_seq
+                RETURNING t.id, t.queue, t.state, t.output, t.error, t.attempt, t.worker,
+                          t.created_at, t.finished_at, {d}, t.claimed");
+        // A retried failure waits `after` ($5, the worker's
+        // retry_after) or else the backoff: `$6 * 2^(attempt - 1)` at
+        // most $7, at a random point of its upper half (as
+        // `RetryBackoff::delay`), as a delayed task (-1) when it
+        // waits at all.
+        let complete_failed = s("UPDATE {s}.tasks t
+                SET state = CASE WHEN NOT {again} THEN 3
+                                 WHEN coalesce(r.after, $6::float8) > 0 THEN -1 ELSE 0 END,
+                    finished_at = CASE WHEN {again} THEN NULL ELSE now() END,
+                    ready_at = CASE WHEN {again} THEN now() + make_interval(secs => coalesce(r.after,
+                                   least($7::float8, $6::float8 * power(2, least(t.attempt - 1, 30)))
+                                   * (0.5 + random() * 0.5)))
+                               ELSE t.ready_at END,
+                    requeued = t.requeued + CASE WHEN {again} THEN 1 ELSE 0 END,
+                    retry_seq = CASE WHEN {again} THEN r.seq ELSE t.retry_seq END,
+                    retry_error = CASE WHEN {again} THEN r.error ELSE t.retry_error END,
+                    error = r.error, by_lease = r.seq, lease_until = NULL
+                FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::bool[], $5::float8[])
+                     AS r(id, seq, error, retry, after)
+                WHERE t.id = r.id AND t.state = 1 AND t.lease_seq = r.seq AND t.lease_until > now()
+                RETURNING t.id, t.queue, t.state, t.output, t.error, t.attempt, t.worker,
+                          t.created_at, t.finished_at, {d}, t.claimed");
+        let complete_ok_told = s(&told(&complete_ok, 5));
+        let complete_failed_told = s(&told(&complete_failed, 8));
         Self {
+            complete_ok,
+            complete_failed,
+            complete_ok_told,
+            complete_failed_told,
             ensure_queues: s("INSERT INTO {s}.queue_counts (queue, shard)
                 SELECT unnest($1::text[]), 0 ON CONFLICT DO NOTHING"),
             // A new queue is made under this lock, so that servers making
@@ -214,38 +282,6 @@ impl Sql {
             extend: s("UPDATE {s}.tasks SET lease_until = now() + make_interval(secs => $3)
                 WHERE id = $1 AND state = 1 AND lease_seq = $2 AND lease_until > now()
                 RETURNING lease_until"),
-            // A result whose report has a place reserved in a result stream
-            // of this server ($4) is handed to it in the update that
-            // finishes it: claimed at once.
-            complete_ok: s("UPDATE {s}.tasks t
-                SET state = 2, output = r.output, error = NULL, finished_at = now(),
-                    by_lease = r.seq, lease_until = NULL, claimed = r.claim
-                FROM unnest($1::uuid[], $2::int4[], $3::bytea[], $4::bool[]) AS r(id, seq, output, claim)
-                WHERE t.id = r.id AND t.state < 2 AND r.seq >= 1 AND r.seq <= t.lease_seq
-                RETURNING t.id, t.queue, t.state, t.output, t.error, t.attempt, t.worker,
-                          t.created_at, t.finished_at, {d}, t.claimed"),
-            // A retried failure waits `after` ($5, the worker's
-            // retry_after) or else the backoff: `$6 * 2^(attempt - 1)` at
-            // most $7, at a random point of its upper half (as
-            // `RetryBackoff::delay`), as a delayed task (-1) when it
-            // waits at all.
-            complete_failed: s("UPDATE {s}.tasks t
-                SET state = CASE WHEN NOT {again} THEN 3
-                                 WHEN coalesce(r.after, $6::float8) > 0 THEN -1 ELSE 0 END,
-                    finished_at = CASE WHEN {again} THEN NULL ELSE now() END,
-                    ready_at = CASE WHEN {again} THEN now() + make_interval(secs => coalesce(r.after,
-                                   least($7::float8, $6::float8 * power(2, least(t.attempt - 1, 30)))
-                                   * (0.5 + random() * 0.5)))
-                               ELSE t.ready_at END,
-                    requeued = t.requeued + CASE WHEN {again} THEN 1 ELSE 0 END,
-                    retry_seq = CASE WHEN {again} THEN r.seq ELSE t.retry_seq END,
-                    retry_error = CASE WHEN {again} THEN r.error ELSE t.retry_error END,
-                    error = r.error, by_lease = r.seq, lease_until = NULL
-                FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::bool[], $5::float8[])
-                     AS r(id, seq, error, retry, after)
-                WHERE t.id = r.id AND t.state = 1 AND t.lease_seq = r.seq AND t.lease_until > now()
-                RETURNING t.id, t.queue, t.state, t.output, t.error, t.attempt, t.worker,
-                          t.created_at, t.finished_at, {d}"),
             report_view: s("SELECT id, state, lease_seq, by_lease, output, error, retry_seq, retry_error
                 FROM {s}.tasks WHERE id = ANY($1)"),
             result_of: s("SELECT {r} FROM {s}.tasks WHERE id = $1"),

@@ -845,16 +845,29 @@ async fn complete(
         }
     }
     let mut places = ResultPlaces::reserve(inner, &ok.0, &ok.1);
-    let complete_ok = client.prepare_cached(&sql.complete_ok).await?;
-    let complete_failed = client.prepare_cached(&sql.complete_failed).await?;
+    // The last round's updates also count the tasks they finish out of
+    // their queues and send the notifications (the `_told` statements), so
+    // that they and the COMMIT are one round trip.
+    let (complete_ok, complete_failed) = if last {
+        (&sql.complete_ok_told, &sql.complete_failed_told)
+    } else {
+        (&sql.complete_ok, &sql.complete_failed)
+    };
+    let complete_ok = client.prepare_cached(complete_ok).await?;
+    let complete_failed = client.prepare_cached(complete_failed).await?;
     let backoff = inner.broker.retry_backoff;
     let (base, max) = (backoff.base.as_secs_f64(), backoff.max.as_secs_f64());
+    let shard = finish_shard();
+    type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+    let told: [Param<'_>; 3] = [&shard, &inner.channels.1, &inner.channels.0];
     let finishing_ok = async {
         if ok.0.is_empty() {
             return Ok(Vec::new());
         }
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-            [&ok.0, &ok.1, &ok.2, &places.claim];
+        let mut params: Vec<Param<'_>> = vec![&ok.0, &ok.1, &ok.2, &places.claim];
+        if last {
+            params.extend(told);
+        }
         client
             .query(&complete_ok, &params)
             .await
@@ -864,16 +877,24 @@ async fn complete(
         if failed.0.is_empty() {
             return Ok(Vec::new());
         }
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
+        let mut params: Vec<Param<'_>> = vec![
             &failed.0, &failed.1, &failed.2, &failed.3, &failed.4, &base, &max,
         ];
+        if last {
+            params.extend(told);
+        }
         client
             .query(&complete_failed, &params)
             .await
             .map_err(PgError::from)
     };
-    let updated = tokio::try_join!(tx.begin(), finishing_ok, finishing_failed);
-    let (_, ok_rows, failed_rows) = match updated {
+    let updated = tokio::try_join!(
+        tx.begin(),
+        finishing_ok,
+        finishing_failed,
+        tx.commit_if(last)
+    );
+    let (_, ok_rows, failed_rows, ()) = match updated {
         Ok(rows) => rows,
         Err(error) => {
             places.give_back(handoffs);
@@ -917,9 +938,10 @@ async fn complete(
     // Results finished here and not handed in the update (reported outside
     // this server's worker streams, failed, or past the places reserved)
     // go to this server's result streams with room now, claimed with the
-    // commit.
+    // commit; in the last round, the notification sent tells the streams'
+    // claimers instead.
     let mut claimed_after: Vec<Uuid> = Vec::new();
-    for (queue, ids) in &mut finished {
+    for (queue, ids) in finished.iter_mut().filter(|_| !last) {
         let handed = hand_results(inner, queue, ids, &mut finished_results, handoffs);
         if handed > 0 {
             let moved: Vec<Uuid> = ids.drain(..handed).collect();
@@ -931,7 +953,9 @@ async fn complete(
         }
     }
     finished.retain(|_, ids| !ids.is_empty());
-    // The rest: look at the rows (as this transaction left them).
+    // The rest: look at the rows (as this transaction left them, or, after
+    // the last round's COMMIT, as they are now: a report that changed
+    // nothing is answered from a task that only moved on since).
     let unexplained: Vec<Uuid> = checked
         .iter()
         .flatten()
@@ -969,10 +993,13 @@ async fn complete(
             Some(row) => explain(row, lease, &outcome),
         });
     }
+    if last {
+        // Counted, told and committed with the updates.
+        return Ok(out);
+    }
     retried.sort_unstable();
     retried.dedup();
-    // The counts, the claims, the notifications and the COMMIT: one round
-    // trip.
+    // The counts, the claims and the notifications: one round trip.
     let mut payloads = Vec::new();
     for (queue, ids) in &finished_handed {
         finished_payloads(queue, ids, true, &mut payloads);
@@ -987,7 +1014,6 @@ async fn complete(
     let claim = client.prepare_cached(&sql.claim_these).await?;
     let notify = client.prepare_cached(&sql.notify_each).await?;
     let (names, counts) = finished_counts(&finished);
-    let shard = finish_shard();
     let subtracting = async {
         if !names.is_empty() {
             client
@@ -1018,14 +1044,7 @@ async fn complete(
         }
         Ok::<_, PgError>(())
     };
-    tokio::try_join!(
-        tx.begin(),
-        subtracting,
-        claiming,
-        telling_readers,
-        waking_claimers,
-        tx.commit_if(last),
-    )?;
+    tokio::try_join!(subtracting, claiming, telling_readers, waking_claimers)?;
     Ok(out)
 }
 
