@@ -31,8 +31,11 @@ pub(crate) struct WriteTransaction {
     begin: Statement,
     generic_plans: Statement,
     commit: Statement,
-    /// Whether BEGIN was sent.
+    /// Whether BEGIN was sent (or is not to be: `alone`).
     begun: AtomicBool,
+    /// One statement alone: it is its own transaction (committed at its
+    /// end, as durable as with COMMIT), with no BEGIN or COMMIT.
+    alone: AtomicBool,
     /// Dropped when the COMMIT is sent (or the transaction ends): see
     /// `hold_until_commit`.
     baton: Mutex<Option<Box<dyn Send>>>,
@@ -55,6 +58,7 @@ impl WriteTransaction {
             generic_plans,
             commit,
             begun: AtomicBool::new(false),
+            alone: AtomicBool::new(false),
             baton: Mutex::new(None),
         })
     }
@@ -77,6 +81,13 @@ impl WriteTransaction {
             .expect("the client is taken only by `committed`, which consumes the transaction")
     }
 
+    /// The transaction is one statement, sent next: no BEGIN, no COMMIT
+    /// (and no generic plans: its statement's plan needs none).
+    pub(crate) fn alone(&self) {
+        self.alone.store(true, Ordering::Relaxed);
+        self.begun.store(true, Ordering::Relaxed);
+    }
+
     /// BEGIN, the first time this is called (nothing after): poll it
     /// together with, and before, the transaction's first statements.
     pub(crate) async fn begin(&self) -> Result<(), PgError> {
@@ -92,30 +103,40 @@ impl WriteTransaction {
 
     /// COMMIT when `last` (nothing otherwise): poll it together with, and
     /// after, the transaction's last statements, then call `committed`
-    /// once every one of them succeeded.
+    /// once every one of them succeeded. A statement `alone` commits by
+    /// itself: its baton goes on as this is polled, after it was sent.
     pub(crate) async fn commit_if(&self, last: bool) -> Result<(), PgError> {
-        if last {
-            self.begin().await?;
-            let committing = self.client().execute(&self.commit, &[]);
-            // Sent at its first poll: the baton goes on at once.
-            let mut committing = std::pin::pin!(committing);
-            let polled = std::future::poll_fn(|cx| {
-                std::task::Poll::Ready(match committing.as_mut().poll(cx) {
-                    std::task::Poll::Ready(done) => Some(done),
-                    std::task::Poll::Pending => None,
-                })
-            })
-            .await;
-            self.baton
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .take();
-            match polled {
-                Some(done) => done?,
-                None => committing.await?,
-            };
+        if !last {
+            return Ok(());
         }
+        if self.alone.load(Ordering::Relaxed) {
+            self.pass_baton();
+            return Ok(());
+        }
+        self.begin().await?;
+        let committing = self.client().execute(&self.commit, &[]);
+        // Sent at its first poll: the baton goes on at once.
+        let mut committing = std::pin::pin!(committing);
+        let polled = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match committing.as_mut().poll(cx) {
+                std::task::Poll::Ready(done) => Some(done),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await;
+        self.pass_baton();
+        match polled {
+            Some(done) => done?,
+            None => committing.await?,
+        };
         Ok(())
+    }
+
+    fn pass_baton(&self) {
+        self.baton
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
     }
 
     /// The COMMIT and every statement before it succeeded: the connection

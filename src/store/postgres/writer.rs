@@ -285,7 +285,7 @@ async fn write_transaction(
     let complete_results = if completes.is_empty() {
         Vec::new()
     } else {
-        complete_in_rounds(inner, &tx, completes, handoffs).await?
+        complete_in_rounds(inner, &tx, completes, puts.is_empty(), handoffs).await?
     };
     tx.committed();
     Ok((put_results, complete_results))
@@ -760,6 +760,7 @@ async fn complete_in_rounds(
     inner: &Inner,
     tx: &WriteTransaction,
     results: &[(LeaseId, Outcome)],
+    alone: bool,
     handoffs: &mut Handoffs,
 ) -> Result<Vec<Result<TaskState, BrokerError>>, PgError> {
     let mut seen: HashMap<Uuid, usize> = HashMap::new();
@@ -773,7 +774,7 @@ async fn complete_in_rounds(
         .collect();
     let rounds = round_of.iter().max().map_or(0, |last| last + 1);
     if rounds <= 1 {
-        return complete(inner, tx, results, true, handoffs).await;
+        return complete(inner, tx, results, Round::Last { alone }, handoffs).await;
     }
     let mut answers: Vec<Option<Result<TaskState, BrokerError>>> = vec![None; results.len()];
     for round in 0..rounds {
@@ -783,7 +784,12 @@ async fn complete_in_rounds(
             .filter(|(i, _)| round_of[*i] == round)
             .map(|(i, report)| (i, report.clone()))
             .unzip();
-        let got = complete(inner, tx, &batch, round + 1 == rounds, handoffs).await?;
+        let round = if round + 1 == rounds {
+            Round::Last { alone: false }
+        } else {
+            Round::Before
+        };
+        let got = complete(inner, tx, &batch, round, handoffs).await?;
         for (i, answer) in at.into_iter().zip(got) {
             answers[i] = Some(answer);
         }
@@ -794,17 +800,30 @@ async fn complete_in_rounds(
         .collect())
 }
 
-/// One round of reports: the updates (with BEGIN when they are the
-/// transaction's first statements) in one round trip, a look at the rows
-/// they did not change only when there are such reports, then the counts,
-/// the notifications and, when `last`, the COMMIT in one more.
+/// Which round of a batch's reports `complete` runs.
+#[derive(Clone, Copy)]
+enum Round {
+    /// A round with more after it.
+    Before,
+    /// The last round; `alone`: the transaction's only one (no puts).
+    Last { alone: bool },
+}
+
+/// One round of reports. The last: its updates, which also count what
+/// they finish and send the notifications, and the COMMIT in one round
+/// trip (one statement alone, its own transaction, when the transaction
+/// holds nothing else), then a look, only when some reports changed
+/// nothing, at their rows. Another: the updates (with BEGIN when they are
+/// the transaction's first statements), that look, then the counts and
+/// the notifications.
 async fn complete(
     inner: &Inner,
     tx: &WriteTransaction,
     results: &[(LeaseId, Outcome)],
-    last: bool,
+    round: Round,
     handoffs: &mut Handoffs,
 ) -> Result<Vec<Result<TaskState, BrokerError>>, PgError> {
+    let last = matches!(round, Round::Last { .. });
     let sql = &inner.sql;
     let client = tx.client();
     let mut answers: Vec<Option<Result<TaskState, BrokerError>>> =
@@ -888,6 +907,9 @@ async fn complete(
             .await
             .map_err(PgError::from)
     };
+    if matches!(round, Round::Last { alone: true }) && (ok.0.is_empty() || failed.0.is_empty()) {
+        tx.alone();
+    }
     let updated = tokio::try_join!(
         tx.begin(),
         finishing_ok,
