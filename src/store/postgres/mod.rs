@@ -20,6 +20,11 @@ mod config;
 mod counters;
 mod error;
 mod handle;
+/// The tests' own PostgreSQL (tests/common/postgres.rs).
+#[cfg(test)]
+#[allow(dead_code, clippy::all)]
+#[path = "../../../tests/common/postgres.rs"]
+mod harness;
 mod inner;
 mod jobs;
 mod limits;

@@ -5,10 +5,7 @@
 //! says what it leaves out and why). Against a real PostgreSQL the tests
 //! start themselves (tests/common/postgres.rs), one schema per sequence.
 
-#[allow(dead_code, clippy::all)]
-#[path = "../../../tests/common/postgres.rs"]
-mod harness;
-
+use super::harness;
 use super::{PgStore, PostgresConfig};
 use crate::broker::model::{Rng, run_on_store, store_config};
 use crate::store::Store;

@@ -10,6 +10,11 @@
 //! again at every call (a plan for an array of unknown length looks dearer
 //! than one for the array at hand), which cost more than running them.
 //!
+//! Every statement of a pipeline must be prepared before it (cached by
+//! `prepare_cached`): a query given as text is prepared at its first poll,
+//! a round trip, and would be sent after the requests polled after it
+//! (after the COMMIT, outside the transaction).
+//!
 //! If a statement fails, the database rolls back at the COMMIT that
 //! follows it (answered as ROLLBACK), and the failure is what the caller
 //! returns. A transaction dropped before `committed` (an error, a
@@ -155,5 +160,117 @@ impl Drop for WriteTransaction {
             // is open on it.
             drop(Object::take(client));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::super::harness::TestDatabase;
+    use super::*;
+
+    async fn rows(pool: &Pool) -> Vec<i32> {
+        let client = pool.get().await.unwrap();
+        client
+            .query("SELECT n FROM pipelined ORDER BY n", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect()
+    }
+
+    /// The insert, prepared (cached per connection): each transaction
+    /// below asks for it before its pipeline, as the writers do.
+    async fn prepared_insert(tx: &WriteTransaction) -> tokio_postgres::Statement {
+        tx.client()
+            .prepare_cached("INSERT INTO pipelined VALUES ($1)")
+            .await
+            .unwrap()
+    }
+
+    async fn insert(
+        tx: &WriteTransaction,
+        statement: &tokio_postgres::Statement,
+        n: i32,
+    ) -> Result<(), PgError> {
+        tx.client().execute(statement, &[&n]).await?;
+        Ok(())
+    }
+
+    /// Guards the pipelined transaction: a COMMIT sent with the statements
+    /// keeps them (and passes the baton as it is sent); a transaction
+    /// dropped before its COMMIT, or whose statement failed, keeps nothing;
+    /// and neither leaves its connection in the pool inside a transaction.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_a_commit_sent_with_its_statements_keeps_them() {
+        let database = TestDatabase::start().await;
+        let config: tokio_postgres::Config = database.url().parse().unwrap();
+        let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
+        let pool = Pool::builder(manager).max_size(1).build().unwrap();
+        pool.get()
+            .await
+            .unwrap()
+            .batch_execute("CREATE TABLE pipelined (n int)")
+            .await
+            .unwrap();
+        let tx = WriteTransaction::open(&pool).await.unwrap();
+        let baton = Arc::new(());
+        tx.hold_until_commit(Box::new(baton.clone()));
+        let statement = prepared_insert(&tx).await;
+        insert(&tx, &statement, 0).await.unwrap();
+        tokio::try_join!(tx.begin(), insert(&tx, &statement, 1), tx.commit_if(true)).unwrap();
+        assert_eq!(
+            Arc::strong_count(&baton),
+            1,
+            "the COMMIT passed the baton on"
+        );
+        tx.committed();
+        // The first insert ran before BEGIN, in a transaction of its own.
+        assert_eq!(rows(&pool).await, [0, 1]);
+
+        let tx = WriteTransaction::open(&pool).await.unwrap();
+        let statement = prepared_insert(&tx).await;
+        tokio::try_join!(tx.begin(), insert(&tx, &statement, 2)).unwrap();
+        drop(tx);
+        assert_eq!(rows(&pool).await, [0, 1], "dropped before its COMMIT");
+
+        let tx = WriteTransaction::open(&pool).await.unwrap();
+        // Prepared first: a query given as text is prepared at its first
+        // poll (a round trip), so it would run after the COMMIT.
+        let statement = prepared_insert(&tx).await;
+        let divide = tx.client().prepare("SELECT 1 / $1::int4").await.unwrap();
+        let failing = async {
+            tx.client().execute(&divide, &[&0]).await?;
+            Ok::<_, PgError>(())
+        };
+        let failed = tokio::try_join!(
+            tx.begin(),
+            insert(&tx, &statement, 3),
+            failing,
+            tx.commit_if(true)
+        );
+        assert!(failed.is_err(), "the failed statement is the answer");
+        drop(tx);
+        assert_eq!(
+            rows(&pool).await,
+            [0, 1],
+            "a failed statement rolls all back"
+        );
+
+        // The pool's connection answers outside any transaction: each
+        // statement's transaction starts with it.
+        let client = pool.get().await.unwrap();
+        // One message (the simple protocol): the statement's own
+        // transaction starts with it, unless one was open before.
+        let answer = client
+            .simple_query("SELECT now() = statement_timestamp()")
+            .await
+            .unwrap();
+        let fresh = answer.iter().any(|message| {
+            matches!(message, tokio_postgres::SimpleQueryMessage::Row(row) if row.get(0) == Some("t"))
+        });
+        assert!(fresh, "no connection went back to the pool mid-transaction");
     }
 }
