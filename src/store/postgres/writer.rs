@@ -341,13 +341,9 @@ async fn before_put(
     let ensure = client.prepare_cached(&sql.ensure_queues).await?;
     // Every queue's put shard exists once it was admitted (`queues.rs`);
     // should one be missing, it is made and the reads run again.
-    for made in [false, true] {
-        let making = async {
-            if made {
-                client.execute(&ensure, &[&names]).await?;
-            }
-            Ok::<_, tokio_postgres::Error>(())
-        };
+    let making: [Param<'_>; 1] = [&names];
+    let mut made = false;
+    loop {
         let reading_waiting = async {
             if handing.is_empty() {
                 return Ok(Vec::new());
@@ -362,13 +358,14 @@ async fn before_put(
         };
         let (_, (), locked, counts, waiting, held) = tokio::try_join!(
             tx.begin(),
-            async { making.await.map_err(PgError::from) },
+            execute_if(client, made, &ensure, &making),
             async { client.query(&lock, &[&names]).await.map_err(PgError::from) },
             async { client.query(&count, &[&names]).await.map_err(PgError::from) },
             async { reading_waiting.await.map_err(PgError::from) },
             async { reading_keys.await.map_err(PgError::from) },
         )?;
         if locked.len() < names.len() && !made {
+            made = true;
             continue;
         }
         return Ok(BeforePut {
@@ -380,7 +377,6 @@ async fn before_put(
                 .collect(),
         });
     }
-    unreachable!("the second pass returns")
 }
 
 /// Inserts tasks: room checked per queue across all servers (the queue's
@@ -532,12 +528,6 @@ async fn put_tasks(
     let lock_queues = client.prepare_cached(&sql.lock_queues).await?;
     let notify = client.prepare_cached(&sql.notify_each).await?;
     let handed_queues: Vec<&str> = places_of.keys().copied().collect();
-    let locking = async {
-        if assume == Assume::Room {
-            client.execute(&lock_queues, &[&names]).await?;
-        }
-        Ok::<_, PgError>(())
-    };
     let ready: Vec<String> = ready.into_iter().collect();
     let now = tokio::time::Instant::now();
     let inserting = async {
@@ -563,19 +553,13 @@ async fn put_tasks(
         }
         client.query(&insert, &params).await.map_err(PgError::from)
     };
-    let notifying = async {
-        if !ready.is_empty() {
-            client
-                .execute(&notify, &[&inner.channels.0, &ready])
-                .await?;
-        }
-        Ok::<_, PgError>(())
-    };
+    let locking: [Param<'_>; 1] = [&names];
+    let notifying: [Param<'_>; 2] = [&inner.channels.0, &ready];
     let (_, (), inserted_rows, (), ()) = tokio::try_join!(
         tx.begin(),
-        locking,
+        execute_if(client, assume == Assume::Room, &lock_queues, &locking),
         inserting,
-        notifying,
+        execute_if(client, !ready.is_empty(), &notify, &notifying),
         tx.commit_if(last)
     )?;
     if inserted_rows.is_empty() && !rows.ids.is_empty() && assume == Assume::Room {
@@ -877,7 +861,6 @@ async fn complete(
     let backoff = inner.broker.retry_backoff;
     let (base, max) = (backoff.base.as_secs_f64(), backoff.max.as_secs_f64());
     let shard = finish_shard();
-    type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
     let told: [Param<'_>; 3] = [&shard, &inner.channels.1, &inner.channels.0];
     let finishing_ok = async {
         if ok.0.is_empty() {
@@ -1036,38 +1019,34 @@ async fn complete(
     let claim = client.prepare_cached(&sql.claim_these).await?;
     let notify = client.prepare_cached(&sql.notify_each).await?;
     let (names, counts) = finished_counts(&finished);
-    let subtracting = async {
-        if !names.is_empty() {
-            client
-                .execute(&subtract, &[&names, &counts, &shard])
-                .await?;
-        }
-        Ok::<_, PgError>(())
-    };
-    let claiming = async {
-        if !claimed_after.is_empty() {
-            client.execute(&claim, &[&claimed_after]).await?;
-        }
-        Ok::<_, PgError>(())
-    };
-    let telling_readers = async {
-        if !payloads.is_empty() {
-            client
-                .execute(&notify, &[&inner.channels.1, &payloads])
-                .await?;
-        }
-        Ok::<_, PgError>(())
-    };
-    let waking_claimers = async {
-        if !retried.is_empty() {
-            client
-                .execute(&notify, &[&inner.channels.0, &retried])
-                .await?;
-        }
-        Ok::<_, PgError>(())
-    };
-    tokio::try_join!(subtracting, claiming, telling_readers, waking_claimers)?;
+    let subtracting: [Param<'_>; 3] = [&names, &counts, &shard];
+    let claiming: [Param<'_>; 1] = [&claimed_after];
+    let telling_readers: [Param<'_>; 2] = [&inner.channels.1, &payloads];
+    let waking_claimers: [Param<'_>; 2] = [&inner.channels.0, &retried];
+    tokio::try_join!(
+        execute_if(client, !names.is_empty(), &subtract, &subtracting),
+        execute_if(client, !claimed_after.is_empty(), &claim, &claiming),
+        execute_if(client, !payloads.is_empty(), &notify, &telling_readers),
+        execute_if(client, !retried.is_empty(), &notify, &waking_claimers),
+    )?;
     Ok(out)
+}
+
+/// A statement's parameter.
+type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+
+/// Runs `statement` (prepared) when `when`: a statement of a pipeline that
+/// has nothing to do for some batches. Sent at its first poll.
+async fn execute_if(
+    client: &deadpool_postgres::Object,
+    when: bool,
+    statement: &tokio_postgres::Statement,
+    params: &[Param<'_>],
+) -> Result<(), PgError> {
+    if when {
+        client.execute(statement, params).await?;
+    }
+    Ok(())
 }
 
 /// Places reserved in this server's result streams before a round of
