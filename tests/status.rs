@@ -103,6 +103,14 @@ impl Browser {
     /// Sends a command (to the page once one is open) and returns its
     /// result; events are skipped.
     fn call(&mut self, method: &str, params: Value) -> Value {
+        match self.try_call(method, params) {
+            Ok(result) => result,
+            Err(answer) => panic!("{method}: {answer}"),
+        }
+    }
+
+    /// `call`, with Chromium's error answer as the error.
+    fn try_call(&mut self, method: &str, params: Value) -> Result<Value, Value> {
         self.next_id += 1;
         let id = self.next_id;
         let mut command = json!({ "id": id, "method": method, "params": params });
@@ -121,8 +129,10 @@ impl Browser {
                 .recv_timeout(left)
                 .unwrap_or_else(|_| panic!("chromium answers {method} within 30s"));
             if answer["id"] == json!(id) {
-                assert!(answer["error"].is_null(), "{method}: {answer}");
-                return answer["result"].clone();
+                if !answer["error"].is_null() {
+                    return Err(answer);
+                }
+                return Ok(answer["result"].clone());
             }
         }
     }
@@ -147,12 +157,21 @@ impl Browser {
         answer["result"]["value"].clone()
     }
 
-    /// Waits up to 20 s for `expression` to be true in the page.
+    /// Waits up to 20 s for `expression` to be true in the page. An
+    /// evaluation cut short by a navigation (a form just submitted) counts
+    /// as not yet: the next one runs in the new document.
     fn until(&mut self, what: &str, expression: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if self.eval(expression) == json!(true) {
-                return;
+            let answer = self.try_call(
+                "Runtime.evaluate",
+                json!({ "expression": expression, "returnByValue": true }),
+            );
+            match answer {
+                Ok(result) if result["result"]["value"] == json!(true) => return,
+                Ok(_) => {}
+                Err(error) if error.to_string().contains("navigated or closed") => {}
+                Err(error) => panic!("Runtime.evaluate: {error}"),
             }
             std::thread::sleep(Duration::from_millis(100));
         }
