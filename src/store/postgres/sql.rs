@@ -10,7 +10,6 @@ pub(crate) struct Sql {
     pub(crate) insert_tasks: String,
     pub(crate) insert_tasks_if_fits: String,
     pub(crate) waiting_queues: String,
-    pub(crate) claim_these: String,
     pub(crate) pause: String,
     pub(crate) resume: String,
     pub(crate) paused: String,
@@ -26,8 +25,6 @@ pub(crate) struct Sql {
     pub(crate) extend: String,
     pub(crate) complete_ok: String,
     pub(crate) complete_failed: String,
-    pub(crate) complete_ok_told: String,
-    pub(crate) complete_failed_told: String,
     pub(crate) report_view: String,
     pub(crate) result_of: String,
     pub(crate) results_of: String,
@@ -146,7 +143,7 @@ impl Sql {
         // A result whose report has a place reserved in a result stream
         // of this server ($4) is handed to it in the update that
         // finishes it: claimed at once.
-        let complete_ok = s("UPDATE {s}.tasks t
+        let complete_ok_update = s("UPDATE {s}.tasks t
                 SET state = 2, output = r.output, error = NULL, finished_at = now(),
                     by_lease = r.seq, lease_until = NULL, claimed = r.claim
                 FROM unnest($1::uuid[], $2::int4[], $3::bytea[], $4::bool[]) AS r(id, seq, output, claim)
@@ -158,7 +155,7 @@ impl Sql {
         // most $7, at a random point of its upper half (as
         // `RetryBackoff::delay`), as a delayed task (-1) when it
         // waits at all.
-        let complete_failed = s("UPDATE {s}.tasks t
+        let complete_failed_update = s("UPDATE {s}.tasks t
                 SET state = CASE WHEN NOT {again} THEN 3
                                  WHEN coalesce(r.after, $6::float8) > 0 THEN -1 ELSE 0 END,
                     finished_at = CASE WHEN {again} THEN NULL ELSE now() END,
@@ -175,13 +172,9 @@ impl Sql {
                 WHERE t.id = r.id AND t.state = 1 AND t.lease_seq = r.seq AND t.lease_until > now()
                 RETURNING t.id, t.queue, t.state, t.output, t.error, t.attempt, t.worker,
                           t.created_at, t.finished_at, {d}, t.claimed");
-        let complete_ok_told = s(&told(&complete_ok, 5));
-        let complete_failed_told = s(&told(&complete_failed, 8));
         Self {
-            complete_ok,
-            complete_failed,
-            complete_ok_told,
-            complete_failed_told,
+            complete_ok: s(&told(&complete_ok_update, 5)),
+            complete_failed: s(&told(&complete_failed_update, 8)),
             ensure_queues: s("INSERT INTO {s}.queue_counts (queue, shard)
                 SELECT unnest($1::text[]), 0 ON CONFLICT DO NOTHING"),
             // A new queue is made under this lock, so that servers making
@@ -227,7 +220,6 @@ impl Sql {
                         WHERE EXISTS (SELECT 1 FROM {{s}}.tasks WHERE queue = h.q AND state = 0)
                            OR EXISTS (SELECT 1 FROM {{s}}.paused_queues WHERE queue = h.q)) AS ok),
                 {}", INSERT_TASKS.replace("{guard}", "WHERE (SELECT ok FROM fits)"))),
-            claim_these: s("UPDATE {s}.tasks SET claimed = true WHERE id = ANY($1)"),
             // Of these queues, those where a new task must wait for a claim
             // rather than be handed over in its insert: older tasks wait,
             // or the queue is paused.

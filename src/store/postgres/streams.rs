@@ -166,10 +166,7 @@ async fn dispatch_tasks(store: PgStore, queue: QueueName, dispatch: Arc<TaskDisp
         let believed_empty = empty_since.is_some_and(|at| at.elapsed() < BELIEVED_EMPTY);
         if slots.is_empty() || believed_empty {
             tokio::select! {
-                () = &mut notified => {
-                    empty_since = None;
-                    dispatch.drained.store(false, Ordering::Release);
-                }
+                () = &mut notified => empty_since = drained(&dispatch, None),
                 () = &mut changed => {}
                 _ = closed.changed(), if !draining => {}
             }
@@ -183,17 +180,12 @@ async fn dispatch_tasks(store: PgStore, queue: QueueName, dispatch: Arc<TaskDisp
                 dispatch.turn.fetch_add(tasks.len(), Ordering::Relaxed);
                 deliver(&store, &slots, tasks);
                 if full {
-                    empty_since = None;
-                    dispatch.drained.store(false, Ordering::Release);
+                    empty_since = drained(&dispatch, None);
                     continue;
                 }
-                empty_since = Some(Instant::now());
-                dispatch.drained.store(true, Ordering::Release);
+                empty_since = drained(&dispatch, Some(Instant::now()));
                 tokio::select! {
-                    () = &mut notified => {
-                        empty_since = None;
-                        dispatch.drained.store(false, Ordering::Release);
-                    }
+                    () = &mut notified => empty_since = drained(&dispatch, None),
                     () = &mut changed => {}
                     _ = closed.changed(), if !draining => {}
                 }
@@ -207,6 +199,13 @@ async fn dispatch_tasks(store: PgStore, queue: QueueName, dispatch: Arc<TaskDisp
             }
         }
     }
+}
+
+/// Since when the dispatch's queue is known drained (`None`: it may hold
+/// ready tasks), kept with the dispatch for the writers' hand-overs.
+fn drained(dispatch: &TaskDispatch, since: Option<Instant>) -> Option<Instant> {
+    dispatch.drained.store(since.is_some(), Ordering::Release);
+    since
 }
 
 /// Hands claimed tasks to their slots' streams. A stream that ended in

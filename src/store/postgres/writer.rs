@@ -793,13 +793,12 @@ enum Round {
     Last { alone: bool },
 }
 
-/// One round of reports. The last: its updates, which also count what
-/// they finish and send the notifications, and the COMMIT in one round
-/// trip (one statement alone, its own transaction, when the transaction
-/// holds nothing else), then a look, only when some reports changed
-/// nothing, at their rows. Another: the updates (with BEGIN when they are
-/// the transaction's first statements), that look, then the counts and
-/// the notifications.
+/// One round of reports: the updates, which also count what they finish
+/// and send the notifications, with BEGIN when they are the transaction's
+/// first statements and, in the last round, the COMMIT: one round trip
+/// (one statement alone, its own transaction, when the transaction holds
+/// nothing else). Then a look, only when some reports changed nothing, at
+/// their rows.
 async fn complete(
     inner: &Inner,
     tx: &WriteTransaction,
@@ -848,16 +847,11 @@ async fn complete(
         }
     }
     let mut places = ResultPlaces::reserve(inner, &ok.0, &ok.1);
-    // The last round's updates also count the tasks they finish out of
-    // their queues and send the notifications (the `_told` statements), so
-    // that they and the COMMIT are one round trip.
-    let (complete_ok, complete_failed) = if last {
-        (&sql.complete_ok_told, &sql.complete_failed_told)
-    } else {
-        (&sql.complete_ok, &sql.complete_failed)
-    };
-    let complete_ok = client.prepare_cached(complete_ok).await?;
-    let complete_failed = client.prepare_cached(complete_failed).await?;
+    // The updates also count the tasks they finish out of their queues and
+    // send the notifications, so that the last round and the COMMIT are
+    // one round trip.
+    let complete_ok = client.prepare_cached(&sql.complete_ok).await?;
+    let complete_failed = client.prepare_cached(&sql.complete_failed).await?;
     let backoff = inner.broker.retry_backoff;
     let (base, max) = (backoff.base.as_secs_f64(), backoff.max.as_secs_f64());
     let shard = finish_shard();
@@ -866,10 +860,15 @@ async fn complete(
         if ok.0.is_empty() {
             return Ok(Vec::new());
         }
-        let mut params: Vec<Param<'_>> = vec![&ok.0, &ok.1, &ok.2, &places.claim];
-        if last {
-            params.extend(told);
-        }
+        let params: [Param<'_>; 7] = [
+            &ok.0,
+            &ok.1,
+            &ok.2,
+            &places.claim,
+            told[0],
+            told[1],
+            told[2],
+        ];
         client
             .query(&complete_ok, &params)
             .await
@@ -879,12 +878,10 @@ async fn complete(
         if failed.0.is_empty() {
             return Ok(Vec::new());
         }
-        let mut params: Vec<Param<'_>> = vec![
-            &failed.0, &failed.1, &failed.2, &failed.3, &failed.4, &base, &max,
+        let params: [Param<'_>; 10] = [
+            &failed.0, &failed.1, &failed.2, &failed.3, &failed.4, &base, &max, told[0], told[1],
+            told[2],
         ];
-        if last {
-            params.extend(told);
-        }
         client
             .query(&complete_failed, &params)
             .await
@@ -906,58 +903,22 @@ async fn complete(
             return Err(error);
         }
     };
-    // What each statement changed: task → (queue, state now). Finished
-    // tasks by queue, those whose results went to this server's result
-    // streams apart, and the results of the others.
-    let mut changed: HashMap<Uuid, (String, i16)> = HashMap::new();
-    let mut finished: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
-    let mut finished_handed: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
-    let mut finished_results: HashMap<Uuid, TaskResult> = HashMap::new();
-    for (row, handed) in ok_rows
-        .iter()
-        .map(|row| (row, row.get::<_, bool>(11)))
-        .chain(failed_rows.iter().map(|row| (row, false)))
-    {
+    // What each statement changed: task → state now. A result claimed in
+    // the update goes to its place; the others (reported outside this
+    // server's worker streams, failed, or past the places reserved) reach
+    // the result streams' claimers through the notification.
+    let mut changed: HashMap<Uuid, i16> = HashMap::new();
+    for row in ok_rows.iter().chain(&failed_rows) {
         let id: Uuid = row.get(0);
-        let queue: String = row.get(1);
-        let state: i16 = row.get(2);
         count_report(&mut handoffs.tally, row);
-        if !matches!(state_of(state), TaskState::Pending) {
-            let ids = if handed {
-                &mut finished_handed
-            } else {
-                &mut finished
-            };
-            ids.entry(queue.clone()).or_default().push(id);
+        if row.get::<_, bool>(11)
+            && let Some(result) = result_row(row)
+        {
+            places.hand(id, result, handoffs);
         }
-        if let Some(result) = result_row(row) {
-            if handed {
-                places.hand(id, result, handoffs);
-            } else {
-                finished_results.insert(id, result);
-            }
-        }
-        changed.insert(id, (queue, state));
+        changed.insert(id, row.get(2));
     }
     places.give_back(handoffs);
-    // Results finished here and not handed in the update (reported outside
-    // this server's worker streams, failed, or past the places reserved)
-    // go to this server's result streams with room now, claimed with the
-    // commit; in the last round, the notification sent tells the streams'
-    // claimers instead.
-    let mut claimed_after: Vec<Uuid> = Vec::new();
-    for (queue, ids) in finished.iter_mut().filter(|_| !last) {
-        let handed = hand_results(inner, queue, ids, &mut finished_results, handoffs);
-        if handed > 0 {
-            let moved: Vec<Uuid> = ids.drain(..handed).collect();
-            claimed_after.extend_from_slice(&moved);
-            finished_handed
-                .entry(queue.clone())
-                .or_default()
-                .extend(moved);
-        }
-    }
-    finished.retain(|_, ids| !ids.is_empty());
     // The rest: look at the rows (as this transaction left them, or, after
     // the last round's COMMIT, as they are now: a report that changed
     // nothing is answered from a task that only moved on since).
@@ -974,7 +935,6 @@ async fn complete(
             rows.insert(row.get(0), row);
         }
     }
-    let mut retried: Vec<String> = Vec::new();
     let mut out = Vec::with_capacity(answers.len());
     for (answer, checked) in answers.into_iter().zip(checked) {
         if let Some(answer) = answer {
@@ -983,13 +943,7 @@ async fn complete(
         }
         let (lease, outcome) = checked.expect("checked when not answered");
         let id = lease.task.as_uuid();
-        if let Some((queue, state)) = changed.get(&id) {
-            // Pending now (0): its queue's claimers are woken. A retry
-            // waiting out its backoff (-1) is woken by the sweep when it
-            // is due.
-            if *state == 0 {
-                retried.push(queue.clone());
-            }
+        if let Some(state) = changed.get(&id) {
             out.push(Ok(state_of(*state)));
             continue;
         }
@@ -998,37 +952,6 @@ async fn complete(
             Some(row) => explain(row, lease, &outcome),
         });
     }
-    if last {
-        // Counted, told and committed with the updates.
-        return Ok(out);
-    }
-    retried.sort_unstable();
-    retried.dedup();
-    // The counts, the claims and the notifications: one round trip.
-    let mut payloads = Vec::new();
-    for (queue, ids) in &finished_handed {
-        finished_payloads(queue, ids, true, &mut payloads);
-    }
-    for (queue, ids) in &finished {
-        finished_payloads(queue, ids, false, &mut payloads);
-    }
-    for (queue, ids) in finished_handed {
-        finished.entry(queue).or_default().extend(ids);
-    }
-    let subtract = client.prepare_cached(&sql.subtract_unfinished).await?;
-    let claim = client.prepare_cached(&sql.claim_these).await?;
-    let notify = client.prepare_cached(&sql.notify_each).await?;
-    let (names, counts) = finished_counts(&finished);
-    let subtracting: [Param<'_>; 3] = [&names, &counts, &shard];
-    let claiming: [Param<'_>; 1] = [&claimed_after];
-    let telling_readers: [Param<'_>; 2] = [&inner.channels.1, &payloads];
-    let waking_claimers: [Param<'_>; 2] = [&inner.channels.0, &retried];
-    tokio::try_join!(
-        execute_if(client, !names.is_empty(), &subtract, &subtracting),
-        execute_if(client, !claimed_after.is_empty(), &claim, &claiming),
-        execute_if(client, !payloads.is_empty(), &notify, &telling_readers),
-        execute_if(client, !retried.is_empty(), &notify, &waking_claimers),
-    )?;
     Ok(out)
 }
 
@@ -1126,34 +1049,6 @@ impl ResultPlaces {
             .result_places
             .extend(self.places.drain().map(|(_, stream)| stream));
     }
-}
-
-/// Hands results just finished in this transaction to this server's
-/// result streams of `queue` with room, in completion order: how many of
-/// `ids` (the first ones) were handed, to be claimed in the transaction.
-fn hand_results(
-    inner: &Inner,
-    queue: &str,
-    ids: &[Uuid],
-    results: &mut HashMap<Uuid, TaskResult>,
-    handoffs: &mut Handoffs,
-) -> usize {
-    if *inner.closed.borrow() {
-        return 0;
-    }
-    let Some(dispatch) = lock(&inner.result_dispatch).get(queue).cloned() else {
-        return 0;
-    };
-    let streams = lock(&dispatch.streams).clone();
-    let got = places(&streams, &dispatch.turn, ids.len(), ResultShared::reserve);
-    let handed = got.len();
-    for (stream, id) in got.into_iter().zip(ids) {
-        match results.remove(id) {
-            Some(result) => handoffs.results.push((stream, result)),
-            None => handoffs.result_places.push(stream),
-        }
-    }
-    handed
 }
 
 /// Counts a report that changed its task (a row of `complete_ok` or
