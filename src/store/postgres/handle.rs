@@ -24,6 +24,27 @@ use crate::broker::{
     TaskId, TaskResult, TaskState, WorkerId, WorkerInfo,
 };
 
+/// How the store's connections plan their statements, set when each
+/// connects.
+///
+/// - Generic plans (`plan_cache_mode`): each prepared statement is planned
+///   once per connection. Otherwise the planner plans those that take
+///   arrays again at every call (a plan for an array of unknown length
+///   looks dearer than one for the array at hand), which cost more than
+///   running them (about 110 µs per put, bench/README.md).
+/// - Rows reached by index (`enable_seqscan`): every statement of the
+///   store finds its rows through an index. A generic plan made while the
+///   table was small (a new schema, before autovacuum's first ANALYZE)
+///   chose to scan the whole `tasks` table, and went on scanning it at
+///   every report long after it grew: a report cost more the more tasks
+///   the table held. A statement that has no index to use (GetStats of
+///   every queue) still scans.
+/// - No JIT compilation (`jit`): the planner prices a scan it was told to
+///   avoid so high that PostgreSQL compiled such a statement (GetStats)
+///   at every call, tens of milliseconds of CPU. Short statements never
+///   gain from it.
+const PLANS: &str = "-c plan_cache_mode=force_generic_plan -c enable_seqscan=off -c jit=off";
+
 /// The PostgreSQL store; a cheap handle.
 #[derive(Clone, Debug)]
 pub struct PgStore {
@@ -61,7 +82,7 @@ impl PgStore {
         let (mut pg, tls) = config.connection().map_err(PgError::Config)?;
         pg.application_name("taskq");
         pg.options(format!(
-            "-c statement_timeout={}",
+            "-c statement_timeout={} {PLANS}",
             config.statement_timeout.as_millis()
         ));
         pg.connect_timeout(Duration::from_secs(5));
@@ -586,5 +607,58 @@ impl PgStore {
             () = tokio::time::sleep_until(until) => false,
             _ = closed.wait_for(|c| *c) => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::harness::TestDatabase;
+    use super::*;
+    use crate::store::Store;
+
+    /// A report finds its task through the primary key even when its
+    /// statement was first planned on a new schema, whose tables have no
+    /// statistics yet. Before the connections were told to reach rows by
+    /// index (`PLANS`), that generic plan scanned the whole `tasks` table,
+    /// and went on doing so at every report as the table grew.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_report_finds_its_task_by_index_on_a_new_schema() {
+        let database = TestDatabase::start().await;
+        let mut config = PostgresConfig::new(database.url());
+        config.schema = "new_schema_plans".into();
+        let store = PgStore::connect(&config, BrokerConfig::default())
+            .await
+            .unwrap_or_else(|error| panic!("the store opens on {}: {error}", database.url()));
+        let client = store.inner.pool.get().await.unwrap();
+        // The writers' statement, prepared by name so that its generic
+        // plan (`plan_cache_mode`) can be explained.
+        client
+            .batch_execute(&format!(
+                "PREPARE finish AS {}",
+                store.inner.sql.complete_ok
+            ))
+            .await
+            .unwrap();
+        let plan: Vec<String> = client
+            .query(
+                "EXPLAIN EXECUTE finish('{}', '{}', '{}', '{}', 1, 'results', 'tasks')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("Index Scan using tasks_pkey on tasks"),
+            "the update finds its rows by the primary key:\n{plan}"
+        );
+        assert!(
+            !plan.contains("Seq Scan on tasks"),
+            "the update scans no table:\n{plan}"
+        );
+        drop(client);
+        store.close();
     }
 }

@@ -5,11 +5,6 @@
 //! order, so `try_join!(tx.begin(), a, b)` is one round trip that begins
 //! the transaction and runs `a` then `b` in it.
 //!
-//! Its statements run with generic plans (`plan_cache_mode`): the
-//! planner would otherwise plan the ones that take arrays of queue names
-//! again at every call (a plan for an array of unknown length looks dearer
-//! than one for the array at hand), which cost more than running them.
-//!
 //! Every statement of a pipeline must be prepared before it (cached by
 //! `prepare_cached`): a query given as text is prepared at its first poll,
 //! a round trip, and would be sent after the requests polled after it
@@ -34,7 +29,6 @@ pub(crate) struct WriteTransaction {
     /// `None` once committed (the connection went back to the pool).
     client: Option<Object>,
     begin: Statement,
-    generic_plans: Statement,
     commit: Statement,
     /// Whether BEGIN was sent (or is not to be: `alone`).
     begun: AtomicBool,
@@ -53,14 +47,10 @@ impl WriteTransaction {
         let client = pool.get().await?;
         // Prepared once per connection, then cached.
         let begin = client.prepare_cached("BEGIN").await?;
-        let generic_plans = client
-            .prepare_cached("SET LOCAL plan_cache_mode = force_generic_plan")
-            .await?;
         let commit = client.prepare_cached("COMMIT").await?;
         Ok(Self {
             client: Some(client),
             begin,
-            generic_plans,
             commit,
             begun: AtomicBool::new(false),
             alone: AtomicBool::new(false),
@@ -86,8 +76,7 @@ impl WriteTransaction {
             .expect("the client is taken only by `committed`, which consumes the transaction")
     }
 
-    /// The transaction is one statement, sent next: no BEGIN, no COMMIT
-    /// (and no generic plans: its statement's plan needs none).
+    /// The transaction is one statement, sent next: no BEGIN, no COMMIT.
     pub(crate) fn alone(&self) {
         self.alone.store(true, Ordering::Relaxed);
         self.begun.store(true, Ordering::Relaxed);
@@ -97,11 +86,7 @@ impl WriteTransaction {
     /// together with, and before, the transaction's first statements.
     pub(crate) async fn begin(&self) -> Result<(), PgError> {
         if !self.begun.swap(true, Ordering::Relaxed) {
-            let client = self.client();
-            tokio::try_join!(
-                client.execute(&self.begin, &[]),
-                client.execute(&self.generic_plans, &[]),
-            )?;
+            self.client().execute(&self.begin, &[]).await?;
         }
         Ok(())
     }

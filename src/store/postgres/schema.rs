@@ -14,7 +14,15 @@ const MIGRATION_LOCK: i64 = 0x0074_6173_6b71;
 
 /// The migrations, in order; `{s}` stands for the schema. Never edit one
 /// that has shipped: add the next.
-const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4), (5, V5), (6, V6)];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, V1),
+    (2, V2),
+    (3, V3),
+    (4, V4),
+    (5, V5),
+    (6, V6),
+    (7, V7),
+];
 
 /// Version 1: tasks, results and per-queue counters.
 const V1: &str = r"
@@ -125,6 +133,87 @@ CREATE INDEX tasks_delayed ON {s}.tasks (ready_at) WHERE state = -1;
 const V6: &str = r"
 ALTER TABLE {s}.tasks ADD COLUMN requeued integer NOT NULL DEFAULT 0,
     ADD COLUMN retry_seq integer, ADD COLUMN retry_error text;
+";
+
+/// Version 7: a batch of puts in one statement, `put_tasks`, so that a
+/// put alone is one round trip and one answer from the database, with no
+/// BEGIN or COMMIT of its own. Each statement of a PL/pgSQL function sees
+/// what was committed before it started, so the insert, run after the
+/// lock, sees every put committed before the lock was granted (one
+/// statement doing both would read from before the lock).
+///
+/// Its arguments: the new tasks' columns, one array each ($1 to $11: id,
+/// queue, payload, headers, key, max attempts, ttl, lease, worker,
+/// priority, delay); the capacity of a queue ($12); the queues whose new
+/// tasks are handed over in the insert ($13); whether to check that the
+/// batch fits ($14); the queues to lock, in name order ($15); the channel
+/// ($16) and payloads ($17) of the notification that tasks are ready.
+///
+/// 1. Locks the put shard of each queue (`lock_queues`), in name order,
+///    so that no two puts pass the capacity check together.
+/// 2. Inserts the tasks (leased at once, attempt 1, when they have a
+///    lease: handed to a worker stream of this server; state -1 until
+///    `ready_at` when they have a delay) and counts them into their
+///    queues' put shards. When asked to check, it inserts only if the
+///    batch fits: every queue has room for its tasks and its put shard
+///    exists, no key is held, and no older task waits (nor is the queue
+///    paused) where tasks are handed over. Otherwise it inserts nothing,
+///    and the writer reads the counts, keys and waiting tasks first.
+/// 3. Notifies, when it inserted anything.
+const V7: &str = r"
+CREATE FUNCTION {s}.put_tasks(uuid[], text[], bytea[], text[], text[], int4[], float8[],
+                              float8[], text[], int4[], float8[], int8, text[], boolean,
+                              text[], text, text[])
+RETURNS TABLE (id uuid, lease_until timestamptz, created_at timestamptz,
+               expires_at timestamptz, lease_left float8)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+BEGIN
+    PERFORM 1 FROM {s}.queue_counts WHERE queue = ANY($15) AND shard = 0 ORDER BY queue FOR UPDATE;
+    RETURN QUERY
+    WITH fits AS (SELECT NOT $14 OR (
+            NOT EXISTS (
+                SELECT 1 FROM (SELECT q, count(*) AS n FROM unnest($2) AS q GROUP BY q) d
+                WHERE d.n + coalesce((SELECT sum(c.unfinished) FROM {s}.queue_counts c
+                                      WHERE c.queue = d.q), 0) > $12)
+            AND NOT EXISTS (
+                SELECT 1 FROM unnest($2) AS q
+                WHERE NOT EXISTS (SELECT 1 FROM {s}.queue_counts c WHERE c.queue = q AND c.shard = 0))
+            AND NOT EXISTS (
+                SELECT 1 FROM {s}.tasks t JOIN unnest($2, $5) AS k(queue, key)
+                  ON t.queue = k.queue AND t.idempotency_key = k.key)
+            AND NOT EXISTS (
+                SELECT 1 FROM unnest($13) AS h(q)
+                WHERE EXISTS (SELECT 1 FROM {s}.tasks WHERE queue = h.q AND state = 0)
+                   OR EXISTS (SELECT 1 FROM {s}.paused_queues WHERE queue = h.q))) AS ok),
+    inserted AS (INSERT INTO {s}.tasks (id, queue, payload, headers, idempotency_key, max_attempts,
+            expires_at, state, attempt, lease_seq, lease_until, worker, leased_at, priority, ready_at)
+        SELECT id, queue, payload, headers, key, max_attempts,
+               CASE WHEN ttl IS NULL THEN NULL ELSE now() + make_interval(secs => ttl) END,
+               CASE WHEN delay IS NOT NULL THEN -1 WHEN lease IS NULL THEN 0 ELSE 1 END,
+               CASE WHEN lease IS NULL THEN 0 ELSE 1 END,
+               CASE WHEN lease IS NULL THEN 0 ELSE 1 END,
+               CASE WHEN lease IS NULL THEN NULL ELSE now() + make_interval(secs => lease) END,
+               worker,
+               CASE WHEN lease IS NULL THEN NULL ELSE now() END,
+               priority,
+               CASE WHEN delay IS NULL THEN NULL ELSE now() + make_interval(secs => delay) END
+        FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+             AS t(id, queue, payload, headers, key, max_attempts, ttl, lease, worker, priority, delay)
+        WHERE (SELECT ok FROM fits)
+        ORDER BY id
+        ON CONFLICT (queue, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+        RETURNING id, lease_until, created_at, expires_at,
+                  coalesce(extract(epoch FROM lease_until - now()), 0)::float8 AS lease_left, queue),
+    added AS (UPDATE {s}.queue_counts c SET unfinished = c.unfinished + d.n
+        FROM (SELECT queue, count(*) AS n FROM inserted GROUP BY queue) d
+        WHERE c.queue = d.queue AND c.shard = 0)
+    SELECT i.id, i.lease_until, i.created_at, i.expires_at, i.lease_left FROM inserted i;
+    IF FOUND THEN
+        PERFORM pg_notify($16, p) FROM unnest($17) WITH ORDINALITY AS n(p, i) ORDER BY i;
+    END IF;
+END
+$fn$;
 ";
 
 /// Applies every migration the database lacks, under the advisory lock.

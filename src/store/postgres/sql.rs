@@ -7,8 +7,7 @@ pub(crate) struct Sql {
     pub(crate) existing_queues: String,
     pub(crate) queue_total: String,
     pub(crate) lock_queues: String,
-    pub(crate) insert_tasks: String,
-    pub(crate) insert_tasks_if_fits: String,
+    pub(crate) put_tasks: String,
     pub(crate) waiting_queues: String,
     pub(crate) pause: String,
     pub(crate) resume: String,
@@ -74,34 +73,6 @@ const LEASE_LOST: &str = "state = CASE WHEN t.attempt >= t.max_attempts THEN 3 E
 /// The columns a result is read from, in `result_row`'s order.
 const RESULT_COLUMNS: &str =
     "id, queue, state, output, error, attempt, worker, created_at, finished_at";
-
-/// New tasks inserted and counted into their queues' put shards (locked
-/// by `lock_queues`), in one statement; see `insert_tasks`. `{guard}`: a
-/// condition on the rows inserted, or nothing.
-const INSERT_TASKS: &str = "inserted AS (INSERT INTO {s}.tasks (id, queue, payload, headers, idempotency_key, max_attempts,
-                    expires_at, state, attempt, lease_seq, lease_until, worker, leased_at, priority, ready_at)
-                SELECT id, queue, payload, headers, key, max_attempts,
-                       CASE WHEN ttl IS NULL THEN NULL ELSE now() + make_interval(secs => ttl) END,
-                       CASE WHEN delay IS NOT NULL THEN -1 WHEN lease IS NULL THEN 0 ELSE 1 END,
-                       CASE WHEN lease IS NULL THEN 0 ELSE 1 END,
-                       CASE WHEN lease IS NULL THEN 0 ELSE 1 END,
-                       CASE WHEN lease IS NULL THEN NULL ELSE now() + make_interval(secs => lease) END,
-                       worker,
-                       CASE WHEN lease IS NULL THEN NULL ELSE now() END,
-                       priority,
-                       CASE WHEN delay IS NULL THEN NULL ELSE now() + make_interval(secs => delay) END
-                FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::text[], $5::text[], $6::int4[],
-                            $7::float8[], $8::float8[], $9::text[], $10::int4[], $11::float8[])
-                     AS t(id, queue, payload, headers, key, max_attempts, ttl, lease, worker, priority, delay)
-                {guard}
-                ORDER BY id
-                ON CONFLICT (queue, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-                RETURNING id, lease_until, created_at, expires_at,
-                          coalesce(extract(epoch FROM lease_until - now()), 0)::float8 AS lease_left, queue),
-                added AS (UPDATE {s}.queue_counts c SET unfinished = c.unfinished + d.n
-                    FROM (SELECT queue, count(*) AS n FROM inserted GROUP BY queue) d
-                    WHERE c.queue = d.queue AND c.shard = 0)
-                SELECT id, lease_until, created_at, expires_at, lease_left FROM inserted";
 
 /// A statement that finishes tasks (`complete_ok`, `complete_failed`:
 /// rows in `result_row`'s order, the durations, then `claimed`), with
@@ -189,37 +160,10 @@ impl Sql {
                 ON CONFLICT (queue, shard) DO UPDATE SET unfinished = c.unfinished + EXCLUDED.unfinished"),
             lock_queues: s("SELECT queue FROM {s}.queue_counts WHERE queue = ANY($1) AND shard = 0
                 ORDER BY queue FOR UPDATE"),
-            // A task with a lease ($8, $9) is handed to a worker stream of
-            // this server in the insert: leased at once, attempt 1.
-            // A task with a delay ($11) waits as state -1 until `ready_at`;
-            // it never has a lease in its insert. The rows inserted are
-            // counted into their queues' put shards (locked by
-            // `lock_queues`) in the same statement.
-            insert_tasks: s(&format!("WITH {}", INSERT_TASKS.replace("{guard}", ""))),
-            // The same insert, made only if what the writer assumed holds:
-            // every queue has room for its tasks here (capacity $12) and
-            // its put shard (which counts them), no key is held, and no older task waits (nor is the queue
-            // paused) in the queues whose new tasks are handed over ($13).
-            // Otherwise it inserts nothing, and the writer reads the
-            // counts, keys and waiting tasks first. Run after
-            // `lock_queues`, as a statement of its own, it sees every put
-            // committed before the lock was granted.
-            insert_tasks_if_fits: s(&format!("WITH fits AS (SELECT
-                    NOT EXISTS (
-                        SELECT 1 FROM (SELECT q, count(*) AS n FROM unnest($2::text[]) AS q GROUP BY q) d
-                        WHERE d.n + coalesce((SELECT sum(c.unfinished) FROM {{s}}.queue_counts c
-                                              WHERE c.queue = d.q), 0) > $12::int8)
-                    AND NOT EXISTS (
-                        SELECT 1 FROM unnest($2::text[]) AS q
-                        WHERE NOT EXISTS (SELECT 1 FROM {{s}}.queue_counts c WHERE c.queue = q AND c.shard = 0))
-                    AND NOT EXISTS (
-                        SELECT 1 FROM {{s}}.tasks t JOIN unnest($2::text[], $5::text[]) AS k(queue, key)
-                          ON t.queue = k.queue AND t.idempotency_key = k.key)
-                    AND NOT EXISTS (
-                        SELECT 1 FROM unnest($13::text[]) AS h(q)
-                        WHERE EXISTS (SELECT 1 FROM {{s}}.tasks WHERE queue = h.q AND state = 0)
-                           OR EXISTS (SELECT 1 FROM {{s}}.paused_queues WHERE queue = h.q)) AS ok),
-                {}", INSERT_TASKS.replace("{guard}", "WHERE (SELECT ok FROM fits)"))),
+            // A batch of puts (migration 7's `put_tasks`, whose comment
+            // says what each argument is): lock, insert, count, notify.
+            put_tasks: s("SELECT * FROM {s}.put_tasks($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+                $11, $12, $13, $14, $15, $16, $17)"),
             // Of these queues, those where a new task must wait for a claim
             // rather than be handed over in its insert: older tasks wait,
             // or the queue is paused.

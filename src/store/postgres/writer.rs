@@ -295,7 +295,7 @@ async fn write_transaction(
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Assume {
     /// That the puts fit: room for all, no key held, nothing older waiting
-    /// where they are handed over; the insert (`insert_tasks_if_fits`)
+    /// where they are handed over; the insert (`put_tasks`)
     /// checks it, and inserts nothing otherwise. One round trip with the
     /// COMMIT, when it holds, as it nearly always does.
     Room,
@@ -516,52 +516,46 @@ async fn put_tasks(
     } else {
         tasks.iter().map(|t| (t.id.as_uuid(), t)).collect()
     };
-    // The insert (which counts its rows into their queues), the
-    // notification and, when nothing follows, the COMMIT: one round trip
-    // (with BEGIN and the locks when nothing was read before).
-    let insert = client
-        .prepare_cached(match assume {
-            Assume::Room => &sql.insert_tasks_if_fits,
-            Assume::Nothing => &sql.insert_tasks,
-        })
-        .await?;
-    let lock_queues = client.prepare_cached(&sql.lock_queues).await?;
-    let notify = client.prepare_cached(&sql.notify_each).await?;
+    // Lock, insert (which counts its rows into their queues) and notify
+    // in one statement; with BEGIN when it is the transaction's first,
+    // with the COMMIT when nothing follows, or alone, as its own
+    // transaction: one round trip.
+    let put = client.prepare_cached(&sql.put_tasks).await?;
     let handed_queues: Vec<&str> = places_of.keys().copied().collect();
     let ready: Vec<String> = ready.into_iter().collect();
+    let check = assume == Assume::Room;
     let now = tokio::time::Instant::now();
+    if last && check && !rows.ids.is_empty() {
+        // Nothing was sent in this transaction before, nor follows.
+        tx.alone();
+    }
+    let params: [Param<'_>; 17] = [
+        &rows.ids,
+        &rows.queues,
+        &rows.payloads,
+        &rows.headers,
+        &rows.keys,
+        &rows.max_attempts,
+        &rows.ttls,
+        &rows.lease_secs,
+        &rows.workers,
+        &rows.priorities,
+        &rows.delays,
+        &capacity,
+        &handed_queues,
+        &check,
+        &names,
+        &inner.channels.0,
+        &ready,
+    ];
     let inserting = async {
         if rows.ids.is_empty() {
+            // Every task was answered already (full, or a duplicate).
             return Ok(Vec::new());
         }
-        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
-            &rows.ids,
-            &rows.queues,
-            &rows.payloads,
-            &rows.headers,
-            &rows.keys,
-            &rows.max_attempts,
-            &rows.ttls,
-            &rows.lease_secs,
-            &rows.workers,
-            &rows.priorities,
-            &rows.delays,
-        ];
-        if assume == Assume::Room {
-            params.push(&capacity);
-            params.push(&handed_queues);
-        }
-        client.query(&insert, &params).await.map_err(PgError::from)
+        client.query(&put, &params).await.map_err(PgError::from)
     };
-    let locking: [Param<'_>; 1] = [&names];
-    let notifying: [Param<'_>; 2] = [&inner.channels.0, &ready];
-    let (_, (), inserted_rows, (), ()) = tokio::try_join!(
-        tx.begin(),
-        execute_if(client, assume == Assume::Room, &lock_queues, &locking),
-        inserting,
-        execute_if(client, !ready.is_empty(), &notify, &notifying),
-        tx.commit_if(last)
-    )?;
+    let (_, inserted_rows, ()) = tokio::try_join!(tx.begin(), inserting, tx.commit_if(last))?;
     if inserted_rows.is_empty() && !rows.ids.is_empty() && assume == Assume::Room {
         // They did not fit: the places reserved go back.
         for stream in handoffs.task_places.drain(..) {
