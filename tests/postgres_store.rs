@@ -655,3 +655,48 @@ async fn pause_and_cancel_hold_for_every_server() {
     b.shutdown().await;
     c.shutdown().await;
 }
+
+/// A task made ready with no notification (as if it were lost on the way)
+/// still reaches a worker stream that waits on its drained queue: the
+/// queue's claimer looks again when its belief that the queue is drained
+/// expires (`BELIEVED_EMPTY`, a second), even though nothing else happens.
+#[tokio::test]
+async fn a_task_whose_notification_is_lost_still_reaches_a_waiting_stream() {
+    let database = TestDatabase::start().await;
+    let server = TestServer::with_config(on(&database)).await;
+    let mut client = server.client().await;
+    let ids = put_many(&mut client, "quiet", &["first".to_string()]).await;
+    let (tx, outbound) = tokio::sync::mpsc::channel(4);
+    tx.send(common::subscribe("quiet", 4)).await.unwrap();
+    let mut inbound = client
+        .stream_tasks(tokio_stream::wrappers::ReceiverStream::new(outbound))
+        .await
+        .unwrap()
+        .into_inner();
+    let next_task = async |inbound: &mut tonic::Streaming<pb::ServerMessage>| {
+        let message = tokio::time::timeout(LONG, inbound.message())
+            .await
+            .expect("a task within 10 s")
+            .unwrap()
+            .unwrap();
+        match message.msg {
+            Some(pb::server_message::Msg::Task(task)) => task,
+            other => panic!("expected a task: {other:?}"),
+        }
+    };
+    // The stream's claim took the one task and found the queue drained;
+    // its window still has room for three.
+    assert_eq!(next_task(&mut inbound).await.id, ids[0]);
+    // A task ready behind the store's back: inserted pending, no NOTIFY.
+    database
+        .psql(
+            "INSERT INTO taskq.tasks (id, queue, payload, max_attempts) \
+             VALUES (gen_random_uuid(), 'quiet', 'unannounced', 3)",
+        )
+        .await;
+    let task = next_task(&mut inbound).await;
+    assert_eq!(task.payload, "unannounced".as_bytes());
+    assert_eq!(task.attempt, 1);
+    drop(tx);
+    server.shutdown().await;
+}

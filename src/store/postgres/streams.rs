@@ -36,7 +36,11 @@ const MAX_CLAIM: usize = 500;
 const RETRY_AFTER_ERROR: Duration = Duration::from_millis(500);
 /// How long a queue found empty is believed empty: room opening in a
 /// window claims nothing then (each task made ready notifies the queue's
-/// claimers), unless a notification might have been missed this long ago.
+/// claimers, and a wake-up that came while the claimer was busy counts).
+/// When the belief expires, the queue is claimed from again even if
+/// nothing happened: should a notification ever be missed, its tasks wait
+/// a second at most, for one claim a second of a drained queue whose
+/// workers wait.
 const BELIEVED_EMPTY: Duration = Duration::from_secs(1);
 
 /// A worker stream on the PostgreSQL store.
@@ -117,8 +121,8 @@ async fn dispatch_tasks(store: PgStore, queue: QueueName, dispatch: Arc<TaskDisp
     let ready = store.inner.wakeups.tasks(queue.as_str());
     let mut closed = store.inner.closed.subscribe();
     // When the last claim found the queue empty (fewer tasks than it
-    // asked for), and no task was made ready since.
-    let mut empty_since: Option<Instant> = None;
+    // asked for), and the queue's wake-ups counted before that claim.
+    let mut empty: Option<(Instant, u64)> = None;
     loop {
         let changed = dispatch.changed.notified();
         tokio::pin!(changed);
@@ -126,6 +130,9 @@ async fn dispatch_tasks(store: PgStore, queue: QueueName, dispatch: Arc<TaskDisp
         let notified = ready.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
+        // Read after `notified` is enabled: a wake-up from now on completes
+        // it, or shows in the count (should this turn end on another event).
+        let woken = ready.woken();
         // Ended streams leave, giving back what they held.
         let ended: Vec<Arc<StreamShared>> = {
             let mut streams = lock(&dispatch.streams);
@@ -163,12 +170,18 @@ async fn dispatch_tasks(store: PgStore, queue: QueueName, dispatch: Arc<TaskDisp
                 }
             }
         }
-        let believed_empty = empty_since.is_some_and(|at| at.elapsed() < BELIEVED_EMPTY);
+        // Drained at the last claim, nothing woken since, and not for long.
+        let believed_empty =
+            empty.is_some_and(|(at, seen)| seen == woken && at.elapsed() < BELIEVED_EMPTY);
         if slots.is_empty() || believed_empty {
+            // Believed drained, the queue is looked at again when that
+            // belief expires, whatever else happens.
+            let expires = empty.map(|(at, _)| at + BELIEVED_EMPTY);
             tokio::select! {
-                () = &mut notified => empty_since = drained(&dispatch, None),
+                () = &mut notified => empty = drained(&dispatch, None),
                 () = &mut changed => {}
                 _ = closed.changed(), if !draining => {}
+                () = sleep_until(expires), if believed_empty => empty = drained(&dispatch, None),
             }
             continue;
         }
@@ -180,14 +193,15 @@ async fn dispatch_tasks(store: PgStore, queue: QueueName, dispatch: Arc<TaskDisp
                 dispatch.turn.fetch_add(tasks.len(), Ordering::Relaxed);
                 deliver(&store, &slots, tasks);
                 if full {
-                    empty_since = drained(&dispatch, None);
+                    empty = drained(&dispatch, None);
                     continue;
                 }
-                empty_since = drained(&dispatch, Some(Instant::now()));
+                empty = drained(&dispatch, Some((Instant::now(), woken)));
                 tokio::select! {
-                    () = &mut notified => empty_since = drained(&dispatch, None),
+                    () = &mut notified => empty = drained(&dispatch, None),
                     () = &mut changed => {}
                     _ = closed.changed(), if !draining => {}
+                    () = tokio::time::sleep(BELIEVED_EMPTY) => empty = drained(&dispatch, None),
                 }
             }
             Err(error) => {
@@ -201,11 +215,20 @@ async fn dispatch_tasks(store: PgStore, queue: QueueName, dispatch: Arc<TaskDisp
     }
 }
 
-/// Since when the dispatch's queue is known drained (`None`: it may hold
-/// ready tasks), kept with the dispatch for the writers' hand-overs.
-fn drained(dispatch: &TaskDispatch, since: Option<Instant>) -> Option<Instant> {
+/// Since when the dispatch's queue is known drained, and its wake-ups
+/// counted before the claim that found it so (`None`: it may hold ready
+/// tasks), kept with the dispatch for the writers' hand-overs.
+fn drained(dispatch: &TaskDispatch, since: Option<(Instant, u64)>) -> Option<(Instant, u64)> {
     dispatch.drained.store(since.is_some(), Ordering::Release);
     since
+}
+
+/// Sleeps until `at`, or forever when there is none.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Hands claimed tasks to their slots' streams. A stream that ended in

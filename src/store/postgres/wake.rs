@@ -12,10 +12,12 @@
 //! for by waking every waiter when it comes back: each looks again.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 use tokio_postgres::AsyncMessage;
 
 use super::tls::MakeRustlsConnect;
@@ -27,7 +29,7 @@ use crate::broker::{LeaseId, TaskId};
 #[derive(Debug, Default)]
 pub(crate) struct Wakeups {
     /// Per queue: tasks became ready.
-    tasks: Mutex<HashMap<String, Arc<Notify>>>,
+    tasks: Mutex<HashMap<String, Arc<Ready>>>,
     /// Per queue: results finished.
     results: Mutex<HashMap<String, Arc<Notify>>>,
     /// Per task: its result exists. Each waiter (a GetResult, a watch)
@@ -38,6 +40,34 @@ pub(crate) struct Wakeups {
     /// Where the leases cancelled on any server go, for this server's
     /// worker streams that hold them (`PgStore::deliver_cancels`).
     cancels: Mutex<Option<tokio::sync::mpsc::UnboundedSender<LeaseId>>>,
+}
+
+/// The wake-up of one queue's ready tasks: its waiters, and how many
+/// times it was woken.
+#[derive(Debug, Default)]
+pub(crate) struct Ready {
+    notify: Notify,
+    /// Wake-ups so far. A claimer that skips a claim because it believes
+    /// the queue drained checks that none came since its last claim began:
+    /// a wake-up that came while it was busy elsewhere is not lost.
+    woken: AtomicU64,
+}
+
+impl Ready {
+    /// The next wake-up (enable it before looking at the database).
+    pub(crate) fn notified(&self) -> Notified<'_> {
+        self.notify.notified()
+    }
+
+    /// Wake-ups so far.
+    pub(crate) fn woken(&self) -> u64 {
+        self.woken.load(Ordering::Acquire)
+    }
+
+    fn wake(&self) {
+        self.woken.fetch_add(1, Ordering::AcqRel);
+        self.notify.notify_waiters();
+    }
 }
 
 /// Uncounts a waiting GetTask call when dropped.
@@ -80,9 +110,9 @@ impl Wakeups {
         }
     }
 
-    /// The `Notify` woken when tasks of `queue` become ready. Queues are
-    /// few; their entries stay.
-    pub(crate) fn tasks(&self, queue: &str) -> Arc<Notify> {
+    /// The wake-up of `queue`'s ready tasks. Queues are few; their entries
+    /// stay.
+    pub(crate) fn tasks(&self, queue: &str) -> Arc<Ready> {
         lock(&self.tasks).entry(queue.into()).or_default().clone()
     }
 
@@ -112,8 +142,8 @@ impl Wakeups {
     /// Wakes everyone: after the listening connection was lost, any
     /// notification may have been missed.
     pub(crate) fn wake_all(&self) {
-        for notify in lock(&self.tasks).values() {
-            notify.notify_waiters();
+        for ready in lock(&self.tasks).values() {
+            ready.wake();
         }
         for notify in lock(&self.results).values() {
             notify.notify_waiters();
@@ -130,8 +160,8 @@ impl Wakeups {
     /// between its look and its wait is not lost, and none is stored for
     /// later (which would wake the next waiter for nothing).
     pub(crate) fn tasks_ready(&self, queue: &str) {
-        if let Some(notify) = lock(&self.tasks).get(queue) {
-            notify.notify_waiters();
+        if let Some(ready) = lock(&self.tasks).get(queue) {
+            ready.wake();
         }
     }
 
