@@ -74,6 +74,26 @@ async fn lease(client: &mut Client, queue: &str, worker: &str) -> Option<pb::Tas
         .task
 }
 
+/// A worker stream subscribed to `queue` with `window`: its sender (the
+/// stream ends when it is dropped) and the server's messages.
+async fn worker_stream(
+    client: &mut Client,
+    queue: &str,
+    window: u32,
+) -> (
+    tokio::sync::mpsc::Sender<pb::WorkerMessage>,
+    tonic::Streaming<pb::ServerMessage>,
+) {
+    let (tx, outbound) = tokio::sync::mpsc::channel(4);
+    tx.send(common::subscribe(queue, window)).await.unwrap();
+    let inbound = client
+        .stream_tasks(tokio_stream::wrappers::ReceiverStream::new(outbound))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, inbound)
+}
+
 fn output_of(task: &pb::Task) -> pb::PutResultRequest {
     pb::PutResultRequest {
         task_id: task.id.clone(),
@@ -615,13 +635,7 @@ async fn pause_and_cancel_hold_for_every_server() {
 
     // A stream on server b holds a task; the cancel goes through server c.
     let ids = put_many(&mut ca, "streamed", &["s".to_string()]).await;
-    let (tx, outbound) = tokio::sync::mpsc::channel(4);
-    tx.send(common::subscribe("streamed", 1)).await.unwrap();
-    let mut inbound = cb
-        .stream_tasks(tokio_stream::wrappers::ReceiverStream::new(outbound))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut inbound) = worker_stream(&mut cb, "streamed", 1).await;
     let first = tokio::time::timeout(LONG, inbound.message())
         .await
         .unwrap()
@@ -666,13 +680,7 @@ async fn a_task_whose_notification_is_lost_still_reaches_a_waiting_stream() {
     let server = TestServer::with_config(on(&database)).await;
     let mut client = server.client().await;
     let ids = put_many(&mut client, "quiet", &["first".to_string()]).await;
-    let (tx, outbound) = tokio::sync::mpsc::channel(4);
-    tx.send(common::subscribe("quiet", 4)).await.unwrap();
-    let mut inbound = client
-        .stream_tasks(tokio_stream::wrappers::ReceiverStream::new(outbound))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut inbound) = worker_stream(&mut client, "quiet", 4).await;
     let next_task = async |inbound: &mut tonic::Streaming<pb::ServerMessage>| {
         let message = tokio::time::timeout(LONG, inbound.message())
             .await
