@@ -176,12 +176,14 @@ async fn dispatch_tasks(store: PgStore, queue: QueueName, dispatch: Arc<TaskDisp
         if slots.is_empty() || believed_empty {
             // Believed drained, the queue is looked at again when that
             // belief expires, whatever else happens.
-            let expires = empty.map(|(at, _)| at + BELIEVED_EMPTY);
+            let expires = empty.map_or_else(Instant::now, |(at, _)| at + BELIEVED_EMPTY);
             tokio::select! {
                 () = &mut notified => empty = drained(&dispatch, None),
                 () = &mut changed => {}
                 _ = closed.changed(), if !draining => {}
-                () = sleep_until(expires), if believed_empty => empty = drained(&dispatch, None),
+                () = tokio::time::sleep_until(expires), if believed_empty => {
+                    empty = drained(&dispatch, None);
+                }
             }
             continue;
         }
@@ -192,17 +194,10 @@ async fn dispatch_tasks(store: PgStore, queue: QueueName, dispatch: Arc<TaskDisp
                 let full = tasks.len() == slots.len();
                 dispatch.turn.fetch_add(tasks.len(), Ordering::Relaxed);
                 deliver(&store, &slots, tasks);
-                if full {
-                    empty = drained(&dispatch, None);
-                    continue;
-                }
-                empty = drained(&dispatch, Some((Instant::now(), woken)));
-                tokio::select! {
-                    () = &mut notified => empty = drained(&dispatch, None),
-                    () = &mut changed => {}
-                    _ = closed.changed(), if !draining => {}
-                    () = tokio::time::sleep(BELIEVED_EMPTY) => empty = drained(&dispatch, None),
-                }
+                // Found drained: the next turn waits (above), unless a
+                // wake-up came since this claim began.
+                let since = (!full).then(|| (Instant::now(), woken));
+                empty = drained(&dispatch, since);
             }
             Err(error) => {
                 tracing::warn!(%error, queue = %queue, "postgres store: a claim for worker streams failed; retrying");
@@ -221,14 +216,6 @@ async fn dispatch_tasks(store: PgStore, queue: QueueName, dispatch: Arc<TaskDisp
 fn drained(dispatch: &TaskDispatch, since: Option<(Instant, u64)>) -> Option<(Instant, u64)> {
     dispatch.drained.store(since.is_some(), Ordering::Release);
     since
-}
-
-/// Sleeps until `at`, or forever when there is none.
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Hands claimed tasks to their slots' streams. A stream that ended in

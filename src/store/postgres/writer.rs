@@ -524,6 +524,9 @@ async fn put_tasks(
     let handed_queues: Vec<&str> = places_of.keys().copied().collect();
     let ready: Vec<String> = ready.into_iter().collect();
     let check = assume == Assume::Room;
+    // The put shards to lock: read first (`before_put`), they are locked
+    // already.
+    let locking: &[String] = if check { &names } else { &[] };
     let now = tokio::time::Instant::now();
     if last && check && !rows.ids.is_empty() {
         // Nothing was sent in this transaction before, nor follows.
@@ -544,7 +547,7 @@ async fn put_tasks(
         &capacity,
         &handed_queues,
         &check,
-        &names,
+        &locking,
         &inner.channels.0,
         &ready,
     ];
