@@ -118,10 +118,10 @@ async fn write(inner: &Inner, batch: Vec<Job>, turn: Box<dyn Send>) {
     }
 }
 
-/// One transaction of a batch: its puts, then its results. Counter rows are
-/// taken in one order by every transaction (put shards in name order, then
-/// one finish shard in name order), so transactions queue up rather than
-/// deadlock.
+/// One transaction of a batch: its results, then its puts. Counter rows
+/// are taken in one order by every transaction (one finish shard, queues
+/// in name order, then the put shards in name order), so transactions
+/// queue up rather than deadlock.
 type Written = (
     Vec<Result<PutOutcome, BrokerError>>,
     Vec<Result<TaskState, BrokerError>>,
@@ -265,27 +265,29 @@ async fn write_transaction(
     if let Some(turn) = turn {
         tx.hold_until_commit(turn);
     }
-    let last = completes.is_empty();
-    let put_results = if puts.is_empty() {
-        Vec::new()
-    } else if let Some(results) = put_tasks(inner, &tx, puts, last, Assume::Room, handoffs).await? {
-        results
-    } else {
-        // The puts did not fit as assumed: they go again, after reading
-        // the counts, in this transaction or, when it committed
-        // (nothing), in a new one.
-        if last {
-            tx.committed();
-            tx = WriteTransaction::open(&inner.pool).await?;
-        }
-        put_tasks(inner, &tx, puts, last, Assume::Nothing, handoffs)
-            .await?
-            .unwrap_or_default()
-    };
+    // Results first, then puts: a put holds its queues' put shards from
+    // its insert to the COMMIT, so that puts to a queue take turns; with
+    // the puts last, the results' updates are not part of that turn.
     let complete_results = if completes.is_empty() {
         Vec::new()
     } else {
         complete_in_rounds(inner, &tx, completes, puts.is_empty(), handoffs).await?
+    };
+    let first = completes.is_empty();
+    let put_results = if puts.is_empty() {
+        Vec::new()
+    } else if let Some(results) = put_tasks(inner, &tx, puts, first, Assume::Room, handoffs).await?
+    {
+        results
+    } else {
+        // The puts did not fit as assumed: nothing of them was inserted,
+        // and the transaction committed (the results before them). They
+        // go again in a new one, after reading the counts.
+        tx.committed();
+        tx = WriteTransaction::open(&inner.pool).await?;
+        put_tasks(inner, &tx, puts, true, Assume::Nothing, handoffs)
+            .await?
+            .unwrap_or_default()
     };
     tx.committed();
     Ok((put_results, complete_results))
@@ -381,14 +383,15 @@ async fn before_put(
 
 /// Inserts tasks: room checked per queue across all servers (the queue's
 /// put shard, locked first), duplicates by idempotency key answered with
-/// the first task's id. `last`: nothing follows in this transaction, so
-/// the COMMIT goes with the insert. `None`: the puts did not fit as
-/// assumed, and nothing was inserted.
+/// the first task's id. The puts are the transaction's last statement:
+/// the COMMIT goes with the insert. `first`: nothing was sent in this
+/// transaction before. `None`: the puts did not fit as assumed, and
+/// nothing of them was inserted.
 async fn put_tasks(
     inner: &Inner,
     tx: &WriteTransaction,
     tasks: &[Prepared],
-    last: bool,
+    first: bool,
     assume: Assume,
     handoffs: &mut Handoffs,
 ) -> Result<Option<Vec<Result<PutOutcome, BrokerError>>>, PgError> {
@@ -517,9 +520,8 @@ async fn put_tasks(
         tasks.iter().map(|t| (t.id.as_uuid(), t)).collect()
     };
     // Lock, insert (which counts its rows into their queues) and notify
-    // in one statement; with BEGIN when it is the transaction's first,
-    // with the COMMIT when nothing follows, or alone, as its own
-    // transaction: one round trip.
+    // in one statement, with BEGIN when it is the transaction's first and
+    // the COMMIT, or alone, as its own transaction: one round trip.
     let put = client.prepare_cached(&sql.put_tasks).await?;
     let handed_queues: Vec<&str> = places_of.keys().copied().collect();
     let ready: Vec<String> = ready.into_iter().collect();
@@ -528,7 +530,7 @@ async fn put_tasks(
     // already.
     let locking: &[String] = if check { &names } else { &[] };
     let now = tokio::time::Instant::now();
-    if last && check && !rows.ids.is_empty() {
+    if first && check && !rows.ids.is_empty() {
         // Nothing was sent in this transaction before, nor follows.
         tx.alone();
     }
@@ -558,7 +560,7 @@ async fn put_tasks(
         }
         client.query(&put, &params).await.map_err(PgError::from)
     };
-    let (_, inserted_rows, ()) = tokio::try_join!(tx.begin(), inserting, tx.commit_if(last))?;
+    let (_, inserted_rows, ()) = tokio::try_join!(tx.begin(), inserting, tx.commit_if(true))?;
     if inserted_rows.is_empty() && !rows.ids.is_empty() && assume == Assume::Room {
         // They did not fit: the places reserved go back.
         for stream in handoffs.task_places.drain(..) {
@@ -737,11 +739,13 @@ impl Rows {
 /// in one batch (a worker's repeat, a stream's report racing its retry)
 /// has its later reports applied after its earlier ones, as if they came
 /// in later transactions: each round takes at most one report per task.
+/// `only`: the transaction holds nothing else, so its last round sends the
+/// COMMIT (otherwise the puts after the reports do).
 async fn complete_in_rounds(
     inner: &Inner,
     tx: &WriteTransaction,
     results: &[(LeaseId, Outcome)],
-    alone: bool,
+    only: bool,
     handoffs: &mut Handoffs,
 ) -> Result<Vec<Result<TaskState, BrokerError>>, PgError> {
     let mut seen: HashMap<Uuid, usize> = HashMap::new();
@@ -755,7 +759,12 @@ async fn complete_in_rounds(
         .collect();
     let rounds = round_of.iter().max().map_or(0, |last| last + 1);
     if rounds <= 1 {
-        return complete(inner, tx, results, Round::Last { alone }, handoffs).await;
+        let round = if only {
+            Round::Last { alone: true }
+        } else {
+            Round::Before
+        };
+        return complete(inner, tx, results, round, handoffs).await;
     }
     let mut answers: Vec<Option<Result<TaskState, BrokerError>>> = vec![None; results.len()];
     for round in 0..rounds {
@@ -765,7 +774,7 @@ async fn complete_in_rounds(
             .filter(|(i, _)| round_of[*i] == round)
             .map(|(i, report)| (i, report.clone()))
             .unzip();
-        let round = if round + 1 == rounds {
+        let round = if round + 1 == rounds && only {
             Round::Last { alone: false }
         } else {
             Round::Before
@@ -1161,4 +1170,140 @@ fn explain(
         return Err(BrokerError::stale(lease));
     }
     Err(BrokerError::ResultConflict(lease.task))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use tokio::sync::oneshot;
+
+    use super::super::harness::TestDatabase;
+    use super::super::{PgStore, PostgresConfig};
+    use super::*;
+    use crate::broker::{BrokerConfig, LeaseRequest, NewTask, QueueName, WorkerId};
+    use crate::store::Store;
+
+    fn task(queue: &QueueName, payload: &'static str) -> NewTask {
+        NewTask {
+            queue: Some(queue.clone()),
+            payload: Bytes::from_static(payload.as_bytes()),
+            ..NewTask::default()
+        }
+    }
+
+    /// Reports and puts that arrive together share one transaction,
+    /// reports first: the room a report makes is there for the puts after
+    /// it. Puts that then do not fit as assumed (two for one place) go
+    /// again in a transaction of their own, after reading the counts; the
+    /// reports before them are kept either way.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reports_go_first_and_stay_when_the_puts_after_them_do_not_fit() {
+        let database = TestDatabase::start().await;
+        let broker = BrokerConfig {
+            queue_capacity: 1,
+            ..BrokerConfig::default()
+        };
+        let store = PgStore::connect(&PostgresConfig::new(database.url()), broker)
+            .await
+            .unwrap_or_else(|error| panic!("the store opens on {}: {error}", database.url()));
+        let queue = QueueName::parse("one-place").unwrap();
+        let mut leases = Vec::new();
+        let mut put_answers = Vec::new();
+        for puts in [1, 2] {
+            store
+                .put(task(&queue, "held"), Duration::ZERO)
+                .await
+                .unwrap();
+            let leased = store
+                .lease(
+                    LeaseRequest {
+                        queue: queue.clone(),
+                        worker: WorkerId::new("w").unwrap(),
+                        lease_duration: None,
+                    },
+                    Duration::ZERO,
+                )
+                .await
+                .unwrap()
+                .expect("the task just put");
+            // The queue is full: only the report in the same batch makes
+            // room.
+            let (done_tx, done_rx) = oneshot::channel();
+            let (put_tx, put_rx) = oneshot::channel();
+            let tasks = (0..puts)
+                .map(|_| store.prepare(task(&queue, "new")).unwrap())
+                .collect();
+            let batch = vec![
+                Job::Complete {
+                    results: vec![(leased.lease_id, Outcome::Success(Bytes::from_static(b"ok")))],
+                    answer: done_tx,
+                },
+                Job::Put {
+                    tasks,
+                    answer: put_tx,
+                },
+            ];
+            write(&store.inner, batch, Box::new(())).await;
+            assert_eq!(
+                done_rx.await.unwrap(),
+                [Ok(TaskState::Succeeded)],
+                "{puts} put(s) after the report"
+            );
+            leases.push(leased.lease_id);
+            put_answers.push(put_rx.await.unwrap());
+            if puts == 1 {
+                // The next round starts from an empty queue.
+                let leased = store
+                    .lease(
+                        LeaseRequest {
+                            queue: queue.clone(),
+                            worker: WorkerId::new("w").unwrap(),
+                            lease_duration: None,
+                        },
+                        Duration::ZERO,
+                    )
+                    .await
+                    .unwrap()
+                    .expect("the task the first batch put");
+                store
+                    .complete(leased.lease_id, Outcome::Success(Bytes::new()))
+                    .await
+                    .unwrap();
+            }
+        }
+        // One put in the place the report made; of two, the first fits
+        // (read again after the counts) and the second finds the queue full.
+        assert!(matches!(
+            put_answers[0][..],
+            [Ok(PutOutcome {
+                duplicate: false,
+                ..
+            })]
+        ));
+        assert!(
+            matches!(
+                put_answers[1][..],
+                [
+                    Ok(PutOutcome {
+                        duplicate: false,
+                        ..
+                    }),
+                    Err(BrokerError::QueueFull { .. })
+                ]
+            ),
+            "{:?}",
+            put_answers[1]
+        );
+        for lease in leases {
+            let result = store.result(lease.task, Duration::ZERO).await.unwrap();
+            assert_eq!(
+                result.map(|r| r.state),
+                Some(TaskState::Succeeded),
+                "the report was kept"
+            );
+        }
+        store.close();
+    }
 }
