@@ -1193,6 +1193,20 @@ mod tests {
         }
     }
 
+    /// Leases the task waiting on `queue` (there must be one).
+    async fn lease_one(store: &PgStore, queue: &QueueName) -> crate::broker::LeasedTask {
+        let request = LeaseRequest {
+            queue: queue.clone(),
+            worker: WorkerId::new("w").unwrap(),
+            lease_duration: None,
+        };
+        store
+            .lease(request, Duration::ZERO)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("a task waits on {queue}"))
+    }
+
     /// Reports and puts that arrive together share one transaction,
     /// reports first: the room a report makes is there for the puts after
     /// it. Puts that then do not fit as assumed (two for one place) go
@@ -1216,18 +1230,7 @@ mod tests {
                 .put(task(&queue, "held"), Duration::ZERO)
                 .await
                 .unwrap();
-            let leased = store
-                .lease(
-                    LeaseRequest {
-                        queue: queue.clone(),
-                        worker: WorkerId::new("w").unwrap(),
-                        lease_duration: None,
-                    },
-                    Duration::ZERO,
-                )
-                .await
-                .unwrap()
-                .expect("the task just put");
+            let leased = lease_one(&store, &queue).await;
             // The queue is full: only the report in the same batch makes
             // room.
             let (done_tx, done_rx) = oneshot::channel();
@@ -1255,18 +1258,7 @@ mod tests {
             put_answers.push(put_rx.await.unwrap());
             if puts == 1 {
                 // The next round starts from an empty queue.
-                let leased = store
-                    .lease(
-                        LeaseRequest {
-                            queue: queue.clone(),
-                            worker: WorkerId::new("w").unwrap(),
-                            lease_duration: None,
-                        },
-                        Duration::ZERO,
-                    )
-                    .await
-                    .unwrap()
-                    .expect("the task the first batch put");
+                let leased = lease_one(&store, &queue).await;
                 store
                     .complete(leased.lease_id, Outcome::Success(Bytes::new()))
                     .await
