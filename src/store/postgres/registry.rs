@@ -124,8 +124,14 @@ pub(crate) struct ResultShared {
     pub(crate) dispatch: Arc<ResultDispatch>,
 }
 
-/// Results a result stream holds ahead of its reader.
-pub(crate) const RESULT_WINDOW: usize = 64;
+/// Results a result stream holds ahead of its reader, places reserved by
+/// write transactions not yet committed included. Larger than the memory
+/// store's window (64): the writers reserve places for a whole batch of
+/// reports before its update, and with 64, batches in flight together
+/// found the windows full for about one result in six, which then took a
+/// claim and a commit of their own (bench/README.md, session 14). A reader
+/// that stalls holds at most this many claimed results until it ends.
+pub(crate) const RESULT_WINDOW: usize = 256;
 
 impl ResultShared {
     /// Reserves up to `want` places for results handed over in a
