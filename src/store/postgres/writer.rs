@@ -261,7 +261,7 @@ async fn write_transaction(
     ),
     PgError,
 > {
-    let mut tx = WriteTransaction::open(&inner.pool).await?;
+    let tx = WriteTransaction::open(&inner.pool).await?;
     if let Some(turn) = turn {
         tx.hold_until_commit(turn);
     }
@@ -281,16 +281,52 @@ async fn write_transaction(
         results
     } else {
         // The puts did not fit as assumed: nothing of them was inserted,
-        // and the transaction committed (the results before them). They
-        // go again in a new one, after reading the counts.
+        // and the transaction committed with the results before them.
+        // Those results' hand-overs go out now, whatever becomes of the
+        // puts, which go again in a transaction of their own.
         tx.committed();
-        tx = WriteTransaction::open(&inner.pool).await?;
-        put_tasks(inner, &tx, puts, true, Assume::Nothing, handoffs)
-            .await?
-            .unwrap_or_default()
+        let back = std::mem::take(handoffs).deliver(inner);
+        unclaim(inner, back).await;
+        return Ok((put_again(inner, puts, handoffs).await, complete_results));
     };
     tx.committed();
     Ok((put_results, complete_results))
+}
+
+/// Puts that did not fit as assumed, again in a transaction of their own
+/// after reading the counts (again when the database broke a deadlock).
+/// On an error each is answered with it: the results committed before
+/// them stand.
+async fn put_again(
+    inner: &Inner,
+    puts: &[Prepared],
+    handoffs: &mut Handoffs,
+) -> Vec<Result<PutOutcome, BrokerError>> {
+    let mut tries = 0;
+    loop {
+        let attempt = async {
+            let tx = WriteTransaction::open(&inner.pool).await?;
+            let results = put_tasks(inner, &tx, puts, true, Assume::Nothing, handoffs)
+                .await?
+                .unwrap_or_default();
+            tx.committed();
+            Ok::<_, PgError>(results)
+        }
+        .await;
+        match attempt {
+            Ok(results) => return results,
+            Err(error) => {
+                std::mem::take(handoffs).undo();
+                if error.is_retryable() && tries < 3 {
+                    tries += 1;
+                    continue;
+                }
+                tracing::warn!(%error, "postgres store: a write transaction of puts failed");
+                let error = BrokerError::from(error);
+                return vec![Err(error); puts.len()];
+            }
+        }
+    }
 }
 
 /// What a writer assumes of the database before it inserts puts.
