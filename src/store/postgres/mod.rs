@@ -42,6 +42,8 @@ mod sweep;
 mod tls;
 mod wake;
 mod writer;
+#[cfg(test)]
+mod writer_tests;
 
 pub use config::{
     DEFAULT_MAX_PENDING, DEFAULT_POOL_SIZE, DEFAULT_SCHEMA, DEFAULT_STATEMENT_TIMEOUT,
