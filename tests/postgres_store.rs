@@ -708,3 +708,154 @@ async fn a_task_whose_notification_is_lost_still_reaches_a_waiting_stream() {
     drop(tx);
     server.shutdown().await;
 }
+
+/// A connection of the test's own, for a transaction the test holds open
+/// while a server's put runs against it.
+async fn raw_connection(database: &TestDatabase) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(&database.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// Waits until a statement of the database waits on a lock (the server's
+/// put, behind the test's open transaction), at most 10 s.
+async fn until_a_statement_waits_on_a_lock(database: &TestDatabase) {
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let waiting = database
+            .psql(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .await;
+        if waiting != "0" {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no statement waited on the test's transaction within 10 s"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Another server's put of the same idempotency key commits while this
+/// server's put (assumed to fit, its snapshot taken before) waits on the
+/// queue's put shard: the insert meets the key, runs again, and answers a
+/// duplicate of the other task; the queue's count holds each task once.
+#[tokio::test]
+async fn a_put_racing_another_put_of_its_key_answers_the_first_task() {
+    let database = TestDatabase::start().await;
+    let server = TestServer::with_config(on(&database)).await;
+    let mut client = server.client().await;
+    put_many(&mut client, "race", &["before".to_string()]).await;
+    let raw = raw_connection(&database).await;
+    let theirs = uuid::Uuid::now_v7();
+    raw.batch_execute("BEGIN").await.unwrap();
+    raw.execute(
+        "INSERT INTO taskq.tasks (id, queue, payload, max_attempts, idempotency_key) \
+         VALUES ($1, 'race', 'theirs', 3, 'k1')",
+        &[&theirs],
+    )
+    .await
+    .unwrap();
+    raw.batch_execute(
+        "UPDATE taskq.queue_counts SET unfinished = unfinished + 1 \
+         WHERE queue = 'race' AND shard = 0",
+    )
+    .await
+    .unwrap();
+    let mut putter = server.client().await;
+    let put = tokio::spawn(async move {
+        putter
+            .put_task(with_deadline(
+                new_task("race", "ours".into(), Some("k1".into())),
+                LONG,
+            ))
+            .await
+    });
+    until_a_statement_waits_on_a_lock(&database).await;
+    raw.batch_execute("COMMIT").await.unwrap();
+    let answer = put.await.unwrap().unwrap().into_inner();
+    assert!(answer.duplicate, "{answer:?}");
+    assert_eq!(answer.task_id, theirs.to_string());
+    assert_eq!(
+        database
+            .psql("SELECT sum(unfinished) FROM taskq.queue_counts WHERE queue = 'race'")
+            .await,
+        "2"
+    );
+    assert_eq!(
+        database
+            .psql("SELECT count(*) FROM taskq.tasks WHERE queue = 'race'")
+            .await,
+        "2"
+    );
+    server.shutdown().await;
+}
+
+/// Another server's put commits while this server's batch (assumed to
+/// fit when its snapshot was taken) waits on the queue's put shard: the
+/// capacity is checked against the count as it is after that commit, so
+/// the batch takes only the room left and the queue never holds more
+/// than its capacity.
+#[tokio::test]
+async fn a_batch_racing_another_put_takes_only_the_room_left() {
+    let database = TestDatabase::start().await;
+    let mut config = on(&database);
+    config.broker.queue_capacity = 3;
+    let server = TestServer::with_config(config).await;
+    let mut client = server.client().await;
+    put_many(&mut client, "tight", &["before".to_string()]).await;
+    let raw = raw_connection(&database).await;
+    raw.batch_execute(
+        "BEGIN;
+         INSERT INTO taskq.tasks (id, queue, payload, max_attempts)
+             VALUES (gen_random_uuid(), 'tight', 'theirs', 3);
+         UPDATE taskq.queue_counts SET unfinished = unfinished + 1
+             WHERE queue = 'tight' AND shard = 0",
+    )
+    .await
+    .unwrap();
+    let mut putter = server.client().await;
+    let put = tokio::spawn(async move {
+        let request = pb::PutTasksRequest {
+            tasks: vec![
+                new_task("tight", "a".into(), None),
+                new_task("tight", "b".into(), None),
+            ],
+        };
+        putter.put_tasks(with_deadline(request, LONG)).await
+    });
+    until_a_statement_waits_on_a_lock(&database).await;
+    raw.batch_execute("COMMIT").await.unwrap();
+    let outcomes: Vec<_> = put
+        .await
+        .unwrap()
+        .unwrap()
+        .into_inner()
+        .outcomes
+        .into_iter()
+        .map(|o| match o.outcome {
+            Some(pb::put_task_outcome::Outcome::Ok(_)) => "ok".to_string(),
+            Some(pb::put_task_outcome::Outcome::Error(e)) => format!("error {}", e.code),
+            None => "none".to_string(),
+        })
+        .collect();
+    assert_eq!(outcomes, ["ok", "error 8"]);
+    assert_eq!(
+        database
+            .psql("SELECT sum(unfinished) FROM taskq.queue_counts WHERE queue = 'tight'")
+            .await,
+        "3"
+    );
+    assert_eq!(
+        database
+            .psql("SELECT count(*) FROM taskq.tasks WHERE queue = 'tight'")
+            .await,
+        "3"
+    );
+    server.shutdown().await;
+}

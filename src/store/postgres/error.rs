@@ -48,11 +48,16 @@ fn describe(error: &tokio_postgres::Error) -> String {
 
 impl PgError {
     /// Whether running the transaction again may succeed: a deadlock or a
-    /// serialization failure, which PostgreSQL resolves by failing one side.
+    /// serialization failure, which PostgreSQL resolves by failing one side,
+    /// or a unique key taken by a transaction that committed meanwhile (a
+    /// put assumed to fit met another server's put of the same idempotency
+    /// key: the next try sees that key and answers a duplicate).
     pub(crate) fn is_retryable(&self) -> bool {
         use tokio_postgres::error::SqlState;
         matches!(self, PgError::Db(e) if e.code().is_some_and(|code| {
-            *code == SqlState::T_R_DEADLOCK_DETECTED || *code == SqlState::T_R_SERIALIZATION_FAILURE
+            *code == SqlState::T_R_DEADLOCK_DETECTED
+                || *code == SqlState::T_R_SERIALIZATION_FAILURE
+                || *code == SqlState::UNIQUE_VIOLATION
         }))
     }
 }

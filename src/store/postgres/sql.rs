@@ -8,6 +8,7 @@ pub(crate) struct Sql {
     pub(crate) queue_total: String,
     pub(crate) lock_queues: String,
     pub(crate) put_tasks: String,
+    pub(crate) put_one_queue: String,
     pub(crate) waiting_queues: String,
     pub(crate) pause: String,
     pub(crate) resume: String,
@@ -164,6 +165,52 @@ impl Sql {
             // says what each argument is): lock, insert, count, notify.
             put_tasks: s("SELECT * FROM {s}.put_tasks($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
                 $11, $12, $13, $14, $15, $16, $17)"),
+            // A batch of puts to one queue that is assumed to fit, as one
+            // plain statement (no function call, which costs more than
+            // the insert): the update of the queue's put shard both locks
+            // it and counts the tasks in, and the insert runs only when
+            // that update did. Its checks read the statement's snapshot,
+            // taken before the put shard's lock was granted; the update's
+            // own row is read again after the wait (PostgreSQL re-checks
+            // a row another transaction changed meanwhile), so the count
+            // is exact, and the other shards (counted out by finishes)
+            // can only be older, which errs towards "full". The arguments
+            // are put_tasks' ($1 to $13), then the queue ($14), the
+            // channel ($15) and payloads ($16) of the notification that
+            // tasks are ready. A key taken meanwhile by another server's
+            // put makes the insert fail (unique_violation, retried).
+            put_one_queue: s("WITH fits AS (SELECT
+                    NOT EXISTS (SELECT 1 FROM {s}.tasks t JOIN unnest($2::text[], $5::text[]) AS k(queue, key)
+                                ON t.queue = k.queue AND t.idempotency_key = k.key)
+                    AND NOT EXISTS (SELECT 1 FROM unnest($13::text[]) AS h(q)
+                                    WHERE EXISTS (SELECT 1 FROM {s}.tasks WHERE queue = h.q AND state = 0)
+                                       OR EXISTS (SELECT 1 FROM {s}.paused_queues WHERE queue = h.q)) AS ok),
+                counted AS (UPDATE {s}.queue_counts c SET unfinished = c.unfinished + cardinality($1::uuid[])
+                    WHERE c.queue = $14::text AND c.shard = 0 AND (SELECT ok FROM fits)
+                      AND c.unfinished + cardinality($1::uuid[]) + (SELECT coalesce(sum(o.unfinished), 0)
+                          FROM {s}.queue_counts o WHERE o.queue = $14::text AND o.shard <> 0) <= $12::int8
+                    RETURNING 1),
+                inserted AS (INSERT INTO {s}.tasks (id, queue, payload, headers, idempotency_key, max_attempts,
+                        expires_at, state, attempt, lease_seq, lease_until, worker, leased_at, priority, ready_at)
+                    SELECT id, queue, payload, headers, key, max_attempts,
+                           CASE WHEN ttl IS NULL THEN NULL ELSE now() + make_interval(secs => ttl) END,
+                           CASE WHEN delay IS NOT NULL THEN -1 WHEN lease IS NULL THEN 0 ELSE 1 END,
+                           CASE WHEN lease IS NULL THEN 0 ELSE 1 END,
+                           CASE WHEN lease IS NULL THEN 0 ELSE 1 END,
+                           CASE WHEN lease IS NULL THEN NULL ELSE now() + make_interval(secs => lease) END,
+                           worker,
+                           CASE WHEN lease IS NULL THEN NULL ELSE now() END,
+                           priority,
+                           CASE WHEN delay IS NULL THEN NULL ELSE now() + make_interval(secs => delay) END
+                    FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::text[], $5::text[], $6::int4[],
+                                $7::float8[], $8::float8[], $9::text[], $10::int4[], $11::float8[])
+                         AS t(id, queue, payload, headers, key, max_attempts, ttl, lease, worker, priority, delay)
+                    WHERE EXISTS (SELECT 1 FROM counted)
+                    ORDER BY id
+                    RETURNING id, lease_until, created_at, expires_at,
+                              coalesce(extract(epoch FROM lease_until - now()), 0)::float8 AS lease_left),
+                told AS (SELECT count(pg_notify($15::text, p)) AS n FROM unnest($16::text[]) AS p)
+                SELECT i.*, (SELECT n FROM told) FROM inserted i"),
             // Of these queues, those where a new task must wait for a claim
             // rather than be handed over in its insert: older tasks wait,
             // or the queue is paused.

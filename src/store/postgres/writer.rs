@@ -333,8 +333,8 @@ async fn put_again(
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Assume {
     /// That the puts fit: room for all, no key held, nothing older waiting
-    /// where they are handed over; the insert (`put_tasks`)
-    /// checks it, and inserts nothing otherwise. One round trip with the
+    /// where they are handed over; the insert (`put_one_queue` or
+    /// `put_tasks`) checks it, and inserts nothing otherwise. One round trip with the
     /// COMMIT, when it holds, as it nearly always does.
     Room,
     /// Nothing: the counts, keys and waiting tasks are read first.
@@ -557,11 +557,23 @@ async fn put_tasks(
     };
     // Lock, insert (which counts its rows into their queues) and notify
     // in one statement, with BEGIN when it is the transaction's first and
-    // the COMMIT, or alone, as its own transaction: one round trip.
-    let put = client.prepare_cached(&sql.put_tasks).await?;
+    // the COMMIT, or alone, as its own transaction: one round trip. A
+    // batch of one queue assumed to fit (nearly every batch) takes the
+    // plain statement, the others the function.
+    let check = assume == Assume::Room;
+    let one_queue = match names.as_slice() {
+        [queue] if check => Some(queue),
+        _ => None,
+    };
+    let put = client
+        .prepare_cached(if one_queue.is_some() {
+            &sql.put_one_queue
+        } else {
+            &sql.put_tasks
+        })
+        .await?;
     let handed_queues: Vec<&str> = places_of.keys().copied().collect();
     let ready: Vec<String> = ready.into_iter().collect();
-    let check = assume == Assume::Room;
     // The put shards to lock: read first (`before_put`), they are locked
     // already.
     let locking: &[String] = if check { &names } else { &[] };
@@ -594,7 +606,18 @@ async fn put_tasks(
             // Every task was answered already (full, or a duplicate).
             return Ok(Vec::new());
         }
-        client.query(&put, &params).await.map_err(PgError::from)
+        match one_queue {
+            Some(queue) => {
+                let params: [Param<'_>; 16] = [
+                    params[0], params[1], params[2], params[3], params[4], params[5], params[6],
+                    params[7], params[8], params[9], params[10], params[11], params[12], queue,
+                    params[15], params[16],
+                ];
+                client.query(&put, &params).await
+            }
+            None => client.query(&put, &params).await,
+        }
+        .map_err(PgError::from)
     };
     let (_, inserted_rows, ()) = tokio::try_join!(tx.begin(), inserting, tx.commit_if(true))?;
     if inserted_rows.is_empty() && !rows.ids.is_empty() && assume == Assume::Room {
