@@ -50,8 +50,9 @@ impl PgError {
     /// Whether running the transaction again may succeed: a deadlock or a
     /// serialization failure, which PostgreSQL resolves by failing one side,
     /// or a unique key taken by a transaction that committed meanwhile (a
-    /// put assumed to fit met another server's put of the same idempotency
-    /// key: the next try sees that key and answers a duplicate).
+    /// put assumed to fit met another put of the same idempotency key,
+    /// through any server: the next try sees that key and answers a
+    /// duplicate).
     pub(crate) fn is_retryable(&self) -> bool {
         use tokio_postgres::error::SqlState;
         matches!(self, PgError::Db(e) if e.code().is_some_and(|code| {

@@ -177,8 +177,8 @@ impl Sql {
             // can only be older, which errs towards "full". The arguments
             // are put_tasks' ($1 to $13), then the queue ($14), the
             // channel ($15) and payloads ($16) of the notification that
-            // tasks are ready. A key taken meanwhile by another server's
-            // put makes the insert fail (unique_violation, retried).
+            // tasks are ready. A key taken meanwhile by another put (of
+            // any server) makes the insert fail (unique_violation, retried).
             put_one_queue: s("WITH fits AS (SELECT
                     NOT EXISTS (SELECT 1 FROM {s}.tasks t JOIN unnest($2::text[], $5::text[]) AS k(queue, key)
                                 ON t.queue = k.queue AND t.idempotency_key = k.key)
