@@ -86,9 +86,7 @@ pub(super) async fn write(inner: &Inner, batch: Vec<Job>, turn: Box<dyn Send>) {
     let mut tries = 0;
     let written = loop {
         match write_once(inner, &puts, &completes, &mut turn).await {
-            // PostgreSQL broke a deadlock by failing this side: nothing of
-            // it was kept, so it can run again.
-            Err(error) if error.is_retryable() && tries < 3 => tries += 1,
+            Err(error) if again(&error, &mut tries) => {}
             written => break written,
         }
     };
@@ -317,8 +315,7 @@ async fn put_again(
             Ok(results) => return results,
             Err(error) => {
                 std::mem::take(handoffs).undo();
-                if error.is_retryable() && tries < 3 {
-                    tries += 1;
+                if again(&error, &mut tries) {
                     continue;
                 }
                 tracing::warn!(%error, "postgres store: a write transaction of puts failed");
@@ -327,6 +324,16 @@ async fn put_again(
             }
         }
     }
+}
+
+/// Whether a write transaction that failed with `error` runs again: when
+/// the database failed it for a reason that running it again may mend
+/// (`PgError::is_retryable`: a deadlock broken, a key taken meanwhile;
+/// nothing of it was kept), at most three more times; `tries` counts them.
+fn again(error: &PgError, tries: &mut u32) -> bool {
+    let again = error.is_retryable() && *tries < 3;
+    *tries += u32::from(again);
+    again
 }
 
 /// What a writer assumes of the database before it inserts puts.
